@@ -1,0 +1,138 @@
+"""EncodePassages: passages -> (passage, embedding) with Beam's RunInference and a sentence-transformers
+ModelHandler. The model is loaded once per worker process (RunInference shares it); batches are large
+and re-batched inside by token length so no compute goes to padding."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from typing import Any, Iterable, Optional, Sequence
+
+import apache_beam as beam
+import numpy as np
+from apache_beam.metrics import Metrics
+from apache_beam.ml.inference.base import ModelHandler, PredictionResult, RunInference
+
+from index_store.encoder import DEFAULT_TOKEN_BUDGET, Encoder, load_encoder
+from index_store.types import Passage, Rejected
+from transforms.read import NAMESPACE
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class EncodeOptions:
+    model: str
+    similarity: str = "auto"
+    device: str = "auto"
+    precision: str = "auto"
+    max_seq_length: Optional[int] = None
+    token_budget: int = DEFAULT_TOKEN_BUDGET
+    join_title: bool = True
+    batch_size: int = 512  # passages handed to one run_inference call (re-batched by tokens inside)
+    progress_every_s: float = 30.0
+
+
+class _Progress:
+    """Periodic progress lines per worker process: passages encoded and passages/s."""
+
+    def __init__(self, every_s: float):
+        self.every_s = every_s
+        self.start = self.last = time.monotonic()
+        self.count = 0
+
+    def add(self, n: int) -> None:
+        self.count += n
+        now = time.monotonic()
+        if now - self.last >= self.every_s:
+            self.last = now
+            log.info("encoded %d passages in this worker, %.1f passages/s", self.count,
+                     self.count / max(now - self.start, 1e-9))
+
+
+class SentenceTransformerModelHandler(ModelHandler[Passage, PredictionResult, Encoder]):
+    """Holds only names and settings; ``load_model`` builds the :class:`Encoder` on the worker."""
+
+    def __init__(self, opts: EncodeOptions):
+        super().__init__(min_batch_size=min(32, opts.batch_size), max_batch_size=opts.batch_size)
+        self._opts = opts
+        self._progress: Optional[_Progress] = None
+
+    def load_model(self) -> Encoder:
+        o = self._opts
+        return load_encoder(o.model, similarity=o.similarity, device=o.device, precision=o.precision,
+                            max_seq_length=o.max_seq_length, token_budget=o.token_budget)
+
+    def run_inference(self, batch: Sequence[Passage], model: Encoder,
+                      inference_args: Optional[dict[str, Any]] = None) -> Iterable[PredictionResult]:
+        texts = [p.joined_text(self._opts.join_title) for p in batch]
+        vectors = model.encode(texts)
+        if self._progress is None:
+            self._progress = _Progress(self._opts.progress_every_s)
+        self._progress.add(len(batch))
+        tag = f"{model.precision}"  # the precision really used on this worker travels with each result
+        return [PredictionResult(p, vectors[i], tag) for i, p in enumerate(batch)]
+
+    def get_num_bytes(self, batch: Sequence[Passage]) -> int:
+        return sum(len(p.text) + len(p.title) for p in batch)
+
+    def get_metrics_namespace(self) -> str:
+        return NAMESPACE
+
+
+class _CheckVectorFn(beam.DoFn):
+    """PredictionResult -> (passage, float32 vector, precision); NaN/Inf or all-zero vectors of cosine
+    models are rejected with a reason before they reach an index."""
+
+    def __init__(self, similarity_is_cos: bool):
+        self._cos = similarity_is_cos
+        self._encoded = Metrics.counter(NAMESPACE, "passages_encoded")
+        self._rejected = Metrics.counter(NAMESPACE, "passages_rejected")
+
+    def process(self, result: PredictionResult):
+        p, vec = result.example, np.asarray(result.inference, dtype=np.float32)
+        reason = None
+        if not np.all(np.isfinite(vec)):
+            reason = ("bad_embedding", "embedding has NaN or Inf values")
+        elif self._cos and not np.any(vec):
+            reason = ("bad_embedding", "embedding is all zeros and cannot be normalized")
+        if reason:
+            self._rejected.inc()
+            yield beam.pvalue.TaggedOutput("rejected", Rejected(
+                reason=reason[0], detail=reason[1], source_file=p.source_file, source_pos=p.source_pos,
+                line=None, id=p.id, raw=p.text[:512]))
+            return
+        self._encoded.inc()
+        yield p, vec, result.model_id
+
+
+def _failed_batch_to_rejected(failed) -> Iterable[Rejected]:
+    batch, err = failed
+    Metrics.counter(NAMESPACE, "passages_rejected").inc(len(batch))
+    for p in batch:
+        yield Rejected(reason="encode_failed", detail=f"{type(err).__name__}: {err}"[:1000],
+                       source_file=p.source_file, source_pos=p.source_pos, line=None, id=p.id,
+                       raw=p.text[:512])
+
+
+class EncodePassages(beam.PTransform):
+    """Passages -> ``encoded`` (passage, vector, precision) and ``rejected`` (Rejected)."""
+
+    def __init__(self, opts: EncodeOptions, similarity: str):
+        super().__init__()
+        self._opts = dataclasses.replace(opts, similarity=similarity)
+
+    def expand(self, passages):
+        handler = SentenceTransformerModelHandler(self._opts)
+        # 1. RunInference: batches of passages, one shared model per worker process; a batch that
+        #    raises becomes dead letters instead of failing the job.
+        results, failures = passages | "RunInference" >> RunInference(handler).with_exception_handling()
+        # 2. Check the vectors.
+        checked = results | "CheckVectors" >> beam.ParDo(
+            _CheckVectorFn(self._opts.similarity == "cos")).with_outputs("rejected", main="encoded")
+        failed = failures.failed_inferences | "FailedBatches" >> beam.FlatMap(_failed_batch_to_rejected)
+        return {
+            "encoded": checked.encoded,
+            "rejected": (checked.rejected, failed) | "EncodeRejected" >> beam.Flatten(),
+        }

@@ -1,0 +1,214 @@
+"""WriteEmbeddings: encoded passages + rejected records -> an embeddings dir, committed by its manifest.
+
+Workers write to ``_temporary/<uuid>`` files; only the files of bundles that succeeded reach the single
+finalize step, which renames them to ``part-NNNNN-of-MMMMM`` names, checks that the counts reconcile
+(``read == encoded + rejected``) and writes ``_manifest.json`` last. A crashed or retried bundle leaves
+at most an orphan temp file, which finalize deletes; it never shows up as a shard.
+"""
+
+from __future__ import annotations
+
+import collections
+import datetime
+import json
+import logging
+import uuid
+from typing import Optional
+
+import apache_beam as beam
+import fsspec
+import numpy as np
+import pyarrow.parquet as pq
+from apache_beam.transforms.window import GlobalWindow
+from apache_beam.utils.timestamp import MIN_TIMESTAMP
+from apache_beam.utils.windowed_value import WindowedValue
+
+from index_store import embeddings as emb
+from index_store.types import ModelFacts, Rejected
+
+log = logging.getLogger(__name__)
+
+
+def _emit_from_finish(value):
+    return WindowedValue(value, MIN_TIMESTAMP, [GlobalWindow()])
+
+
+class _ShardWriterFn(beam.DoFn):
+    """Streams (passage, vector, precision) rows into temp Parquet files of at most ``rows_per_shard``
+    rows, one row group per ``row_group_rows``; memory is one row group."""
+
+    def __init__(self, out_dir: str, facts: ModelFacts, keep_text: bool, rows_per_shard: int,
+                 row_group_rows: int):
+        self._out, self._facts, self._keep_text = out_dir, facts, keep_text
+        self._rows_per_shard, self._row_group_rows = rows_per_shard, row_group_rows
+
+    def start_bundle(self):
+        self._writer = self._file = self._tmp = None
+        self._rows = 0
+        self._buf = collections.defaultdict(list)
+        self._precisions, self._min_id = set(), None
+
+    def process(self, row):
+        passage, vector, precision = row
+        b = self._buf
+        b["id"].append(passage.id)
+        b["vec"].append(vector)
+        if self._keep_text:
+            b["text"].append(passage.text)
+            b["title"].append(passage.title)
+        self._precisions.add(precision)
+        self._min_id = passage.id if self._min_id is None else min(self._min_id, passage.id)
+        if len(b["id"]) >= self._row_group_rows:
+            self._flush()
+        if self._rows >= self._rows_per_shard:
+            yield self._close()
+
+    def _flush(self):
+        b = self._buf
+        if not b["id"]:
+            return
+        table = emb.to_table(self._facts, b["id"], np.stack(b["vec"]),
+                             b["text"] if self._keep_text else None, b["title"] if self._keep_text else None)
+        if self._writer is None:
+            self._tmp = emb.join(self._out, emb.TEMP_DIR, f"{uuid.uuid4().hex}.parquet")
+            self._file = fsspec.open(self._tmp, "wb").open()
+            self._writer = pq.ParquetWriter(self._file, table.schema, compression="zstd")
+        self._writer.write_table(table)
+        self._rows += table.num_rows
+        self._buf = collections.defaultdict(list)
+
+    def _close(self):
+        self._flush()
+        self._writer.close()
+        self._file.close()
+        info = {"tmp": self._tmp, "rows": self._rows, "min_id": self._min_id,
+                "precisions": sorted(self._precisions)}
+        self._writer = self._file = self._tmp = None
+        self._rows, self._min_id, self._precisions = 0, None, set()
+        return info
+
+    def finish_bundle(self):
+        self._flush()
+        if self._writer is not None:
+            yield _emit_from_finish(self._close())
+
+
+class _RejectedWriterFn(beam.DoFn):
+    """Streams Rejected records into one temp JSONL file per bundle; emits its row and reason counts."""
+
+    def __init__(self, out_dir: str):
+        self._out = out_dir
+
+    def start_bundle(self):
+        self._file, self._tmp, self._rows = None, None, 0
+        self._reasons = collections.Counter()
+
+    def process(self, rec: Rejected):
+        if self._file is None:
+            self._tmp = emb.join(self._out, emb.TEMP_DIR, f"rejected-{uuid.uuid4().hex}.jsonl")
+            self._file = fsspec.open(self._tmp, "w", encoding="utf-8").open()
+        self._file.write(json.dumps(rec.to_dict(), ensure_ascii=False) + "\n")
+        self._rows += 1
+        self._reasons[rec.reason] += 1
+
+    def finish_bundle(self):
+        if self._file is not None:
+            self._file.close()
+            yield _emit_from_finish({"tmp": self._tmp, "rows": self._rows, "reasons": dict(self._reasons)})
+
+
+class _FinalizeFn(beam.DoFn):
+    """Runs once, after every writer: rename temp files, reconcile counts, write the manifest last."""
+
+    def __init__(self, out_dir: str, facts: ModelFacts, manifest_extra: dict):
+        self._out, self._facts, self._extra = out_dir, facts, manifest_extra
+
+    def process(self, _, shards, rejected, read_counts):
+        fs, _ = fsspec.core.url_to_fs(self._out)
+        read = int(sum(read_counts))
+        encoded = sum(s["rows"] for s in shards)
+        n_rejected = sum(r["rows"] for r in rejected)
+        if read != encoded + n_rejected:
+            raise RuntimeError(f"counts do not reconcile: read {read} != encoded {encoded} + rejected "
+                               f"{n_rejected}; the embeddings dir {self._out} is left uncommitted")
+        precisions = sorted({p for s in shards for p in s["precisions"]})
+        facts = self._facts
+        if len(precisions) == 1:
+            facts = ModelFacts.from_dict({**facts.to_dict(), "precision": precisions[0]})
+        elif precisions:
+            facts = ModelFacts.from_dict({**facts.to_dict(), "precision": "+".join(precisions)})
+        shard_entries = self._publish(fs, sorted(shards, key=lambda s: (s["min_id"], s["rows"])),
+                                      emb.SHARD_PATTERN, "")
+        rej_entries = self._publish(fs, sorted(rejected, key=lambda r: (r["tmp"])),
+                                    emb.REJECTED_PATTERN, emb.REJECTED_DIR + "/")
+        reasons = collections.Counter()
+        for r in rejected:
+            reasons.update(r["reasons"])
+        manifest = {
+            "format": emb.FORMAT, "format_version": emb.FORMAT_VERSION,
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "model_facts": facts.to_dict(),
+            "counts": {"read": read, "encoded": encoded, "rejected": n_rejected,
+                       "rejected_by_reason": dict(sorted(reasons.items()))},
+            "shards": shard_entries,
+            "rejected_files": rej_entries,
+            **self._extra,
+        }
+        self._remove_stale(fs, {e["path"] for e in shard_entries + rej_entries})
+        tmp = emb.join(self._out, emb.TEMP_DIR, "manifest.json")
+        with fsspec.open(tmp, "w", encoding="utf-8") as f:
+            json.dump(manifest, f, indent=2, sort_keys=True)
+        fs.mv(tmp, emb.join(self._out, emb.MANIFEST))
+        fs.rm(emb.join(self._out, emb.TEMP_DIR), recursive=True)
+        log.info("wrote %d shard(s), %d vectors, %d rejected to %s", len(shard_entries), encoded,
+                 n_rejected, self._out)
+        yield manifest
+
+    def _publish(self, fs, infos, pattern, prefix):
+        entries = []
+        for i, info in enumerate(infos):
+            rel = prefix + pattern.format(index=i, count=len(infos))
+            final = emb.join(self._out, rel)
+            if fs.exists(info["tmp"]):
+                fs.mv(info["tmp"], final)
+            elif not fs.exists(final):  # a retried finalize has already moved it
+                raise RuntimeError(f"temp file {info['tmp']} of a finished bundle is missing")
+            entries.append({"path": rel, "rows": info["rows"]})
+        return entries
+
+    def _remove_stale(self, fs, keep):
+        """Shards of an earlier run into the same dir that this run did not write."""
+        root = fs._strip_protocol(self._out).rstrip("/")
+        for pat in ("part-*.parquet", emb.REJECTED_DIR + "/part-*.jsonl"):
+            for p in fs.glob(emb.join(root, pat)):
+                if p[len(root) + 1:] not in keep:
+                    fs.rm(p)
+
+
+class WriteEmbeddings(beam.PTransform):
+    """{encoded, rejected, read_counts} -> embeddings dir at ``out_dir``; returns the manifest (one dict)."""
+
+    def __init__(self, out_dir: str, facts: ModelFacts, keep_text: bool = True,
+                 rows_per_shard: int = 200_000, row_group_rows: int = 8192,
+                 manifest_extra: Optional[dict] = None):
+        super().__init__()
+        if rows_per_shard < 1 or row_group_rows < 1:
+            raise ValueError("rows_per_shard and row_group_rows must be positive")
+        self._out = out_dir.rstrip("/")
+        self._facts, self._keep_text = facts, keep_text
+        self._rows_per_shard, self._row_group_rows = rows_per_shard, min(row_group_rows, rows_per_shard)
+        self._extra = manifest_extra or {}
+
+    def expand(self, pcolls):
+        p = pcolls["encoded"].pipeline
+        # 1. Vectors to temp Parquet files, rejected records to temp JSONL files.
+        shards = pcolls["encoded"] | "WriteShards" >> beam.ParDo(_ShardWriterFn(
+            self._out, self._facts, self._keep_text, self._rows_per_shard, self._row_group_rows))
+        rejected = pcolls["rejected"] | "WriteRejected" >> beam.ParDo(_RejectedWriterFn(self._out))
+        # 2. Once everything is written: rename, reconcile, manifest last.
+        return (p
+                | "FinalizeTrigger" >> beam.Create([None])
+                | "Finalize" >> beam.ParDo(
+                    _FinalizeFn(self._out, self._facts, self._extra),
+                    shards=beam.pvalue.AsList(shards), rejected=beam.pvalue.AsList(rejected),
+                    read_counts=beam.pvalue.AsList(pcolls["read_counts"])))
