@@ -121,8 +121,8 @@ def encode_stage(p: beam.Pipeline, files, read_opts: ReadOptions, enc_opts: Enco
                                          rows_per_shard=args.rows_per_shard, manifest_extra=extra))
 
 
-def run(argv: Optional[Sequence[str]] = None) -> dict:
-    """Parse options, run the pipeline to completion, return the embeddings manifest."""
+def run_pipeline(argv: Optional[Sequence[str]] = None):
+    """Parse options and run the encode pipeline to completion; returns (manifest, Beam result)."""
     args, beam_args = build_parser().parse_known_args(argv)
     read_opts, enc_opts = read_options(args), encode_options(args)
     check_output(args.output, args.overwrite)
@@ -133,10 +133,16 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
                            precision=enc_opts.precision, max_seq_length=enc_opts.max_seq_length,
                            token_budget=enc_opts.token_budget)
     facts = encoder.facts(dtype=args.dtype)
-    options = pipeline_options(args.runner, beam_args, workers=args.workers)
     start = time.monotonic()
-    with beam.Pipeline(options=options) as p:
-        encode_stage(p, files, read_opts, enc_opts, facts, args.output, args)
+    p = beam.Pipeline(options=pipeline_options(args.runner, beam_args, workers=args.workers))
+    encode_stage(p, files, read_opts, enc_opts, facts, args.output, args)
+    result = p.run()
+    result.wait_until_finish()
     manifest = emb.open_embeddings(args.output).manifest
     manifest["_wall_seconds"] = time.monotonic() - start
-    return manifest
+    return manifest, result
+
+
+def run(argv: Optional[Sequence[str]] = None) -> dict:
+    """Run the encode pipeline; returns the embeddings manifest (plus ``_wall_seconds``)."""
+    return run_pipeline(argv)[0]

@@ -170,6 +170,7 @@ class _FinalizeFn(beam.DoFn):
             rel = prefix + pattern.format(index=i, count=len(infos))
             final = emb.join(self._out, rel)
             if fs.exists(info["tmp"]):
+                fs.makedirs(final.rsplit("/", 1)[0], exist_ok=True)
                 fs.mv(info["tmp"], final)
             elif not fs.exists(final):  # a retried finalize has already moved it
                 raise RuntimeError(f"temp file {info['tmp']} of a finished bundle is missing")

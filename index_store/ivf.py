@@ -1,0 +1,251 @@
+"""FAISS IVF planning and operations: pure functions over numpy and faiss. No Beam import.
+
+The build follows the distributed recipe: plan (``choose_nlist``/``choose_codec``), train once on a
+sample (``train_empty_index``), ship the *empty trained* index as bytes, add vectors per shard
+(``add_batches``), write one file per shard, and either keep the shards (``ShardedSearcher``) or merge
+their inverted lists on disk (``merge_on_disk`` + ``open_merged``, memory-mapped). Every index uses the
+inner-product metric: ``cos`` vectors are unit-norm, ``dot`` vectors are raw.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import tempfile
+from typing import Iterable, Optional, Sequence
+
+import faiss
+import numpy as np
+
+from index_store import fsutil
+
+log = logging.getLogger(__name__)
+
+MIN_POINTS_PER_CENTROID = 39  # FAISS warns when k-means gets fewer training points per centroid
+SAMPLE_POINTS_PER_CENTROID = 100
+ID_BYTES = 8  # every IVF entry stores its int64 id next to its code
+MISSING_SCORE = float(np.finfo(np.float32).min)  # what FAISS reports for an empty inner-product slot
+
+
+# ---------------------------------------------------------------- planning (pure, no I/O)
+
+def choose_nlist(n_vectors: int) -> int:
+    """Number of IVF lists: ~8*sqrt(N) as a power of two below 1M vectors, 65536 up to 10M, 262144 up to
+    100M, 1048576 above; never more than N // 39 (FAISS's minimum training points per centroid)."""
+    if n_vectors < 1:
+        raise ValueError(f"cannot index {n_vectors} vectors; the embeddings dir is empty")
+    if n_vectors < 1_000_000:
+        nlist = 2 ** round(math.log2(8 * math.sqrt(n_vectors)))
+    elif n_vectors < 10_000_000:
+        nlist = 65536
+    elif n_vectors < 100_000_000:
+        nlist = 262144
+    else:
+        nlist = 1048576
+    return max(1, min(nlist, n_vectors // MIN_POINTS_PER_CENTROID))
+
+
+def training_sample_size(nlist: int, n_vectors: int, dim: int, memory_budget_bytes: Optional[int]) -> int:
+    """Rows to sample for k-means: 100 per list, capped by the corpus and by ``budget // (4 * dim)``.
+
+    More points give better centroids (FAISS itself subsamples to 256 per list); training time grows
+    linearly with the sample. Below 39 points per list a warning is logged; below ``nlist`` it fails.
+    """
+    if nlist < 1 or n_vectors < 1 or dim < 1:
+        raise ValueError(f"nlist, n_vectors and dim must be positive, got {nlist}, {n_vectors}, {dim}")
+    size = min(max(SAMPLE_POINTS_PER_CENTROID * nlist, MIN_POINTS_PER_CENTROID * nlist), n_vectors)
+    if memory_budget_bytes is not None:
+        size = min(size, memory_budget_bytes // (4 * dim))
+    if size < nlist:
+        raise ValueError(f"a training sample of {size} vectors cannot train {nlist} lists; raise the "
+                         f"memory budget to at least {nlist * 4 * dim} bytes or choose a smaller nlist")
+    if size < MIN_POINTS_PER_CENTROID * nlist:
+        log.warning("training on %d vectors for %d lists (< %d per list): centroids will be poor; raise "
+                    "the memory budget or lower nlist", size, nlist, MIN_POINTS_PER_CENTROID)
+    return size
+
+
+def choose_codec(n_vectors: int, dim: int, memory_budget_bytes: Optional[int]) -> str:
+    """Vector codec for the whole index under a memory budget (codes + 8-byte ids per vector).
+
+    ``Flat`` (exact scores, 4*dim bytes) when it fits or no budget is given; else ``SQ8`` (dim bytes,
+    ~1% score error); else ``PQ{m}x8`` with the largest m dividing dim that fits (m bytes, lossy: pair
+    it with re-ranking). The centroid table (nlist*dim*4 bytes) is not counted.
+    """
+    if n_vectors < 1 or dim < 1:
+        raise ValueError(f"n_vectors and dim must be positive, got {n_vectors}, {dim}")
+    if memory_budget_bytes is None or n_vectors * (4 * dim + ID_BYTES) <= memory_budget_bytes:
+        return "Flat"
+    if n_vectors * (dim + ID_BYTES) <= memory_budget_bytes:
+        return "SQ8"
+    per_vector = memory_budget_bytes // n_vectors - ID_BYTES
+    fitting = [m for m in range(1, dim) if dim % m == 0 and m <= per_vector]
+    if not fitting:
+        need = n_vectors * (1 + ID_BYTES)
+        raise ValueError(f"{n_vectors} vectors cannot fit in {memory_budget_bytes} bytes even with 1-byte "
+                         f"codes; raise the budget to at least {need} bytes or build a merged on-disk "
+                         "index")
+    return f"PQ{max(fitting)}x8"
+
+
+def factory_string(nlist: int, codec: str) -> str:
+    """The ``faiss.index_factory`` description, e.g. ``IVF256,Flat``."""
+    if nlist < 1:
+        raise ValueError(f"nlist must be positive, got {nlist}")
+    return f"IVF{nlist},{codec}"
+
+
+# ---------------------------------------------------------------- training and adding
+
+def _as_vectors(x: np.ndarray, what: str, dim: Optional[int] = None) -> np.ndarray:
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if x.ndim != 2 or (dim is not None and x.shape[1] != dim):
+        raise ValueError(f"{what} must have shape (n, {dim or 'dim'}), got {x.shape}")
+    return x
+
+
+def train_empty_index(sample: np.ndarray, factory: str, seed: int = 1234) -> bytes:
+    """Train ``factory`` (inner product) on ``sample`` and return the serialized *empty* index.
+
+    k-means is seeded, so the same sample and factory give the same bytes. Runs k-means on all GPUs
+    when faiss has GPU support and a GPU is present (much faster for large nlist), else on CPU threads.
+    Memory: the sample plus the index's centroid table.
+    """
+    sample = _as_vectors(sample, "training sample")
+    index = faiss.index_factory(sample.shape[1], factory, faiss.METRIC_INNER_PRODUCT)
+    ivf = faiss.extract_index_ivf(index)
+    if sample.shape[0] < ivf.nlist:
+        raise ValueError(f"{sample.shape[0]} training vectors cannot train {ivf.nlist} lists; sample more "
+                         "vectors or lower nlist")
+    ivf.cp.seed = seed
+    if hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0:
+        log.info("training %s on %d GPU(s)", factory, faiss.get_num_gpus())
+        ivf.clustering_index = faiss.index_cpu_to_all_gpus(faiss.IndexFlatIP(sample.shape[1]))
+    index.train(sample)
+    if hasattr(ivf, "clustering_index"):
+        ivf.clustering_index = None
+    return index_to_bytes(index)
+
+
+def index_to_bytes(index: faiss.Index) -> bytes:
+    return faiss.serialize_index(index).tobytes()
+
+
+def index_from_bytes(b: bytes) -> faiss.Index:
+    return faiss.deserialize_index(np.frombuffer(b, dtype=np.uint8))
+
+
+def add_to_empty(trained: bytes, ids: np.ndarray, vectors: np.ndarray) -> faiss.Index:
+    """A filled copy of the trained index holding ``vectors`` under ``ids`` (one batch in memory)."""
+    return add_batches(trained, [(ids, vectors)])
+
+
+def add_batches(trained: bytes, batches: Iterable[tuple[np.ndarray, np.ndarray]]) -> faiss.Index:
+    """Stream (int64 ids, float32 vectors) batches into a copy of the trained index.
+
+    Memory: the filled index (codes + ids) plus one batch; batch size trades Python overhead for memory.
+    """
+    index = index_from_bytes(trained)
+    if not index.is_trained or index.ntotal != 0:
+        raise ValueError("the trained index must be trained and empty; pass the bytes of "
+                         "train_empty_index, not a filled shard")
+    for ids, vectors in batches:
+        vectors = _as_vectors(vectors, "vectors", index.d)
+        ids = np.ascontiguousarray(ids, dtype=np.int64)
+        if ids.shape != (vectors.shape[0],):
+            raise ValueError(f"got {ids.shape[0] if ids.ndim else ids} ids for {vectors.shape[0]} vectors")
+        index.add_with_ids(vectors, ids)
+    return index
+
+
+# ---------------------------------------------------------------- files
+
+def write_index(index: faiss.Index, url: str) -> None:
+    """Write ``index`` to a local path or fsspec URL (temp name + rename; remote via a local temp)."""
+    with fsutil.atomic_local_output(url) as tmp:
+        faiss.write_index(index, tmp)
+
+
+def read_index(url: str, mmap: bool = False) -> faiss.Index:
+    """Read an index file; remote URLs are copied to the local cache first.
+
+    ``mmap=True`` maps the inverted lists instead of reading them (RAM stays with the OS page cache,
+    first searches are slower); the file must then stay in place while the index is used.
+    """
+    path = fsutil.fetch_to_cache(url, "faiss")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{url} does not exist; check the path or rebuild the index")
+    flags = faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY if mmap else 0
+    try:
+        return faiss.read_index(path, flags)
+    except RuntimeError as err:
+        raise ValueError(f"{url} is not a readable FAISS index ({err}); rebuild it") from err
+
+
+def merge_on_disk(trained: bytes, shard_paths: Sequence[str], out_index: str, out_ivfdata: str) -> int:
+    """Merge the shards' inverted lists into one on-disk index; return the vector count.
+
+    The shards are memory-mapped and the merged lists are written to ``out_ivfdata`` through an mmap,
+    so RAM stays small whatever the corpus size; disk needs the shards plus the merged data. The index
+    file records only the *base name* of ``out_ivfdata``; open it with :func:`open_merged`, which
+    points the lists at the real file wherever the pair has been moved.
+    """
+    if not shard_paths:
+        raise ValueError("merge_on_disk needs at least one shard file")
+    index = index_from_bytes(trained)
+    ivf = faiss.extract_index_ivf(index)
+    if index.ntotal != 0:
+        raise ValueError("merge_on_disk needs the empty trained index, got a filled one")
+    centroids = ivf.quantizer.reconstruct_n(0, ivf.nlist)
+    shards = []  # keep the shard indexes alive (they own their mapped lists) until the merge is done
+    for url in shard_paths:
+        shard = read_index(url, mmap=True)
+        sivf = faiss.extract_index_ivf(shard)
+        if (sivf.nlist != ivf.nlist or sivf.code_size != ivf.code_size
+                or not np.array_equal(sivf.quantizer.reconstruct_n(0, sivf.nlist), centroids)):
+            raise ValueError(f"{url} was not filled from this trained index (different lists or codec); "
+                             "rebuild the shards from one trained.faiss")
+        shards.append(shard)
+    with tempfile.TemporaryDirectory(prefix="densebeam-merge-") as tmpdir:
+        local_data = os.path.join(tmpdir, os.path.basename(out_ivfdata))
+        invlists = faiss.OnDiskInvertedLists(ivf.nlist, ivf.code_size, local_data)
+        vec = faiss.InvertedListsPtrVector()
+        for shard in shards:
+            vec.push_back(faiss.extract_index_ivf(shard).invlists)
+        ntotal = invlists.merge_from_multiple(vec.data(), vec.size(), False)
+        index.ntotal = ivf.ntotal = ntotal
+        ivf.replace_invlists(invlists, True)
+        invlists.this.disown()
+        del vec, shards
+        # Stored in the index file: a bare name, so the pair survives being moved or copied.
+        invlists.filename = os.path.basename(out_ivfdata)
+        with fsutil.atomic_local_output(out_index) as tmp:
+            faiss.write_index(index, tmp)
+        del index, ivf, invlists  # unmaps the data file before it is published
+        with fsutil.atomic_local_output(out_ivfdata) as tmp:
+            os.replace(local_data, tmp)
+    return int(ntotal)
+
+
+def open_merged(index_path: str, ivfdata_path: str) -> faiss.Index:
+    """Open a merged index with its inverted lists memory-mapped read-only from ``ivfdata_path``.
+
+    The ``.ivfdata`` name stored in the index file is ignored (it is whatever it was at build time);
+    the lists are re-pointed at ``ivfdata_path``, so a moved or copied bundle opens. Both must be local.
+    """
+    index_local, data_local = fsutil.local_path(index_path), fsutil.local_path(ivfdata_path)
+    for p in (index_local, data_local):
+        if not os.path.exists(p):
+            raise FileNotFoundError(f"{p} does not exist; a merged index needs both index.faiss and "
+                                    "index.ivfdata from the same build")
+    index = faiss.read_index(index_local, faiss.IO_FLAG_SKIP_IVF_DATA | faiss.IO_FLAG_READ_ONLY)
+    invlists = faiss.downcast_InvertedLists(faiss.extract_index_ivf(index).invlists)
+    if not isinstance(invlists, faiss.OnDiskInvertedLists):
+        raise ValueError(f"{index_path} is not a merged on-disk index; open it with read_index")
+    if os.path.getsize(data_local) < invlists.totsize:
+        raise ValueError(f"{ivfdata_path} holds {os.path.getsize(data_local)} bytes but {index_path} needs "
+                         f"{invlists.totsize}; the data file is truncated or from another build")
+    invlists.filename = os.path.abspath(data_local)
+    invlists.do_mmap()
+    return index
