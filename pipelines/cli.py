@@ -15,6 +15,9 @@ USAGE = """usage: densebeam COMMAND [options]
 
 commands:
   encode    corpus shards -> Parquet embeddings dir (Beam pipeline)
+  index     embeddings dir(s) -> FAISS IVF index bundle (Beam pipeline)
+  build     encode + index in one command
+  inspect   print an index bundle's (or embeddings dir's) manifest in human form
 
 'densebeam COMMAND --help' shows a command's options. Beam flags (--runner, --direct_num_workers,
 Dataflow/Flink flags) pass through to the pipeline.
@@ -25,7 +28,7 @@ def _setup_logging() -> None:
     level = os.environ.get("DENSEBEAM_LOG_LEVEL", "INFO").upper()
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
-    for noisy in ("apache_beam", "urllib3", "filelock", "httpx", "sentence_transformers", "transformers"):
+    for noisy in ("apache_beam", "faiss", "urllib3", "filelock", "httpx", "sentence_transformers", "transformers"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -59,7 +62,75 @@ def _encode(argv: Sequence[str]) -> int:
     return 0
 
 
-COMMANDS = {"encode": _encode}
+def format_index_summary(m: dict, output: str) -> str:
+    facts, counts = m["model_facts"], m["counts"]
+    size = sum(f["size"] for f in m.get("files", []))
+    curve = "  ".join(f"{c['nprobe']}:{c['recall']:.3f}" for c in m.get("recall_curve", []))
+    return "\n".join([
+        f"index bundle: {output}",
+        f"  model {facts['model']}  dim {facts['dim']}  similarity {facts['similarity']}  "
+        f"dtype {facts['dtype']}  precision {facts.get('precision')}",
+        f"  {counts['vectors']} vectors in {counts['shards']} shard(s), layout {m['layout']}, "
+        f"{m['factory']} (nlist {m['nlist']}, metric {m.get('metric')})",
+        f"  default nprobe {m['nprobe']}: recall@{m.get('k', 10)} {m['recall_at_k']:.3f} against exact search "
+        f"(target {m.get('target_recall')}, {m.get('recall_measured_on', '')})",
+        f"  recall curve nprobe:recall  {curve}",
+        f"  {len(m.get('files', []))} files, {size / 1e6:.1f} MB on disk, created {m.get('created')}",
+    ])
+
+
+def _index(argv: Sequence[str]) -> int:
+    from pipelines import build_index
+
+    manifest = build_index.run(argv)
+    print(format_index_summary(manifest, build_index.build_parser().parse_known_args(argv)[0].output))
+    return 0
+
+
+def _build(argv: Sequence[str]) -> int:
+    from pipelines import build_index
+
+    emb_manifest, manifest = build_index.run_build(argv)
+    args = build_index.build_command_parser().parse_known_args(argv)[0]
+    emb_dir = args.embeddings_dir or args.output.rstrip("/") + ".embeddings"
+    print(format_encode_summary(emb_manifest, emb_dir))
+    print(format_index_summary(manifest, args.output))
+    print(f"  total wall time {manifest['_wall_seconds']:.1f} s")
+    return 0
+
+
+def _inspect(argv: Sequence[str]) -> int:
+    import argparse
+
+    from index_store import bundle as bundle_lib
+    from index_store import embeddings as emb
+
+    p = argparse.ArgumentParser(prog="densebeam inspect")
+    p.add_argument("path", help="index bundle or embeddings dir")
+    p.add_argument("--json", action="store_true", help="print the raw manifest")
+    p.add_argument("--verify", action="store_true", help="also check every file's size and sha256")
+    args = p.parse_args(argv)
+    fs, root = fsspec_url_to_fs(args.path)
+    if fs.exists(emb.join(root, emb.MANIFEST)):
+        m = emb.open_embeddings(args.path).manifest
+        print(json.dumps(m, indent=2) if args.json else format_encode_summary(m, args.path))
+        return 0
+    m = bundle_lib.read_manifest(args.path)
+    if args.verify:
+        bundle_lib.verify(args.path, m, mode="full")
+    print(json.dumps(m, indent=2) if args.json else format_index_summary(m, args.path))
+    if args.verify:
+        print("  verified: every file matches its size and sha256")
+    return 0
+
+
+def fsspec_url_to_fs(path: str):
+    import fsspec
+
+    return fsspec.core.url_to_fs(path)
+
+
+COMMANDS = {"encode": _encode, "index": _index, "build": _build, "inspect": _inspect}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

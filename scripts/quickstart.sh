@@ -31,7 +31,7 @@ fi
 print('== torch', torch.__version__, '| beam', apache_beam.__version__, '| faiss', faiss.__version__)"
 
 if [ -z "${DENSEBEAM_SKIP_MAIN_JOB:-}" ]; then
-  echo "== main job: densebeam encode on the bundled sample corpus with the bundled all-MiniLM-L6-v2"
-  "$VENV/bin/densebeam" encode --input data/sample/corpus.jsonl --output out/sample-embeddings --overwrite
-  echo "== result: $(pwd)/out/sample-embeddings"
+  echo "== main job: densebeam build on the bundled sample corpus with the bundled all-MiniLM-L6-v2"
+  "$VENV/bin/densebeam" build --input data/sample/corpus.jsonl --output out/sample-index --overwrite
+  echo "== result: index bundle $(pwd)/out/sample-index (embeddings: $(pwd)/out/sample-index.embeddings)"
 fi

@@ -1,0 +1,113 @@
+"""Planning an index build from embeddings manifests alone (no vectors read): shards and their global
+row ids, nlist, codec, training and held-out query sample sizes, and which rows each shard samples.
+
+Pure functions, no Beam import; the Beam build (:mod:`transforms.index`) executes a plan.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional, Sequence
+
+import numpy as np
+
+from index_store import ivf
+from index_store.embeddings import EmbeddingsDir
+from index_store.types import ModelFacts
+
+LAYOUTS = ("merged", "shards")
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardSpec:
+    index: int  # position in the bundle (shard-<index>-of-<n>)
+    path: str  # embeddings Parquet shard
+    base: int  # FAISS id of its first row: ids are base .. base + rows - 1, unique across the build
+    rows: int
+    n_train: int  # rows of this shard in the training sample
+    n_queries: int  # rows of this shard used as held-out queries for the nprobe measurement
+
+
+@dataclasses.dataclass(frozen=True)
+class BuildPlan:
+    facts: ModelFacts
+    shards: tuple[ShardSpec, ...]
+    n_vectors: int
+    nlist: int
+    codec: str
+    factory: str
+    train_size: int
+    n_queries: int
+    k: int
+    target_recall: float
+    layout: str
+    seed: int
+
+    def nprobe_candidates(self) -> list[int]:
+        c, out = 1, []
+        while c < self.nlist:
+            out.append(c)
+            c *= 2
+        return out + [self.nlist]
+
+    def sample_rows(self, shard: ShardSpec) -> tuple[np.ndarray, np.ndarray]:
+        """(training rows, query rows) of one shard: local row numbers, seeded, disjoint, sorted."""
+        rng = np.random.default_rng([self.seed, shard.index])
+        picked = rng.choice(shard.rows, shard.n_train + shard.n_queries, replace=False)
+        return np.sort(picked[:shard.n_train]), np.sort(picked[shard.n_train:])
+
+
+def check_same_facts(dirs: Sequence[EmbeddingsDir]) -> ModelFacts:
+    """The inputs' model facts must agree; the error names both dirs and every difference."""
+    first = dirs[0].facts
+    for d in dirs[1:]:
+        first.check_compatible(d.facts, what=f"{dirs[0].root} and {d.root}")
+    return first
+
+
+def _allocate(total: int, weights: Sequence[int]) -> list[int]:
+    """Split ``total`` over shards proportionally to ``weights`` (largest remainder; sums exactly)."""
+    w = np.asarray(weights, dtype=np.float64)
+    exact = total * w / w.sum()
+    out = np.floor(exact).astype(np.int64)
+    for i in np.argsort(-(exact - out), kind="stable")[: total - int(out.sum())]:
+        out[i] += 1
+    return [int(min(x, cap)) for x, cap in zip(out, weights)]
+
+
+def plan_build(dirs: Sequence[EmbeddingsDir], *, nlist: Optional[int] = None, codec: Optional[str] = None,
+               memory_budget_bytes: Optional[int] = None, n_queries: int = 1000, k: int = 10,
+               target_recall: float = 0.95, layout: str = "merged", seed: int = 1234) -> BuildPlan:
+    if not dirs:
+        raise ValueError("at least one embeddings dir is needed")
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    if not 0 < target_recall <= 1:
+        raise ValueError(f"target recall must be in (0, 1], got {target_recall}")
+    facts = check_same_facts(dirs)
+    paths, rows = [], []
+    for d in dirs:
+        for entry, path in zip(d.manifest["shards"], d.shard_paths):
+            if entry["rows"] > 0:
+                paths.append(path)
+                rows.append(int(entry["rows"]))
+    n = sum(rows)
+    if n == 0:
+        raise ValueError(f"the embeddings dir(s) {[d.root for d in dirs]} hold no vectors; nothing to index")
+    n_queries = max(1, min(n_queries, n // 10 or 1))
+    # Queries are held out of the training sample, so nlist is sized on what is left to train on.
+    nlist = int(nlist or ivf.choose_nlist(max(1, n - n_queries)))
+    if nlist > n:
+        raise ValueError(f"nlist {nlist} is larger than the {n} vectors to index; pass a smaller --nlist")
+    codec = codec or ivf.choose_codec(n, facts.dim, memory_budget_bytes)
+    train = min(ivf.training_sample_size(nlist, n, facts.dim, memory_budget_bytes), n - n_queries) \
+        if n > n_queries else n
+    trains, queries = _allocate(train, rows), _allocate(n_queries, rows)
+    # A shard too small for both samples gives its queries back to the training sample's slack.
+    queries = [min(q, r - t) for q, r, t in zip(queries, rows, trains)]
+    bases = np.concatenate([[0], np.cumsum(rows)[:-1]]).astype(int)
+    shards = tuple(ShardSpec(i, p, int(b), r, t, q)
+                   for i, (p, b, r, t, q) in enumerate(zip(paths, bases, rows, trains, queries)))
+    return BuildPlan(facts=facts, shards=shards, n_vectors=n, nlist=nlist, codec=codec,
+                     factory=ivf.factory_string(nlist, codec), train_size=sum(trains),
+                     n_queries=sum(queries), k=k, target_recall=target_recall, layout=layout, seed=seed)

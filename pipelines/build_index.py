@@ -1,0 +1,151 @@
+"""densebeam index: embeddings dir(s) -> FAISS IVF index bundle (one Beam pipeline).
+densebeam build: encode then index, in one command.
+
+    densebeam index --embeddings emb/ --output index/
+    densebeam build --input 'corpus/*.jsonl' --output index/ [--model M]
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from typing import Optional, Sequence
+
+import apache_beam as beam
+import fsspec
+
+from index_store import bundle as bundle_lib
+from index_store.build_plan import LAYOUTS, plan_build
+from index_store.embeddings import join, open_embeddings
+from pipelines import encode
+from runners.presets import pipeline_options
+from transforms.index import BuildIndex
+
+log = logging.getLogger(__name__)
+
+
+def parse_bytes(text: Optional[str]) -> Optional[int]:
+    """'4GB', '512MiB', '1e9' -> bytes."""
+    if text is None:
+        return None
+    units = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+             "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+    t = text.strip().lower()
+    num = t.rstrip("kmgtib")
+    unit = t[len(num):]
+    if unit not in units:
+        raise ValueError(f"cannot read the size {text!r}; write e.g. 4GB or 512MiB")
+    return int(float(num) * units[unit])
+
+
+def add_index_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("index")
+    g.add_argument("--nlist", type=int, default=None, help="IVF lists (default: from the vector count)")
+    g.add_argument("--codec", default=None, help="Flat, SQ8 or PQ<m>x8 (default: Flat, or what fits the budget)")
+    g.add_argument("--memory-budget", default=None,
+                   help="index memory budget, e.g. 8GB: picks the codec and bounds the training sample")
+    g.add_argument("--layout", default="merged", choices=LAYOUTS,
+                   help="merged: one memory-mappable on-disk index; shards: keep one index per shard")
+    g.add_argument("--target-recall", type=float, default=0.95,
+                   help="default nprobe = the smallest reaching this recall@k against exact search")
+    g.add_argument("--recall-queries", type=int, default=1000, help="held-out vectors used to measure recall")
+    g.add_argument("--k", type=int, default=10, help="k of the recall@k measurement")
+    g.add_argument("--seed", type=int, default=1234)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="densebeam index", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--embeddings", action="append", required=True, metavar="DIR",
+                   help="embeddings dir written by densebeam encode (repeatable; same model facts)")
+    p.add_argument("--output", required=True, help="index bundle dir (local path or fsspec URL)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing bundle")
+    add_index_args(p)
+    encode.add_runner_args(p)
+    return p
+
+
+def build_command_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="densebeam build", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--output", required=True, help="index bundle dir (local path or fsspec URL)")
+    p.add_argument("--embeddings-dir", default=None,
+                   help="where the intermediate embeddings go (default: OUTPUT.embeddings beside it)")
+    encode.add_read_args(p)
+    encode.add_encode_args(p)
+    encode.add_output_args(p)
+    add_index_args(p)
+    encode.add_runner_args(p)
+    return p
+
+
+def prepare_output(root: str, overwrite: bool) -> None:
+    """Refuse to replace a bundle unless asked; when asked, un-publish it first (manifest removed before
+    anything else), so a failed rebuild never leaves a bundle that opens."""
+    fs, path = fsspec.core.url_to_fs(root)
+    manifest = join(path, bundle_lib.MANIFEST)
+    if fs.exists(manifest):
+        if not overwrite:
+            raise FileExistsError(f"{root} already holds an index bundle; pass --overwrite to replace it")
+        fs.rm(manifest)
+    for stale in ("shards", "docstore", "index.faiss", "index.ivfdata", "trained.faiss"):
+        if fs.exists(join(path, stale)):
+            fs.rm(join(path, stale), recursive=True)
+    fs.makedirs(path, exist_ok=True)
+
+
+def run_index(args, beam_args: Sequence[str]):
+    dirs = [open_embeddings(d) for d in args.embeddings]
+    plan = plan_build(dirs, nlist=args.nlist, codec=args.codec,
+                      memory_budget_bytes=parse_bytes(args.memory_budget), n_queries=args.recall_queries,
+                      k=args.k, target_recall=args.target_recall, layout=args.layout, seed=args.seed)
+    log.info("indexing %d vectors from %d shard(s): %s, training on %d, layout %s", plan.n_vectors,
+             len(plan.shards), plan.factory, plan.train_size, plan.layout)
+    prepare_output(args.output, args.overwrite)
+    extra = {"inputs": [{"embeddings": d.root, "counts": d.counts} for d in dirs]}
+    p = beam.Pipeline(options=pipeline_options(args.runner, beam_args, workers=args.workers))
+    _ = p | "BuildIndex" >> BuildIndex(plan, args.output, extra)
+    result = p.run()
+    result.wait_until_finish()
+    return bundle_lib.read_manifest(args.output), result
+
+
+def run(argv: Optional[Sequence[str]] = None) -> dict:
+    """``densebeam index``: returns the bundle manifest."""
+    args, beam_args = build_parser().parse_known_args(argv)
+    return run_index(args, beam_args)[0]
+
+
+def run_build(argv: Optional[Sequence[str]] = None) -> tuple[dict, dict]:
+    """``densebeam build``: encode to the embeddings dir, then index; returns both manifests."""
+    args, beam_args = build_command_parser().parse_known_args(argv)
+    emb_dir = args.embeddings_dir or args.output.rstrip("/") + ".embeddings"
+    start = time.monotonic()
+    enc_argv = _encode_argv(list(argv or []), emb_dir)
+    emb_manifest = encode.run(enc_argv)
+    args.embeddings = [emb_dir]
+    manifest, _ = run_index(args, beam_args)
+    manifest["_wall_seconds"] = time.monotonic() - start
+    return emb_manifest, manifest
+
+
+_INDEX_ONLY = {"--nlist", "--codec", "--memory-budget", "--layout", "--target-recall", "--recall-queries",
+               "--k", "--seed", "--embeddings-dir", "--output"}
+
+
+def _encode_argv(argv: list[str], emb_dir: str) -> list[str]:
+    """The build command's flags minus the index-only ones, with --output pointing at the embeddings."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+            continue
+        name = a.split("=", 1)[0]
+        if name in _INDEX_ONLY:
+            skip = "=" not in a
+            continue
+        out.append(a)
+    if "--overwrite" not in out:
+        out.append("--overwrite")  # the intermediate embeddings are the build's own
+    return out + ["--output", emb_dir]
