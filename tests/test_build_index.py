@@ -1,0 +1,199 @@
+"""The Beam index build: sharded build equals one in-process FAISS index, merged equals kept shards,
+measured nprobe meets its recall target, model facts are checked, bundles verify, ids round-trip."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import faiss
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from index_store import bundle as bundle_lib
+from index_store import embeddings as emb
+from index_store import ivf
+from index_store.types import ModelFacts
+from pipelines import build_index, cli
+from conftest import make_passages, write_jsonl
+
+LOCAL = ["--runner", "local"]
+DIM = 32
+
+
+def clustered(n, seed=0, clusters=40, dim=DIM):
+    """Unit vectors around 40 fixed centres (the same centres for every seed: one distribution)."""
+    centers = np.random.default_rng(0).normal(size=(clusters, dim)).astype(np.float32)
+    rng = np.random.default_rng(seed + 1000)
+    x = centers[rng.integers(0, clusters, n)] + 0.35 * rng.normal(size=(n, dim)).astype(np.float32)
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def write_embeddings_dir(root, vecs, facts: ModelFacts, shard_rows: int, prefix="v"):
+    """An embeddings dir as densebeam encode writes it (Parquet shards + manifest), from given vectors."""
+    root.mkdir(parents=True)
+    shards = []
+    bounds = list(range(0, len(vecs), shard_rows)) + [len(vecs)]
+    for i, (s, e) in enumerate(zip(bounds, bounds[1:])):
+        ids = [f"{prefix}{j}" for j in range(s, e)]
+        table = emb.to_table(facts, ids, vecs[s:e], [f"text of {j}" for j in range(s, e)], [""] * (e - s))
+        name = emb.SHARD_PATTERN.format(index=i, count=len(bounds) - 1)
+        pq.write_table(table, root / name)
+        shards.append({"path": name, "rows": e - s})
+    manifest = {"format": emb.FORMAT, "format_version": 1, "model_facts": facts.to_dict(), "shards": shards,
+                "counts": {"read": len(vecs), "encoded": len(vecs), "rejected": 0}, "rejected_files": []}
+    (root / emb.MANIFEST).write_text(json.dumps(manifest))
+    return str(root)
+
+
+FACTS = ModelFacts(model="synthetic", revision=None, dim=DIM, similarity="cos", dtype="float32")
+N = 6000
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("build")
+    vecs = clustered(N)
+    emb_dir = write_embeddings_dir(tmp / "emb", vecs, FACTS, shard_rows=1700)  # 4 uneven shards
+    out = {}
+    for layout in ("shards", "merged"):
+        out[layout] = build_index.run(["--embeddings", emb_dir, "--output", str(tmp / layout),
+                                       "--layout", layout, "--nlist", "64", "--recall-queries", "300",
+                                       *LOCAL])
+    return tmp, vecs, out
+
+
+def test_sharded_build_equals_single_faiss_index_with_same_quantizer(built):
+    tmp, vecs, manifests = built
+    m = manifests["shards"]
+    assert m["counts"] == {"vectors": N, "shards": 4, "training_vectors": m["counts"]["training_vectors"]}
+    assert m["factory"] == "IVF64,Flat" and m["metric"] == "inner_product"
+    trained = (tmp / "shards" / "trained.faiss").read_bytes()
+    single = ivf.add_to_empty(trained, np.arange(N, dtype=np.int64), vecs)  # ids = global row numbers
+    queries = clustered(50, seed=9)
+    b = bundle_lib.open_bundle(str(tmp / "shards"))
+    for nprobe in (1, 4, 16):
+        want_s, want_i = ivf.ShardedSearcher([single]).search(queries, 10, nprobe)
+        got_s, got_i = b.searcher.search(queries, 10, nprobe)
+        np.testing.assert_array_equal(got_i, want_i)
+        np.testing.assert_allclose(got_s, want_s, atol=1e-5)
+
+
+def test_merged_equals_kept_shards(built):
+    tmp, _, manifests = built
+    assert manifests["merged"]["layout"] == "merged"
+    assert {f["path"] for f in manifests["merged"]["files"]} >= {"index.faiss", "index.ivfdata"}
+    assert not any(f["path"].startswith("shards/") for f in manifests["merged"]["files"])
+    # Moving the bundle must not break the memory-mapped on-disk lists.
+    moved = tmp / "moved-merged"
+    shutil.copytree(tmp / "merged", moved)
+    merged, shards = bundle_lib.open_bundle(str(moved)), bundle_lib.open_bundle(str(tmp / "shards"))
+    queries = clustered(40, seed=5)
+    for nprobe in (2, 8, 64):
+        a, b = merged.searcher.search(queries, 10, nprobe), shards.searcher.search(queries, 10, nprobe)
+        np.testing.assert_array_equal(a[1], b[1])
+        np.testing.assert_allclose(a[0], b[0], atol=1e-5)
+    assert manifests["merged"]["nprobe"] == manifests["shards"]["nprobe"]
+
+
+def test_chosen_nprobe_meets_recall_target_against_brute_force(built):
+    tmp, vecs, manifests = built
+    m = manifests["merged"]
+    curve = m["recall_curve"]
+    assert [c["nprobe"] for c in curve][:3] == [1, 2, 4] and curve[-1]["nprobe"] <= 64
+    assert m["recall_at_k"] >= 0.95 and m["nprobe"] < 64
+    smaller = [c for c in curve if c["nprobe"] < m["nprobe"]]
+    assert all(c["recall"] < 0.95 for c in smaller)  # the smallest that reaches the target
+    # Independent check on fresh queries from the same distribution.
+    queries = clustered(300, seed=77)
+    exact = np.argsort(-(queries @ vecs.T), axis=1)[:, :10]
+    _, got = bundle_lib.open_bundle(str(tmp / "merged")).searcher.search(queries, 10, m["nprobe"])
+    recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(got, exact)])
+    assert recall >= 0.93, recall
+
+
+def test_ids_round_trip_to_documents(built):
+    tmp, vecs, _ = built
+    b = bundle_lib.open_bundle(str(tmp / "merged"))
+    _, ids = b.searcher.search(vecs[[0, 1699, 1700, 5999]], 1, 64)
+    docs = b.docstore.get(ids[:, 0].tolist())
+    assert [d["id"] for d in docs] == ["v0", "v1699", "v1700", "v5999"]
+    assert docs[2]["text"] == "text of 1700"
+
+
+def test_mismatched_model_facts_are_refused(tmp_path):
+    a = write_embeddings_dir(tmp_path / "a", clustered(500), FACTS, 500)
+    other = ModelFacts(model="other-model", revision=None, dim=DIM, similarity="dot", dtype="float32")
+    b = write_embeddings_dir(tmp_path / "b", clustered(500, seed=1), other, 500, prefix="w")
+    with pytest.raises(ValueError) as err:
+        build_index.run(["--embeddings", a, "--embeddings", b, "--output", str(tmp_path / "i"), *LOCAL])
+    msg = str(err.value)
+    assert "synthetic" in msg and "other-model" in msg and "similarity" in msg and str(tmp_path / "b") in msg
+    assert not (tmp_path / "i" / "manifest.json").exists()
+
+
+def test_two_embeddings_dirs_get_unique_ids(tmp_path):
+    a = write_embeddings_dir(tmp_path / "a", clustered(800), FACTS, 300)
+    b = write_embeddings_dir(tmp_path / "b", clustered(700, seed=1), FACTS, 400, prefix="w")
+    m = build_index.run(["--embeddings", a, "--embeddings", b, "--output", str(tmp_path / "i"),
+                         "--layout", "shards", *LOCAL])
+    assert m["counts"]["vectors"] == 1500 and m["counts"]["shards"] == 5
+    assert [s["base"] for s in m["shards"]] == [0, 300, 600, 800, 1200]
+    store = bundle_lib.open_bundle(str(tmp_path / "i")).docstore
+    got = store.get(list(range(1500)))
+    assert [d["id"] for d in got] == [f"v{i}" for i in range(800)] + [f"w{i}" for i in range(700)]
+
+
+def test_altered_or_missing_file_refused_naming_it(built, tmp_path):
+    tmp, _, _ = built
+    copy = tmp_path / "bundle"
+    shutil.copytree(tmp / "merged", copy)
+    part = next((copy / "docstore").iterdir())
+    data = bytearray(part.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    part.write_bytes(bytes(data))
+    with pytest.raises(bundle_lib.BundleError, match=part.name):
+        bundle_lib.open_bundle(str(copy))
+    (copy / "index.ivfdata").unlink()
+    with pytest.raises(bundle_lib.BundleError, match="index.ivfdata"):
+        bundle_lib.open_bundle(str(copy), verify="sizes")
+
+
+def test_overwrite_guard_and_failed_rebuild_leaves_no_bundle(built, tmp_path):
+    tmp, vecs, _ = built
+    emb_dir = write_embeddings_dir(tmp_path / "emb", vecs[:2000], FACTS, 1000)
+    args = ["--embeddings", emb_dir, "--output", str(tmp_path / "o"), "--nlist", "16", *LOCAL]
+    build_index.run(args)
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        build_index.run(args)
+    with pytest.raises(ValueError, match="nlist"):  # refused while planning: the old bundle stays
+        build_index.run(args[:-4] + ["--nlist", "100000", "--overwrite", *LOCAL])
+    assert bundle_lib.open_bundle(str(tmp_path / "o")).searcher.ntotal == 2000
+    shard = tmp_path / "emb" / "part-00001-of-00002.parquet"
+    shard.write_bytes(shard.read_bytes()[:-100])  # corrupt: the rebuild fails inside the pipeline
+    with pytest.raises(Exception):
+        build_index.run(args + ["--overwrite"])
+    with pytest.raises(bundle_lib.BundleError):
+        bundle_lib.open_bundle(str(tmp_path / "o"))
+
+
+def test_densebeam_build_end_to_end_with_tiny_model(tmp_path, tiny_cos_model, capsys):
+    recs = make_passages(400, seed=21) + [{"_id": "bad", "text": ""}]
+    src = write_jsonl(tmp_path / "corpus.jsonl", recs)
+    rc = cli.main(["build", "--input", str(src), "--output", str(tmp_path / "idx"), "--model", tiny_cos_model,
+                   "--precision", "fp32", "--rows-per-shard", "150", *LOCAL])
+    out = capsys.readouterr().out
+    assert rc == 0 and "read 401  encoded 400  rejected 1" in out and "default nprobe" in out
+    b = bundle_lib.open_bundle(str(tmp_path / "idx"))
+    assert b.searcher.ntotal == 400 and b.manifest["counts"]["shards"] == 3
+    assert b.facts.model == tiny_cos_model and b.facts.similarity == "cos"
+    # A passage's own embedding finds itself first, and the docstore returns its text.
+    e = emb.open_embeddings(str(tmp_path / "idx.embeddings"))
+    ids, vecs = next(e.iter_batches(batch_rows=5))
+    _, rows = b.searcher.search(vecs, 1, b.searcher.nlist)
+    assert [d["id"] for d in b.docstore.get(rows[:, 0].tolist())] == ids
+    text = {r["_id"]: r["text"] for r in recs}
+    assert all(d["text"] == text[d["id"]] for d in b.docstore.get(list(range(0, 400, 37))))
+    rc = cli.main(["inspect", str(tmp_path / "idx"), "--verify"])
+    assert rc == 0 and "verified" in capsys.readouterr().out
