@@ -18,7 +18,7 @@ import fsspec
 from index_store import bundle as bundle_lib
 from index_store.build_plan import LAYOUTS, plan_build
 from index_store.embeddings import join, open_embeddings
-from pipelines import encode
+from pipelines import options
 from runners.presets import pipeline_options
 from transforms.index import BuildIndex
 
@@ -62,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, help="index bundle dir (local path or fsspec URL)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing bundle")
     add_index_args(p)
-    encode.add_runner_args(p)
+    options.add_runner_args(p)
     return p
 
 
@@ -72,11 +72,11 @@ def build_command_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, help="index bundle dir (local path or fsspec URL)")
     p.add_argument("--embeddings-dir", default=None,
                    help="where the intermediate embeddings go (default: OUTPUT.embeddings beside it)")
-    encode.add_read_args(p)
-    encode.add_encode_args(p)
-    encode.add_output_args(p)
+    options.add_read_args(p)
+    options.add_encode_args(p)
+    options.add_output_args(p)
     add_index_args(p)
-    encode.add_runner_args(p)
+    options.add_runner_args(p)
     return p
 
 
@@ -89,7 +89,7 @@ def prepare_output(root: str, overwrite: bool) -> None:
         if not overwrite:
             raise FileExistsError(f"{root} already holds an index bundle; pass --overwrite to replace it")
         fs.rm(manifest)
-    for stale in ("shards", "docstore", "index.faiss", "index.ivfdata", "trained.faiss"):
+    for stale in ("_build", "shards", "docstore", "index.faiss", "index.ivfdata", "trained.faiss"):
         if fs.exists(join(path, stale)):
             fs.rm(join(path, stale), recursive=True)
     fs.makedirs(path, exist_ok=True)
@@ -119,6 +119,8 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
 
 def run_build(argv: Optional[Sequence[str]] = None) -> tuple[dict, dict]:
     """``densebeam build``: encode to the embeddings dir, then index; returns both manifests."""
+    from pipelines import encode  # imports torch (via Beam's RunInference): only when encoding
+
     args, beam_args = build_command_parser().parse_known_args(argv)
     emb_dir = args.embeddings_dir or args.output.rstrip("/") + ".embeddings"
     start = time.monotonic()

@@ -18,6 +18,9 @@ commands:
   index     embeddings dir(s) -> FAISS IVF index bundle (Beam pipeline)
   build     encode + index in one command
   inspect   print an index bundle's (or embeddings dir's) manifest in human form
+  search    query an index bundle (dense IVF, exact or BM25; optional cross-encoder re-rank)
+  eval      retrieve for a query set and score it against qrels (nDCG@10, MRR@10, R@100, R@1000)
+  serve     HTTP search service over an index bundle (FastAPI + uvicorn)
 
 'densebeam COMMAND --help' shows a command's options. Beam flags (--runner, --direct_num_workers,
 Dataflow/Flink flags) pass through to the pipeline.
@@ -130,7 +133,18 @@ def fsspec_url_to_fs(path: str):
     return fsspec.core.url_to_fs(path)
 
 
-COMMANDS = {"encode": _encode, "index": _index, "build": _build, "inspect": _inspect}
+def _query_command(name: str):
+    def run(argv: Sequence[str]) -> int:
+        from pipelines import query_cli
+
+        return getattr(query_cli, name)(argv)
+
+    return run
+
+
+COMMANDS = {"encode": _encode, "index": _index, "build": _build, "inspect": _inspect,
+            "search": _query_command("search_main"), "eval": _query_command("eval_main"),
+            "serve": _query_command("serve_main")}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -15,65 +15,16 @@ import apache_beam as beam
 import fsspec
 
 from index_store import embeddings as emb
-from index_store.encoder import DEFAULT_MODEL, DEFAULT_TOKEN_BUDGET, DEVICES, PRECISIONS, load_encoder
-from runners.presets import LOCAL, pipeline_options
-from transforms.corpus_io import DEFAULT_SPLIT_BYTES, FORMATS, ReadOptions, expand_patterns
+from index_store.encoder import load_encoder
+from pipelines.options import (add_encode_args, add_output_args, add_read_args, add_runner_args,
+                               read_options)
+from runners.presets import pipeline_options
+from transforms.corpus_io import ReadOptions, expand_patterns
 from transforms.encode import EncodeOptions, EncodePassages
 from transforms.read import ReadCorpus
 from transforms.write import WriteEmbeddings
 
 log = logging.getLogger(__name__)
-
-
-def add_read_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("input")
-    g.add_argument("--input", action="append", required=True, metavar="GLOB",
-                   help="corpus file or glob, local or fsspec URL (repeatable)")
-    g.add_argument("--format", default="auto", choices=("auto",) + FORMATS,
-                   help="record format; auto = from the extension (.jsonl/.tsv/.parquet, .gz allowed)")
-    g.add_argument("--id-field", default="_id", help="JSONL/Parquet id field (default: _id)")
-    g.add_argument("--text-field", default="text", help="JSONL/Parquet text field (default: text)")
-    g.add_argument("--title-field", default="title", help="JSONL/Parquet title field ('' for none)")
-    g.add_argument("--tsv-columns", default="id,text",
-                   help="TSV column names, comma separated: id,text (MS MARCO) or id,title,text")
-    g.add_argument("--max-id-bytes", type=int, default=256, help="longer ids are rejected")
-    g.add_argument("--max-text-bytes", type=int, default=1 << 20, help="longer texts are rejected")
-    g.add_argument("--split-bytes", type=int, default=DEFAULT_SPLIT_BYTES,
-                   help="uncompressed files larger than this are read in parallel pieces")
-    g.add_argument("--no-dedup", action="store_true",
-                   help="skip the duplicate-id check (only when ids are known to be unique)")
-
-
-def add_encode_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("model")
-    g.add_argument("--model", default=DEFAULT_MODEL,
-                   help="sentence-transformers model: Hugging Face name or local path "
-                        f"(default: {DEFAULT_MODEL}, bundled offline)")
-    g.add_argument("--similarity", default="auto", choices=("auto", "cos", "dot"),
-                   help="cos = unit-normalized vectors, dot = raw; auto = inferred from the model")
-    g.add_argument("--device", default="auto", choices=DEVICES)
-    g.add_argument("--precision", default="auto", choices=PRECISIONS,
-                   help="compute precision; auto = bf16 on CPUs with native bf16, fp16 on CUDA, else fp32")
-    g.add_argument("--max-seq-length", type=int, default=None, help="truncate passages to this many tokens")
-    g.add_argument("--no-join-title", action="store_true", help="encode the text only, not title + text")
-    g.add_argument("--batch-size", type=int, default=512, help="passages per inference call")
-    g.add_argument("--token-budget", type=int, default=DEFAULT_TOKEN_BUDGET,
-                   help="max padded tokens per forward pass (length-sorted batches)")
-
-
-def add_output_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("output")
-    g.add_argument("--dtype", default="float32", choices=("float32", "float16"), help="stored vector dtype")
-    g.add_argument("--no-text", action="store_true", help="do not store text/title beside the vectors")
-    g.add_argument("--rows-per-shard", type=int, default=200_000)
-    g.add_argument("--overwrite", action="store_true", help="replace an existing output")
-
-
-def add_runner_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("runner (other Beam flags pass through unchanged)")
-    g.add_argument("--runner", default=LOCAL,
-                   help="'local' (FnApiRunner, no downloads) or any Beam runner name")
-    g.add_argument("--workers", type=int, default=1, help="local worker processes")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -85,14 +36,6 @@ def build_parser() -> argparse.ArgumentParser:
     add_output_args(p)
     add_runner_args(p)
     return p
-
-
-def read_options(args) -> ReadOptions:
-    return ReadOptions(format=args.format, id_field=args.id_field, text_field=args.text_field,
-                       title_field=args.title_field or None,
-                       tsv_columns=tuple(c.strip() for c in args.tsv_columns.split(",")),
-                       max_id_bytes=args.max_id_bytes, max_text_bytes=args.max_text_bytes,
-                       split_bytes=args.split_bytes)
 
 
 def encode_options(args) -> EncodeOptions:

@@ -52,11 +52,16 @@ def iter_shard_rows(shard: ShardSpec, batch_rows: int = BATCH_ROWS):
                              "the embeddings dir changed after it was written")
 
 
-class _SampleShardFn(beam.DoFn):
-    """One pass over a shard: its seeded training rows (tag ``train``) and held-out query rows."""
+TEMP_DIR = "_build"
 
-    def __init__(self, plan: BuildPlan):
-        self._plan = plan
+
+class _SampleShardFn(beam.DoFn):
+    """One pass over a shard: its seeded training rows, written to a temp ``.npy`` file whose path is
+    emitted (tag ``train``; the sample never travels through the runner, so it exists once in memory,
+    at training), and its held-out query rows (small; emitted as arrays)."""
+
+    def __init__(self, plan: BuildPlan, root: str):
+        self._plan, self._root = plan, root
 
     def process(self, shard: ShardSpec):
         train_rows, query_rows = self._plan.sample_rows(shard)
@@ -65,7 +70,11 @@ class _SampleShardFn(beam.DoFn):
             local = np.arange(offset, offset + len(vecs))
             train.append(vecs[np.isin(local, train_rows)])
             queries.append(vecs[np.isin(local, query_rows)])
-        yield beam.pvalue.TaggedOutput("train", (shard.index, np.concatenate(train)))
+        train = np.concatenate(train)
+        path = join(self._root, TEMP_DIR, f"train-{shard.index:05d}.npy")
+        with fsspec.open(path, "wb") as f:
+            np.save(f, train)
+        yield beam.pvalue.TaggedOutput("train", (shard.index, path, len(train)))
         yield shard.index, shard.base + query_rows.astype(np.int64), np.concatenate(queries)
 
 
@@ -75,7 +84,13 @@ def _concat_by_shard(parts):
 
 
 def _train(parts, plan: BuildPlan) -> bytes:
-    sample = np.concatenate([p[1] for p in _concat_by_shard(parts)])
+    parts = _concat_by_shard(parts)
+    sample = np.empty((sum(p[2] for p in parts), plan.facts.dim), dtype=np.float32)
+    at = 0
+    for _, path, rows in parts:
+        with fsspec.open(path, "rb") as f:
+            sample[at:at + rows] = np.load(f)
+        at += rows
     start = time.monotonic()
     trained = ivf.train_empty_index(sample, plan.factory, seed=plan.seed)
     log.info("trained %s on %d vectors in %.1f s", plan.factory, len(sample), time.monotonic() - start)
@@ -158,6 +173,7 @@ class _PublishFn(beam.DoFn):
         fs, _ = fsspec.core.url_to_fs(root)
         with fs.open(join(root, layout.trained), "wb") as f:
             f.write(trained)
+        fs.rm(join(root, TEMP_DIR), recursive=True)
         files = [layout.trained] + layout.docstore
         if plan.layout == "merged":
             ivf.merge_on_disk(trained, [join(root, s) for s in layout.shards],
@@ -196,7 +212,7 @@ class BuildIndex(beam.PTransform):
         shards = (pbegin | "Shards" >> beam.Create(list(plan.shards))
                   | "SpreadShards" >> beam.Reshuffle())
         # 1. One pass over each shard for its seeded share of the training and held-out query samples.
-        sampled = shards | "Sample" >> beam.ParDo(_SampleShardFn(plan)).with_outputs("train", main="queries")
+        sampled = shards | "Sample" >> beam.ParDo(_SampleShardFn(plan, self._root)).with_outputs("train", main="queries")
         # 2. Train once, in one place; the empty trained index travels as bytes.
         trained = (sampled.train | "GatherSample" >> beam.combiners.ToList()
                    | "Train" >> beam.Map(_train, plan))

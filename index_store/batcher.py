@@ -1,0 +1,131 @@
+"""An asyncio micro-batcher: concurrent search requests share one encode + search (+ rerank) call.
+
+Encoding is the cost of a dense query (a transformer forward pass; FAISS search of a few lists is
+cheap), and a forward pass over 16 queries costs far less than 16 passes of one. So requests wait in a
+queue; the worker takes the first, gathers whatever else arrives within ``window_s`` (a few ms) up to
+``max_queries`` queries, and runs them as one batch on a single worker thread (torch already uses every
+core, so two batches at once would only contend). While a batch runs, new requests queue up and form
+the next batch: under load batches grow by themselves, and an idle service adds at most ``window_s``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import dataclasses
+import logging
+from typing import Optional
+
+from index_store.hits import Hit
+from index_store.search import Searcher
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class SearchJob:
+    queries: list[str]
+    k: int
+    nprobe: Optional[int]
+    rerank: bool
+    rerank_depth: int
+    future: Optional[asyncio.Future] = None
+
+
+def run_jobs(searcher: Searcher, jobs: list[SearchJob]) -> list[list[list[Hit]]]:
+    """Blocking: encode every job's queries in one call, then search (and re-rank) per group of jobs that
+    share nprobe and re-rank settings, at the group's largest k; each job gets its own top k."""
+    texts = [q for job in jobs for q in job.queries]
+    vectors = searcher.encode_queries(texts)
+    starts, pos = [], 0
+    for job in jobs:
+        starts.append(pos)
+        pos += len(job.queries)
+    groups: dict[tuple, list[int]] = {}
+    for i, job in enumerate(jobs):
+        groups.setdefault((job.nprobe, job.rerank, job.rerank_depth if job.rerank else 0), []).append(i)
+    out: list[list[list[Hit]]] = [[] for _ in jobs]
+    for (nprobe, rerank, depth), members in groups.items():
+        idx = [starts[i] + j for i in members for j in range(len(jobs[i].queries))]
+        k = max(jobs[i].k for i in members)
+        results = searcher.retrieve([texts[j] for j in idx], k, nprobe=nprobe, rerank=rerank,
+                                    rerank_depth=depth or 100, query_vectors=vectors[idx])
+        at = 0
+        for i in members:
+            n = len(jobs[i].queries)
+            out[i] = [hits[:jobs[i].k] for hits in results[at:at + n]]
+            at += n
+    return out
+
+
+class MicroBatcher:
+    """Queue requests; one worker task runs them in batches on one thread. Start/stop in the app's lifespan."""
+
+    def __init__(self, searcher: Searcher, window_s: float = 0.003, max_queries: int = 64):
+        self.searcher, self.window_s, self.max_queries = searcher, float(window_s), int(max_queries)
+        self._queue: Optional[asyncio.Queue] = None
+        self._task: Optional[asyncio.Task] = None
+        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="search")
+        self.batches = 0  # counters for /health
+        self.batched_queries = 0
+
+    async def start(self) -> None:
+        self._queue = asyncio.Queue()
+        self._task = asyncio.create_task(self._worker())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+        self._pool.shutdown(wait=True)
+
+    async def submit(self, job: SearchJob) -> list[list[Hit]]:
+        if self._queue is None:
+            raise RuntimeError("MicroBatcher.start() was not awaited")
+        job.future = asyncio.get_running_loop().create_future()
+        await self._queue.put(job)
+        return await job.future
+
+    async def _collect(self) -> list[SearchJob]:
+        loop = asyncio.get_running_loop()
+        jobs = [await self._queue.get()]
+        n = len(jobs[0].queries)
+        deadline = loop.time() + self.window_s
+        while n < self.max_queries:
+            try:
+                job = self._queue.get_nowait()
+            except asyncio.QueueEmpty:
+                timeout = deadline - loop.time()
+                if timeout <= 0:
+                    break
+                try:
+                    job = await asyncio.wait_for(self._queue.get(), timeout)
+                except asyncio.TimeoutError:
+                    break
+            jobs.append(job)
+            n += len(job.queries)
+        return jobs
+
+    async def _worker(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            jobs = await self._collect()
+            live = [j for j in jobs if not j.future.done()]  # drop requests whose client went away
+            if not live:
+                continue
+            try:
+                results = await loop.run_in_executor(self._pool, run_jobs, self.searcher, live)
+            except Exception as err:  # noqa: BLE001 - delivered to every waiting request, not swallowed
+                log.exception("search batch of %d requests failed", len(live))
+                for job in live:
+                    if not job.future.done():
+                        job.future.set_exception(err)
+                continue
+            self.batches += 1
+            self.batched_queries += sum(len(j.queries) for j in live)
+            for job, res in zip(live, results):
+                if not job.future.done():
+                    job.future.set_result(res)

@@ -1,0 +1,117 @@
+"""HTTP search service over one bundle: FastAPI app, served by uvicorn (``densebeam serve``). No Beam.
+
+    POST /search  {"query": "..."} or {"queries": ["...", ...]}, "k": 10, "nprobe": N?, "rerank": bool?,
+                  "rerank_depth": int?  ->  {"results": [{"query", "hits": [{doc_id, score, text, title,
+                  row}]}], "k", "nprobe", "reranked", "took_ms"}
+    GET  /health  -> {"status": "ok", "vectors", "batches", "batched_queries"}
+    GET  /info    -> {"manifest": the bundle manifest, "query_model", "rerank_model", "limits"}
+
+Requests are validated strictly (types are not coerced; unknown fields are refused): every bad request
+is a 4xx whose body says what was wrong. Concurrent requests are batched by
+:class:`index_store.batcher.MicroBatcher` into one encode/search call.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import time
+from typing import Optional
+
+from index_store.batcher import MicroBatcher, SearchJob
+from index_store.search import Searcher
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class Limits:
+    max_queries: int = 64  # per request
+    max_query_chars: int = 2048
+    max_k: int = 1000
+    max_rerank_depth: int = 1000
+    batch_window_ms: float = 3.0
+    max_batch_queries: int = 64
+
+
+def create_app(searcher: Searcher, limits: Limits = Limits()):
+    """The FastAPI app; the micro-batcher starts and stops with the app's lifespan."""
+    from fastapi import FastAPI, HTTPException, Request
+    from fastapi.responses import JSONResponse
+    from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+    class SearchRequest(BaseModel):
+        model_config = ConfigDict(extra="forbid", strict=True)
+
+        query: Optional[str] = Field(None, max_length=limits.max_query_chars)
+        queries: Optional[list[str]] = Field(None, min_length=1, max_length=limits.max_queries)
+        k: int = Field(10, ge=1, le=limits.max_k)
+        nprobe: Optional[int] = Field(None, ge=1, le=max(searcher.nlist, 1))
+        rerank: Optional[bool] = None
+        rerank_depth: Optional[int] = Field(None, ge=1, le=limits.max_rerank_depth)
+
+        @model_validator(mode="after")
+        def _one_of(self):
+            if (self.query is None) == (self.queries is None):
+                raise ValueError("give exactly one of 'query' (a string) or 'queries' (a list of strings)")
+            for q in [self.query] if self.query is not None else self.queries:
+                if not q.strip():
+                    raise ValueError("queries must not be empty or blank")
+                if len(q) > limits.max_query_chars:
+                    raise ValueError(f"a query is longer than {limits.max_query_chars} characters")
+            return self
+
+    batcher = MicroBatcher(searcher, window_s=limits.batch_window_ms / 1000.0,
+                           max_queries=limits.max_batch_queries)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        await batcher.start()
+        try:
+            yield
+        finally:
+            await batcher.stop()
+
+    app = FastAPI(title="densebeam search", lifespan=lifespan)
+
+    @app.exception_handler(ValueError)
+    async def _value_error(request: Request, err: ValueError):
+        return JSONResponse(status_code=400, content={"detail": str(err)})
+
+    @app.post("/search")
+    async def search(req: SearchRequest):
+        start = time.perf_counter()
+        rerank = searcher.reranker is not None if req.rerank is None else req.rerank
+        if rerank and searcher.reranker is None:
+            raise HTTPException(400, "rerank was asked for but this service has no cross-encoder; start it "
+                                     "with --rerank-model NAME_OR_PATH")
+        queries = [req.query] if req.query is not None else list(req.queries)
+        depth = req.rerank_depth or max(req.k, 100)
+        results = await batcher.submit(SearchJob(queries, req.k, req.nprobe, rerank, depth))
+        return {"results": [{"query": q, "hits": [h.to_dict() for h in hits]}
+                            for q, hits in zip(queries, results)],
+                "k": req.k, "nprobe": req.nprobe or searcher.default_nprobe, "reranked": rerank,
+                "took_ms": round((time.perf_counter() - start) * 1000, 3)}
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "vectors": searcher.bundle.searcher.ntotal, "batches": batcher.batches,
+                "batched_queries": batcher.batched_queries}
+
+    @app.get("/info")
+    async def info():
+        return {"manifest": searcher.bundle.manifest, "query_model": searcher.encoder.name,
+                "query_precision": searcher.encoder.precision, "default_nprobe": searcher.default_nprobe,
+                "rerank_model": searcher.reranker.name if searcher.reranker else None,
+                "limits": dataclasses.asdict(limits)}
+
+    return app
+
+
+def serve(searcher: Searcher, host: str = "127.0.0.1", port: int = 8080, limits: Limits = Limits(),
+          log_level: str = "info") -> None:
+    """Run the app with uvicorn until interrupted (one process: the models are loaded once)."""
+    import uvicorn
+
+    uvicorn.run(create_app(searcher, limits), host=host, port=port, log_level=log_level, workers=1)
