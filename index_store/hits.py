@@ -68,6 +68,6 @@ def write_trec_run(out: TextIO, qids: Sequence[str], results: Sequence[Sequence[
     n = 0
     for qid, hits in zip(qids, results):
         for rank, hit in enumerate(hits, start=1):
-            out.write(f"{qid} Q0 {hit.doc_id} {rank} {hit.score:.6f} {tag}\n")
+            out.write(f"{qid} Q0 {hit.doc_id} {rank} {hit.score:.9g} {tag}\n")  # round-trips float32
             n += 1
     return n

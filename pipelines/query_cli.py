@@ -16,7 +16,11 @@ import sys
 import time
 from typing import Sequence
 
+import logging
+
 from index_store.encoder import DEVICES, PRECISIONS
+
+logging.getLogger("bm25s").setLevel(logging.WARNING)
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:

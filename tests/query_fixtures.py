@@ -1,0 +1,80 @@
+"""Builders shared by the query-side tests: a tiny cross-encoder, a tiny bundle, toy queries/qrels."""
+
+from __future__ import annotations
+
+import random
+import socket
+import string
+import threading
+import time
+from pathlib import Path
+
+from conftest import _WORDS, make_passages, write_jsonl
+
+
+def build_tiny_cross_encoder(path: Path, seed: int = 3, hidden: int = 32) -> str:
+    """A 2-layer BertForSequenceClassification (num_labels=1) with the tiny vocabulary, saved with its
+    tokenizer (model_max_length 128 = its position table) in a plain Hugging Face directory."""
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
+
+    path.mkdir(parents=True, exist_ok=True)
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + list(string.ascii_lowercase + string.digits)
+    vocab += ["##" + c for c in string.ascii_lowercase + string.digits] + list(".,;:!?'\"()-") + list(_WORDS)
+    (path / "vocab.txt").write_text("\n".join(dict.fromkeys(vocab)) + "\n", encoding="utf-8")
+    tok = BertTokenizerFast(vocab_file=str(path / "vocab.txt"), do_lower_case=True, model_max_length=128)
+    torch.manual_seed(seed)
+    config = BertConfig(vocab_size=len(tok.get_vocab()), hidden_size=hidden, num_hidden_layers=2,
+                        num_attention_heads=2, intermediate_size=2 * hidden, max_position_embeddings=128,
+                        num_labels=1, initializer_range=0.5)  # wide init: scores spread, reranks reorder
+    model = BertForSequenceClassification(config)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
+def build_tiny_bundle(tmp: Path, model: str, n_docs: int = 240, seed: int = 5, *extra: str) -> str:
+    """Corpus of ``n_docs`` synthetic passages -> densebeam build (local runner) -> bundle path."""
+    from pipelines.build_index import run_build
+
+    corpus = write_jsonl(tmp / "corpus.jsonl", make_passages(n_docs, seed=seed))
+    out = tmp / "bundle"
+    run_build(["--input", str(corpus), "--output", str(out), "--model", model, "--runner", "local",
+               "--precision", "fp32", "--overwrite", *extra])
+    return str(out)
+
+
+def toy_queries(n: int, seed: int = 11) -> list[str]:
+    rng = random.Random(seed)
+    return [" ".join(rng.choices(_WORDS, k=rng.randint(2, 6))) for _ in range(n)]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerThread:
+    """uvicorn serving ``app`` on 127.0.0.1:<free port> in a daemon thread; ``stop()`` shuts it down."""
+
+    def __init__(self, app):
+        import uvicorn
+
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def start(self, timeout: float = 30.0) -> "ServerThread":
+        self.thread.start()
+        deadline = time.monotonic() + timeout
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("the test server did not start")
+            time.sleep(0.02)
+        return self
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)

@@ -1,0 +1,161 @@
+"""The HTTP service: a real uvicorn server on 127.0.0.1 (free port, thread), real tiny models, httpx."""
+
+from __future__ import annotations
+
+import random
+import threading
+
+import httpx
+import pytest
+
+from index_store.search import Searcher
+from index_store.serve import Limits, create_app
+from query_fixtures import ServerThread, build_tiny_bundle, build_tiny_cross_encoder, toy_queries
+
+QUERIES = toy_queries(24, seed=21)
+
+
+@pytest.fixture(scope="module")
+def searcher(tmp_path_factory, tiny_cos_model):
+    tmp = tmp_path_factory.mktemp("serve")
+    bundle = build_tiny_bundle(tmp, tiny_cos_model, 200, 13)
+    ce = build_tiny_cross_encoder(tmp / "ce")
+    return Searcher.open(bundle, precision="fp32", device="cpu", rerank_model=ce)
+
+
+@pytest.fixture(scope="module")
+def server(searcher):
+    srv = ServerThread(create_app(searcher, Limits(batch_window_ms=3.0))).start()
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    with httpx.Client(base_url=server.url, timeout=60) as c:
+        yield c
+
+
+def _as_pairs(hits):
+    return [(h["doc_id"], h["score"]) for h in hits]
+
+
+def _assert_same(http_hits, lib_hits):
+    assert [h["doc_id"] for h in http_hits] == [h.doc_id for h in lib_hits]
+    assert [h["score"] for h in http_hits] == pytest.approx([h.score for h in lib_hits], abs=1e-4)
+    assert all(h["text"] == l.text and h["title"] == l.title and h["row"] == l.row
+               for h, l in zip(http_hits, lib_hits))
+
+
+def test_health_and_info(client, searcher):
+    health = client.get("/health").json()
+    assert health["status"] == "ok" and health["vectors"] == 200
+    info = client.get("/info").json()
+    assert info["manifest"] == searcher.bundle.manifest and info["default_nprobe"] == searcher.default_nprobe
+    assert info["rerank_model"] == searcher.reranker.name and info["limits"]["max_k"] == 1000
+
+
+def test_results_equal_the_library(client, searcher):
+    r = client.post("/search", json={"queries": QUERIES[:6], "k": 7, "rerank": False})
+    assert r.status_code == 200
+    body = r.json()
+    lib = searcher.search(QUERIES[:6], k=7)
+    assert [o["query"] for o in body["results"]] == QUERIES[:6] and body["reranked"] is False
+    for got, want in zip(body["results"], lib):
+        _assert_same(got["hits"], want)
+    one = client.post("/search", json={"query": QUERIES[0], "k": 3, "nprobe": 1, "rerank": False}).json()
+    _assert_same(one["results"][0]["hits"], searcher.search(QUERIES[:1], k=3, nprobe=1)[0])
+    assert one["nprobe"] == 1
+    rr = client.post("/search", json={"query": QUERIES[1], "k": 5, "rerank_depth": 12}).json()  # default: rerank
+    assert rr["reranked"] is True
+    _assert_same(rr["results"][0]["hits"], searcher.retrieve(QUERIES[1:2], 5, rerank=True, rerank_depth=12)[0])
+
+
+BAD = [
+    ("empty query", {"query": ""}),
+    ("blank query", {"query": "   "}),
+    ("oversized query", {"query": "river " * 500}),
+    ("too many queries", {"queries": ["river"] * 65}),
+    ("empty list", {"queries": []}),
+    ("blank in list", {"queries": ["river", " "]}),
+    ("both query and queries", {"query": "a", "queries": ["b"]}),
+    ("neither", {"k": 3}),
+    ("k zero", {"query": "river", "k": 0}),
+    ("k too large", {"query": "river", "k": 1001}),
+    ("k as string", {"query": "river", "k": "5"}),
+    ("k as float", {"query": "river", "k": 2.5}),
+    ("query not a string", {"query": 5}),
+    ("queries not a list", {"queries": "river"}),
+    ("queries hold a number", {"queries": ["river", 3]}),
+    ("nprobe zero", {"query": "river", "nprobe": 0}),
+    ("nprobe above nlist", {"query": "river", "nprobe": 10_000}),
+    ("rerank not a bool", {"query": "river", "rerank": "yes"}),
+    ("rerank depth zero", {"query": "river", "rerank_depth": 0}),
+    ("unknown field", {"query": "river", "top_k": 3}),
+    ("body is a list", ["river"]),
+    ("body is null", None),
+]
+
+
+@pytest.mark.parametrize("name,body", BAD, ids=[b[0] for b in BAD])
+def test_bad_requests_get_4xx_with_a_message(client, name, body):
+    r = client.post("/search", json=body)
+    assert 400 <= r.status_code < 500, (name, r.status_code, r.text)
+    assert r.json()["detail"]
+
+
+def test_bad_json_and_wrong_method(client):
+    r = client.post("/search", content=b'{"query": "river", ', headers={"content-type": "application/json"})
+    assert 400 <= r.status_code < 500 and r.json()["detail"]
+    r = client.post("/search", content=b"query=river", headers={"content-type": "text/plain"})
+    assert 400 <= r.status_code < 500
+    assert client.get("/search").status_code == 405
+
+
+def test_rerank_without_a_cross_encoder_is_a_400(searcher):
+    plain = Searcher(searcher.bundle, searcher.encoder)
+    srv = ServerThread(create_app(plain)).start()
+    try:
+        r = httpx.post(srv.url + "/search", json={"query": "river", "rerank": True}, timeout=30)
+        assert r.status_code == 400 and "--rerank-model" in r.json()["detail"]
+        ok = httpx.post(srv.url + "/search", json={"query": "river"}, timeout=30).json()
+        assert ok["reranked"] is False and ok["results"][0]["hits"]
+    finally:
+        srv.stop()
+
+
+def test_many_concurrent_clients_all_correct(client, server, searcher):
+    want_dense = searcher.search(QUERIES, k=10)
+    want_rerank = searcher.retrieve(QUERIES, 10, rerank=True, rerank_depth=10)
+    before = client.get("/health").json()
+    errors, statuses, lock = [], [], threading.Lock()
+
+    def worker(seed):
+        rng = random.Random(seed)
+        with httpx.Client(base_url=server.url, timeout=120) as c:
+            for _ in range(10):
+                qi, k, rerank = rng.randrange(len(QUERIES)), rng.randint(1, 10), rng.random() < 0.2
+                body = {"query": QUERIES[qi], "k": k, "rerank": rerank}
+                if rerank:
+                    body["rerank_depth"] = 10
+                r = c.post("/search", json=body)
+                with lock:
+                    statuses.append(r.status_code)
+                try:
+                    want = (want_rerank if rerank else want_dense)[qi][:k]
+                    _assert_same(r.json()["results"][0]["hits"], want)
+                except AssertionError as err:
+                    with lock:
+                        errors.append((QUERIES[qi], k, rerank, err))
+
+    threads = [threading.Thread(target=worker, args=(s,)) for s in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert len(statuses) == 160 and set(statuses) == {200}, statuses
+    assert not errors, errors[:3]
+    after = client.get("/health").json()
+    batches = after["batches"] - before["batches"]
+    assert after["batched_queries"] - before["batched_queries"] == 160
+    assert batches < 160, "concurrent requests should share batches"
