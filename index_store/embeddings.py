@@ -27,29 +27,36 @@ REJECTED_PATTERN = "part-{index:05d}-of-{count:05d}.jsonl"
 TEMP_DIR = "_temporary"
 
 
-def arrow_schema(facts: ModelFacts, with_text: bool = True) -> pa.Schema:
+def arrow_schema(facts: ModelFacts, with_text: bool = True, with_hash: bool = False,
+                 extra_metadata: Optional[dict] = None) -> pa.Schema:
     value_type = pa.float16() if facts.dtype == "float16" else pa.float32()
     fields = [pa.field("id", pa.string(), nullable=False),
               pa.field("embedding", pa.list_(pa.field("item", value_type, nullable=False), facts.dim),
                        nullable=False)]
     if with_text:
         fields += [pa.field("text", pa.string()), pa.field("title", pa.string())]
-    return pa.schema(fields, metadata={FACTS_KEY: facts.to_json().encode()})
+    if with_hash:  # sha256 of the encoded text: the key of the embedding cache (incremental runs)
+        fields.append(pa.field("text_hash", pa.string()))
+    return pa.schema(fields, metadata={FACTS_KEY: facts.to_json().encode(), **(extra_metadata or {})})
 
 
 def to_table(facts: ModelFacts, ids: Sequence[str], vectors: np.ndarray,
-             texts: Optional[Sequence[str]] = None, titles: Optional[Sequence[str]] = None) -> pa.Table:
+             texts: Optional[Sequence[str]] = None, titles: Optional[Sequence[str]] = None,
+             text_hashes: Optional[Sequence[str]] = None, extra_metadata: Optional[dict] = None) -> pa.Table:
     """Columns for one row group; ``vectors`` is (n, dim) and is cast to the facts' dtype."""
     vectors = np.ascontiguousarray(vectors, dtype=np.float16 if facts.dtype == "float16" else np.float32)
     if vectors.ndim != 2 or vectors.shape[1] != facts.dim:
         raise ValueError(f"vectors must have shape (n, {facts.dim}), got {vectors.shape}")
     flat = pa.array(vectors.reshape(-1), type=pa.float16() if facts.dtype == "float16" else pa.float32())
     emb = pa.FixedSizeListArray.from_arrays(flat, facts.dim)
-    schema = arrow_schema(facts, with_text=texts is not None)
+    schema = arrow_schema(facts, with_text=texts is not None, with_hash=text_hashes is not None,
+                          extra_metadata=extra_metadata)
     cols = [pa.array(list(ids), pa.string()), emb]
     if texts is not None:
         cols += [pa.array(list(texts), pa.string()),
                  pa.array(list(titles) if titles is not None else [""] * len(ids), pa.string())]
+    if text_hashes is not None:
+        cols.append(pa.array(list(text_hashes), pa.string()))
     return pa.Table.from_arrays(cols, schema=schema)
 
 

@@ -11,8 +11,7 @@ is a 4xx whose body says what was wrong. Concurrent requests are batched by
 :class:`index_store.batcher.MicroBatcher` into one encode/search call.
 """
 
-from __future__ import annotations
-
+# No ``from __future__ import annotations``: FastAPI must see the real (locally built) request model.
 import contextlib
 import dataclasses
 import logging

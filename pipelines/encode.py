@@ -19,6 +19,7 @@ from index_store.encoder import load_encoder
 from pipelines.options import (add_encode_args, add_output_args, add_read_args, add_runner_args,
                                read_options)
 from runners.presets import pipeline_options
+from transforms.cache import ReuseEmbeddings, _JournalFn, cache_files
 from transforms.corpus_io import ReadOptions, expand_patterns
 from transforms.encode import EncodeOptions, EncodePassages
 from transforms.read import ReadCorpus
@@ -51,17 +52,34 @@ def check_output(path: str, overwrite: bool) -> None:
         raise FileExistsError(f"{path} already holds an embeddings dir; pass --overwrite to replace it")
 
 
+def encode_identity(facts, enc_opts: EncodeOptions) -> dict:
+    """What must agree for a cached vector to be reused: a different model or precision never is."""
+    return {"model": facts.model, "revision": facts.revision, "similarity": facts.similarity,
+            "precision": facts.precision, "max_seq_length": facts.max_seq_length, "dtype": facts.dtype,
+            "join_title": enc_opts.join_title}
+
+
 def encode_stage(p: beam.Pipeline, files, read_opts: ReadOptions, enc_opts: EncodeOptions, facts,
-                 output: str, args) -> beam.PCollection:
+                 output: str, args, cache: Sequence[str] = ()) -> beam.PCollection:
     """The labelled steps of the encode pipeline; returns the one-element manifest PCollection."""
+    identity = encode_identity(facts, enc_opts)
     corpus = p | "ReadCorpus" >> ReadCorpus(files, read_opts, dedup=not args.no_dedup)
-    encoded = corpus["passages"] | "Encode" >> EncodePassages(enc_opts, facts.similarity)
+    passages, reused = corpus["passages"], None
+    if cache:  # incremental / resumed run: only new or changed passages reach the model
+        split = passages | "ReuseEmbeddings" >> ReuseEmbeddings(cache, identity, enc_opts.join_title)
+        passages, reused = split["to_encode"], split["reused"]
+    encoded = passages | "Encode" >> EncodePassages(enc_opts, facts.similarity)
+    rows = encoded["encoded"] | "Journal" >> beam.ParDo(_JournalFn(
+        output, facts.to_json(), identity, enc_opts.join_title, args.journal_rows))
+    if reused is not None:
+        rows = (rows, reused) | "EncodedAndReused" >> beam.Flatten()
     rejected = (corpus["rejected"], encoded["rejected"]) | "Rejected" >> beam.Flatten()
-    extra = {"inputs": [{"path": f, "bytes": s} for f, s in files],
+    extra = {"inputs": [{"path": f, "bytes": s} for f, s in files], "encode_identity": identity,
              "options": {"read": dataclasses.asdict(read_opts), "encode": dataclasses.asdict(enc_opts)}}
-    return ({"encoded": encoded["encoded"], "rejected": rejected, "read_counts": corpus["read_counts"]}
+    return ({"encoded": rows, "rejected": rejected, "read_counts": corpus["read_counts"]}
             | "Write" >> WriteEmbeddings(output, facts, keep_text=not args.no_text,
-                                         rows_per_shard=args.rows_per_shard, manifest_extra=extra))
+                                         rows_per_shard=args.rows_per_shard, manifest_extra=extra,
+                                         identity=identity, join_title=enc_opts.join_title))
 
 
 def run_pipeline(argv: Optional[Sequence[str]] = None):
@@ -76,9 +94,12 @@ def run_pipeline(argv: Optional[Sequence[str]] = None):
                            precision=enc_opts.precision, max_seq_length=enc_opts.max_seq_length,
                            token_budget=enc_opts.token_budget)
     facts = encoder.facts(dtype=args.dtype)
+    cache = [] if args.no_reuse else cache_files([args.output] + list(args.reuse or []))
+    if cache:
+        log.info("reusing vectors from %d cache file(s) where model, settings and text match", len(cache))
     start = time.monotonic()
     p = beam.Pipeline(options=pipeline_options(args.runner, beam_args, workers=args.workers))
-    encode_stage(p, files, read_opts, enc_opts, facts, args.output, args)
+    encode_stage(p, files, read_opts, enc_opts, facts, args.output, args, cache)
     result = p.run()
     result.wait_until_finish()
     manifest = emb.open_embeddings(args.output).manifest

@@ -50,14 +50,24 @@ def add_output_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dtype", default="float32", choices=("float32", "float16"), help="stored vector dtype")
     g.add_argument("--no-text", action="store_true", help="do not store text/title beside the vectors")
     g.add_argument("--rows-per-shard", type=int, default=200_000)
-    g.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    g.add_argument("--overwrite", action="store_true",
+                   help="replace an existing output (its vectors are reused for unchanged passages)")
+    g.add_argument("--reuse", action="append", metavar="EMB_DIR",
+                   help="also reuse vectors from this embeddings dir (same model and settings; repeatable)")
+    g.add_argument("--no-reuse", action="store_true",
+                   help="re-encode everything: ignore the output's previous vectors and journal")
+    g.add_argument("--journal-rows", type=int, default=10_000,
+                   help="encoded vectors per journal file (what a killed run can resume from)")
 
 
 def add_runner_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("runner (other Beam flags pass through unchanged)")
     g.add_argument("--runner", default=LOCAL,
-                   help="'local' (FnApiRunner, no downloads) or any Beam runner name")
-    g.add_argument("--workers", type=int, default=1, help="local worker processes")
+                   help="preset: 'local' (FnApiRunner, no downloads), 'flink' (portable Flink, job server "
+                        "fetched by Maven, no Docker), 'dataflow' (needs --project, --region, "
+                        "--temp_location gs://...); or any Beam runner name. See docs/scale.md")
+    g.add_argument("--workers", type=int, default=1,
+                   help="local: worker processes; flink: parallelism; dataflow: max workers")
 
 
 def read_options(args) -> ReadOptions:

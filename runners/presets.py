@@ -1,10 +1,16 @@
 """Runner presets: turn ``--runner NAME`` plus a few densebeam flags into Beam pipeline options.
 
-``local`` (the default) is Beam's FnApiRunner named explicitly, so nothing tries to download a runner
-binary (Beam's default local runner first tries to fetch Prism). With ``--workers N > 1`` it runs N SDK
-worker processes and gives each ``cores / N`` torch threads, so the workers do not oversubscribe the CPU.
-Any other runner name (``DataflowRunner``, ``FlinkRunner``, ...) is passed to Beam unchanged, with every
-other Beam flag the user gave.
+* ``local`` (the default) is Beam's FnApiRunner named explicitly, so nothing tries to download a runner
+  binary (Beam's default local runner first tries to fetch Prism). With ``--workers N > 1`` it runs N SDK
+  worker processes and gives each ``cores / N`` torch threads, so the workers do not oversubscribe the
+  CPU.
+* ``flink`` is Beam's portable FlinkRunner with a job server fetched by Maven and Python workers that
+  need no Docker (:mod:`runners.flink`); ``--workers N`` sets the parallelism.
+* ``dataflow`` is the DataflowRunner with this project packaged for the workers (:mod:`runners.dataflow`);
+  ``--workers N`` caps autoscaling.
+
+Any other runner name (``DataflowRunner``, ``FlinkRunner``, ...) is passed to Beam unchanged. In every
+case the user's own Beam flags come last and win over the preset's defaults.
 """
 
 from __future__ import annotations
@@ -15,6 +21,9 @@ from typing import Optional, Sequence
 from apache_beam.options.pipeline_options import PipelineOptions
 
 LOCAL = "local"
+FLINK = "flink"
+DATAFLOW = "dataflow"
+PRESETS = (LOCAL, FLINK, DATAFLOW)
 FNAPI_RUNNER = "apache_beam.runners.portability.fn_api_runner.FnApiRunner"
 
 
@@ -23,20 +32,34 @@ def local_torch_threads(workers: int, cores: Optional[int] = None) -> int:
     return max(1, cores // max(1, workers))
 
 
-def pipeline_options(runner: str, beam_args: Sequence[str], workers: int = 1,
-                     job_name: Optional[str] = None) -> PipelineOptions:
-    """Beam options for a preset; ``beam_args`` are the user's own Beam flags and win over the preset."""
+def preset_args(runner: str, beam_args: Sequence[str], workers: int = 1,
+                job_name: Optional[str] = None) -> list[str]:
+    """The preset's Beam flags (without the user's ``beam_args``, which go after them)."""
+    if workers < 1:
+        raise ValueError("--workers must be at least 1")
     args: list[str] = []
     if runner == LOCAL:
-        if workers < 1:
-            raise ValueError("--workers must be at least 1")
         args += [f"--runner={FNAPI_RUNNER}", f"--direct_num_workers={workers}",
                  "--direct_running_mode=" + ("in_memory" if workers == 1 else "multi_processing")]
         if workers > 1:
             # Read by the SDK worker processes (torch honours OMP_NUM_THREADS at import).
             os.environ.setdefault("OMP_NUM_THREADS", str(local_torch_threads(workers)))
+    elif runner == FLINK:
+        from runners import flink
+
+        args += ["--runner=FlinkRunner", *flink.preset_args(beam_args, workers)]
+    elif runner == DATAFLOW:
+        from runners import dataflow
+
+        args += ["--runner=DataflowRunner", *dataflow.preset_args(beam_args, workers)]
     else:
         args.append(f"--runner={runner}")
     if job_name:
         args.append(f"--job_name={job_name}")
-    return PipelineOptions(args + list(beam_args))
+    return args
+
+
+def pipeline_options(runner: str, beam_args: Sequence[str], workers: int = 1,
+                     job_name: Optional[str] = None) -> PipelineOptions:
+    """Beam options for a preset; ``beam_args`` are the user's own Beam flags and win over the preset."""
+    return PipelineOptions(preset_args(runner, beam_args, workers, job_name) + list(beam_args))

@@ -83,7 +83,8 @@ def test_every_format_encodes_like_the_model(tmp_path, tiny_cos_model, fmt):
         pq.write_table(pa.table({"_id": [r["_id"] for r in recs], "text": [r["text"] for r in recs],
                                  "title": [r["title"] for r in recs]}), src, row_group_size=16)
     manifest, result = run_encode(tiny_cos_model, [src], tmp_path / "emb", "--precision", "fp32")
-    assert manifest["counts"] == {"read": 60, "encoded": 60, "rejected": 0, "rejected_by_reason": {}}
+    assert manifest["counts"] == {"read": 60, "encoded": 60, "rejected": 0, "reused": 0,
+                                  "rejected_by_reason": {}}
     rows = load_rows(tmp_path / "emb")
     want = expected_vectors(tiny_cos_model, recs)
     assert set(rows) == set(want)

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
+import socket
 import time
 from typing import Any, Iterable, Optional, Sequence
 
@@ -51,6 +53,19 @@ class _Progress:
                      self.count / max(now - self.start, 1e-9))
 
 
+WORKER_LOG_ENV = "DENSEBEAM_WORKER_LOG_DIR"
+
+
+def _log_worker_batch(n: int) -> None:
+    """Diagnostics for load balance across workers: with ``DENSEBEAM_WORKER_LOG_DIR`` set (a local dir
+    on each worker), every encoding process appends the size of each batch it encodes to its own file
+    ``encode-<host>-<pid>.log`` there."""
+    out = os.environ.get(WORKER_LOG_ENV)
+    if out:
+        with open(os.path.join(out, f"encode-{socket.gethostname()}-{os.getpid()}.log"), "a") as f:
+            f.write(f"{n}\n")
+
+
 class SentenceTransformerModelHandler(ModelHandler[Passage, PredictionResult, Encoder]):
     """Holds only names and settings; ``load_model`` builds the :class:`Encoder` on the worker."""
 
@@ -73,6 +88,7 @@ class SentenceTransformerModelHandler(ModelHandler[Passage, PredictionResult, En
         if self._progress is None:
             self._progress = _Progress(self._opts.progress_every_s)
         self._progress.add(len(batch))
+        _log_worker_batch(len(batch))
         tag = f"{model.precision}"  # the precision really used on this worker travels with each result
         return [PredictionResult(p, vectors[i], tag) for i, p in enumerate(batch)]
 
@@ -106,7 +122,7 @@ class _CheckVectorFn(beam.DoFn):
                 line=None, id=p.id, raw=p.text[:512]))
             return
         self._encoded.inc()
-        yield p, vec, result.model_id
+        yield p, vec, result.model_id, False
 
 
 def _failed_batch_to_rejected(failed) -> Iterable[Rejected]:

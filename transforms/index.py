@@ -23,6 +23,7 @@ from index_store import ivf
 from index_store.build_plan import BuildPlan, ShardSpec
 from index_store.docstore import DocstoreWriter
 from index_store.embeddings import join
+from index_store.faults import pause_point
 from index_store.ivf_search import merge_topk
 from transforms.read import NAMESPACE
 
@@ -94,6 +95,7 @@ def _train(parts, plan: BuildPlan) -> bytes:
     start = time.monotonic()
     trained = ivf.train_empty_index(sample, plan.factory, seed=plan.seed)
     log.info("trained %s on %d vectors in %.1f s", plan.factory, len(sample), time.monotonic() - start)
+    pause_point("index")
     return trained
 
 
@@ -194,6 +196,7 @@ class _PublishFn(beam.DoFn):
                         "source": plan.shards[r["shard"]].path} for r in results],
             **self._extra,
         }
+        pause_point("publish")
         manifest = bundle_lib.write_manifest(root, fields, files)
         log.info("published %s: %d vectors, %s, nprobe %d (recall@%d %.3f)", root, n, plan.factory,
                  chosen["nprobe"], k, chosen["recall"])

@@ -24,7 +24,9 @@ from apache_beam.utils.timestamp import MIN_TIMESTAMP
 from apache_beam.utils.windowed_value import WindowedValue
 
 from index_store import embeddings as emb
+from index_store.faults import pause_point
 from index_store.types import ModelFacts, Rejected
+from transforms.cache import JOURNAL_DIR, identity_metadata, text_hash
 
 log = logging.getLogger(__name__)
 
@@ -34,25 +36,28 @@ def _emit_from_finish(value):
 
 
 class _ShardWriterFn(beam.DoFn):
-    """Streams (passage, vector, precision) rows into temp Parquet files of at most ``rows_per_shard``
-    rows, one row group per ``row_group_rows``; memory is one row group."""
+    """Streams (passage, vector, precision, reused) rows into temp Parquet files of at most
+    ``rows_per_shard`` rows, one row group per ``row_group_rows``; memory is one row group."""
 
     def __init__(self, out_dir: str, facts: ModelFacts, keep_text: bool, rows_per_shard: int,
-                 row_group_rows: int):
+                 row_group_rows: int, identity: Optional[dict], join_title: bool):
         self._out, self._facts, self._keep_text = out_dir, facts, keep_text
         self._rows_per_shard, self._row_group_rows = rows_per_shard, row_group_rows
+        self._identity, self._join_title = identity, join_title
 
     def start_bundle(self):
         self._writer = self._file = self._tmp = None
         self._rows = 0
         self._buf = collections.defaultdict(list)
-        self._precisions, self._min_id = set(), None
+        self._precisions, self._min_id, self._reused = set(), None, 0
 
     def process(self, row):
-        passage, vector, precision = row
+        passage, vector, precision, reused = row
         b = self._buf
         b["id"].append(passage.id)
         b["vec"].append(vector)
+        b["hash"].append(text_hash(passage.joined_text(self._join_title)))
+        self._reused += int(reused)
         if self._keep_text:
             b["text"].append(passage.text)
             b["title"].append(passage.title)
@@ -68,7 +73,8 @@ class _ShardWriterFn(beam.DoFn):
         if not b["id"]:
             return
         table = emb.to_table(self._facts, b["id"], np.stack(b["vec"]),
-                             b["text"] if self._keep_text else None, b["title"] if self._keep_text else None)
+                             b["text"] if self._keep_text else None, b["title"] if self._keep_text else None,
+                             text_hashes=b["hash"], extra_metadata=identity_metadata(self._identity))
         if self._writer is None:
             self._tmp = emb.join(self._out, emb.TEMP_DIR, f"{uuid.uuid4().hex}.parquet")
             self._file = fsspec.open(self._tmp, "wb").open()
@@ -82,9 +88,9 @@ class _ShardWriterFn(beam.DoFn):
         self._writer.close()
         self._file.close()
         info = {"tmp": self._tmp, "rows": self._rows, "min_id": self._min_id,
-                "precisions": sorted(self._precisions)}
+                "precisions": sorted(self._precisions), "reused": self._reused}
         self._writer = self._file = self._tmp = None
-        self._rows, self._min_id, self._precisions = 0, None, set()
+        self._rows, self._min_id, self._precisions, self._reused = 0, None, set(), 0
         return info
 
     def finish_bundle(self):
@@ -137,6 +143,10 @@ class _FinalizeFn(beam.DoFn):
             facts = ModelFacts.from_dict({**facts.to_dict(), "precision": precisions[0]})
         elif precisions:
             facts = ModelFacts.from_dict({**facts.to_dict(), "precision": "+".join(precisions)})
+        # Un-publish the previous run first: from here until the new manifest, no manifest points at a
+        # mix of old and new shards.
+        if fs.exists(emb.join(self._out, emb.MANIFEST)):
+            fs.rm(emb.join(self._out, emb.MANIFEST))
         shard_entries = self._publish(fs, sorted(shards, key=lambda s: (s["min_id"], s["rows"])),
                                       emb.SHARD_PATTERN, "")
         rej_entries = self._publish(fs, sorted(rejected, key=lambda r: (r["tmp"])),
@@ -149,17 +159,21 @@ class _FinalizeFn(beam.DoFn):
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "model_facts": facts.to_dict(),
             "counts": {"read": read, "encoded": encoded, "rejected": n_rejected,
+                       "reused": sum(s.get("reused", 0) for s in shards),
                        "rejected_by_reason": dict(sorted(reasons.items()))},
             "shards": shard_entries,
             "rejected_files": rej_entries,
             **self._extra,
         }
         self._remove_stale(fs, {e["path"] for e in shard_entries + rej_entries})
+        pause_point("embeddings_publish")
         tmp = emb.join(self._out, emb.TEMP_DIR, "manifest.json")
         with fsspec.open(tmp, "w", encoding="utf-8") as f:
             json.dump(manifest, f, indent=2, sort_keys=True)
         fs.mv(tmp, emb.join(self._out, emb.MANIFEST))
-        fs.rm(emb.join(self._out, emb.TEMP_DIR), recursive=True)
+        for done in (emb.TEMP_DIR, JOURNAL_DIR):
+            if fs.exists(emb.join(self._out, done)):
+                fs.rm(emb.join(self._out, done), recursive=True)
         log.info("wrote %d shard(s), %d vectors, %d rejected to %s", len(shard_entries), encoded,
                  n_rejected, self._out)
         yield manifest
@@ -191,7 +205,8 @@ class WriteEmbeddings(beam.PTransform):
 
     def __init__(self, out_dir: str, facts: ModelFacts, keep_text: bool = True,
                  rows_per_shard: int = 200_000, row_group_rows: int = 8192,
-                 manifest_extra: Optional[dict] = None):
+                 manifest_extra: Optional[dict] = None, identity: Optional[dict] = None,
+                 join_title: bool = True):
         super().__init__()
         if rows_per_shard < 1 or row_group_rows < 1:
             raise ValueError("rows_per_shard and row_group_rows must be positive")
@@ -199,12 +214,14 @@ class WriteEmbeddings(beam.PTransform):
         self._facts, self._keep_text = facts, keep_text
         self._rows_per_shard, self._row_group_rows = rows_per_shard, min(row_group_rows, rows_per_shard)
         self._extra = manifest_extra or {}
+        self._identity, self._join_title = identity, join_title
 
     def expand(self, pcolls):
         p = pcolls["encoded"].pipeline
         # 1. Vectors to temp Parquet files, rejected records to temp JSONL files.
         shards = pcolls["encoded"] | "WriteShards" >> beam.ParDo(_ShardWriterFn(
-            self._out, self._facts, self._keep_text, self._rows_per_shard, self._row_group_rows))
+            self._out, self._facts, self._keep_text, self._rows_per_shard, self._row_group_rows,
+            self._identity, self._join_title))
         rejected = pcolls["rejected"] | "WriteRejected" >> beam.ParDo(_RejectedWriterFn(self._out))
         # 2. Once everything is written: rename, reconcile, manifest last.
         return (p

@@ -1,0 +1,175 @@
+"""ReuseEmbeddings: incremental and resumable encoding.
+
+A vector is reused when a cache file holds one for the same passage text under the same *encode
+identity* (model, revision, similarity, compute precision, max_seq_length, stored dtype, title joining):
+a different model or precision never reuses vectors. Cache files are Parquet files with ``text_hash``
+and ``embedding`` columns and the identity in their schema metadata:
+
+- the shards of the output's previous run (``part-*.parquet``),
+- complete temp shards of a killed run (``_temporary/*.parquet``),
+- the journal of a killed run (``_cache/journal-*.parquet``): rolling files the encoder closes every
+  ``journal_rows`` vectors, so a run killed during encoding loses at most that much work,
+- any other embeddings dir named with ``--reuse``.
+
+Incomplete files (a run killed mid-write leaves no Parquet footer) are skipped and counted. The join is
+a CoGroupByKey on the text hash, so no side holds the cache in memory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import uuid
+from typing import Optional, Sequence
+
+import apache_beam as beam
+import fsspec
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from apache_beam.metrics import Metrics
+
+from index_store import embeddings as emb
+from index_store.faults import pause_point
+from index_store.types import Passage
+from transforms.read import NAMESPACE
+
+log = logging.getLogger(__name__)
+IDENTITY_KEY = b"densebeam.encode_identity"
+JOURNAL_DIR = "_cache"
+
+
+def text_hash(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8", errors="surrogatepass")).hexdigest()[:32]
+
+
+def cache_files(dirs: Sequence[str]) -> list[str]:
+    """Candidate cache files under each dir (existence only; identity is checked when read)."""
+    found = []
+    for d in dirs:
+        fs, root = fsspec.core.url_to_fs(d)
+        for pattern in ("part-*.parquet", f"{emb.TEMP_DIR}/*.parquet", f"{JOURNAL_DIR}/journal-*.parquet"):
+            for p in sorted(fs.glob(emb.join(root, pattern))):
+                found.append(p if _is_local(fs) else fs.unstrip_protocol(p))
+    return found
+
+
+def _is_local(fs) -> bool:
+    protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
+    return "file" in protocols or "local" in protocols
+
+
+class _ReadCacheFn(beam.DoFn):
+    """A cache file -> (text_hash, (vector, precision)) for files written under the same identity."""
+
+    def __init__(self, identity: dict):
+        self._identity = identity
+        self._reusable = Metrics.counter(NAMESPACE, "cache_vectors_available")
+        self._skipped = Metrics.counter(NAMESPACE, "cache_files_skipped")
+
+    def process(self, path: str):
+        try:
+            f = fsspec.open(path, "rb").open()
+            pf = pq.ParquetFile(f)
+        except Exception as err:  # noqa: BLE001 - an incomplete file from a killed run is expected
+            log.info("cache: skipping %s (%s)", path, err)
+            self._skipped.inc()
+            return
+        try:
+            meta = pf.schema_arrow.metadata or {}
+            if IDENTITY_KEY not in meta or json.loads(meta[IDENTITY_KEY]) != self._identity:
+                log.info("cache: not reusing %s: written by another model or settings", path)
+                self._skipped.inc()
+                return
+            precision = json.loads(meta[emb.FACTS_KEY]).get("precision")
+            dim = pf.schema_arrow.field("embedding").type.list_size
+            for batch in pf.iter_batches(columns=["text_hash", "embedding"], batch_size=8192):
+                vecs = np.asarray(batch.column(1).values.to_numpy(zero_copy_only=False), np.float32)
+                for h, v in zip(batch.column(0).to_pylist(), vecs.reshape(-1, dim)):
+                    self._reusable.inc()
+                    yield h, (v, precision)
+        finally:
+            f.close()
+
+
+class _JoinFn(beam.DoFn):
+    """(hash, {passages, cached}) -> reused rows (tag ``reused``) or passages still to encode."""
+
+    def __init__(self):
+        self._reused = Metrics.counter(NAMESPACE, "passages_reused")
+
+    def process(self, keyed):
+        _, groups = keyed
+        cached = list(groups["cached"])
+        for p in groups["passages"]:
+            if cached:
+                self._reused.inc()
+                vec, precision = cached[0]
+                yield beam.pvalue.TaggedOutput("reused", (p, vec, precision, True))
+            else:
+                yield p
+
+
+class ReuseEmbeddings(beam.PTransform):
+    """passages -> {"reused": (passage, vector, precision), "to_encode": passages}."""
+
+    def __init__(self, files: Sequence[str], identity: dict, join_title: bool):
+        super().__init__()
+        self._files, self._identity, self._join_title = list(files), identity, join_title
+
+    def expand(self, passages):
+        join_title = self._join_title
+        keyed = passages | "KeyByTextHash" >> beam.Map(
+            lambda p: (text_hash(p.joined_text(join_title)), p))
+        cached = (passages.pipeline
+                  | "CacheFiles" >> beam.Create(self._files)
+                  | "SpreadCacheFiles" >> beam.Reshuffle()
+                  | "ReadCache" >> beam.ParDo(_ReadCacheFn(self._identity)))
+        joined = ({"passages": keyed, "cached": cached} | "JoinCache" >> beam.CoGroupByKey()
+                  | "ReuseOrEncode" >> beam.ParDo(_JoinFn()).with_outputs("reused", main="to_encode"))
+        return {"reused": joined.reused, "to_encode": joined.to_encode}
+
+
+class _JournalFn(beam.DoFn):
+    """Passes encoded rows through and appends (text_hash, vector) to rolling journal files closed every
+    ``rows`` rows, so a killed run can reuse what it had encoded. Written once more than strictly
+    needed (the shards hold the same vectors) in exchange for resumability; retried bundles only add
+    duplicate journal rows, which the join ignores."""
+
+    def __init__(self, out_dir: str, facts_json: str, identity: dict, join_title: bool, rows: int):
+        self._out, self._facts_json, self._identity = out_dir, facts_json, identity
+        self._join_title, self._rows = join_title, rows
+
+    def start_bundle(self):
+        self._hashes, self._vecs = [], []
+
+    def process(self, row):
+        passage, vector = row[0], row[1]
+        self._hashes.append(text_hash(passage.joined_text(self._join_title)))
+        self._vecs.append(vector)
+        if len(self._hashes) >= self._rows:
+            self._flush()
+        yield row
+
+    def _flush(self):
+        if not self._hashes:
+            return
+        vecs = np.stack(self._vecs).astype(np.float32)
+        table = pa.table({"text_hash": pa.array(self._hashes, pa.string()),
+                          "embedding": pa.FixedSizeListArray.from_arrays(pa.array(vecs.reshape(-1)),
+                                                                         vecs.shape[1])})
+        table = table.replace_schema_metadata({emb.FACTS_KEY: self._facts_json.encode(),
+                                               IDENTITY_KEY: json.dumps(self._identity).encode()})
+        path = emb.join(self._out, JOURNAL_DIR, f"journal-{uuid.uuid4().hex}.parquet")
+        with fsspec.open(path, "wb") as f:
+            pq.write_table(table, f)
+        self._hashes, self._vecs = [], []
+        pause_point("encode")
+
+    def finish_bundle(self):
+        self._flush()
+
+
+def identity_metadata(identity: Optional[dict]) -> dict:
+    return {IDENTITY_KEY: json.dumps(identity).encode()} if identity else {}
