@@ -132,7 +132,11 @@ def _read_manifest_bytes(root: str) -> bytes:
 
 
 def read_manifest(root: str) -> dict:
-    """Parse and sanity-check ``manifest.json`` (format, version, safe paths); files are not read."""
+    """Parse and sanity-check ``manifest.json`` (format, version, safe paths); files are not read.
+    A versioned location reads its current version's manifest."""
+    from index_store import versions
+
+    root = versions.resolve(root)
     return _parse_manifest(_read_manifest_bytes(root), join(root, MANIFEST))
 
 
@@ -213,6 +217,9 @@ def open_bundle(root: str, verify: str = "full", cache_dir: Optional[str] = None
     """
     if verify not in VERIFY_MODES:
         raise ValueError(f"verify must be one of {VERIFY_MODES}, got {verify!r}")
+    from index_store import versions  # a versioned location opens its CURRENT version
+
+    root = versions.resolve(root)
     raw = _read_manifest_bytes(root)
     manifest = _parse_manifest(raw, join(root, MANIFEST))
     local = root if fsutil.is_local(root) else _cache_remote(root, raw, manifest, cache_dir)

@@ -16,6 +16,7 @@ import apache_beam as beam
 import fsspec
 
 from index_store import bundle as bundle_lib
+from index_store import versions
 from index_store.build_plan import LAYOUTS, plan_build
 from index_store.embeddings import join, open_embeddings
 from pipelines import options
@@ -52,6 +53,10 @@ def add_index_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--recall-queries", type=int, default=1000, help="held-out vectors used to measure recall")
     g.add_argument("--k", type=int, default=10, help="k of the recall@k measurement")
     g.add_argument("--seed", type=int, default=1234)
+    g.add_argument("--versioned", action="store_true",
+                   help="publish into OUTPUT/versions/<name>/ and switch OUTPUT/CURRENT atomically after "
+                        "verifying it (no --overwrite needed; services reload to the new version)")
+    g.add_argument("--keep-versions", type=int, default=3, help="versions kept with --versioned")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -102,13 +107,20 @@ def run_index(args, beam_args: Sequence[str]):
                       k=args.k, target_recall=args.target_recall, layout=args.layout, seed=args.seed)
     log.info("indexing %d vectors from %d shard(s): %s, training on %d, layout %s", plan.n_vectors,
              len(plan.shards), plan.factory, plan.train_size, plan.layout)
-    prepare_output(args.output, args.overwrite)
+    target = args.output
+    if args.versioned:
+        name = versions.new_version_name()
+        target = versions.version_path(args.output, name)
+    else:
+        prepare_output(args.output, args.overwrite)
     extra = {"inputs": [{"embeddings": d.root, "counts": d.counts} for d in dirs]}
     p = beam.Pipeline(options=pipeline_options(args.runner, beam_args, workers=args.workers))
-    _ = p | "BuildIndex" >> BuildIndex(plan, args.output, extra)
+    _ = p | "BuildIndex" >> BuildIndex(plan, target, extra)
     result = p.run()
     result.wait_until_finish()
-    return bundle_lib.read_manifest(args.output), result
+    if args.versioned:
+        versions.publish(args.output, name, keep=args.keep_versions)
+    return bundle_lib.read_manifest(target), result
 
 
 def run(argv: Optional[Sequence[str]] = None) -> dict:
@@ -133,7 +145,8 @@ def run_build(argv: Optional[Sequence[str]] = None) -> tuple[dict, dict]:
 
 
 _INDEX_ONLY = {"--nlist", "--codec", "--memory-budget", "--layout", "--target-recall", "--recall-queries",
-               "--k", "--seed", "--embeddings-dir", "--output"}
+               "--k", "--seed", "--embeddings-dir", "--output", "--keep-versions"}
+_INDEX_FLAGS = {"--versioned"}
 
 
 def _encode_argv(argv: list[str], emb_dir: str) -> list[str]:
@@ -146,6 +159,8 @@ def _encode_argv(argv: list[str], emb_dir: str) -> list[str]:
         name = a.split("=", 1)[0]
         if name in _INDEX_ONLY:
             skip = "=" not in a
+            continue
+        if name in _INDEX_FLAGS:
             continue
         out.append(a)
     if "--overwrite" not in out:

@@ -118,9 +118,14 @@ def _inspect(argv: Sequence[str]) -> int:
         m = emb.open_embeddings(args.path).manifest
         print(json.dumps(m, indent=2) if args.json else format_encode_summary(m, args.path))
         return 0
-    m = bundle_lib.read_manifest(args.path)
+    from index_store import versions
+
+    path = versions.resolve(args.path)
+    m = bundle_lib.read_manifest(path)
     if args.verify:
-        bundle_lib.verify(args.path, m, mode="full")
+        bundle_lib.verify(path, m, mode="full")
+    if path != args.path:
+        print(f"versioned location {args.path}: current version {versions.current(args.path)}")
     print(json.dumps(m, indent=2) if args.json else format_index_summary(m, args.path))
     if args.verify:
         print("  verified: every file matches its size and sha256")

@@ -1,0 +1,120 @@
+"""Versioned bundle locations: ``ROOT/versions/<name>/`` bundles and a ``ROOT/CURRENT`` pointer.
+
+A build writes a new version directory; only after that version opens with full checksum verification
+is ``CURRENT`` switched, atomically (a temp file renamed over it), to name it. Readers resolve the
+pointer once per open, so a search service keeps serving the version it holds and can reload to the new
+one between requests. Old versions are pruned down to ``keep``; the current one and versions that are
+still being written by a newer run (no manifest, younger than ``stale_after_s``) are never deleted.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import secrets
+import time
+from typing import Optional
+
+import fsspec
+
+from index_store.embeddings import join
+
+log = logging.getLogger(__name__)
+POINTER = "CURRENT"
+VERSIONS_DIR = "versions"
+MANIFEST = "manifest.json"
+
+
+def _fs(root: str):
+    return fsspec.core.url_to_fs(root)
+
+
+def new_version_name() -> str:
+    """Sortable by time: ``20261122T005501Z-3fa2c1``."""
+    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    return f"{now}-{secrets.token_hex(3)}"
+
+
+def version_path(root: str, name: str) -> str:
+    if not name or "/" in name or name.startswith("."):
+        raise ValueError(f"bad version name {name!r} in {join(root, POINTER)}")
+    return join(root, VERSIONS_DIR, name)
+
+
+def current(root: str) -> Optional[str]:
+    """The name ``CURRENT`` points to, or None for a plain (unversioned) location."""
+    fs, path = _fs(root)
+    pointer = join(path, POINTER)
+    if not fs.exists(pointer):
+        return None
+    with fs.open(pointer, "r", encoding="utf-8") as f:
+        return f.read().strip()
+
+
+def resolve(root: str) -> str:
+    """A plain bundle resolves to itself; a versioned location to its current version."""
+    fs, path = _fs(root)
+    if fs.exists(join(path, MANIFEST)):
+        return root
+    name = current(root)
+    return version_path(root, name) if name else root
+
+
+def list_versions(root: str) -> list[dict]:
+    fs, path = _fs(root)
+    base = join(path, VERSIONS_DIR)
+    if not fs.exists(base):
+        return []
+    cur = current(root)
+    out = []
+    for p in sorted(fs.ls(base, detail=False)):
+        name = p.rstrip("/").rsplit("/", 1)[-1]
+        out.append({"name": name, "complete": fs.exists(join(p, MANIFEST)), "current": name == cur,
+                    "path": version_path(root, name)})
+    return out
+
+
+def switch(root: str, name: str) -> None:
+    """Point ``CURRENT`` at ``name`` atomically (write a temp file, rename it over the pointer)."""
+    fs, path = _fs(root)
+    tmp = join(path, f".{POINTER}.tmp-{secrets.token_hex(4)}")
+    with fs.open(tmp, "w", encoding="utf-8") as f:
+        f.write(name + "\n")
+    fs.mv(tmp, join(path, POINTER))
+
+
+def publish(root: str, name: str, keep: int = 3, stale_after_s: float = 24 * 3600) -> None:
+    """Verify version ``name`` fully, switch ``CURRENT`` to it, then prune old versions."""
+    from index_store.bundle import open_bundle
+
+    if keep < 1:
+        raise ValueError("keep must be at least 1")
+    open_bundle(version_path(root, name), verify="full")  # raises (naming the file) before any switch
+    switch(root, name)
+    log.info("published version %s of %s", name, root)
+    prune(root, keep, stale_after_s)
+
+
+def prune(root: str, keep: int, stale_after_s: float) -> list[str]:
+    fs, _ = _fs(root)
+    versions = list_versions(root)
+    complete = [v for v in versions if v["complete"]]
+    doomed = [v for v in complete[:-keep] if not v["current"]]
+    now = time.time()
+    for v in versions:
+        if not v["complete"] and not v["current"]:
+            try:
+                age = now - _mtime(fs, _fs(v["path"])[1])
+            except (OSError, KeyError, TypeError):
+                age = float("inf")
+            if age > stale_after_s:  # left by a killed run; a younger one may still be in progress
+                doomed.append(v)
+    for v in doomed:
+        fs.rm(_fs(v["path"])[1], recursive=True)
+    return [v["name"] for v in doomed]
+
+
+def _mtime(fs, path: str) -> float:
+    info = fs.info(path)
+    t = info.get("mtime") or info.get("created") or info.get("LastModified")
+    return t.timestamp() if hasattr(t, "timestamp") else float(t)
