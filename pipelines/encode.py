@@ -68,7 +68,7 @@ def encode_stage(p: beam.Pipeline, files, read_opts: ReadOptions, enc_opts: Enco
     if cache:  # incremental / resumed run: only new or changed passages reach the model
         split = passages | "ReuseEmbeddings" >> ReuseEmbeddings(cache, identity, enc_opts.join_title)
         passages, reused = split["to_encode"], split["reused"]
-    encoded = passages | "Encode" >> EncodePassages(enc_opts, facts.similarity)
+    encoded = passages | "Encode" >> EncodePassages(enc_opts, facts.similarity, facts.dim)
     rows = encoded["encoded"] | "Journal" >> beam.ParDo(_JournalFn(
         output, facts.to_json(), identity, enc_opts.join_title, args.journal_rows))
     if reused is not None:

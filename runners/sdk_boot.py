@@ -11,7 +11,6 @@ a child of the TaskManager, so it ends with it. :func:`write_boot_command` write
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -40,7 +39,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
 
     env = os.environ
     env["WORKER_ID"] = a.id
-    env["PIPELINE_OPTIONS"] = json.dumps({"options": json_format.MessageToDict(info.pipeline_options)})
+    env["PIPELINE_OPTIONS"] = json_format.MessageToJson(info.pipeline_options)
     env["CONTROL_API_SERVICE_DESCRIPTOR"] = descriptor(a.control_endpoint or info.control_endpoint.url)
     logging_url = a.logging_endpoint or info.logging_endpoint.url
     if logging_url:

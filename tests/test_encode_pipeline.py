@@ -193,3 +193,24 @@ def test_cli_summary_and_clear_errors(tmp_path, tiny_cos_model, capsys):
     rc = cli.main(["encode", "--input", str(src), "--output", str(tmp_path / "o3"),
                    "--model", str(tmp_path / "no-such-model")])
     assert rc == 2 and "cannot load sentence-transformers model" in capsys.readouterr().err
+
+
+def test_bad_vectors_are_dead_lettered_before_any_index(tmp_path):
+    from apache_beam.ml.inference.base import PredictionResult
+
+    from index_store.types import Passage
+    from transforms.encode import _CheckVectorFn
+
+    def result(i, vec):
+        return PredictionResult(Passage(f"p{i}", "t", "", "f", i), np.asarray(vec, np.float32), "fp32")
+
+    inputs = [result(0, [0.6, 0.8, 0.0]), result(1, [np.nan, 0, 1]), result(2, [np.inf, 0, 0]),
+              result(3, [0, 0, 0]), result(4, [1.0, 0.0])]
+    with BeamTestPipeline(runner="apache_beam.runners.portability.fn_api_runner.FnApiRunner") as p:
+        out = (p | beam.Create(inputs)
+               | beam.ParDo(_CheckVectorFn(similarity_is_cos=True, dim=3)).with_outputs("rejected", main="ok"))
+        assert_that(out.ok | beam.Map(lambda r: r[0].id), equal_to(["p0"]), label="ok")
+        assert_that(out.rejected | beam.Map(lambda r: (r.id, r.reason, r.detail.split(" ")[2])),
+                    equal_to([("p1", "bad_embedding", "NaN"), ("p2", "bad_embedding", "NaN"),
+                              ("p3", "bad_embedding", "all"), ("p4", "bad_embedding", "shape")]),
+                    label="rejected")

@@ -16,7 +16,7 @@ import pytest
 
 from index_store import bundle as bundle_lib
 from pipelines import build_index
-from runners import flink
+from runners import flink, sdk_boot
 from runners.presets import pipeline_options
 from transforms.encode import WORKER_LOG_ENV
 from conftest import make_passages, write_jsonl
@@ -53,21 +53,25 @@ def runs(tmp_path_factory, tiny_cos_model):
               "--rows-per-shard", "300"]
     local = build_index.run_build(common + ["--output", str(tmp / "local"), "--runner", "local"])
 
-    markers = (str(tmp), str(jar.launcher), "worker_pool_main", "SdkHarness")
+    markers = (str(tmp), str(jar.launcher), "worker_pool_main", "SdkHarness", "runners.sdk_boot")
     before = {p.pid for p in _our_processes(markers)}
     wlog = tmp / "worker-log"
     wlog.mkdir()
+    # PROCESS environment: each TaskManager starts its own SDK worker processes (children of its JVM)
+    # with this boot command; nothing Docker, nothing shared between TaskManagers.
+    boot = sdk_boot.write_boot_command(tmp / "sdk-boot.sh", {
+        **{k: v for k, v in flink.worker_env(1).items() if k in ("PATH", "PYTHONPATH", "OMP_NUM_THREADS")},
+        WORKER_LOG_ENV: str(wlog)})
     start = time.monotonic()
     with flink.LocalFlinkCluster(jar.lib, tmp / "cluster", task_managers=2, slots=1,
-                                 extra_classpath=[log_jar] if log_jar else []) as cluster, \
-            flink.WorkerPool(threads_per_worker=1, env={WORKER_LOG_ENV: str(wlog)},
-                             log_path=str(tmp / "worker-pool.log")) as pool:
+                                 extra_classpath=[log_jar] if log_jar else []) as cluster:
         cluster_up = time.monotonic() - start
         try:
             on_flink = build_index.run_build(common + [
                 "--output", str(tmp / "flink"), "--runner", "flink", "--workers", "2",
                 "--flink_master", cluster.rest_address,
-                "--environment_type=EXTERNAL", f"--environment_config={pool.address}"])
+                "--environment_type=PROCESS", json.dumps({"command": str(boot)}).join(
+                    ["--environment_config=", ""])])
             jobs = [_rest(cluster, f"/jobs/{j['jid']}") for j in _rest(cluster, "/jobs/overview")["jobs"]]
         finally:
             flink.shutdown_managed()  # the job server densebeam started

@@ -93,3 +93,30 @@ def test_nul_bytes_and_broken_utf8_in_one_file(tmp_path):
     # A raw NUL inside a JSON string is invalid JSON (control characters must be escaped).
     assert [getattr(r, "reason", "ok") for r in got] == ["invalid_id", "malformed_json", "undecodable_bytes",
                                                           "malformed_json"]
+
+
+def test_pipeline_on_a_garbage_corpus_never_crashes_and_reconciles(tmp_path, tiny_cos_model):
+    """The whole encode pipeline over every kind of bad line at once, JSONL and TSV side by side."""
+    import random
+
+    from pipelines import encode
+
+    rng = random.Random(7)
+    good = [json.dumps({"_id": f"g{i}", "text": f"river water music {i}"}).encode() for i in range(30)]
+    bad = [bytes(rng.randrange(256) for _ in range(rng.randrange(1, 80))).replace(b"\n", b"") for _ in range(30)]
+    bad += [b'{"_id": "n1", "text": {"nested": ["json"]}}', b'{"_id": ["x"], "text": "t"}', b"\x00" * 50,
+            b'{"_id": "h1", "text": "' + b"y" * 20000 + b'"}', b'{"_id": "g3", "text": "duplicate"}']
+    lines = good + bad
+    rng.shuffle(lines)
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+    (tmp_path / "in" / "b.tsv").write_bytes(b"t1\tok text\nt2\n\xff\xfe\tx\nt3\ta\tb\n")
+    m = encode.run(["--input", str(tmp_path / "in" / "*"), "--output", str(tmp_path / "o"), "--model",
+                    tiny_cos_model, "--max-text-bytes", "10000", "--runner", "local"])
+    c = m["counts"]
+    non_blank = sum(1 for line in lines if line.strip()) + 4
+    assert c["read"] == non_blank == c["encoded"] + c["rejected"]
+    rejected = [json.loads(line) for f in m["rejected_files"]
+                for line in open(tmp_path / "o" / f["path"], encoding="utf-8")]
+    assert len(rejected) == c["rejected"] and all(r["reason"] and r["source_file"] for r in rejected)
+    assert c["encoded"] >= 31  # the 30 good JSONL records (g3 kept once) and t1

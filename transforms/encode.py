@@ -103,15 +103,17 @@ class _CheckVectorFn(beam.DoFn):
     """PredictionResult -> (passage, float32 vector, precision); NaN/Inf or all-zero vectors of cosine
     models are rejected with a reason before they reach an index."""
 
-    def __init__(self, similarity_is_cos: bool):
-        self._cos = similarity_is_cos
+    def __init__(self, similarity_is_cos: bool, dim: Optional[int] = None):
+        self._cos, self._dim = similarity_is_cos, dim
         self._encoded = Metrics.counter(NAMESPACE, "passages_encoded")
         self._rejected = Metrics.counter(NAMESPACE, "passages_rejected")
 
     def process(self, result: PredictionResult):
         p, vec = result.example, np.asarray(result.inference, dtype=np.float32)
         reason = None
-        if not np.all(np.isfinite(vec)):
+        if self._dim is not None and vec.shape != (self._dim,):
+            reason = ("bad_embedding", f"embedding has shape {vec.shape}, expected ({self._dim},)")
+        elif not np.all(np.isfinite(vec)):
             reason = ("bad_embedding", "embedding has NaN or Inf values")
         elif self._cos and not np.any(vec):
             reason = ("bad_embedding", "embedding is all zeros and cannot be normalized")
@@ -137,9 +139,10 @@ def _failed_batch_to_rejected(failed) -> Iterable[Rejected]:
 class EncodePassages(beam.PTransform):
     """Passages -> ``encoded`` (passage, vector, precision) and ``rejected`` (Rejected)."""
 
-    def __init__(self, opts: EncodeOptions, similarity: str):
+    def __init__(self, opts: EncodeOptions, similarity: str, dim: Optional[int] = None):
         super().__init__()
         self._opts = dataclasses.replace(opts, similarity=similarity)
+        self._dim = dim
 
     def expand(self, passages):
         handler = SentenceTransformerModelHandler(self._opts)
@@ -148,7 +151,7 @@ class EncodePassages(beam.PTransform):
         results, failures = passages | "RunInference" >> RunInference(handler).with_exception_handling()
         # 2. Check the vectors.
         checked = results | "CheckVectors" >> beam.ParDo(
-            _CheckVectorFn(self._opts.similarity == "cos")).with_outputs("rejected", main="encoded")
+            _CheckVectorFn(self._opts.similarity == "cos", self._dim)).with_outputs("rejected", main="encoded")
         failed = failures.failed_inferences | "FailedBatches" >> beam.FlatMap(_failed_batch_to_rejected)
         return {
             "encoded": checked.encoded,
