@@ -100,14 +100,14 @@ def latency(fn, queries: list[str], n: int) -> dict:
             "p95": times[min(len(times) - 1, int(round(0.95 * (len(times) - 1))))]}
 
 
-def rerank_throughput(searcher, ce_path: str, texts: list[str], repeats: int = 3) -> dict:
-    """pairs/s of our reranker (auto precision and fp32) and plain CrossEncoder.predict (fp32, default
-    batching) on the same pairs: BM25's top 100 for up to 10 queries. Best of ``repeats``, interleaved."""
+def rerank_throughput(searcher, ce_path: str, texts: list[str], n_queries: int = 10, repeats: int = 3) -> dict:
+    """pairs/s of our reranker (auto precision and fp32) and plain CrossEncoder.predict (fp32, batch 32)
+    on the same pairs: BM25's top 100 for ``n_queries`` queries. Best of ``repeats``, interleaved."""
     from sentence_transformers import CrossEncoder
 
     from index_store.rerank import CrossEncoderReranker
 
-    texts = texts[:10]
+    texts = texts[:n_queries]
     results = searcher.search_bm25(texts, 100)
     pairs = [(q, h.passage()) for q, hits in zip(texts, results) for h in hits]
     plain = CrossEncoder(ce_path, device="cpu")
@@ -133,6 +133,8 @@ def main(argv=None) -> int:
     p.add_argument("--work-dir", default="/tmp/densebeam-query-bench", help="bundles are built (or reused) here")
     p.add_argument("--latency-queries", type=int, default=50, help="single-query calls for search latency")
     p.add_argument("--rerank-queries", type=int, default=15, help="single-query calls with rerank depth 100")
+    p.add_argument("--throughput-queries", type=int, default=10, help="queries (x100 pairs) for the reranker ratio")
+    p.add_argument("--repeats", type=int, default=3, help="throughput runs per scorer (best is kept)")
     p.add_argument("--out", default=None, help="also write the markdown tables here")
     args = p.parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -169,15 +171,15 @@ def main(argv=None) -> int:
         lat.append(f"| {name} | {searcher.bundle.searcher.ntotal} | {dense['qps']:.1f} | {dense['p50']:.1f} | "
                    f"{dense['p95']:.1f} | {rr['qps']:.2f} | {rr['p50']:.0f} | {rr['p95']:.0f} |")
         if name.startswith("dl19") or thr is None:
-            thr = (name, rerank_throughput(searcher, ce_path, texts))
+            thr = (name, rerank_throughput(searcher, ce_path, texts, args.throughput_queries, args.repeats))
         print("\n".join([qual[-4], qual[-3], qual[-2], qual[-1], lat[-1]]), file=sys.stderr, flush=True)
     lines = ["### Retrieval quality (all-MiniLM-L6-v2, bf16/fp32 per `auto`; dl19-subset: MRR/R at grade >= 2)",
              "", *qual, "", "### Single-query latency (library calls, one at a time, k=10)", "", *lat]
     if thr:
         name, t = thr
         base = t["plain predict (fp32)"]
-        lines += ["", f"### Cross-encoder re-rank throughput ({name}: {t['pairs']} pairs, BM25 top 100 of 10 "
-                      "queries, batch 32, best of 3)", "", "| scorer | pairs/s | ratio to plain predict |",
+        lines += ["", f"### Cross-encoder re-rank throughput ({name}: {t['pairs']} pairs, BM25 top 100 of "
+                      f"{args.throughput_queries} queries, batch 32, best of {args.repeats})", "", "| scorer | pairs/s | ratio to plain predict |",
                   "|---|---:|---:|"]
         lines += [f"| {k} | {v:.0f} | {v / base:.2f} |" for k, v in t.items() if k != "pairs"]
     text = "\n".join(lines)
