@@ -156,10 +156,13 @@ class Searcher:
 
     def rerank(self, queries: Sequence[str], results: Sequence[Sequence[Hit]], depth: int = 100) -> list[list[Hit]]:
         """Cross-encoder re-rank of the top ``depth`` hits (needs ``rerank_model`` at open)."""
+        self._require_reranker()
+        return self.reranker.rerank(queries, results, depth)
+
+    def _require_reranker(self) -> None:
         if self.reranker is None:
             raise ValueError("no cross-encoder is loaded; open the searcher with rerank_model=NAME_OR_PATH "
                              "(CLI: --rerank-model)")
-        return self.reranker.rerank(queries, results, depth)
 
     # ------------------------------------------------------------------ the whole pipeline
 
@@ -175,8 +178,8 @@ class Searcher:
             raise ValueError(f"first_stage must be one of {FIRST_STAGES}, got {first_stage!r}")
         if k < 1:
             raise ValueError(f"k must be positive, got {k}")
-        if rerank and self.reranker is None:
-            self.rerank(queries, [[] for _ in queries])  # raises the explanatory error
+        if rerank:
+            self._require_reranker()
         fetch = rerank_depth if rerank else k
         if bi_encoder_depth:
             fetch = int(bi_encoder_depth)

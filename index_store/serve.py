@@ -32,6 +32,7 @@ class Limits:
     max_rerank_depth: int = 1000
     batch_window_ms: float = 3.0
     max_batch_queries: int = 64
+    max_body_bytes: int = 1 << 20  # larger request bodies are refused with 413 before they are read
 
 
 def create_app(searcher: Searcher, limits: Limits = Limits()):
@@ -73,6 +74,14 @@ def create_app(searcher: Searcher, limits: Limits = Limits()):
             await batcher.stop()
 
     app = FastAPI(title="densebeam search", lifespan=lifespan)
+
+    @app.middleware("http")
+    async def _limit_body(request: Request, call_next):
+        size = request.headers.get("content-length")
+        if size is not None and (not size.isdigit() or int(size) > limits.max_body_bytes):
+            return JSONResponse(status_code=413, content={
+                "detail": f"request body larger than {limits.max_body_bytes} bytes; send fewer or shorter queries"})
+        return await call_next(request)
 
     @app.exception_handler(ValueError)
     async def _value_error(request: Request, err: ValueError):

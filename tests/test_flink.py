@@ -98,15 +98,16 @@ def test_flink_bundle_equals_local_bundle(runs):
         assert f_idx["counts"][key] == l_idx["counts"][key]
     assert (f_idx["factory"], f_idx["nlist"], f_idx["model_facts"]) == \
         (l_idx["factory"], l_idx["nlist"], l_idx["model_facts"])
-    # Every vector sits in both indexes under its own document: an exhaustive search for each
-    # passage's own vector finds that passage first, with the same score, in both bundles.
+    # Every vector sits in both indexes under its document: an exhaustive search for each passage's
+    # own vector finds it first (or a passage with the very same text and vector), in both bundles.
     ids = sorted(local_rows)
     queries = np.stack([local_rows[i][0] for i in ids])
     for root in (tmp / "local", tmp / "flink"):
         b = bundle_lib.open_bundle(str(root))
         scores, rows = b.searcher.search(queries, 1, b.manifest["nlist"])
         found = [d["id"] for d in b.docstore.get(rows[:, 0].tolist())]
-        assert found == ids, root
+        same = [f == i or np.array_equal(local_rows[f][0], local_rows[i][0]) for f, i in zip(found, ids)]
+        assert all(same), (root, [(i, f) for i, f, ok in zip(ids, found, same) if not ok][:5])
         np.testing.assert_allclose(scores[:, 0], 1.0, atol=1e-5)
 
 
@@ -146,7 +147,7 @@ def test_flink_preset_flags_and_user_flags_win(monkeypatch, tmp_path):
     try:
         d = pipeline_options("flink", [f"--flink_job_server_jar={tmp_path}/x.jar"], workers=2).get_all_options()
         assert d["flink_master"] == "[local]" and d["environment_type"] == "EXTERNAL"
-        assert d["sdk_worker_parallelism"] == 2 and d["parallelism"] == 2
+        assert int(d["sdk_worker_parallelism"]) == 2 and d["parallelism"] == 2
         assert d["job_endpoint"].startswith("localhost:") and d["flink_job_server_jar"] == f"{tmp_path}/x.jar"
         assert started[0] == tmp_path / "x.jar" and started[1] == "pool"
     finally:

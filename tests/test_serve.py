@@ -127,6 +127,8 @@ def test_bad_json_and_wrong_method(client):
     r = client.post("/search", content=b"query=river", headers={"content-type": "text/plain"})
     assert 400 <= r.status_code < 500
     assert client.get("/search").status_code == 405
+    huge = client.post("/search", json={"queries": ["river " * 300] * 1000})
+    assert huge.status_code == 413 and "larger than" in huge.json()["detail"]
 
 
 def test_rerank_without_a_cross_encoder_is_a_400(searcher):
