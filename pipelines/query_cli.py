@@ -29,8 +29,9 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                    help="query bi-encoder override (default: the bundle's model; must agree on dim and similarity)")
     p.add_argument("--device", default="auto", choices=DEVICES)
     p.add_argument("--precision", default="auto", choices=PRECISIONS)
-    p.add_argument("--verify", default="sizes", choices=("full", "sizes", "none"),
-                   help="bundle check at open: full hashes every file, sizes stats them (default)")
+    p.add_argument("--verify", default="full", choices=("full", "sizes", "none"),
+                   help="bundle check at open: full hashes every file (default: a flipped byte is caught "
+                        "before any result is served), sizes only stats them")
     p.add_argument("--nprobe", type=int, default=None, help="IVF lists probed (default: the bundle's)")
     p.add_argument("--rerank-model", default=None,
                    help="cross-encoder name or path, e.g. cross-encoder/ms-marco-MiniLM-L6-v2")
@@ -132,10 +133,14 @@ def serve_main(argv: Sequence[str]) -> int:
                    help="how long the micro-batcher waits to gather concurrent requests")
     p.add_argument("--max-k", type=int, default=1000)
     p.add_argument("--max-queries", type=int, default=64, help="queries per request")
+    p.add_argument("--watch-seconds", type=float, default=0,
+                   help="for a versioned index location: check its CURRENT pointer this often and reload "
+                        "to a new version without dropping requests (0: only POST /admin/reload)")
     args = p.parse_args(argv)
     searcher = _open(args)
     limits = Limits(max_queries=args.max_queries, max_k=args.max_k, batch_window_ms=args.batch_window_ms)
     print(f"densebeam serve: {args.index} ({searcher.bundle.searcher.ntotal} vectors) on "
           f"http://{args.host}:{args.port}", file=sys.stderr)
-    serve(searcher, host=args.host, port=args.port, limits=limits)
+    serve(searcher, host=args.host, port=args.port, limits=limits, reopen=lambda: _open(args),
+          watch=(args.index, args.watch_seconds) if args.watch_seconds > 0 else None)
     return 0
