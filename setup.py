@@ -54,7 +54,6 @@ setup(
     entry_points={"console_scripts": ["densebeam=pipelines.cli:main"]},
     classifiers=[
         "Programming Language :: Python :: 3",
-        "License :: OSI Approved :: Apache Software License",
         "Topic :: Scientific/Engineering :: Artificial Intelligence",
     ],
 )
