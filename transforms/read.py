@@ -35,23 +35,34 @@ class _PlanPiecesFn(beam.DoFn):
 
 class _ReadPieceFn(beam.DoFn):
     """Reads one piece, streaming: valid passages on the main output, bad records tagged ``rejected``,
-    and one ``(piece, records read)`` count per piece tagged ``read_counts``."""
+    and one ``(piece, records read)`` count per piece tagged ``read_counts``. With the ``duplicates``
+    side input ((file, position) -> the kept record's source), later occurrences of an id become
+    ``duplicate_id`` dead letters on the way."""
 
     def __init__(self, opts: ReadOptions):
         self._opts = opts
         self._read = Metrics.counter(NAMESPACE, "passages_read")
         self._rejected = Metrics.counter(NAMESPACE, "passages_rejected")
+        self._dups = Metrics.counter(NAMESPACE, "rejected_duplicate_id")
         self._bytes = Metrics.counter(NAMESPACE, "input_bytes_read")
 
-    def process(self, piece: Piece):
+    def process(self, piece: Piece, duplicates=None):
         n = 0
         try:
             for rec in corpus_io.read_piece(piece, self._opts):
                 n += 1
                 self._read.inc()
+                if isinstance(rec, Passage) and duplicates and (rec.source_file, rec.source_pos) in duplicates:
+                    first_file, first_pos = duplicates[(rec.source_file, rec.source_pos)]
+                    self._dups.inc()
+                    rec = Rejected(reason="duplicate_id",
+                                   detail=f"id {rec.id!r} already seen at {first_file} offset {first_pos}",
+                                   source_file=rec.source_file, source_pos=rec.source_pos, line=None,
+                                   id=rec.id, raw=rec.text[:512])
+                elif isinstance(rec, Rejected):
+                    Metrics.counter(NAMESPACE, f"rejected_{rec.reason}").inc()
                 if isinstance(rec, Rejected):
                     self._rejected.inc()
-                    Metrics.counter(NAMESPACE, f"rejected_{rec.reason}").inc()
                     yield beam.pvalue.TaggedOutput(REJECTED, rec)
                 else:
                     yield rec
@@ -62,35 +73,40 @@ class _ReadPieceFn(beam.DoFn):
         yield beam.pvalue.TaggedOutput(READ_COUNTS, n)
 
 
-class _FirstOfEachIdFn(beam.DoFn):
-    """(id, [passages]) -> the first passage by (file, position); the others are rejected duplicates.
-    Deterministic whatever order the runner delivers them in."""
+class _IdsOfPieceFn(beam.DoFn):
+    """First pass for duplicate detection: (id, (file, position)) of every valid record of a piece.
+    Only these small keys are shuffled, never the passages."""
 
-    def __init__(self):
-        self._dups = Metrics.counter(NAMESPACE, "rejected_duplicate_id")
-        self._rejected = Metrics.counter(NAMESPACE, "passages_rejected")
+    def __init__(self, opts: ReadOptions):
+        self._opts = opts
 
-    def process(self, keyed):
-        _, passages = keyed
-        passages = sorted(passages, key=Passage.sort_key)
-        first = passages[0]
-        yield first
-        for dup in passages[1:]:
-            self._dups.inc()
-            self._rejected.inc()
-            yield beam.pvalue.TaggedOutput(REJECTED, Rejected(
-                reason="duplicate_id",
-                detail=f"id {dup.id!r} already seen at {first.source_file} offset {first.source_pos}",
-                source_file=dup.source_file, source_pos=dup.source_pos, line=None, id=dup.id,
-                raw=dup.text[:512]))
+    def process(self, piece: Piece):
+        for rec in corpus_io.read_piece(piece, self._opts):
+            if isinstance(rec, Passage):
+                yield rec.id, rec.sort_key()
+
+
+def _later_occurrences(keyed):
+    """(id, [sources]) -> ((file, position) of each later occurrence, source of the kept first one).
+    Deterministic: the first by (file, position) is kept, whatever order the runner delivers."""
+    _, sources = keyed
+    sources = sorted(sources)
+    for later in sources[1:]:
+        yield tuple(later), tuple(sources[0])
 
 
 class ReadCorpus(beam.PTransform):
-    """Reads corpus shards in parallel pieces, validates every record and drops duplicate ids.
+    """Reads corpus shards in parallel pieces, validates every record and rejects duplicate ids.
 
-    Returns a dict of PCollections: ``passages`` (Passage, unique ids, redistributed across workers by
-    the id shuffle), ``rejected`` (Rejected with reason and source) and ``read_counts`` (one int per
-    piece: records read, valid or not). ``sum(read_counts) == len(passages) + len(rejected)``.
+    Returns a dict of PCollections: ``passages`` (Passage, unique ids), ``rejected`` (Rejected with
+    reason and source) and ``read_counts`` (one int per piece: records read, valid or not);
+    ``sum(read_counts) == len(passages) + len(rejected)``.
+
+    Memory stays bounded: the pieces (byte ranges) are what is shuffled to spread work over workers,
+    and passages stream from the reader straight into encoding in the same fused stage. Duplicate ids
+    are found in a first pass that shuffles only (id, file, position) keys; the later occurrences (a
+    small side input) are rejected while the second pass streams. The price is parsing every piece
+    twice, which is cheap next to encoding.
     """
 
     def __init__(self, files: Sequence[tuple[str, int]], opts: ReadOptions, dedup: bool = True):
@@ -107,24 +123,15 @@ class ReadCorpus(beam.PTransform):
                   | "Files" >> beam.Create(self._files)
                   | "PlanPieces" >> beam.ParDo(_PlanPiecesFn(self._opts))
                   | "SpreadPieces" >> beam.Reshuffle())
-        # 2. Parse and validate each piece, streaming.
-        parsed = pieces | "ParseValidate" >> beam.ParDo(_ReadPieceFn(self._opts)).with_outputs(
-            REJECTED, READ_COUNTS, main="passages")
-        passages, rejected = parsed.passages, [parsed[REJECTED]]
-        # 3. Duplicate ids: keep the first by (file, position). The shuffle by id is also the fusion
-        #    break that spreads passages over the encoding workers.
+        # 2. Duplicate ids: shuffle only (id, source) keys; the later occurrences become a side input.
+        side = {}
         if self._dedup:
-            deduped = (passages
-                       | "KeyById" >> beam.Map(lambda p: (p.id, p))
-                       | "GroupById" >> beam.GroupByKey()
-                       | "FirstOfEachId" >> beam.ParDo(_FirstOfEachIdFn()).with_outputs(
-                           REJECTED, main="passages"))
-            passages = deduped.passages
-            rejected.append(deduped[REJECTED])
-        else:
-            passages = passages | "Redistribute" >> beam.Reshuffle()
-        return {
-            "passages": passages,
-            "rejected": tuple(rejected) | "AllRejected" >> beam.Flatten(),
-            "read_counts": parsed[READ_COUNTS],
-        }
+            duplicates = (pieces
+                          | "ReadIds" >> beam.ParDo(_IdsOfPieceFn(self._opts))
+                          | "GroupById" >> beam.GroupByKey()
+                          | "LaterOccurrences" >> beam.FlatMap(_later_occurrences))
+            side["duplicates"] = beam.pvalue.AsDict(duplicates)
+        # 3. Parse and validate each piece, streaming, rejecting the later occurrences on the way.
+        parsed = pieces | "ParseValidate" >> beam.ParDo(_ReadPieceFn(self._opts), **side).with_outputs(
+            REJECTED, READ_COUNTS, main="passages")
+        return {"passages": parsed.passages, "rejected": parsed[REJECTED], "read_counts": parsed[READ_COUNTS]}
