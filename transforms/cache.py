@@ -33,6 +33,7 @@ from apache_beam.metrics import Metrics
 from index_store import embeddings as emb
 from index_store.faults import pause_point
 from index_store.types import Passage
+from transforms.corpus_io import _is_local
 from transforms.read import NAMESPACE
 
 log = logging.getLogger(__name__)
@@ -53,11 +54,6 @@ def cache_files(dirs: Sequence[str]) -> list[str]:
             for p in sorted(fs.glob(emb.join(root, pattern))):
                 found.append(p if _is_local(fs) else fs.unstrip_protocol(p))
     return found
-
-
-def _is_local(fs) -> bool:
-    protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
-    return "file" in protocols or "local" in protocols
 
 
 class _ReadCacheFn(beam.DoFn):
