@@ -32,7 +32,6 @@ from apache_beam.metrics import Metrics
 
 from index_store import embeddings as emb
 from index_store.faults import pause_point
-from index_store.types import Passage
 from transforms.corpus_io import _is_local
 from transforms.read import NAMESPACE
 
