@@ -44,11 +44,13 @@ class BuildPlan:
     seed: int
 
     def nprobe_candidates(self) -> list[int]:
-        """Powers of two up to ``max(16, nlist // 8)``, then ``nlist`` (exhaustive). Probing costs grow
-        with nprobe and IVF scans are not BLAS-fast, so measuring the whole doubling series up to
-        nlist/2 cost more than the index build itself; a target not reached by nlist/8 falls back to
-        exhaustive search, whose recall is 1 for a Flat codec."""
-        cap = min(self.nlist, max(16, self.nlist // 8))
+        """Powers of two up to nlist, then ``nlist`` (exhaustive). A ``Flat`` codec with an exact coarse
+        quantizer gets the whole series: its curve comes from list membership at the cost of one
+        quantizer search per nprobe. Other indexes have their curve measured by IVF scans, which grow
+        with nprobe and are not BLAS-fast (the whole series cost more than the build itself), so they
+        stop at ``max(16, nlist // 8)``; a target not reached by then falls back to exhaustive."""
+        full = self.codec == "Flat" and "_HNSW" not in self.factory
+        cap = self.nlist if full else min(self.nlist, max(16, self.nlist // 8))
         c, out = 1, []
         while c <= cap and c < self.nlist:
             out.append(c)

@@ -3,30 +3,31 @@
 The build follows the distributed recipe: plan (``choose_nlist``/``choose_codec``), train once on a
 sample (``train_empty_index``), ship the *empty trained* index as bytes, add vectors per shard
 (``add_batches``), write one file per shard, and either keep the shards (``ShardedSearcher``) or merge
-their inverted lists on disk (``merge_on_disk`` + ``open_merged``, memory-mapped). Every index uses the
-inner-product metric: ``cos`` vectors are unit-norm, ``dot`` vectors are raw.
+their inverted lists on disk (``merge_on_disk`` + ``open_merged``, memory-mapped; in ``ivf_files``).
+Every index uses the inner-product metric: ``cos`` vectors are unit-norm, ``dot`` vectors are raw.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import os
-from typing import Iterable, Optional, Sequence
+from typing import Iterable, Optional
 
 import faiss
 import numpy as np
 
-from index_store import fsutil
+# Files (bytes, shards, the on-disk merge) live in ivf_files; re-exported like the search side.
+from index_store.ivf_files import (ID_BYTES, index_from_bytes, index_to_bytes, merge_on_disk,  # noqa: F401
+                                   open_merged, read_index, write_index)
 # Search side lives in ivf_search (one concept per file); re-exported so callers need one import.
 from index_store.ivf_search import (MISSING_SCORE, ShardedSearcher, choose_nprobe,  # noqa: F401
-                                    exact_search, recall_at_k)
+                                    exact_search, recall_at_k, recall_curve_from_lists,
+                                    recall_follows_lists)
 
 log = logging.getLogger(__name__)
 
 MIN_POINTS_PER_CENTROID = 39  # FAISS warns when k-means gets fewer training points per centroid
 SAMPLE_POINTS_PER_CENTROID = 100
-ID_BYTES = 8  # every IVF entry stores its int64 id next to its code
 
 
 # ---------------------------------------------------------------- planning (pure, no I/O)
@@ -109,6 +110,11 @@ def _as_vectors(x: np.ndarray, what: str, dim: Optional[int] = None) -> np.ndarr
     return x
 
 
+def gpu_count() -> int:
+    """GPUs faiss can use: 0 with faiss-cpu (no GPU support compiled in) or no device."""
+    return faiss.get_num_gpus() if hasattr(faiss, "StandardGpuResources") else 0
+
+
 def train_empty_index(sample: np.ndarray, factory: str, seed: int = 1234) -> bytes:
     """Train ``factory`` (inner product) on ``sample`` and return the serialized *empty* index.
 
@@ -124,7 +130,7 @@ def train_empty_index(sample: np.ndarray, factory: str, seed: int = 1234) -> byt
                          "vectors or lower nlist")
     ivf.cp.seed = seed
     gpu_clustering = None  # keep a Python reference: the IVF index does not own its clustering index
-    if hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0:
+    if gpu_count() > 0:
         log.info("training %s on %d GPU(s)", factory, faiss.get_num_gpus())
         gpu_clustering = faiss.index_cpu_to_all_gpus(faiss.IndexFlatIP(sample.shape[1]))
         ivf.clustering_index = gpu_clustering
@@ -132,14 +138,6 @@ def train_empty_index(sample: np.ndarray, factory: str, seed: int = 1234) -> byt
     if gpu_clustering is not None:
         ivf.clustering_index = None  # never serialize a pointer to a GPU index
     return index_to_bytes(index)
-
-
-def index_to_bytes(index: faiss.Index) -> bytes:
-    return faiss.serialize_index(index).tobytes()
-
-
-def index_from_bytes(b: bytes) -> faiss.Index:
-    return faiss.deserialize_index(np.frombuffer(b, dtype=np.uint8))
 
 
 def add_to_empty(trained: bytes, ids: np.ndarray, vectors: np.ndarray) -> faiss.Index:
@@ -165,91 +163,31 @@ def add_batches(trained: bytes, batches: Iterable[tuple[np.ndarray, np.ndarray]]
     return index
 
 
-# ---------------------------------------------------------------- files
-
-def write_index(index: faiss.Index, url: str) -> None:
-    """Write ``index`` to a local path or fsspec URL (temp name + rename; remote via a local temp)."""
-    with fsutil.atomic_local_output(url) as tmp:
-        faiss.write_index(index, tmp)
-
-
-def read_index(url: str, mmap: bool = False) -> faiss.Index:
-    """Read an index file; remote URLs are copied to the local cache first.
-
-    ``mmap=True`` maps the inverted lists instead of reading them (RAM stays with the OS page cache,
-    first searches are slower); the file must then stay in place while the index is used.
-    """
-    path = fsutil.fetch_to_cache(url, "faiss")
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{url} does not exist; check the path or rebuild the index")
-    flags = faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY if mmap else 0
-    try:
-        return faiss.read_index(path, flags)
-    except RuntimeError as err:
-        raise ValueError(f"{url} is not a readable FAISS index ({err}); rebuild it") from err
+def coarse_assigner(index: faiss.Index) -> faiss.Index:
+    """What assigns vectors to inverted lists when adding (the costly part of an IVF add: one search of
+    the nlist centroids per vector): a copy of a flat coarse quantizer on all GPUs when faiss has GPU
+    support and a GPU is present, else the index's own quantizer (CPU threads). Same lists either
+    way, up to float ties."""
+    quantizer = faiss.extract_index_ivf(index).quantizer
+    if gpu_count() > 0 and isinstance(faiss.downcast_index(quantizer), faiss.IndexFlat):
+        log.info("assigning vectors to lists on %d GPU(s)", gpu_count())
+        return faiss.index_cpu_to_all_gpus(quantizer)
+    return quantizer
 
 
-def merge_on_disk(trained: bytes, shard_paths: Sequence[str], out_index: str, out_ivfdata: str) -> int:
-    """Merge the shards' inverted lists into one on-disk index; return the vector count.
-
-    The shards are memory-mapped and the merged lists are written to ``out_ivfdata`` through an mmap,
-    so RAM stays small whatever the corpus size; disk needs the shards plus the merged data. The index
-    file records only the *base name* of ``out_ivfdata``; open it with :func:`open_merged`, which
-    points the lists at the real file wherever the pair has been moved.
-    """
-    if not shard_paths:
-        raise ValueError("merge_on_disk needs at least one shard file")
-    index = index_from_bytes(trained)
-    ivf = faiss.extract_index_ivf(index)
-    if index.ntotal != 0:
-        raise ValueError("merge_on_disk needs the empty trained index, got a filled one")
-    centroids = ivf.quantizer.reconstruct_n(0, ivf.nlist)
-    shards = []  # keep the shard indexes alive (they own their mapped lists) until the merge is done
-    for url in shard_paths:
-        shard = read_index(url, mmap=True)
-        sivf = faiss.extract_index_ivf(shard)
-        if (sivf.nlist != ivf.nlist or sivf.code_size != ivf.code_size
-                or not np.array_equal(sivf.quantizer.reconstruct_n(0, sivf.nlist), centroids)):
-            raise ValueError(f"{url} was not filled from this trained index (different lists or codec); "
-                             "rebuild the shards from one trained.faiss")
-        shards.append(shard)
-    # Local targets: the data file is built beside its final name and renamed (no copy of a big file).
-    with fsutil.atomic_local_output(out_ivfdata) as data_tmp:
-        invlists = faiss.OnDiskInvertedLists(ivf.nlist, ivf.code_size, data_tmp)
-        vec = faiss.InvertedListsPtrVector()
-        for shard in shards:
-            vec.push_back(faiss.extract_index_ivf(shard).invlists)
-        ntotal = invlists.merge_from_multiple(vec.data(), vec.size(), False)
-        index.ntotal = ivf.ntotal = ntotal
-        ivf.replace_invlists(invlists, True)
-        invlists.this.disown()
-        del vec, shards
-        # Stored in the index file: a bare name, so the pair survives being moved or copied.
-        invlists.filename = os.path.basename(fsutil.split_url(out_ivfdata)[1])
-        with fsutil.atomic_local_output(out_index) as tmp:
-            faiss.write_index(index, tmp)
-        del index, ivf, invlists  # unmaps the data file before it is published
-    return int(ntotal)
-
-
-def open_merged(index_path: str, ivfdata_path: str) -> faiss.Index:
-    """Open a merged index with its inverted lists memory-mapped read-only from ``ivfdata_path``.
-
-    The ``.ivfdata`` name stored in the index file is ignored (it is whatever it was at build time);
-    the lists are re-pointed at ``ivfdata_path``, so a moved or copied bundle opens. Both must be local.
-    """
-    index_local, data_local = fsutil.local_path(index_path), fsutil.local_path(ivfdata_path)
-    for p in (index_local, data_local):
-        if not os.path.exists(p):
-            raise FileNotFoundError(f"{p} does not exist; a merged index needs both index.faiss and "
-                                    "index.ivfdata from the same build")
-    index = faiss.read_index(index_local, faiss.IO_FLAG_SKIP_IVF_DATA | faiss.IO_FLAG_READ_ONLY)
-    invlists = faiss.downcast_InvertedLists(faiss.extract_index_ivf(index).invlists)
-    if not isinstance(invlists, faiss.OnDiskInvertedLists):
-        raise ValueError(f"{index_path} is not a merged on-disk index; open it with read_index")
-    if os.path.getsize(data_local) < invlists.totsize:
-        raise ValueError(f"{ivfdata_path} holds {os.path.getsize(data_local)} bytes but {index_path} needs "
-                         f"{invlists.totsize}; the data file is truncated or from another build")
-    invlists.filename = os.path.abspath(data_local)
-    invlists.do_mmap()
-    return index
+def add_assigned(index: faiss.Index, ids: np.ndarray, vectors: np.ndarray,
+                 assigner: Optional[faiss.Index] = None) -> np.ndarray:
+    """``index.add_with_ids`` for a bare IndexIVF that also returns each vector's inverted list (what
+    add_with_ids computes internally and discards): the coarse assignment by ``assigner`` (default: the
+    index's quantizer; see :func:`coarse_assigner`), then ``add_core`` encodes and appends."""
+    ivf = faiss.downcast_index(index)
+    if not isinstance(ivf, faiss.IndexIVF):
+        raise TypeError(f"add_assigned needs a bare IndexIVF, got {type(ivf).__name__}")
+    vectors = _as_vectors(vectors, "vectors", ivf.d)
+    ids = np.ascontiguousarray(ids, dtype=np.int64)
+    if ids.shape != (vectors.shape[0],):
+        raise ValueError(f"got {ids.shape[0] if ids.ndim else ids} ids for {vectors.shape[0]} vectors")
+    assigner = ivf.quantizer if assigner is None else assigner
+    lists = np.ascontiguousarray(assigner.assign(vectors, 1).ravel(), dtype=np.int64)
+    ivf.add_core(len(vectors), faiss.swig_ptr(vectors), faiss.swig_ptr(ids), faiss.swig_ptr(lists))
+    return lists

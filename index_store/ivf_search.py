@@ -19,19 +19,28 @@ log = logging.getLogger(__name__)
 MISSING_SCORE = float(np.finfo(np.float32).min)  # what FAISS reports for an empty inner-product slot
 
 
-def merge_topk(scores: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Top-k per row of (q, n) candidates: score descending, smaller id first on ties, -1 last."""
+def merge_topk(scores: np.ndarray, ids: np.ndarray, k: int, payload: Optional[np.ndarray] = None):
+    """Top-k per row of (q, n) candidates: score descending, smaller id first on ties, -1 last.
+
+    Returns (scores, ids), or (scores, ids, payload) when a (q, n) ``payload`` rides along with the
+    candidates (e.g. each candidate's inverted list); padded slots get payload -1.
+    """
     missing = ids < 0
     key = np.where(missing, np.inf, -scores.astype(np.float64))
     order = np.lexsort((np.where(missing, np.iinfo(np.int64).max, ids), key), axis=-1)[:, :k]
     top_ids = np.take_along_axis(ids, order, axis=1)
     top_scores = np.take_along_axis(scores, order, axis=1).astype(np.float32)
     top_scores[top_ids < 0] = MISSING_SCORE
+    top_payload = None if payload is None else np.take_along_axis(payload, order, axis=1)
     if top_ids.shape[1] < k:  # fewer candidates than k: pad with empty slots
-        pad = k - top_ids.shape[1]
-        top_ids = np.pad(top_ids, ((0, 0), (0, pad)), constant_values=-1)
-        top_scores = np.pad(top_scores, ((0, 0), (0, pad)), constant_values=MISSING_SCORE)
-    return top_scores, top_ids.astype(np.int64)
+        pad = ((0, 0), (0, k - top_ids.shape[1]))
+        top_ids = np.pad(top_ids, pad, constant_values=-1)
+        top_scores = np.pad(top_scores, pad, constant_values=MISSING_SCORE)
+        if top_payload is not None:
+            top_payload = np.pad(top_payload, pad, constant_values=-1)
+    if top_payload is None:
+        return top_scores, top_ids.astype(np.int64)
+    return top_scores, top_ids.astype(np.int64), top_payload
 
 
 class ShardedSearcher:
@@ -156,3 +165,56 @@ def choose_nprobe(searcher: ShardedSearcher, queries: np.ndarray, exact_ids: np.
                     curve[-1]["recall"], nlist)
         chosen = nlist
     return chosen, curve
+
+
+# ---------------------------------------------------------------- recall without searching (IVF-Flat)
+
+def recall_follows_lists(index: faiss.Index) -> bool:
+    """True for an IVF index whose codes are the raw vectors (``IVFn,Flat``, any coarse quantizer): its
+    recall at any nprobe then follows from list membership alone (:func:`recall_curve_from_lists`)."""
+    return isinstance(faiss.downcast_index(index), faiss.IndexIVFFlat)
+
+
+def _hits_in_probed(exact_lists: np.ndarray, valid: np.ndarray, probed: np.ndarray) -> np.ndarray:
+    """Per query, how many valid exact neighbours sit in one of its probed lists (one sorted search over
+    all queries at once: each row's list numbers are shifted into a disjoint key range)."""
+    span = int(max(probed.max(initial=0), exact_lists.max(initial=0))) + 2
+    shift = np.arange(len(probed), dtype=np.int64)[:, None] * span
+    keys = np.sort(probed + 1 + shift, axis=1).ravel()  # +1: a -1 (nothing probed) never matches
+    want = np.where(valid, exact_lists + 1, -1) + shift
+    pos = np.minimum(np.searchsorted(keys, want.ravel()), len(keys) - 1).reshape(want.shape)
+    return (valid & (keys[pos] == want)).sum(axis=1)
+
+
+def recall_curve_from_lists(index: faiss.Index, queries: np.ndarray, exact_ids: np.ndarray,
+                            exact_lists: np.ndarray, nprobes: Sequence[int],
+                            max_entries: int = 1 << 24) -> list[float]:
+    """Recall@k of an IVF-Flat ``index`` at each nprobe, computed without searching its lists.
+
+    With exact scores (Flat codes), a true top-k neighbour is returned at nprobe p exactly when its
+    inverted list is among the p lists the query probes (it outscores every other candidate, since it
+    outscores every vector). So recall@k(p) is the share of each query's exact neighbours whose list
+    (``exact_lists``, known from adding) the coarse quantizer picks among its top p for that query,
+    averaged over queries as :func:`recall_at_k` averages (slots with id -1 ignored). Cost: one coarse
+    quantizer search per nprobe instead of one scan of p lists per query; memory: ``max_entries``
+    probed-list entries at a time. Score ties at the k-th place are the only case where this and a
+    search may differ.
+    """
+    ivf = faiss.extract_index_ivf(index)
+    queries = np.ascontiguousarray(queries, dtype=np.float32)
+    valid = exact_ids >= 0
+    n_valid = valid.sum(axis=1)
+    keep = n_valid > 0
+    curve = []
+    for p in nprobes:
+        p = max(1, min(int(p), ivf.nlist))
+        if p == ivf.nlist:  # every list probed: every neighbour found
+            hits = n_valid
+        else:
+            hits = np.empty(len(queries), dtype=np.int64)
+            step = max(1, max_entries // p)
+            for a in range(0, len(queries), step):
+                probed = ivf.quantizer.search(queries[a:a + step], p)[1]
+                hits[a:a + step] = _hits_in_probed(exact_lists[a:a + step], valid[a:a + step], probed)
+        curve.append(float(np.mean(hits[keep] / n_valid[keep])) if keep.any() else 1.0)
+    return curve

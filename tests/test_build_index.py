@@ -113,6 +113,65 @@ def test_chosen_nprobe_meets_recall_target_against_brute_force(built):
     assert recall >= 0.93, recall
 
 
+def held_out_recall_curve(bundle_dir, emb_dir, vecs, n_queries, nprobes, codec=None):
+    """The recall curve measured the slow way: search the bundle with the build's held-out vectors (own
+    row excluded) at every nprobe, against brute force over all vectors."""
+    from index_store.build_plan import plan_build
+
+    plan = plan_build([emb.open_embeddings(emb_dir)], nlist=64, n_queries=n_queries, codec=codec)
+    qids = np.concatenate([s.base + plan.sample_rows(s)[1] for s in plan.shards])
+    sims = vecs[qids] @ vecs.T
+    sims[np.arange(len(qids)), qids] = -np.inf
+    exact = np.argsort(-sims, axis=1, kind="stable")[:, :10]
+    searcher = bundle_lib.open_bundle(bundle_dir).searcher
+    curve = []
+    for nprobe in nprobes:
+        _, got = searcher.search(vecs[qids], 11, nprobe)
+        got = [[i for i in row if i != q][:10] for row, q in zip(got, qids)]
+        curve.append(np.mean([len(set(a) & set(b)) / 10 for a, b in zip(got, exact)]))
+    return curve
+
+
+def test_recall_curve_equals_searching_the_bundle(built):
+    """The manifest's curve (IVF-Flat: computed from list membership, no search) is what searching the
+    built bundle with the same held-out vectors measures."""
+    tmp, vecs, manifests = built
+    curve = manifests["merged"]["recall_curve"]
+    want = held_out_recall_curve(str(tmp / "merged"), str(tmp / "emb"), vecs, 300, [c["nprobe"] for c in curve])
+    assert [c["recall"] for c in curve] == pytest.approx(want, abs=1e-4)
+    assert manifests["shards"]["recall_curve"] == curve
+
+
+def test_sq8_build_measures_its_curve_by_search(tmp_path):
+    vecs = clustered(3000, seed=3)
+    emb_dir = write_embeddings_dir(tmp_path / "emb", vecs, FACTS, shard_rows=1000)
+    m = build_index.run(["--embeddings", emb_dir, "--output", str(tmp_path / "i"), "--codec", "SQ8",
+                         "--nlist", "64", "--recall-queries", "200", "--target-recall", "0.9", *LOCAL])
+    assert m["factory"] == "IVF64,SQ8" and m["codec"] == "SQ8"
+    curve = m["recall_curve"]
+    want = held_out_recall_curve(str(tmp_path / "i"), emb_dir, vecs, 200, [c["nprobe"] for c in curve],
+                                 codec="SQ8")
+    assert [c["recall"] for c in curve] == pytest.approx(want, abs=1e-4)
+    assert curve[-1]["nprobe"] == 64 and 0.9 < curve[-1]["recall"] < 1.0  # SQ8 is lossy even exhaustively
+    assert m["recall_at_k"] >= 0.9
+
+
+@pytest.mark.parametrize("nlist,codec,want", [
+    (64, "Flat", [1, 2, 4, 8, 16, 32, 64]),  # curve from list membership: the whole series
+    (4096, "Flat", [2 ** i for i in range(13)]),
+    (64, "SQ8", [1, 2, 4, 8, 16, 64]),  # searched: up to max(16, nlist/8), then exhaustive
+    (4096, "PQ8x8", [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 4096]),
+    (65536, "Flat", [2 ** i for i in range(14)] + [65536]),  # HNSW-assigned lists: searched, capped
+])
+def test_nprobe_candidates(nlist, codec, want):
+    from index_store.build_plan import BuildPlan
+
+    plan = BuildPlan(facts=FACTS, shards=(), n_vectors=10**7, nlist=nlist, codec=codec,
+                     factory=ivf.factory_string(nlist, codec), train_size=0, n_queries=0, k=10,
+                     target_recall=0.95, layout="merged", seed=0)
+    assert plan.nprobe_candidates() == want
+
+
 def test_ids_round_trip_to_documents(built):
     tmp, vecs, _ = built
     b = bundle_lib.open_bundle(str(tmp / "merged"))

@@ -75,6 +75,23 @@ def test_merge_on_disk_equals_shards_and_survives_move(data, tmp_path):
         ivf.write_index(shard, paths[-1])
     assert ivf.merge_on_disk(trained, paths, str(bundle / "index.faiss"), str(bundle / "index.ivfdata")) == N
     assert not [p for p in os.listdir(bundle) if ".tmp-" in p]
+    # Byte for byte what FAISS's own (memory-mapped) merge writes, and the same list table.
+    ref = faiss.OnDiskInvertedLists(NLIST, shards[0].code_size, str(tmp_path / "ref.ivfdata"))
+    vec = faiss.InvertedListsPtrVector()
+    for shard in shards:
+        vec.push_back(shard.invlists)
+    assert ref.merge_from_multiple(vec.data(), vec.size(), False) == N
+    assert (bundle / "index.ivfdata").read_bytes() == (tmp_path / "ref.ivfdata").read_bytes()
+    for slab in (1, 50_000):  # one list per read; a few lists per read (default: 64 MiB, all at once here)
+        again = tmp_path / f"slab-{slab}"
+        ivf.merge_on_disk(trained, paths, str(again / "index.faiss"), str(again / "index.ivfdata"), slab)
+        assert (again / "index.ivfdata").read_bytes() == (tmp_path / "ref.ivfdata").read_bytes()
+    opened = ivf.open_merged(str(bundle / "index.faiss"), str(bundle / "index.ivfdata"))
+    ours = faiss.downcast_InvertedLists(faiss.extract_index_ivf(opened).invlists)  # owned by ``opened``
+    assert ours.totsize == ref.totsize
+    assert [(ours.lists.at(j).offset, ours.lists.at(j).size, ours.lists.at(j).capacity) for j in range(NLIST)] \
+        == [(ref.lists.at(j).offset, ref.lists.at(j).size, ref.lists.at(j).capacity) for j in range(NLIST)]
+    del ours, opened, ref
     want = ivf.ShardedSearcher(shards).search(xq, K, nprobe=8)
     merged = ivf.open_merged(str(bundle / "index.faiss"), str(bundle / "index.ivfdata"))
     got = ivf.ShardedSearcher([merged]).search(xq, K, nprobe=8)
@@ -140,6 +157,54 @@ def test_choose_nprobe_reaches_target(data):
     unreachable[:, 0] = 10**9  # no such row: recall tops out at 0.9
     chosen, tried = ivf.choose_nprobe(searcher, xq, unreachable, k=K, target=0.95)
     assert chosen == NLIST and tried[-1]["nprobe"] == NLIST and tried[-1]["recall"] < 0.95
+
+
+def test_add_assigned_equals_add_with_ids_and_reports_lists(data):
+    xb, xq, ids, trained, shards = data
+    index = ivf.index_from_bytes(trained)
+    lists = np.concatenate([ivf.add_assigned(index, ids[s:min(s + 700, 1700)], xb[s:min(s + 700, 1700)])
+                            for s in range(0, 1700, 700)])  # last batch partial
+    want = faiss.extract_index_ivf(shards[0])
+    assert index.ntotal == 1700 and lists.shape == (1700,)
+    np.testing.assert_array_equal(np.bincount(lists, minlength=NLIST),
+                                  [want.invlists.list_size(j) for j in range(NLIST)])
+    np.testing.assert_array_equal(lists, faiss.extract_index_ivf(index).quantizer.assign(xb[:1700], 1).ravel())
+    for nprobe in (1, 8):
+        a = ivf.ShardedSearcher([index]).search(xq, K, nprobe)
+        b = ivf.ShardedSearcher([shards[0]]).search(xq, K, nprobe)
+        np.testing.assert_array_equal(a[1], b[1])
+    with pytest.raises(ValueError, match="ids"):
+        ivf.add_assigned(index, ids[:3], xb[:4])
+    # Any codec: SQ8 codes and ids come out identical to add_with_ids.
+    sq8 = ivf.train_empty_index(xb[:3000], ivf.factory_string(NLIST, "SQ8"))
+    a, b = ivf.index_from_bytes(sq8), ivf.index_from_bytes(sq8)
+    ivf.add_assigned(a, ids, xb, assigner=ivf.coarse_assigner(a))
+    b.add_with_ids(xb, ids)
+    for j in range(NLIST):
+        n = a.invlists.list_size(j)
+        assert n == b.invlists.list_size(j)
+        for get, width in ((lambda il: il.get_codes(j), n * a.code_size), (lambda il: il.get_ids(j), n)):
+            np.testing.assert_array_equal(faiss.rev_swig_ptr(get(a.invlists), width),
+                                          faiss.rev_swig_ptr(get(b.invlists), width))
+
+
+def test_recall_curve_from_lists_equals_searching(data):
+    """The IVF-Flat recall curve computed from list membership equals the one measured by searching."""
+    xb, xq, ids, trained, shards = data
+    searcher = ivf.ShardedSearcher(shards)
+    assert all(ivf.recall_follows_lists(s) for s in shards)
+    _, exact = ivf.exact_search(((ids[i:i + 1000], xb[i:i + 1000]) for i in range(0, N, 1000)), xq, K)
+    exact[:5, 7:] = -1  # a few queries with fewer than k neighbours
+    exact[5, :] = -1  # and one with none
+    lists = faiss.extract_index_ivf(shards[0]).quantizer.assign(xb, 1).ravel()[np.maximum(exact, 0)]
+    nprobes = [1, 2, 4, 8, 16, 32, 64]
+    _, searched = ivf.choose_nprobe(searcher, xq, exact, k=K, target=1.0, candidates=nprobes, full_curve=True)
+    for max_entries in (1 << 24, 100, 1):  # all queries at once, a few, one at a time
+        got = ivf.recall_curve_from_lists(shards[0], xq, exact, lists, nprobes, max_entries=max_entries)
+        assert got == pytest.approx([c["recall"] for c in searched], abs=1e-6)
+    assert 0 < got[0] < got[3] < got[-1] == 1.0
+    sq8 = ivf.index_from_bytes(ivf.train_empty_index(xb[:3000], ivf.factory_string(NLIST, "SQ8")))
+    assert not ivf.recall_follows_lists(sq8)  # approximate scores: the curve must be searched
 
 
 def test_missing_slots_and_ties():

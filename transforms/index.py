@@ -32,22 +32,25 @@ log = logging.getLogger(__name__)
 BATCH_ROWS = 16384
 
 
-def iter_shard_rows(shard: ShardSpec, batch_rows: int = BATCH_ROWS):
-    """(local row offset, ids, float32 vectors, texts or None, titles or None) batches of one shard."""
+def iter_shard_rows(shard: ShardSpec, batch_rows: int = BATCH_ROWS, vectors_only: bool = False):
+    """(local row offset, ids, float32 vectors, texts or None, titles or None) batches of one shard;
+    ``vectors_only`` reads just the embedding column (ids None)."""
     with fsspec.open(shard.path, "rb") as f:
         pf = pq.ParquetFile(f)
         names = pf.schema_arrow.names
-        cols = ["id", "embedding"] + [c for c in ("text", "title") if c in names]
+        cols = ["embedding"] if vectors_only else (
+            ["id", "embedding"] + [c for c in ("text", "title") if c in names])
+        at = cols.index("embedding")
         dim = pf.schema_arrow.field("embedding").type.list_size
         offset = 0
         for batch in pf.iter_batches(batch_size=batch_rows, columns=cols):
-            vecs = np.asarray(batch.column(1).values.to_numpy(zero_copy_only=False), dtype=np.float32)
+            vecs = np.asarray(batch.column(at).values.to_numpy(zero_copy_only=False), dtype=np.float32)
             vecs = vecs.reshape(-1, dim)
             if not np.all(np.isfinite(vecs)):
                 raise ValueError(f"{shard.path} rows {offset}..{offset + len(vecs)} hold NaN/Inf vectors; "
                                  "re-encode (densebeam encode rejects them)")
-            col = {name: batch.column(i).to_pylist() for i, name in enumerate(cols) if i != 1}
-            yield offset, col["id"], vecs, col.get("text"), col.get("title")
+            col = {name: batch.column(i).to_pylist() for i, name in enumerate(cols) if i != at}
+            yield offset, col.get("id"), vecs, col.get("text"), col.get("title")
             offset += len(vecs)
         if offset != shard.rows:
             raise ValueError(f"{shard.path} holds {offset} rows but its manifest says {shard.rows}; "
@@ -68,7 +71,7 @@ class _SampleShardFn(beam.DoFn):
     def process(self, shard: ShardSpec):
         train_rows, query_rows = self._plan.sample_rows(shard)
         train, queries = [], []
-        for offset, _, vecs, _, _ in iter_shard_rows(shard):
+        for offset, _, vecs, _, _ in iter_shard_rows(shard, vectors_only=True):
             local = np.arange(offset, offset + len(vecs))
             train.append(vecs[np.isin(local, train_rows)])
             queries.append(vecs[np.isin(local, query_rows)])
@@ -107,8 +110,13 @@ def _queries(parts):
 
 class _AddShardFn(beam.DoFn):
     """Fills a copy of the trained index with one shard (global ids base..base+rows-1), writes the shard
-    index and its docstore part, and measures exact and per-nprobe top-k of the held-out queries on it
-    (merged across shards later: same quantizer, so that equals searching one big index)."""
+    index and its docstore part, and measures the exact top-k of the held-out queries on it (merged
+    across shards later: same quantizer, so that equals searching one big index).
+
+    For the recall curve, an IVF-Flat index needs no list scans: each exact neighbour's inverted list
+    (known from adding) decides at which nprobe it is found (:func:`ivf.recall_curve_from_lists`). Other codecs (SQ8, PQ) score approximately, so their curve
+    is measured by searching this shard at every candidate nprobe.
+    """
 
     def __init__(self, plan: BuildPlan, root: str):
         self._plan, self._root = plan, root
@@ -118,14 +126,17 @@ class _AddShardFn(beam.DoFn):
         plan, (qids, qvecs) = self._plan, queries
         layout = bundle_lib.layout_paths(len(plan.shards))
         index = ivf.index_from_bytes(trained)
+        by_lists = ivf.recall_follows_lists(index)
+        assigner = ivf.coarse_assigner(index)
         k = plan.k
         exact_s = np.full((len(qids), 0), ivf.MISSING_SCORE, np.float32)
         exact_i = np.zeros((len(qids), 0), np.int64)
+        exact_l = np.zeros((len(qids), 0), np.int64)
         writer = DocstoreWriter(join(self._root, layout.docstore[shard.index]), base_row=shard.base)
         try:
             for offset, ids, vecs, texts, titles in iter_shard_rows(shard):
                 gids = np.arange(shard.base + offset, shard.base + offset + len(vecs), dtype=np.int64)
-                index.add_with_ids(vecs, gids)
+                lists = ivf.add_assigned(index, gids, vecs, assigner)
                 writer.write(ids, texts, titles)
                 self._added.inc(len(vecs))
                 # Exact top-(k+1) of the held-out queries in this batch (BLAS, multi-threaded), minus
@@ -133,24 +144,37 @@ class _AddShardFn(beam.DoFn):
                 s, local = faiss.knn(qvecs, vecs, min(k + 1, len(vecs)), metric=faiss.METRIC_INNER_PRODUCT)
                 g = gids[local]
                 own = g == qids[:, None]
-                exact_s, exact_i = merge_topk(np.hstack([exact_s, np.where(own, ivf.MISSING_SCORE, s)]),
-                                              np.hstack([exact_i, np.where(own, -1, g)]), k)
+                exact_s, exact_i, exact_l = merge_topk(
+                    np.hstack([exact_s, np.where(own, ivf.MISSING_SCORE, s)]),
+                    np.hstack([exact_i, np.where(own, -1, g)]), k,
+                    payload=np.hstack([exact_l, np.where(own, -1, lists[local])]))
             docstore = writer.close()
         except BaseException:
             writer.abort()
             raise
         ivf.write_index(index, join(self._root, layout.shards[shard.index]))
         approx = {}
-        for nprobe in plan.nprobe_candidates():
-            if nprobe == plan.nlist and plan.codec == "Flat":
-                approx[nprobe] = (exact_s, exact_i)  # probing every list of a Flat IVF is exact search
-                continue
-            s, i = ivf.ShardedSearcher([index]).search(qvecs, k + 1, nprobe)
-            s = np.where(i == qids[:, None], ivf.MISSING_SCORE, s)
-            i = np.where(i == qids[:, None], -1, i)
-            approx[nprobe] = merge_topk(s, i, k)
+        if not by_lists:
+            for nprobe in plan.nprobe_candidates():
+                s, i = ivf.ShardedSearcher([index]).search(qvecs, k + 1, nprobe)
+                s = np.where(i == qids[:, None], ivf.MISSING_SCORE, s)
+                i = np.where(i == qids[:, None], -1, i)
+                approx[nprobe] = merge_topk(s, i, k)
         yield {"shard": shard.index, "rows": int(index.ntotal), "docstore": docstore,
-               "exact": (exact_s, exact_i), "approx": approx}
+               "exact": (exact_s, exact_i, exact_l), "approx": approx}
+
+
+def _recall_curve(plan: BuildPlan, trained: bytes, qvecs: np.ndarray, results: list) -> list[dict]:
+    """recall@k per candidate nprobe against the exact top-k merged across shards."""
+    k, nprobes = plan.k, plan.nprobe_candidates()
+    scores, ids, lists = (np.hstack(x) for x in zip(*[r["exact"] for r in results]))
+    _, exact, lists = merge_topk(scores, ids, k, payload=lists)
+    if all(not r["approx"] for r in results):  # IVF-Flat: from list membership, no search
+        recalls = ivf.recall_curve_from_lists(ivf.index_from_bytes(trained), qvecs, exact, lists, nprobes)
+    else:
+        recalls = [ivf.recall_at_k(merge_topk(*(np.hstack(x) for x in zip(
+            *[r["approx"][p] for r in results])), k)[1], exact, k) for p in nprobes]
+    return [{"nprobe": p, "recall": round(r, 4)} for p, r in zip(nprobes, recalls)]
 
 
 class _PublishFn(beam.DoFn):
@@ -159,7 +183,7 @@ class _PublishFn(beam.DoFn):
     def __init__(self, plan: BuildPlan, root: str, extra: dict):
         self._plan, self._root, self._extra = plan, root, extra
 
-    def process(self, _, trained: bytes, results):
+    def process(self, _, trained: bytes, queries, results):
         plan, root = self._plan, self._root
         results = sorted(results, key=lambda r: r["shard"])
         if [r["shard"] for r in results] != list(range(len(plan.shards))):
@@ -168,12 +192,7 @@ class _PublishFn(beam.DoFn):
         if n != plan.n_vectors:
             raise RuntimeError(f"indexed {n} vectors but the embeddings hold {plan.n_vectors}")
         k = plan.k
-        _, exact = merge_topk(*(np.hstack(x) for x in zip(*[r["exact"] for r in results])), k)
-        curve = []
-        for nprobe in plan.nprobe_candidates():
-            _, approx = merge_topk(
-                *(np.hstack(x) for x in zip(*[r["approx"][nprobe] for r in results])), k)
-            curve.append({"nprobe": nprobe, "recall": round(ivf.recall_at_k(approx, exact, k), 4)})
+        curve = _recall_curve(plan, trained, queries[1], results)
         chosen = next((c for c in curve if c["recall"] >= plan.target_recall), curve[-1])
         layout = bundle_lib.layout_paths(len(plan.shards))
         fs, _ = fsspec.core.url_to_fs(root)
@@ -232,4 +251,5 @@ class BuildIndex(beam.PTransform):
         return (pbegin | "PublishTrigger" >> beam.Create([None])
                 | "Publish" >> beam.ParDo(_PublishFn(plan, self._root, self._extra),
                                           trained=beam.pvalue.AsSingleton(trained),
+                                          queries=beam.pvalue.AsSingleton(queries),
                                           results=beam.pvalue.AsList(added)))
