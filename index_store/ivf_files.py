@@ -3,6 +3,7 @@ into one ``OnDiskInvertedLists`` index, and opening it memory-mapped. No Beam im
 
 from __future__ import annotations
 
+import errno
 import os
 from typing import Sequence
 
@@ -65,16 +66,18 @@ def _shard_lists(url: str, ivf: faiss.IndexIVF, centroids: np.ndarray):
 
 
 def merge_on_disk(trained: bytes, shard_paths: Sequence[str], out_index: str, out_ivfdata: str,
-                  slab_bytes: int = 64 << 20) -> int:
+                  slab_bytes: int = 64 << 20, kernel_copy: bool = True) -> int:
     """Merge the shards' inverted lists into one on-disk index; return the vector count.
 
     The merged data file has FAISS's ``OnDiskInvertedLists`` layout (per list: its codes, then its
-    int64 ids, lists in order) and is written with plain positional writes, one shard at a time, each
-    shard's lists read with plain reads: neither side is memory-mapped, so the process's resident
-    memory stays at a few list buffers whatever the corpus size (FAISS's own ``merge_from_multiple``
-    maps the shards and the output, whose touched pages all count as resident). Disk needs the shards
-    plus the merged data; RAM one slab of ``slab_bytes``. The index file records only the *base name* of ``out_ivfdata``; open it with
-    :func:`open_merged`, which points the lists at the real file wherever the pair has been moved.
+    int64 ids, lists in order; byte-identical to FAISS's ``merge_from_multiple``). Each shard's part of
+    each list is copied to its place with ``os.copy_file_range`` (the kernel copies between the files;
+    ``kernel_copy=False`` or a filesystem without it: plain reads in slabs of ``slab_bytes`` and
+    positional writes). Nothing is memory-mapped, so the process's resident memory stays at one slab
+    whatever the corpus size (FAISS's own merge maps the shards and the output, and every touched page
+    counts as resident). Disk needs the shards plus the merged data. The index file records only the
+    *base name* of ``out_ivfdata``; open it with :func:`open_merged`, which points the lists at the
+    real file wherever the pair has been moved.
     """
     if not shard_paths:
         raise ValueError("merge_on_disk needs at least one shard file")
@@ -85,24 +88,28 @@ def merge_on_disk(trained: bytes, shard_paths: Sequence[str], out_index: str, ou
     centroids = ivf.quantizer.reconstruct_n(0, ivf.nlist)
     shards = [_shard_lists(url, ivf, centroids) for url in shard_paths]
     code_size, nlist = ivf.code_size, ivf.nlist
-    sizes = np.sum([s[1] for s in shards], axis=0, dtype=np.int64)
-    entry = code_size + ID_BYTES
-    starts = np.concatenate([[0], np.cumsum(sizes * entry)]).astype(np.int64)
+    per_shard = np.array([s[1] for s in shards], dtype=np.int64)  # (shards, nlist) list sizes
+    sizes = per_shard.sum(axis=0)
+    before = np.cumsum(per_shard, axis=0) - per_shard  # entries of earlier shards in each list
+    starts = np.concatenate([[0], np.cumsum(sizes * (code_size + ID_BYTES))]).astype(np.int64)
     totsize = int(starts[-1])
-    filled = np.zeros(nlist, dtype=np.int64)
     # Local targets: the data file is built beside its final name and renamed (no copy of a big file).
     with fsutil.atomic_local_output(out_ivfdata) as data_tmp:
         fd = os.open(data_tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
             os.ftruncate(fd, totsize)
-            for path, shard_sizes, offsets in shards:
+            for s, (path, shard_sizes, offsets) in enumerate(shards):
+                # Where shard s's part of list j goes: after the earlier shards' codes, then ids.
+                codes_at = starts[:-1] + before[s] * code_size
+                ids_at = starts[:-1] + sizes * code_size + before[s] * ID_BYTES
                 src = os.open(path, os.O_RDONLY)
                 try:
-                    for j, codes, ids in _read_lists(src, path, shard_sizes, offsets, code_size, slab_bytes):
-                        n = len(ids) // ID_BYTES
-                        _pwrite_all(fd, codes, int(starts[j] + filled[j] * code_size))
-                        _pwrite_all(fd, ids, int(starts[j] + sizes[j] * code_size + filled[j] * ID_BYTES))
-                        filled[j] += n
+                    if not (kernel_copy and _copy_lists(src, fd, path, shard_sizes, offsets, code_size,
+                                                        codes_at, ids_at)):
+                        for j, codes, ids in _read_lists(src, path, shard_sizes, offsets, code_size,
+                                                         slab_bytes):
+                            _pwrite_all(fd, codes, int(codes_at[j]))
+                            _pwrite_all(fd, ids, int(ids_at[j]))
                 finally:
                     os.close(src)
         finally:
@@ -122,6 +129,36 @@ def merge_on_disk(trained: bytes, shard_paths: Sequence[str], out_index: str, ou
             faiss.write_index(index, tmp)
         del index, ivf, invlists
     return ntotal
+
+
+_NO_KERNEL_COPY = {errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EBADF}
+
+
+def _copy_lists(src: int, dst: int, path: str, sizes: np.ndarray, offsets: np.ndarray, code_size: int,
+                codes_at: np.ndarray, ids_at: np.ndarray) -> bool:
+    """Copy a shard's non-empty lists into place with ``os.copy_file_range``; False when the platform or
+    filesystem cannot (the caller then copies through user space: every range is rewritten, so a
+    partial attempt does no harm)."""
+    if not hasattr(os, "copy_file_range"):
+        return False
+    try:
+        for j in np.flatnonzero(sizes):
+            n, at = int(sizes[j]), int(offsets[j])
+            _copy_range(src, dst, n * code_size, at, int(codes_at[j]), path)
+            _copy_range(src, dst, n * ID_BYTES, at + n * code_size, int(ids_at[j]), path)
+    except OSError as err:
+        if err.errno in _NO_KERNEL_COPY:
+            return False
+        raise
+    return True
+
+
+def _copy_range(src: int, dst: int, count: int, src_at: int, dst_at: int, path: str) -> None:
+    while count > 0:
+        done = os.copy_file_range(src, dst, count, src_at, dst_at)
+        if done == 0:
+            raise ValueError(f"{path} is truncated (ends before byte {src_at + count}); rebuild the shards")
+        count, src_at, dst_at = count - done, src_at + done, dst_at + done
 
 
 def _read_lists(fd: int, path: str, sizes: np.ndarray, offsets: np.ndarray, code_size: int,

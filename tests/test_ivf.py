@@ -82,9 +82,11 @@ def test_merge_on_disk_equals_shards_and_survives_move(data, tmp_path):
         vec.push_back(shard.invlists)
     assert ref.merge_from_multiple(vec.data(), vec.size(), False) == N
     assert (bundle / "index.ivfdata").read_bytes() == (tmp_path / "ref.ivfdata").read_bytes()
-    for slab in (1, 50_000):  # one list per read; a few lists per read (default: 64 MiB, all at once here)
+    # Through user space (no copy_file_range): one list per read; a few lists per read; all at once.
+    for slab in (1, 50_000, 64 << 20):
         again = tmp_path / f"slab-{slab}"
-        ivf.merge_on_disk(trained, paths, str(again / "index.faiss"), str(again / "index.ivfdata"), slab)
+        ivf.merge_on_disk(trained, paths, str(again / "index.faiss"), str(again / "index.ivfdata"), slab,
+                          kernel_copy=False)
         assert (again / "index.ivfdata").read_bytes() == (tmp_path / "ref.ivfdata").read_bytes()
     opened = ivf.open_merged(str(bundle / "index.faiss"), str(bundle / "index.ivfdata"))
     ours = faiss.downcast_InvertedLists(faiss.extract_index_ivf(opened).invlists)  # owned by ``opened``
@@ -122,6 +124,21 @@ def test_merge_refuses_shard_from_other_training(data, tmp_path):
     ivf.write_index(ivf.add_to_empty(other, ids[:100], xb[:100]), path)
     with pytest.raises(ValueError, match="other.faiss"):
         ivf.merge_on_disk(trained, [path], str(tmp_path / "i.faiss"), str(tmp_path / "i.ivfdata"))
+
+
+def test_merge_refuses_truncated_shard_naming_it(data, tmp_path):
+    _, _, _, trained, shards = data
+    paths = [str(tmp_path / f"s{i}.faiss") for i in range(len(shards))]
+    for shard, path in zip(shards, paths):
+        ivf.write_index(shard, path)
+    with open(paths[1], "r+b") as f:
+        f.truncate(os.path.getsize(paths[1]) - 5000)
+    for kernel_copy in (True, False):
+        with pytest.raises(ValueError, match="s1.faiss"):
+            ivf.merge_on_disk(trained, paths, str(tmp_path / "m.faiss"), str(tmp_path / "m.ivfdata"),
+                              kernel_copy=kernel_copy)
+        assert not (tmp_path / "m.ivfdata").exists() and not (tmp_path / "m.faiss").exists()
+        assert not [p for p in os.listdir(tmp_path) if ".tmp-" in p]  # no half-written temp file left
 
 
 def test_exact_search_streams_to_brute_force(data):
@@ -216,6 +233,21 @@ def test_missing_slots_and_ties():
     assert ids[0].tolist()[:2] == [3, 7]  # equal scores: smaller id first
     assert ids[0].tolist()[2:] == [1, -1, -1]
     assert np.all(scores[0, 3:] == ivf.MISSING_SCORE)
+
+
+def test_exact_search_ties_at_the_cut_go_to_smaller_ids():
+    """More candidates tie at the k-th score than places left: the smaller ids win, in every batch."""
+    q = np.ones((2, 4), dtype=np.float32)
+    vecs = np.zeros((40, 4), dtype=np.float32)
+    vecs[[5, 30]] = 2.0  # two clear winners; the other 38 tie at score 0
+    ids = np.arange(100, 140, dtype=np.int64)[::-1].copy()  # ids descending along the batch
+    for batch in (40, 7, 1):
+        scores, got = ivf.exact_search(((ids[i:i + batch], vecs[i:i + batch]) for i in range(0, 40, batch)),
+                                       q, 5)
+        want_ties = sorted(set(ids.tolist()) - {int(ids[5]), int(ids[30])})[:3]
+        assert got[0].tolist() == sorted([int(ids[5]), int(ids[30])]) + want_ties, batch
+        assert got[1].tolist() == got[0].tolist()
+        np.testing.assert_allclose(scores[0], [8, 8, 0, 0, 0])
 
 
 def test_train_is_deterministic_and_checks_sample():
