@@ -113,12 +113,20 @@ def exact_search(vector_batches: Iterable[tuple[np.ndarray, np.ndarray]], querie
         if len(ids) == 0:
             continue
         sims = queries @ vectors.T
-        if sims.shape[1] > k:  # keep k candidates per row (ties at the cut are settled by the merge)
+        cand = np.broadcast_to(ids, sims.shape)
+        if sims.shape[1] > k:  # keep k candidates per row
             part = np.argpartition(-sims, k - 1, axis=1)[:, :k]
+            kth = np.take_along_axis(sims, part, axis=1).min(axis=1)
+            # Rows with more ties at the k-th score than places left: argpartition kept an arbitrary
+            # few of them, so those rows keep every candidate and merge_topk applies the tie rule.
+            tied = (sims >= kth[:, None]).sum(axis=1) > k
+            if tied.any():
+                best_scores[tied], best_ids[tied] = merge_topk(
+                    np.concatenate([best_scores[tied], sims[tied]], axis=1),
+                    np.concatenate([best_ids[tied], cand[tied]], axis=1), k)
             sims = np.take_along_axis(sims, part, axis=1)
             cand = ids[part]
-        else:
-            cand = np.broadcast_to(ids, sims.shape)
+            sims[tied], cand[tied] = MISSING_SCORE, -1  # already merged above
         best_scores, best_ids = merge_topk(np.concatenate([best_scores, sims], axis=1),
                                            np.concatenate([best_ids, cand], axis=1), k)
     return best_scores, best_ids
