@@ -132,6 +132,20 @@ def held_out_recall_curve(bundle_dir, emb_dir, vecs, n_queries, nprobes, codec=N
     return curve
 
 
+def test_trained_on_exactly_the_planned_sample(built):
+    """k-means ran on the seeded training rows of the plan, in shard then row order (seeded k-means:
+    the same sample gives the same bytes), and none of them is a held-out query row."""
+    from index_store.build_plan import plan_build
+
+    tmp, vecs, _ = built
+    plan = plan_build([emb.open_embeddings(str(tmp / "emb"))], nlist=64, n_queries=300)
+    rows = [(s.base + plan.sample_rows(s)[0], s.base + plan.sample_rows(s)[1]) for s in plan.shards]
+    train = np.concatenate([r[0] for r in rows])
+    assert len(train) == plan.train_size and not set(train) & set(np.concatenate([r[1] for r in rows]))
+    want = ivf.train_empty_index(vecs[train], plan.factory, seed=plan.seed)
+    assert (tmp / "merged" / "trained.faiss").read_bytes() == want
+
+
 def test_recall_curve_equals_searching_the_bundle(built):
     """The manifest's curve (IVF-Flat: computed from list membership, no search) is what searching the
     built bundle with the same held-out vectors measures."""

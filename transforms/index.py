@@ -70,17 +70,21 @@ class _SampleShardFn(beam.DoFn):
 
     def process(self, shard: ShardSpec):
         train_rows, query_rows = self._plan.sample_rows(shard)
-        train, queries = [], []
-        for offset, _, vecs, _, _ in iter_shard_rows(shard, vectors_only=True):
-            local = np.arange(offset, offset + len(vecs))
-            train.append(vecs[np.isin(local, train_rows)])
-            queries.append(vecs[np.isin(local, query_rows)])
-        train = np.concatenate(train)
+        dim = self._plan.facts.dim
+        queries = np.empty((len(query_rows), dim), dtype=np.float32)
         path = join(self._root, TEMP_DIR, f"train-{shard.index:05d}.npy")
+        # The training rows stream straight into the .npy file: the shard's share is never held whole.
         with fsspec.open(path, "wb") as f:
-            np.save(f, train)
-        yield beam.pvalue.TaggedOutput("train", (shard.index, path, len(train)))
-        yield shard.index, shard.base + query_rows.astype(np.int64), np.concatenate(queries)
+            header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float32)), "fortran_order": False,
+                      "shape": (len(train_rows), dim)}
+            np.lib.format.write_array_header_1_0(f, header)
+            for offset, _, vecs, _, _ in iter_shard_rows(shard, vectors_only=True):
+                t0, t1 = np.searchsorted(train_rows, [offset, offset + len(vecs)])  # rows are sorted
+                f.write(np.ascontiguousarray(vecs[train_rows[t0:t1] - offset]).data)
+                q0, q1 = np.searchsorted(query_rows, [offset, offset + len(vecs)])
+                queries[q0:q1] = vecs[query_rows[q0:q1] - offset]
+        yield beam.pvalue.TaggedOutput("train", (shard.index, path, len(train_rows)))
+        yield shard.index, shard.base + query_rows.astype(np.int64), queries
 
 
 def _concat_by_shard(parts):
