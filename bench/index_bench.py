@@ -4,6 +4,7 @@ with the same factory string and training-sample size, on synthetic clustered ve
 
     .venv/bin/python bench/index_bench.py                    # 1,000,000 x 384-d, 5 shards
     .venv/bin/python bench/index_bench.py --n 200000         # quicker
+    .venv/bin/python bench/index_bench.py --repeat 3         # three pairs, median ratio
 
 Each side runs in a fresh process so its peak RSS is its own. Prints build seconds, the ratio, peak RSS
 against the raw float32 vector bytes, recall@10 at the chosen nprobe and queries/s.
@@ -109,7 +110,7 @@ def child_beam(emb_dir: str, out: str) -> dict:
     start = time.perf_counter()
     m = build_index.run(["--embeddings", emb_dir, "--output", out, "--runner", "local", "--overwrite"])
     secs = time.perf_counter() - start
-    anon_peak = anon.stop()
+    anon_peak, rss_peak = anon.stop(), _peak_mb()  # the build's peaks, before searching maps the index
     from index_store.bundle import open_bundle
 
     b = open_bundle(out, verify="sizes")
@@ -117,7 +118,7 @@ def child_beam(emb_dir: str, out: str) -> dict:
     t = time.perf_counter()
     b.searcher.search(q, 10, m["nprobe"])
     qps = len(q) / (time.perf_counter() - t)
-    return {"seconds": secs, "peak_rss_mb": _peak_mb(), "peak_anon_mb": anon_peak,
+    return {"seconds": secs, "peak_rss_mb": rss_peak, "peak_anon_mb": anon_peak,
             "factory": m["factory"], "nprobe": m["nprobe"],
             "recall_at_10": m["recall_at_k"], "train": m["counts"]["training_vectors"], "qps": qps}
 
@@ -144,6 +145,9 @@ def main() -> None:
     p.add_argument("--n", type=int, default=1_000_000)
     p.add_argument("--shards", type=int, default=5)
     p.add_argument("--workdir", default=None)
+    p.add_argument("--repeat", type=int, default=1,
+                   help="run the pair (Beam, then plain) this many times; the ratio is per pair, the "
+                        "summary the median pair")
     p.add_argument("--_child", choices=("beam", "plain"), help=argparse.SUPPRESS)
     p.add_argument("--_args", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -160,24 +164,37 @@ def main() -> None:
         print(f"wrote {args.n} x {DIM} vectors in {args.shards} shards in {time.perf_counter() - t:.0f} s")
 
     def run_child(kind, **kw):
-        out = subprocess.run([sys.executable, __file__, "--_child", kind, "--_args", json.dumps(kw)],
-                             check=True, capture_output=True, text=True).stdout
-        return json.loads(out.strip().splitlines()[-1])
+        proc = subprocess.run([sys.executable, __file__, "--_child", kind, "--_args", json.dumps(kw)],
+                              capture_output=True, text=True)
+        if proc.returncode != 0:
+            sys.exit(f"the {kind} build failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
+        return json.loads(proc.stdout.strip().splitlines()[-1])
 
-    beam_res = run_child("beam", emb_dir=emb_dir, out=os.path.join(work, "bundle"))
-    plain = run_child("plain", emb_dir=emb_dir, factory=beam_res["factory"], train=beam_res["train"])
+    import shutil
+
+    pairs = []
+    for _ in range(args.repeat):
+        shutil.rmtree(os.path.join(work, "bundle"), ignore_errors=True)
+        beam_res = run_child("beam", emb_dir=emb_dir, out=os.path.join(work, "bundle"))
+        plain = run_child("plain", emb_dir=emb_dir, factory=beam_res["factory"], train=beam_res["train"])
+        pairs.append((beam_res["seconds"] / plain["seconds"], beam_res, plain))
     raw_mb = args.n * DIM * 4 / 2**20
     print(f"{args.n} vectors x {DIM} (raw float32 {raw_mb:.0f} MB), {beam_res['factory']}, "
           f"training sample {beam_res['train']}")
-    print(f"{'build':34s} {'seconds':>8s} {'ratio':>6s} {'peak RSS MB':>12s} {'x raw':>6s} "
+    print(f"{'build':38s} {'seconds':>8s} {'ratio':>6s} {'peak RSS MB':>12s} {'x raw':>6s} "
           f"{'peak heap MB':>13s} {'x raw':>6s}")
-    for name, r in [("plain FAISS train+add (1 process)", plain), ("densebeam index (Beam, local)", beam_res)]:
-        print(f"{name:34s} {r['seconds']:8.1f} {r['seconds'] / plain['seconds']:5.2f}x "
-              f"{r['peak_rss_mb']:12.0f} {r['peak_rss_mb'] / raw_mb:5.2f}x "
-              f"{r['peak_anon_mb']:13.0f} {r['peak_anon_mb'] / raw_mb:5.2f}x")
+    for i, (_, beam_res, plain) in enumerate(pairs, 1):
+        for name, r in [("plain FAISS train+add (1 process)", plain), ("densebeam index (Beam, local)", beam_res)]:
+            label = f"{name} #{i}" if len(pairs) > 1 else name
+            print(f"{label:38s} {r['seconds']:8.1f} {r['seconds'] / plain['seconds']:5.2f}x "
+                  f"{r['peak_rss_mb']:12.0f} {r['peak_rss_mb'] / raw_mb:5.2f}x "
+                  f"{r['peak_anon_mb']:13.0f} {r['peak_anon_mb'] / raw_mb:5.2f}x")
+    ratio, beam_res, _ = sorted(pairs, key=lambda x: x[0])[len(pairs) // 2]
+    if len(pairs) > 1:
+        print(f"median ratio over {len(pairs)} pairs: {ratio:.2f}x "
+              f"(all: {', '.join(f'{r:.2f}x' for r, _, _ in pairs)})")
     print(f"default nprobe {beam_res['nprobe']}: recall@10 {beam_res['recall_at_10']:.3f} (held-out vectors "
           f"vs exact), {beam_res['qps']:.0f} queries/s (batch of 2,000, 2 cores)")
-
 
 if __name__ == "__main__":
     main()
