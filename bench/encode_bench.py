@@ -4,6 +4,7 @@ write, manifest) in fp32 and in the default precision, on the same passages, in 
 
     .venv/bin/python bench/encode_bench.py                      # 5,000 passages of dl19-subset
     .venv/bin/python bench/encode_bench.py --memory 5000,50000  # peak RSS, each size in a fresh process
+    .venv/bin/python bench/encode_bench.py --memory 5000,50000,200000 --model tiny  # pipeline memory only
 
 Prints passages/s and ratios against the baseline measured in the same run (machines are noisy).
 """
@@ -25,11 +26,24 @@ DEFAULT_CORPUS = REPO.parent / "shared" / "data" / "dl19-subset" / "corpus.jsonl
 MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 
 
+def iter_docs(path: Path, n: int):
+    """``n`` passages, streamed; the corpus is repeated with fresh ids when n is larger than the file."""
+    made, round_ = 0, 0
+    while made < n:
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                if made == n:
+                    return
+                d = json.loads(line)
+                yield {**d, "_id": f"{d['_id']}-{round_}"}
+                made += 1
+        if made == 0:
+            raise ValueError(f"{path} holds no passages")
+        round_ += 1
+
+
 def load_docs(path: Path, n: int) -> list[dict]:
-    """``n`` passages; the corpus is repeated with fresh ids when n is larger than the file."""
-    base = [json.loads(line) for line in open(path, encoding="utf-8")]
-    return [{**base[i % len(base)], "_id": f"{base[i % len(base)]['_id']}-{i // len(base)}"}
-            for i in range(n)]
+    return list(iter_docs(path, n))
 
 
 def write_corpus(docs, directory: str) -> str:
@@ -53,11 +67,11 @@ def plain_encode(docs) -> float:
     return time.perf_counter() - start
 
 
-def pipeline_encode(corpus: str, out: str, precision: str) -> float:
+def pipeline_encode(corpus: str, out: str, precision: str, model: str = MODEL) -> float:
     from pipelines import encode
 
     start = time.perf_counter()
-    encode.run(["--input", corpus, "--output", out, "--model", MODEL, "--precision", precision,
+    encode.run(["--input", corpus, "--output", out, "--model", model, "--precision", precision,
                 "--runner", "local", "--overwrite"])
     return time.perf_counter() - start
 
@@ -76,22 +90,28 @@ def speed(args) -> None:
         print(f"{name:28s} {secs:8.1f} {len(docs) / secs:11.1f} {base / secs:13.2f}x")
 
 
-def _child_peak_rss(n: int, corpus_path: str) -> None:
-    docs = load_docs(Path(corpus_path), n)
+def _child_peak_rss(corpus: str, model: str) -> None:
+    """Only the pipeline runs in this process: the corpus was written by the parent, so the peak is
+    the pipeline's own (an earlier version built the passages in the child and counted them too)."""
     with tempfile.TemporaryDirectory() as tmp:
-        corpus = write_corpus(docs, tmp)
-        del docs
-        secs = pipeline_encode(corpus, os.path.join(tmp, "out"), "auto")
-    print(json.dumps({"n": n, "seconds": secs,
-                      "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+        secs = pipeline_encode(corpus, os.path.join(tmp, "out"), "auto", model)
+    print(json.dumps({"seconds": secs, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 
 
 def memory(args) -> None:
+    model = args.model
+    if model == "tiny":  # the tests' 2-layer model: isolates the pipeline's memory from the model's
+        sys.path.insert(0, str(REPO / "tests"))
+        from conftest import build_tiny_bi_encoder
+
+        model = str(build_tiny_bi_encoder(Path(tempfile.mkdtemp(prefix="densebeam-tiny-")), normalize=True))
     rows = []
     for n in [int(x) for x in args.memory.split(",")]:
-        out = subprocess.run([sys.executable, __file__, "--_child", str(n), "--corpus", args.corpus],
-                             check=True, capture_output=True, text=True).stdout
-        rows.append(json.loads(out.strip().splitlines()[-1]))
+        with tempfile.TemporaryDirectory() as tmp:
+            corpus = write_corpus(iter_docs(Path(args.corpus), n), tmp)
+            out = subprocess.run([sys.executable, __file__, "--_child", corpus, "--model", model],
+                                 check=True, capture_output=True, text=True).stdout
+        rows.append({"n": n, **json.loads(out.strip().splitlines()[-1])})
     base = rows[0]["peak_rss_mb"]
     print(f"{'passages':>9s} {'seconds':>8s} {'peak RSS MB':>12s} {'vs first':>9s}")
     for r in rows:
@@ -103,14 +123,16 @@ def main() -> None:
     p.add_argument("--corpus", default=str(DEFAULT_CORPUS))
     p.add_argument("--n", type=int, default=5000)
     p.add_argument("--memory", help="comma-separated passage counts for the peak-memory comparison")
-    p.add_argument("--_child", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--model", default=MODEL,
+                   help="model for --memory; 'tiny' builds the tests' 2-layer model (pipeline memory only)")
+    p.add_argument("--_child", help=argparse.SUPPRESS)
     args = p.parse_args()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if args._child:
         import logging
 
         logging.basicConfig(level=logging.WARNING)
-        _child_peak_rss(args._child, args.corpus)
+        _child_peak_rss(args._child, args.model)
     elif args.memory:
         memory(args)
     else:
