@@ -371,7 +371,8 @@ class LocalFlinkCluster:
             "taskmanager.memory.framework.heap.size": "128m",
             "taskmanager.memory.framework.off-heap.size": "128m",
             "taskmanager.memory.managed.size": "64m",
-            "taskmanager.memory.network.min": "64m", "taskmanager.memory.network.max": "64m",
+            # Network buffers: a stage with several side inputs needs one buffer set per input gate.
+            "taskmanager.memory.network.min": "128m", "taskmanager.memory.network.max": "128m",
             "taskmanager.memory.jvm-metaspace.size": "256m",
             "taskmanager.memory.jvm-overhead.min": "192m", "taskmanager.memory.jvm-overhead.max": "192m",
             "taskmanager.numberOfTaskSlots": self.slots, "parallelism.default": 1,
