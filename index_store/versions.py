@@ -30,8 +30,10 @@ def _fs(root: str):
 
 
 def new_version_name() -> str:
-    """Sortable by time: ``20261122T005501Z-3fa2c1``."""
-    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    """Sortable by time to the microsecond: ``20261122T005501123456Z-3fa2c1`` (whole seconds were not
+    enough: builds finishing within one second sorted by their random suffix, and pruning kept the
+    wrong one)."""
+    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
     return f"{now}-{secrets.token_hex(3)}"
 
 

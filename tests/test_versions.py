@@ -34,6 +34,15 @@ def test_versioned_builds_switch_current_and_prune(tmp_path):
     assert len(names) == 2 and first not in names and second in names  # pruned to --keep-versions
 
 
+def test_version_names_sort_in_creation_order():
+    names = []
+    for _ in range(200):  # many within one second, and within one clock tick now and then
+        name = versions.new_version_name()
+        if not names or name[:22] != names[-1][:22]:
+            names.append(name)
+    assert len(names) > 20 and names == sorted(names)
+
+
 def test_failed_versioned_build_keeps_the_current_version(tmp_path):
     a = write_embeddings_dir(tmp_path / "a", clustered(600), FACTS, 300)
     root = str(tmp_path / "idx")
