@@ -49,7 +49,8 @@ def _shard_lists(url: str, ivf: faiss.IndexIVF, centroids: np.ndarray):
     """(local path, list sizes, list byte offsets in the file) of one shard file, checked against the
     trained index. FAISS opens an ArrayInvertedLists file memory-mapped as OnDiskInvertedLists whose
     offsets point into the file; only the offsets are used, the lists are then read with plain reads."""
-    shard = read_index(url, mmap=True)
+    path = fsutil.fetch_to_cache(url, "faiss")  # remote shards: fetched once, then read twice locally
+    shard = read_index(path, mmap=True)
     sivf = faiss.extract_index_ivf(shard)
     if (sivf.nlist != ivf.nlist or sivf.code_size != ivf.code_size
             or not np.array_equal(sivf.quantizer.reconstruct_n(0, sivf.nlist), centroids)):
@@ -62,7 +63,7 @@ def _shard_lists(url: str, ivf: faiss.IndexIVF, centroids: np.ndarray):
                         "layout with --layout shards)")
     sizes = np.array([il.list_size(j) for j in range(ivf.nlist)], dtype=np.int64)
     offsets = np.array([il.lists.at(j).offset for j in range(ivf.nlist)], dtype=np.int64)
-    return fsutil.fetch_to_cache(url, "faiss"), sizes, offsets
+    return path, sizes, offsets
 
 
 def merge_on_disk(trained: bytes, shard_paths: Sequence[str], out_index: str, out_ivfdata: str,

@@ -173,8 +173,9 @@ def _recall_curve(plan: BuildPlan, trained: bytes, qvecs: np.ndarray, results: l
     k, nprobes = plan.k, plan.nprobe_candidates()
     scores, ids, lists = (np.hstack(x) for x in zip(*[r["exact"] for r in results]))
     _, exact, lists = merge_topk(scores, ids, k, payload=lists)
-    if all(not r["approx"] for r in results):  # IVF-Flat: from list membership, no search
-        recalls = ivf.recall_curve_from_lists(ivf.index_from_bytes(trained), qvecs, exact, lists, nprobes)
+    index = ivf.index_from_bytes(trained)
+    if ivf.recall_follows_lists(index):  # IVF-Flat: from list membership, no search
+        recalls = ivf.recall_curve_from_lists(index, qvecs, exact, lists, nprobes)
     else:
         recalls = [ivf.recall_at_k(merge_topk(*(np.hstack(x) for x in zip(
             *[r["approx"][p] for r in results])), k)[1], exact, k) for p in nprobes]
