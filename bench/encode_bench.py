@@ -57,7 +57,7 @@ def write_corpus(docs, directory: str) -> str:
 def plain_encode(docs) -> float:
     from sentence_transformers import SentenceTransformer
 
-    from index_store.encoder import resolve_model_path
+    from densebeam.index_store.encoder import resolve_model_path
 
     model = SentenceTransformer(resolve_model_path(MODEL), device="cpu")
     texts = [d["text"] for d in docs]
@@ -68,7 +68,7 @@ def plain_encode(docs) -> float:
 
 
 def pipeline_encode(corpus: str, out: str, precision: str, model: str = MODEL) -> float:
-    from pipelines import encode
+    from densebeam.pipelines import encode
 
     start = time.perf_counter()
     encode.run(["--input", corpus, "--output", out, "--model", model, "--precision", precision,

@@ -49,8 +49,8 @@ def clustered_batches(n: int, dim: int, seed: int = 0, batch: int = 100_000):
 def make_embeddings(root: str, n: int, shards: int) -> None:
     import pyarrow.parquet as pq
 
-    from index_store import embeddings as emb
-    from index_store.types import ModelFacts
+    from densebeam.index_store import embeddings as emb
+    from densebeam.index_store.types import ModelFacts
 
     facts = ModelFacts(model="synthetic-clustered", revision=None, dim=DIM, similarity="cos", dtype="float32")
     os.makedirs(root, exist_ok=True)
@@ -104,14 +104,14 @@ class AnonPeak:
 
 
 def child_beam(emb_dir: str, out: str) -> dict:
-    from pipelines import build_index
+    from densebeam.pipelines import build_index
 
     anon = AnonPeak()
     start = time.perf_counter()
     m = build_index.run(["--embeddings", emb_dir, "--output", out, "--runner", "local", "--overwrite"])
     secs = time.perf_counter() - start
     anon_peak, rss_peak = anon.stop(), _peak_mb()  # the build's peaks, before searching maps the index
-    from index_store.bundle import open_bundle
+    from densebeam.index_store.bundle import open_bundle
 
     b = open_bundle(out, verify="sizes")
     q = next(clustered_batches(2000, DIM, seed=99))
@@ -126,7 +126,7 @@ def child_beam(emb_dir: str, out: str) -> dict:
 def child_plain(emb_dir: str, factory: str, train: int) -> dict:
     import faiss
 
-    from index_store.embeddings import open_embeddings
+    from densebeam.index_store.embeddings import open_embeddings
 
     anon = AnonPeak()
     start = time.perf_counter()

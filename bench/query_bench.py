@@ -34,8 +34,8 @@ MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 
 
 def ensure_bundle(collection: Path, work: Path) -> str:
-    from index_store.bundle import MANIFEST
-    from pipelines.build_index import run_build
+    from densebeam.index_store.bundle import MANIFEST
+    from densebeam.pipelines.build_index import run_build
 
     out = work / collection.name / "bundle"
     if not (out / MANIFEST).exists():
@@ -49,7 +49,7 @@ def build_minilm_cross_encoder(path: Path) -> str:
     import torch
     from transformers import AutoTokenizer, BertForSequenceClassification
 
-    from index_store.encoder import resolve_model_path
+    from densebeam.index_store.encoder import resolve_model_path
 
     if (path / "config.json").exists():
         return str(path)
@@ -64,7 +64,7 @@ def build_minilm_cross_encoder(path: Path) -> str:
 
 
 def quality(searcher, queries, qrels, level) -> list[tuple[str, dict, float]]:
-    from index_store import evaluate as ev
+    from densebeam.index_store.query import evaluate as ev
 
     qids, texts = list(queries), list(queries.values())
     runs = {
@@ -104,7 +104,7 @@ def rerank_throughput(searcher, ce_path: str, texts: list[str], n_queries: int =
     on the same pairs: BM25's top 100 for ``n_queries`` queries. Best of ``repeats``, interleaved."""
     from sentence_transformers import CrossEncoder
 
-    from index_store.rerank import CrossEncoderReranker
+    from densebeam.index_store.query.rerank import CrossEncoderReranker
 
     texts = texts[:n_queries]
     results = searcher.search_bm25(texts, 100)
@@ -140,8 +140,8 @@ def main(argv=None) -> int:
     import logging
 
     logging.basicConfig(level=logging.WARNING)
-    from index_store import evaluate as ev
-    from index_store.search import Searcher
+    from densebeam.index_store.query import evaluate as ev
+    from densebeam.index_store.query.search import Searcher
 
     work = Path(args.work_dir)
     work.mkdir(parents=True, exist_ok=True)

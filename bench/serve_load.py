@@ -47,7 +47,7 @@ def free_port() -> int:
 
 
 def start_server(index: str, port: int, extra: tuple = ()) -> subprocess.Popen:
-    proc = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "serve", "--index", index, "--host",
+    proc = subprocess.Popen([sys.executable, "-m", "densebeam.pipelines.cli", "serve", "--index", index, "--host",
                              "127.0.0.1", "--port", str(port), *extra], cwd=REPO,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
     import httpx
@@ -153,7 +153,7 @@ def run_load(port: int, queries: list[str], check: Callable[[str, int, list], Op
 
 def library_checker(index: str, queries: list[str], precision: str):
     """Expected answers from the library API, for every query and k."""
-    from index_store.search import Searcher
+    from densebeam.index_store.query.search import Searcher
 
     s = Searcher.open(index, precision=precision)
     want = {q: hits for q, hits in zip(queries, s.search(queries, 10))}

@@ -11,9 +11,9 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from index_store import ivf
-from index_store.embeddings import EmbeddingsDir
-from index_store.types import ModelFacts
+from densebeam.index_store import ivf
+from densebeam.index_store.embeddings import EmbeddingsDir
+from densebeam.index_store.types import ModelFacts
 
 LAYOUTS = ("merged", "shards")
 

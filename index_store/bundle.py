@@ -23,11 +23,11 @@ from typing import Optional
 
 import fsspec
 
-from index_store import fsutil
-from index_store.docstore import PART_PATTERN, Docstore
-from index_store.embeddings import join
-from index_store.ivf import ShardedSearcher, open_merged, read_index
-from index_store.types import ModelFacts
+from densebeam.index_store import fsutil
+from densebeam.index_store.docstore import PART_PATTERN, Docstore
+from densebeam.index_store.embeddings import join
+from densebeam.index_store.ivf import ShardedSearcher, open_merged, read_index
+from densebeam.index_store.types import ModelFacts
 
 MANIFEST = "manifest.json"
 FORMAT = "densebeam.index"
@@ -134,7 +134,7 @@ def _read_manifest_bytes(root: str) -> bytes:
 def read_manifest(root: str) -> dict:
     """Parse and sanity-check ``manifest.json`` (format, version, safe paths); files are not read.
     A versioned location reads its current version's manifest."""
-    from index_store import versions
+    from densebeam.index_store import versions
 
     root = versions.resolve(root)
     return _parse_manifest(_read_manifest_bytes(root), join(root, MANIFEST))
@@ -217,7 +217,7 @@ def open_bundle(root: str, verify: str = "full", cache_dir: Optional[str] = None
     """
     if verify not in VERIFY_MODES:
         raise ValueError(f"verify must be one of {VERIFY_MODES}, got {verify!r}")
-    from index_store import versions  # a versioned location opens its CURRENT version
+    from densebeam.index_store import versions  # a versioned location opens its CURRENT version
 
     root = versions.resolve(root)
     raw = _read_manifest_bytes(root)

@@ -17,7 +17,7 @@ from typing import Optional, Sequence
 
 import pyarrow as pa
 
-from index_store import fsutil
+from densebeam.index_store import fsutil
 
 log = logging.getLogger(__name__)
 

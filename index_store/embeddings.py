@@ -15,7 +15,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from index_store.types import ModelFacts
+from densebeam.index_store.types import ModelFacts
 
 MANIFEST = "_manifest.json"
 FORMAT = "densebeam.embeddings"

@@ -16,7 +16,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from index_store.types import ModelFacts
+from densebeam.index_store.types import ModelFacts
 
 log = logging.getLogger(__name__)
 

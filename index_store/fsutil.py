@@ -41,6 +41,12 @@ def is_local(url: str) -> bool:
     return isinstance(fs, LocalFileSystem)
 
 
+def canonical_url(url: str) -> str:
+    """An absolute path for a local path (a relative one means nothing to a reader started elsewhere),
+    the URL unchanged otherwise: what manifests record."""
+    return local_path(url) if is_local(url) else url
+
+
 def local_path(url: str) -> str:
     """The OS path of a local path or ``file://`` URL; ValueError for remote URLs."""
     fs, path = split_url(url)

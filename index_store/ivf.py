@@ -17,10 +17,10 @@ import faiss
 import numpy as np
 
 # Files (bytes, shards, the on-disk merge) live in ivf_files; re-exported like the search side.
-from index_store.ivf_files import (ID_BYTES, index_from_bytes, index_to_bytes, merge_on_disk,  # noqa: F401
+from densebeam.index_store.ivf_files import (ID_BYTES, index_from_bytes, index_to_bytes, merge_on_disk,  # noqa: F401
                                    open_merged, read_index, write_index)
 # Search side lives in ivf_search (one concept per file); re-exported so callers need one import.
-from index_store.ivf_search import (MISSING_SCORE, ShardedSearcher, choose_nprobe,  # noqa: F401
+from densebeam.index_store.ivf_search import (MISSING_SCORE, ShardedSearcher, choose_nprobe,  # noqa: F401
                                     exact_search, recall_at_k, recall_curve_from_lists,
                                     recall_follows_lists)
 

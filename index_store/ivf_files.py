@@ -10,7 +10,7 @@ from typing import Sequence
 import faiss
 import numpy as np
 
-from index_store import fsutil
+from densebeam.index_store import fsutil
 
 ID_BYTES = 8  # every IVF entry stores its int64 id next to its code
 

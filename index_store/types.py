@@ -23,7 +23,7 @@ class Passage:
     def joined_text(self, join_title: bool, sep: str = " ") -> str:
         """BEIR style: title and text joined when asked and the title is not empty."""
         if join_title and self.title:
-            return f"{self.title}{sep}{self.text}"
+            return f"{self.title}{sep}{self.text}" if self.text else self.title
         return self.text
 
     def sort_key(self) -> tuple[str, int]:

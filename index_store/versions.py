@@ -17,7 +17,7 @@ from typing import Optional
 
 import fsspec
 
-from index_store.embeddings import join
+from densebeam.index_store.embeddings import join
 
 log = logging.getLogger(__name__)
 POINTER = "CURRENT"
@@ -87,7 +87,7 @@ def switch(root: str, name: str) -> None:
 
 def publish(root: str, name: str, keep: int = 3, stale_after_s: float = 24 * 3600) -> None:
     """Verify version ``name`` fully, switch ``CURRENT`` to it, then prune old versions."""
-    from index_store.bundle import open_bundle
+    from densebeam.index_store.bundle import open_bundle
 
     if keep < 1:
         raise ValueError("keep must be at least 1")

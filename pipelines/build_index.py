@@ -15,13 +15,14 @@ from typing import Optional, Sequence
 import apache_beam as beam
 import fsspec
 
-from index_store import bundle as bundle_lib
-from index_store import versions
-from index_store.build_plan import LAYOUTS, plan_build
-from index_store.embeddings import join, open_embeddings
-from pipelines import options
-from runners.presets import pipeline_options
-from transforms.index import BuildIndex
+from densebeam.index_store import bundle as bundle_lib
+from densebeam.index_store import fsutil, versions
+from densebeam.index_store.build_plan import LAYOUTS, plan_build
+from densebeam.index_store.embeddings import join, open_embeddings
+from densebeam.pipelines import options
+from densebeam.pipelines.argparsing import ArgumentParser, parse_pipeline_args
+from densebeam.runners.presets import pipeline_options
+from densebeam.transforms.index import BuildIndex
 
 log = logging.getLogger(__name__)
 
@@ -59,8 +60,8 @@ def add_index_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--keep-versions", type=int, default=3, help="versions kept with --versioned")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="densebeam index", description=__doc__,
+def build_parser() -> ArgumentParser:
+    p = ArgumentParser(prog="densebeam index", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--embeddings", action="append", required=True, metavar="DIR",
                    help="embeddings dir written by densebeam encode (repeatable; same model facts)")
@@ -71,8 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def build_command_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="densebeam build", description=__doc__,
+def build_command_parser() -> ArgumentParser:
+    p = ArgumentParser(prog="densebeam build", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--output", required=True, help="index bundle dir (local path or fsspec URL)")
     p.add_argument("--embeddings-dir", default=None,
@@ -113,7 +114,7 @@ def run_index(args, beam_args: Sequence[str]):
         target = versions.version_path(args.output, name)
     else:
         prepare_output(args.output, args.overwrite)
-    extra = {"inputs": [{"embeddings": d.root, "counts": d.counts} for d in dirs]}
+    extra = {"inputs": [{"embeddings": fsutil.canonical_url(d.root), "counts": d.counts} for d in dirs]}
     p = beam.Pipeline(options=pipeline_options(args.runner, beam_args, workers=args.workers))
     _ = p | "BuildIndex" >> BuildIndex(plan, target, extra)
     result = p.run()
@@ -125,15 +126,15 @@ def run_index(args, beam_args: Sequence[str]):
 
 def run(argv: Optional[Sequence[str]] = None) -> dict:
     """``densebeam index``: returns the bundle manifest."""
-    args, beam_args = build_parser().parse_known_args(argv)
+    args, beam_args = parse_pipeline_args(build_parser(), argv)
     return run_index(args, beam_args)[0]
 
 
 def run_build(argv: Optional[Sequence[str]] = None) -> tuple[dict, dict]:
     """``densebeam build``: encode to the embeddings dir, then index; returns both manifests."""
-    from pipelines import encode  # imports torch (via Beam's RunInference): only when encoding
+    from densebeam.pipelines import encode  # imports torch (via Beam's RunInference): only when encoding
 
-    args, beam_args = build_command_parser().parse_known_args(argv)
+    args, beam_args = parse_pipeline_args(build_command_parser(), argv)
     emb_dir = args.embeddings_dir or args.output.rstrip("/") + ".embeddings"
     start = time.monotonic()
     enc_argv = _encode_argv(list(argv or []), emb_dir)

@@ -12,6 +12,7 @@ import sys
 from typing import Optional, Sequence
 
 USAGE = """usage: densebeam COMMAND [options]
+       densebeam --version
 
 commands:
   encode    corpus shards -> Parquet embeddings dir (Beam pipeline)
@@ -31,7 +32,8 @@ def _setup_logging() -> None:
     level = os.environ.get("DENSEBEAM_LOG_LEVEL", "INFO").upper()
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
-    for noisy in ("apache_beam", "faiss", "urllib3", "filelock", "httpx", "sentence_transformers", "transformers"):
+    for noisy in ("apache_beam", "faiss", "urllib3", "filelock", "httpx", "sentence_transformers", "transformers",
+                  "bm25s"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -57,7 +59,7 @@ def format_encode_summary(manifest: dict, output: str) -> str:
 
 
 def _encode(argv: Sequence[str]) -> int:
-    from pipelines import encode
+    from densebeam.pipelines import encode
 
     manifest = encode.run(argv)
     out = encode.build_parser().parse_known_args(argv)[0].output
@@ -83,7 +85,7 @@ def format_index_summary(m: dict, output: str) -> str:
 
 
 def _index(argv: Sequence[str]) -> int:
-    from pipelines import build_index
+    from densebeam.pipelines import build_index
 
     manifest = build_index.run(argv)
     print(format_index_summary(manifest, build_index.build_parser().parse_known_args(argv)[0].output))
@@ -91,7 +93,7 @@ def _index(argv: Sequence[str]) -> int:
 
 
 def _build(argv: Sequence[str]) -> int:
-    from pipelines import build_index
+    from densebeam.pipelines import build_index
 
     emb_manifest, manifest = build_index.run_build(argv)
     args = build_index.build_command_parser().parse_known_args(argv)[0]
@@ -103,12 +105,12 @@ def _build(argv: Sequence[str]) -> int:
 
 
 def _inspect(argv: Sequence[str]) -> int:
-    import argparse
+    from densebeam.index_store import bundle as bundle_lib
+    from densebeam.index_store import embeddings as emb
 
-    from index_store import bundle as bundle_lib
-    from index_store import embeddings as emb
+    from densebeam.pipelines.argparsing import ArgumentParser
 
-    p = argparse.ArgumentParser(prog="densebeam inspect")
+    p = ArgumentParser(prog="densebeam inspect")
     p.add_argument("path", help="index bundle or embeddings dir")
     p.add_argument("--json", action="store_true", help="print the raw manifest")
     p.add_argument("--verify", action="store_true", help="also check every file's size and sha256")
@@ -118,7 +120,7 @@ def _inspect(argv: Sequence[str]) -> int:
         m = emb.open_embeddings(args.path).manifest
         print(json.dumps(m, indent=2) if args.json else format_encode_summary(m, args.path))
         return 0
-    from index_store import versions
+    from densebeam.index_store import versions
 
     path = versions.resolve(args.path)
     m = bundle_lib.read_manifest(path)
@@ -140,7 +142,7 @@ def fsspec_url_to_fs(path: str):
 
 def _query_command(name: str):
     def run(argv: Sequence[str]) -> int:
-        from pipelines import query_cli
+        from densebeam.pipelines import query_cli
 
         return getattr(query_cli, name)(argv)
 
@@ -157,6 +159,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)
         return 0 if argv else 2
+    if argv[0] in ("-V", "--version"):
+        import densebeam
+
+        print(f"densebeam {densebeam.__version__}")
+        return 0
     command, rest = argv[0], argv[1:]
     if command not in COMMANDS:
         print(f"densebeam: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)

@@ -14,22 +14,23 @@ from typing import Optional, Sequence
 import apache_beam as beam
 import fsspec
 
-from index_store import embeddings as emb
-from index_store.encoder import load_encoder
-from pipelines.options import (add_encode_args, add_output_args, add_read_args, add_runner_args,
+from densebeam.index_store import embeddings as emb
+from densebeam.index_store.encoder import load_encoder
+from densebeam.pipelines.argparsing import ArgumentParser, parse_pipeline_args
+from densebeam.pipelines.options import (add_encode_args, add_output_args, add_read_args, add_runner_args,
                                read_options)
-from runners.presets import pipeline_options
-from transforms.cache import ReuseEmbeddings, _JournalFn, cache_files
-from transforms.corpus_io import ReadOptions, expand_patterns
-from transforms.encode import EncodeOptions, EncodePassages
-from transforms.read import ReadCorpus
-from transforms.write import WriteEmbeddings
+from densebeam.runners.presets import pipeline_options
+from densebeam.transforms.cache import JournalEncoded, ReuseEmbeddings, cache_files
+from densebeam.transforms.corpus_io import ReadOptions, expand_patterns
+from densebeam.transforms.encode import EncodeOptions, EncodePassages
+from densebeam.transforms.read import ReadCorpus
+from densebeam.transforms.write import WriteEmbeddings
 
 log = logging.getLogger(__name__)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="densebeam encode", description=__doc__,
+def build_parser() -> ArgumentParser:
+    p = ArgumentParser(prog="densebeam encode", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--output", required=True, help="embeddings dir (local path or fsspec URL)")
     add_read_args(p)
@@ -69,8 +70,8 @@ def encode_stage(p: beam.Pipeline, files, read_opts: ReadOptions, enc_opts: Enco
         split = passages | "ReuseEmbeddings" >> ReuseEmbeddings(cache, identity, enc_opts.join_title)
         passages, reused = split["to_encode"], split["reused"]
     encoded = passages | "Encode" >> EncodePassages(enc_opts, facts.similarity, facts.dim)
-    rows = encoded["encoded"] | "Journal" >> beam.ParDo(_JournalFn(
-        output, facts.to_json(), identity, enc_opts.join_title, args.journal_rows))
+    rows = encoded["encoded"] | "Journal" >> JournalEncoded(
+        output, facts.to_json(), identity, enc_opts.join_title, args.journal_rows)
     if reused is not None:
         rows = (rows, reused) | "EncodedAndReused" >> beam.Flatten()
     rejected = (corpus["rejected"], encoded["rejected"]) | "Rejected" >> beam.Flatten()
@@ -84,7 +85,7 @@ def encode_stage(p: beam.Pipeline, files, read_opts: ReadOptions, enc_opts: Enco
 
 def run_pipeline(argv: Optional[Sequence[str]] = None):
     """Parse options and run the encode pipeline to completion; returns (manifest, Beam result)."""
-    args, beam_args = build_parser().parse_known_args(argv)
+    args, beam_args = parse_pipeline_args(build_parser(), argv)
     read_opts, enc_opts = read_options(args), encode_options(args)
     check_output(args.output, args.overwrite)
     files = expand_patterns(args.input)

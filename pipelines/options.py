@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import argparse
 
-from index_store.encoder import DEFAULT_MODEL, DEFAULT_TOKEN_BUDGET, DEVICES, PRECISIONS
-from runners.presets import LOCAL
-from transforms.corpus_io import DEFAULT_SPLIT_BYTES, FORMATS, ReadOptions
+from densebeam.index_store.encoder import DEFAULT_MODEL, DEFAULT_TOKEN_BUDGET, DEVICES, PRECISIONS
+from densebeam.runners.presets import LOCAL
+from densebeam.transforms.corpus_io import DEFAULT_SPLIT_BYTES, FORMATS, ReadOptions
 
 
 def add_read_args(p: argparse.ArgumentParser) -> None:
@@ -75,4 +75,4 @@ def read_options(args) -> ReadOptions:
                        title_field=args.title_field or None,
                        tsv_columns=tuple(c.strip() for c in args.tsv_columns.split(",")),
                        max_id_bytes=args.max_id_bytes, max_text_bytes=args.max_text_bytes,
-                       split_bytes=args.split_bytes)
+                       split_bytes=args.split_bytes, join_title=not args.no_join_title)

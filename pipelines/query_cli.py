@@ -1,4 +1,4 @@
-"""``densebeam search | eval | serve``: thin command-line fronts for :mod:`index_store.search`.
+"""``densebeam search | eval | serve``: thin command-line fronts for :mod:`densebeam.index_store.query.search`.
 
     densebeam search --index INDEX --query "how big is london" [--k 10] [--rerank-model M] [--json]
     densebeam eval --index INDEX --queries queries.jsonl --qrels qrels.tsv [--first-stage bm25]
@@ -16,11 +16,8 @@ import sys
 import time
 from typing import Sequence
 
-import logging
-
-from index_store.encoder import DEVICES, PRECISIONS
-
-logging.getLogger("bm25s").setLevel(logging.WARNING)
+from densebeam.index_store.encoder import DEVICES, PRECISIONS
+from densebeam.pipelines.argparsing import ArgumentParser
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -39,23 +36,23 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rerank-batch-size", type=int, default=64)
 
 
-def _open(args):
-    from index_store.search import Searcher
+def _open(args, lazy_encoder: bool = False):
+    from densebeam.index_store.query.search import Searcher
 
     return Searcher.open(args.index, model=args.model, device=args.device, precision=args.precision,
                          verify=args.verify, rerank_model=args.rerank_model,
-                         rerank_batch_size=args.rerank_batch_size)
+                         rerank_batch_size=args.rerank_batch_size, lazy_encoder=lazy_encoder)
 
 
 def search_main(argv: Sequence[str]) -> int:
-    p = argparse.ArgumentParser(prog="densebeam search", description="search an index bundle")
+    p = ArgumentParser(prog="densebeam search", description="search an index bundle")
     _add_common(p)
     p.add_argument("--query", action="append", required=True, help="query text (repeatable)")
     p.add_argument("--k", type=int, default=10)
     p.add_argument("--first-stage", default="dense", choices=("dense", "exact", "bm25"))
     p.add_argument("--json", action="store_true", help="print JSON: [{query, hits: [...]}]")
     args = p.parse_args(argv)
-    searcher = _open(args)
+    searcher = _open(args, lazy_encoder=True)
     results = searcher.retrieve(args.query, args.k, first_stage=args.first_stage, nprobe=args.nprobe,
                                 rerank=args.rerank_model is not None, rerank_depth=args.rerank_depth)
     if args.json:
@@ -73,10 +70,10 @@ def search_main(argv: Sequence[str]) -> int:
 def eval_main(argv: Sequence[str]) -> int:
     from tqdm import tqdm
 
-    from index_store import evaluate as ev
-    from index_store.hits import write_trec_run
+    from densebeam.index_store.query import evaluate as ev
+    from densebeam.index_store.query.hits import write_trec_run
 
-    p = argparse.ArgumentParser(prog="densebeam eval", description="retrieve for a query set and score it")
+    p = ArgumentParser(prog="densebeam eval", description="retrieve for a query set and score it")
     _add_common(p)
     p.add_argument("--queries", required=True, help="BEIR queries.jsonl or MS MARCO qid<TAB>text TSV")
     p.add_argument("--qrels", required=True, help="BEIR qrels TSV (with header) or TREC qrels")
@@ -92,7 +89,7 @@ def eval_main(argv: Sequence[str]) -> int:
     args = p.parse_args(argv)
     queries = ev.read_queries(args.queries)
     qrels = ev.read_qrels(args.qrels)
-    searcher = _open(args)
+    searcher = _open(args, lazy_encoder=True)
     qids = list(queries)
     # Exact search reads every vector once per call: one call for all queries.
     step = len(qids) if args.first_stage == "exact" else max(1, args.batch_size)
@@ -123,9 +120,9 @@ def eval_main(argv: Sequence[str]) -> int:
 
 
 def serve_main(argv: Sequence[str]) -> int:
-    from index_store.serve import Limits, serve
+    from densebeam.index_store.query.serve import Limits, serve
 
-    p = argparse.ArgumentParser(prog="densebeam serve", description="HTTP search service over one bundle")
+    p = ArgumentParser(prog="densebeam serve", description="HTTP search service over one bundle")
     _add_common(p)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8080)

@@ -17,7 +17,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional, Sequence
 
-from runners.flink import _given
+from densebeam.runners.flags import flag_value, has_flag
 
 SETUP_FILE = Path(__file__).resolve().parents[1] / "setup.py"
 DOCKERFILE = Path(__file__).resolve().parent / "Dockerfile"
@@ -26,21 +26,17 @@ GPU_MACHINE = "n1-standard-8"   # T4 attach to N1 machines
 DEFAULT_MAX_WORKERS = 20
 
 
-def _has(beam_args: Sequence[str], flag: str) -> bool:
-    return any(a == flag or a.startswith(flag + "=") for a in beam_args)
-
-
 def uses_gpu(beam_args: Sequence[str]) -> bool:
     return any("worker_accelerator" in a for a in beam_args)
 
 
 def check_required(beam_args: Sequence[str]) -> None:
     """Dataflow needs a project, a region and a gs:// temp location; say so before Beam does."""
-    missing = [f for f in ("--project", "--region", "--temp_location") if not _has(beam_args, f)]
+    missing = [f for f in ("--project", "--region", "--temp_location") if not has_flag(beam_args, f)]
     if missing:
         raise ValueError("--runner dataflow needs " + ", ".join(missing)
                          + " (e.g. --project my-proj --region us-central1 --temp_location gs://bucket/tmp)")
-    temp = _given(beam_args, "--temp_location") or ""
+    temp = flag_value(beam_args, "--temp_location") or ""
     if not temp.startswith("gs://"):
         raise ValueError(f"--temp_location must be a gs:// path for Dataflow, not {temp!r}")
 
@@ -50,18 +46,18 @@ def preset_args(beam_args: Sequence[str], workers: int = 1) -> list[str]:
     check_required(beam_args)
     gpu = uses_gpu(beam_args)
     args: list[str] = []
-    if not any(_has(beam_args, f) for f in ("--setup_file", "--sdk_container_image",
+    if not any(has_flag(beam_args, f) for f in ("--setup_file", "--sdk_container_image",
                                              "--requirements_file", "--extra_package")):
         args.append(f"--setup_file={SETUP_FILE}")
-    if not _has(beam_args, "--machine_type") and not _has(beam_args, "--worker_machine_type"):
+    if not has_flag(beam_args, "--machine_type") and not has_flag(beam_args, "--worker_machine_type"):
         args.append(f"--machine_type={GPU_MACHINE if gpu else CPU_MACHINE}")
-    if not _has(beam_args, "--autoscaling_algorithm"):
+    if not has_flag(beam_args, "--autoscaling_algorithm"):
         args.append("--autoscaling_algorithm=THROUGHPUT_BASED")
-    if not _has(beam_args, "--max_num_workers"):
+    if not has_flag(beam_args, "--max_num_workers"):
         args.append(f"--max_num_workers={workers if workers > 1 else DEFAULT_MAX_WORKERS}")
     if gpu:
         args.append("--experiments=no_use_multiple_sdk_containers")
-    if not _has(beam_args, "--disk_size_gb"):
+    if not has_flag(beam_args, "--disk_size_gb"):
         args.append("--disk_size_gb=100")  # torch + model + container images
     return args
 

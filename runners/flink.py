@@ -39,6 +39,8 @@ import zipfile
 from pathlib import Path
 from typing import Optional, Sequence
 
+from densebeam.runners.flags import flag_value
+
 log = logging.getLogger(__name__)
 
 JOB_SERVER_MAIN = "org.apache.beam.runners.flink.FlinkJobServerDriver"
@@ -508,16 +510,6 @@ def shutdown_managed() -> None:
 atexit.register(shutdown_managed)
 
 
-def _given(beam_args: Sequence[str], flag: str) -> Optional[str]:
-    """The value of ``--flag`` in ``beam_args`` (``--flag=v`` or ``--flag v``), or None."""
-    for i, a in enumerate(beam_args):
-        if a == flag and i + 1 < len(beam_args):
-            return beam_args[i + 1]
-        if a.startswith(flag + "="):
-            return a.split("=", 1)[1]
-    return None
-
-
 def preset_args(beam_args: Sequence[str], workers: int = 1) -> list[str]:
     """Beam flags for ``--runner flink`` (placed before the user's, which win).
 
@@ -534,23 +526,23 @@ def preset_args(beam_args: Sequence[str], workers: int = 1) -> list[str]:
       beside every TaskManager (see docs/scale.md).
     """
     args: list[str] = []
-    master = _given(beam_args, "--flink_master") or "[local]"
-    if _given(beam_args, "--flink_master") is None:
+    master = flag_value(beam_args, "--flink_master") or "[local]"
+    if flag_value(beam_args, "--flink_master") is None:
         args.append("--flink_master=[local]")
     if workers > 1:
         args.append(f"--parallelism={workers}")
-    if _given(beam_args, "--job_endpoint") is None:
-        jar_path = _given(beam_args, "--flink_job_server_jar")
+    if flag_value(beam_args, "--job_endpoint") is None:
+        jar_path = flag_value(beam_args, "--flink_job_server_jar")
         if jar_path is None:
-            jar = fetch_job_server(_given(beam_args, "--flink_version"))
+            jar = fetch_job_server(flag_value(beam_args, "--flink_version"))
             jar_path = str(jar.launcher)
             args += [f"--flink_job_server_jar={jar_path}", f"--flink_version={jar.flink_version}"]
         key = ("jobserver", jar_path, master)
         if key not in _MANAGED:
             _MANAGED[key] = JobServer(Path(jar_path), master).start()
         args.append(f"--job_endpoint={_MANAGED[key].endpoint}")
-    if _given(beam_args, "--environment_type") is None and master == "[local]":
-        parallelism = int(_given(beam_args, "--parallelism") or workers)
+    if flag_value(beam_args, "--environment_type") is None and master == "[local]":
+        parallelism = int(flag_value(beam_args, "--parallelism") or workers)
         threads = max(1, (os.cpu_count() or 1) // max(1, parallelism))
         key = ("pool", threads)
         if key not in _MANAGED:

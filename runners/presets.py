@@ -45,11 +45,11 @@ def preset_args(runner: str, beam_args: Sequence[str], workers: int = 1,
             # Read by the SDK worker processes (torch honours OMP_NUM_THREADS at import).
             os.environ.setdefault("OMP_NUM_THREADS", str(local_torch_threads(workers)))
     elif runner == FLINK:
-        from runners import flink
+        from densebeam.runners import flink
 
         args += ["--runner=FlinkRunner", *flink.preset_args(beam_args, workers)]
     elif runner == DATAFLOW:
-        from runners import dataflow
+        from densebeam.runners import dataflow
 
         args += ["--runner=DataflowRunner", *dataflow.preset_args(beam_args, workers)]
     else:

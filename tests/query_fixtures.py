@@ -35,7 +35,7 @@ def build_tiny_cross_encoder(path: Path, seed: int = 3, hidden: int = 32) -> str
 
 def build_tiny_bundle(tmp: Path, model: str, n_docs: int = 240, seed: int = 5, *extra: str) -> str:
     """Corpus of ``n_docs`` synthetic passages -> densebeam build (local runner) -> bundle path."""
-    from pipelines.build_index import run_build
+    from densebeam.pipelines.build_index import run_build
 
     corpus = write_jsonl(tmp / "corpus.jsonl", make_passages(n_docs, seed=seed))
     out = tmp / "bundle"

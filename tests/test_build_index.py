@@ -11,11 +11,12 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from index_store import bundle as bundle_lib
-from index_store import embeddings as emb
-from index_store import ivf
-from index_store.types import ModelFacts
-from pipelines import build_index, cli
+from densebeam.index_store import bundle as bundle_lib
+from densebeam.index_store import embeddings as emb
+from densebeam.index_store import ivf
+from densebeam.index_store.types import ModelFacts
+from densebeam.pipelines import build_index
+from densebeam.pipelines import cli
 from conftest import make_passages, write_jsonl
 
 LOCAL = ["--runner", "local"]
@@ -116,7 +117,7 @@ def test_chosen_nprobe_meets_recall_target_against_brute_force(built):
 def held_out_recall_curve(bundle_dir, emb_dir, vecs, n_queries, nprobes, codec=None):
     """The recall curve measured the slow way: search the bundle with the build's held-out vectors (own
     row excluded) at every nprobe, against brute force over all vectors."""
-    from index_store.build_plan import plan_build
+    from densebeam.index_store.build_plan import plan_build
 
     plan = plan_build([emb.open_embeddings(emb_dir)], nlist=64, n_queries=n_queries, codec=codec)
     qids = np.concatenate([s.base + plan.sample_rows(s)[1] for s in plan.shards])
@@ -135,7 +136,7 @@ def held_out_recall_curve(bundle_dir, emb_dir, vecs, n_queries, nprobes, codec=N
 def test_trained_on_exactly_the_planned_sample(built):
     """k-means ran on the seeded training rows of the plan, in shard then row order (seeded k-means:
     the same sample gives the same bytes), and none of them is a held-out query row."""
-    from index_store.build_plan import plan_build
+    from densebeam.index_store.build_plan import plan_build
 
     tmp, vecs, _ = built
     plan = plan_build([emb.open_embeddings(str(tmp / "emb"))], nlist=64, n_queries=300)
@@ -178,7 +179,7 @@ def test_sq8_build_measures_its_curve_by_search(tmp_path):
     (65536, "Flat", [2 ** i for i in range(14)] + [65536]),  # HNSW-assigned lists: searched, capped
 ])
 def test_nprobe_candidates(nlist, codec, want):
-    from index_store.build_plan import BuildPlan
+    from densebeam.index_store.build_plan import BuildPlan
 
     plan = BuildPlan(facts=FACTS, shards=(), n_vectors=10**7, nlist=nlist, codec=codec,
                      factory=ivf.factory_string(nlist, codec), train_size=0, n_queries=0, k=10,
@@ -270,3 +271,11 @@ def test_densebeam_build_end_to_end_with_tiny_model(tmp_path, tiny_cos_model, ca
     assert all(d["text"] == text[d["id"]] for d in b.docstore.get(list(range(0, 400, 37))))
     rc = cli.main(["inspect", str(tmp_path / "idx"), "--verify"])
     assert rc == 0 and "verified" in capsys.readouterr().out
+
+
+def test_manifest_records_absolute_input_paths(tmp_path, monkeypatch):
+    write_embeddings_dir(tmp_path / "emb", clustered(600), FACTS, shard_rows=300)
+    monkeypatch.chdir(tmp_path)
+    m = build_index.run(["--embeddings", "emb", "--output", "idx", "--nlist", "4", "--recall-queries", "20",
+                         "--runner", "local"])
+    assert m["inputs"] == [{"embeddings": str(tmp_path / "emb"), "counts": m["inputs"][0]["counts"]}]

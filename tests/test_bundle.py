@@ -11,11 +11,11 @@ import fsspec
 import numpy as np
 import pytest
 
-from index_store import bundle as bundle_mod
-from index_store import ivf
-from index_store.bundle import BundleError, layout_paths, open_bundle, read_manifest, verify, write_manifest
-from index_store.docstore import DocstoreWriter
-from index_store.types import ModelFacts
+from densebeam.index_store import bundle as bundle_mod
+from densebeam.index_store import ivf
+from densebeam.index_store.bundle import BundleError, layout_paths, open_bundle, read_manifest, verify, write_manifest
+from densebeam.index_store.docstore import DocstoreWriter
+from densebeam.index_store.types import ModelFacts
 
 DIM, N, NLIST, SHARDS = 32, 3000, 32, 3
 FACTS = ModelFacts(model="tiny-test", revision=None, dim=DIM, similarity="cos", dtype="float32")

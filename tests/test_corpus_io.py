@@ -9,9 +9,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from index_store.types import Passage, Rejected
-from transforms import corpus_io
-from transforms.corpus_io import ReadOptions
+from densebeam.index_store.types import Passage, Rejected
+from densebeam.transforms import corpus_io
+from densebeam.transforms.corpus_io import ReadOptions
 from conftest import make_passages, write_jsonl
 
 

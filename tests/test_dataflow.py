@@ -14,15 +14,16 @@ from pathlib import Path
 import apache_beam as beam
 import pytest
 
-from index_store.build_plan import plan_build
-from index_store.embeddings import open_embeddings
-from index_store.encoder import load_encoder
-from pipelines import build_index, encode
-from pipelines.options import read_options
-from runners import dataflow
-from runners.presets import pipeline_options
-from transforms.corpus_io import expand_patterns
-from transforms.index import BuildIndex
+from densebeam.index_store.build_plan import plan_build
+from densebeam.index_store.embeddings import open_embeddings
+from densebeam.index_store.encoder import load_encoder
+from densebeam.pipelines import build_index
+from densebeam.pipelines import encode
+from densebeam.pipelines.options import read_options
+from densebeam.runners import dataflow
+from densebeam.runners.presets import pipeline_options
+from densebeam.transforms.corpus_io import expand_patterns
+from densebeam.transforms.index import BuildIndex
 from conftest import REPO, make_passages, write_jsonl
 
 pytestmark = pytest.mark.timeout(300)
@@ -156,13 +157,14 @@ def test_dataflow_preset_says_what_is_missing():
 
 def _source_copy(dest: Path) -> Path:
     """The project's source (what a clean clone holds) without build leftovers."""
-    shutil.copy(REPO / "setup.py", dest / "setup.py")
+    for name in ("setup.py", "__init__.py", "README.md"):
+        shutil.copy(REPO / name, dest / name)
     for pkg in PACKAGES:
         shutil.copytree(REPO / pkg, dest / pkg, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     return dest
 
 
-def test_sdist_and_wheel_hold_every_package(tmp_path):
+def test_sdist_and_wheel_hold_every_package_under_densebeam(tmp_path):
     (tmp_path / "src").mkdir()
     src = _source_copy(tmp_path / "src")
     subprocess.run([sys.executable, "setup.py", "-q", "sdist", "--dist-dir", str(tmp_path / "dist")],
@@ -178,6 +180,12 @@ def test_sdist_and_wheel_hold_every_package(tmp_path):
     for pkg in PACKAGES:
         modules = {str(p.relative_to(REPO)) for p in (REPO / pkg).rglob("*.py") if "__pycache__" not in p.parts}
         assert modules <= in_sdist, modules - in_sdist
-        assert modules <= in_wheel, modules - in_wheel
-    assert "runners/flink.py" in in_wheel and "runners/dataflow.py" in in_wheel
-    assert any(n.endswith("entry_points.txt") for n in in_wheel)
+        assert {f"densebeam/{m}" for m in modules} <= in_wheel, {f"densebeam/{m}" for m in modules} - in_wheel
+    # One top-level name in site-packages: densebeam (and its dist-info), nothing else.
+    top = {n.split("/", 1)[0] for n in in_wheel}
+    assert {t for t in top if not t.endswith(".dist-info")} == {"densebeam"}, top
+    assert "densebeam/__init__.py" in in_wheel and "densebeam/setup.py" not in in_wheel
+    assert "densebeam/runners/flink.py" in in_wheel and "densebeam/runners/Dockerfile" in in_wheel
+    entry = next(n for n in in_wheel if n.endswith("entry_points.txt"))
+    with zipfile.ZipFile(wheel) as z:
+        assert "densebeam = densebeam.pipelines.cli:main" in z.read(entry).decode()

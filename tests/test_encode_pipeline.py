@@ -15,11 +15,12 @@ from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.testing.test_pipeline import TestPipeline as BeamTestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
-from index_store import embeddings as emb
-from index_store.encoder import load_encoder
-from pipelines import cli, encode
-from transforms.corpus_io import ReadOptions, expand_patterns
-from transforms.read import ReadCorpus
+from densebeam.index_store import embeddings as emb
+from densebeam.index_store.encoder import load_encoder
+from densebeam.pipelines import cli
+from densebeam.pipelines import encode
+from densebeam.transforms.corpus_io import ReadOptions, expand_patterns
+from densebeam.transforms.read import ReadCorpus
 from conftest import make_passages, write_jsonl
 
 LOCAL = ["--runner", "local"]
@@ -198,8 +199,8 @@ def test_cli_summary_and_clear_errors(tmp_path, tiny_cos_model, capsys):
 def test_bad_vectors_are_dead_lettered_before_any_index(tmp_path):
     from apache_beam.ml.inference.base import PredictionResult
 
-    from index_store.types import Passage
-    from transforms.encode import _CheckVectorFn
+    from densebeam.index_store.types import Passage
+    from densebeam.transforms.encode import _CheckVectorFn
 
     def result(i, vec):
         return PredictionResult(Passage(f"p{i}", "t", "", "f", i), np.asarray(vec, np.float32), "fp32")
@@ -214,3 +215,28 @@ def test_bad_vectors_are_dead_lettered_before_any_index(tmp_path):
                     equal_to([("p1", "bad_embedding", "NaN"), ("p2", "bad_embedding", "NaN"),
                               ("p3", "bad_embedding", "all"), ("p4", "bad_embedding", "shape")]),
                     label="rejected")
+
+
+def test_title_only_records_are_passages_when_titles_are_joined(tmp_path, tiny_cos_model):
+    good = make_passages(3, seed=8)
+    records = good + [{"_id": "title-only", "title": "river music", "text": ""},
+                      {"_id": "blank-title", "title": "   ", "text": ""},
+                      {"_id": "nothing", "title": "", "text": " "}]
+    src = write_jsonl(tmp_path / "beir.jsonl", records)
+    manifest, _ = run_encode(tiny_cos_model, [src], tmp_path / "joined", "--precision", "fp32")
+    c = manifest["counts"]
+    assert (c["read"], c["encoded"], c["rejected"]) == (6, 4, 2)
+    assert c["read"] == c["encoded"] + c["rejected"]
+    assert c["rejected_by_reason"] == {"empty_text": 2}
+    rows = load_rows(tmp_path / "joined")
+    vec, text, title = rows["title-only"]
+    assert (text, title) == ("", "river music")  # stored as the input said
+    enc = load_encoder(tiny_cos_model, precision="fp32", device="cpu")
+    np.testing.assert_allclose(vec, enc.encode(["river music"])[0], atol=1e-5)  # the title alone, no padding
+
+    manifest, _ = run_encode(tiny_cos_model, [src], tmp_path / "text-only", "--precision", "fp32",
+                             "--no-join-title")
+    c = manifest["counts"]
+    assert (c["read"], c["encoded"], c["rejected"]) == (6, 3, 3)
+    assert c["rejected_by_reason"] == {"empty_text": 3}
+    assert "title-only" not in load_rows(tmp_path / "text-only")

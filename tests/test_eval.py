@@ -7,10 +7,10 @@ import math
 
 import pytest
 
-from index_store import evaluate as ev
-from index_store.hits import Hit
-from index_store.search import Searcher
-from pipelines import cli
+from densebeam.index_store.query import evaluate as ev
+from densebeam.index_store.query.hits import Hit
+from densebeam.index_store.query.search import Searcher
+from densebeam.pipelines import cli
 from conftest import make_passages, write_jsonl
 from query_fixtures import build_tiny_bundle, build_tiny_cross_encoder
 

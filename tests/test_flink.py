@@ -14,11 +14,12 @@ import numpy as np
 import psutil
 import pytest
 
-from index_store import bundle as bundle_lib
-from pipelines import build_index
-from runners import flink, sdk_boot
-from runners.presets import pipeline_options
-from transforms.encode import WORKER_LOG_ENV
+from densebeam.index_store import bundle as bundle_lib
+from densebeam.pipelines import build_index
+from densebeam.runners import flink
+from densebeam.runners import sdk_boot
+from densebeam.runners.presets import pipeline_options
+from densebeam.transforms.encode import WORKER_LOG_ENV
 from conftest import make_passages, write_jsonl
 from test_encode_pipeline import load_rows
 
@@ -53,7 +54,7 @@ def runs(tmp_path_factory, tiny_cos_model):
               "--rows-per-shard", "300"]
     local = build_index.run_build(common + ["--output", str(tmp / "local"), "--runner", "local"])
 
-    markers = (str(tmp), str(jar.launcher), "worker_pool_main", "SdkHarness", "runners.sdk_boot")
+    markers = (str(tmp), str(jar.launcher), "worker_pool_main", "SdkHarness", "densebeam.runners.sdk_boot")
     before = {p.pid for p in _our_processes(markers)}
     wlog = tmp / "worker-log"
     wlog.mkdir()

@@ -11,7 +11,7 @@ import fsspec
 import numpy as np
 import pytest
 
-from index_store import ivf
+from densebeam.index_store import ivf
 
 DIM, N, NLIST, K = 32, 6000, 64, 10
 

@@ -9,9 +9,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from index_store import versions
-from index_store.search import Searcher
-from pipelines import build_index
+from densebeam.index_store import versions
+from densebeam.index_store.query.search import Searcher
+from densebeam.pipelines import build_index
 from conftest import make_passages, write_jsonl
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))

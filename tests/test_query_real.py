@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from index_store import evaluate as ev
-from index_store.search import Searcher
-from pipelines.build_index import run_build
+from densebeam.index_store.query import evaluate as ev
+from densebeam.index_store.query.search import Searcher
+from densebeam.pipelines.build_index import run_build
 from conftest import SHARED_DATA
 
 pytestmark = pytest.mark.slow

@@ -11,9 +11,9 @@ import pyarrow.parquet as pq
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from index_store.types import Passage, Rejected
-from transforms import corpus_io
-from transforms.corpus_io import ReadOptions
+from densebeam.index_store.types import Passage, Rejected
+from densebeam.transforms import corpus_io
+from densebeam.transforms.corpus_io import ReadOptions
 
 SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 OPTS = ReadOptions(max_text_bytes=5000, split_bytes=1024)
@@ -99,7 +99,7 @@ def test_pipeline_on_a_garbage_corpus_never_crashes_and_reconciles(tmp_path, tin
     """The whole encode pipeline over every kind of bad line at once, JSONL and TSV side by side."""
     import random
 
-    from pipelines import encode
+    from densebeam.pipelines import encode
 
     rng = random.Random(7)
     good = [json.dumps({"_id": f"g{i}", "text": f"river water music {i}"}).encode() for i in range(30)]

@@ -8,9 +8,9 @@ import json
 import numpy as np
 import pytest
 
-from index_store import embeddings as emb
-from index_store.encoder import cpu_has_native_bf16, load_encoder, resolve_model_path
-from pipelines import encode
+from densebeam.index_store import embeddings as emb
+from densebeam.index_store.encoder import cpu_has_native_bf16, load_encoder, resolve_model_path
+from densebeam.pipelines import encode
 from conftest import SHARED_DATA, write_jsonl
 
 pytestmark = pytest.mark.slow

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 from apache_beam.metrics.metric import MetricsFilter
 
-from index_store import bundle as bundle_lib
-from index_store import embeddings as emb
-from pipelines import encode
+from densebeam.index_store import bundle as bundle_lib
+from densebeam.index_store import embeddings as emb
+from densebeam.pipelines import encode
 from conftest import make_passages, write_jsonl
 
 LOCAL = ["--runner", "local"]
@@ -73,7 +73,7 @@ def test_other_model_or_precision_never_reuses(tmp_path, tiny_cos_model, tiny_pl
 
 
 def _build_cmd(src, out, model):
-    return [sys.executable, "-m", "pipelines.cli", "build", "--input", str(src), "--output", str(out),
+    return [sys.executable, "-m", "densebeam.pipelines.cli", "build", "--input", str(src), "--output", str(out),
             "--model", model, "--precision", "fp32", "--journal-rows", "100", "--rows-per-shard", "250",
             "--nlist", "8", *LOCAL]
 

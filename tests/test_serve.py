@@ -8,8 +8,8 @@ import threading
 import httpx
 import pytest
 
-from index_store.search import Searcher
-from index_store.serve import Limits, create_app
+from densebeam.index_store.query.search import Searcher
+from densebeam.index_store.query.serve import Limits, create_app
 from query_fixtures import ServerThread, build_tiny_bundle, build_tiny_cross_encoder, toy_queries
 
 QUERIES = toy_queries(24, seed=21)

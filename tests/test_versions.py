@@ -6,10 +6,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from index_store import bundle as bundle_lib
-from index_store import versions
-from index_store.types import ModelFacts
-from pipelines import build_index
+from densebeam.index_store import bundle as bundle_lib
+from densebeam.index_store import versions
+from densebeam.index_store.types import ModelFacts
+from densebeam.pipelines import build_index
 from test_build_index import clustered, write_embeddings_dir
 
 FACTS = ModelFacts(model="synthetic", revision=None, dim=32, similarity="cos", dtype="float32")

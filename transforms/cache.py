@@ -30,10 +30,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from apache_beam.metrics import Metrics
 
-from index_store import embeddings as emb
-from index_store.faults import pause_point
-from transforms.corpus_io import _is_local
-from transforms.read import NAMESPACE
+from densebeam.index_store import embeddings as emb
+from densebeam.index_store.faults import pause_point
+from densebeam.transforms.corpus_io import is_local_fs
+from densebeam.transforms.read import NAMESPACE
 
 log = logging.getLogger(__name__)
 IDENTITY_KEY = b"densebeam.encode_identity"
@@ -51,7 +51,7 @@ def cache_files(dirs: Sequence[str]) -> list[str]:
         fs, root = fsspec.core.url_to_fs(d)
         for pattern in ("part-*.parquet", f"{emb.TEMP_DIR}/*.parquet", f"{JOURNAL_DIR}/journal-*.parquet"):
             for p in sorted(fs.glob(emb.join(root, pattern))):
-                found.append(p if _is_local(fs) else fs.unstrip_protocol(p))
+                found.append(p if is_local_fs(fs) else fs.unstrip_protocol(p))
     return found
 
 
@@ -164,6 +164,17 @@ class _JournalFn(beam.DoFn):
 
     def finish_bundle(self):
         self._flush()
+
+
+class JournalEncoded(beam.PTransform):
+    """Encoded rows, passed through unchanged, also appended to the output's resumable journal."""
+
+    def __init__(self, out_dir: str, facts_json: str, identity: dict, join_title: bool, rows: int):
+        super().__init__()
+        self._fn = _JournalFn(out_dir, facts_json, identity, join_title, rows)
+
+    def expand(self, rows):
+        return rows | "AppendToJournal" >> beam.ParDo(self._fn)
 
 
 def identity_metadata(identity: Optional[dict]) -> dict:

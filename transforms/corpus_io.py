@@ -17,7 +17,7 @@ from typing import Iterator, Optional, Sequence, Union
 
 import fsspec
 
-from index_store.types import Passage, Rejected
+from densebeam.index_store.types import Passage, Rejected
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +41,9 @@ class ReadOptions:
     max_id_bytes: int = 256
     max_text_bytes: int = 1 << 20
     split_bytes: int = DEFAULT_SPLIT_BYTES
+    # Titles are encoded with the text (BEIR style): a record with a title and an empty text still has
+    # something to encode. Without joining, an empty text is ``empty_text``.
+    join_title: bool = True
 
     def __post_init__(self):
         if self.format not in FORMATS + ("auto",):
@@ -91,12 +94,12 @@ def expand_patterns(patterns: Sequence[str]) -> list[tuple[str, int]]:
         if not matched:
             raise FileNotFoundError(f"input pattern {pattern!r} matches no file")
         for p in matched:
-            url = p if _is_local(fs) else fs.unstrip_protocol(p)
+            url = p if is_local_fs(fs) else fs.unstrip_protocol(p)
             found[url] = int(fs.size(p))
     return sorted(found.items())
 
 
-def _is_local(fs) -> bool:
+def is_local_fs(fs) -> bool:
     protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
     return "file" in protocols or "local" in protocols
 
@@ -226,8 +229,10 @@ def _validate(fields, opts: ReadOptions, piece: Piece, pos: int, line_no: Option
     if not isinstance(text, str):
         return _reject("invalid_text", f"text must be a string, got {type(text).__name__}", piece, pos,
                        line_no, raw, id=doc_id)
-    if not text.strip():
-        return _reject("empty_text", "text is empty", piece, pos, line_no, raw, id=doc_id)
+    title_counts = opts.join_title and isinstance(title, str) and bool(title.strip())
+    if not text.strip() and not title_counts:
+        detail = "text is empty" + (" and so is the title" if opts.join_title else " (titles are not joined)")
+        return _reject("empty_text", detail, piece, pos, line_no, raw, id=doc_id)
     if len(text.encode("utf-8", errors="surrogatepass")) > opts.max_text_bytes:
         return _reject("text_too_long", f"text is longer than {opts.max_text_bytes} bytes", piece, pos,
                        line_no, raw, id=doc_id)

@@ -16,9 +16,9 @@ import numpy as np
 from apache_beam.metrics import Metrics
 from apache_beam.ml.inference.base import ModelHandler, PredictionResult, RunInference
 
-from index_store.encoder import DEFAULT_TOKEN_BUDGET, Encoder, load_encoder
-from index_store.types import Passage, Rejected
-from transforms.read import NAMESPACE
+from densebeam.index_store.encoder import DEFAULT_TOKEN_BUDGET, Encoder, load_encoder
+from densebeam.index_store.types import Passage, Rejected
+from densebeam.transforms.read import NAMESPACE
 
 log = logging.getLogger(__name__)
 

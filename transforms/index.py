@@ -19,14 +19,14 @@ import numpy as np
 import pyarrow.parquet as pq
 from apache_beam.metrics import Metrics
 
-from index_store import bundle as bundle_lib
-from index_store import ivf
-from index_store.build_plan import BuildPlan, ShardSpec
-from index_store.docstore import DocstoreWriter
-from index_store.embeddings import join
-from index_store.faults import pause_point
-from index_store.ivf_search import merge_topk
-from transforms.read import NAMESPACE
+from densebeam.index_store import bundle as bundle_lib
+from densebeam.index_store import ivf
+from densebeam.index_store.build_plan import BuildPlan, ShardSpec
+from densebeam.index_store.docstore import DocstoreWriter
+from densebeam.index_store.embeddings import join
+from densebeam.index_store.faults import pause_point
+from densebeam.index_store.ivf_search import merge_topk
+from densebeam.transforms.read import NAMESPACE
 
 log = logging.getLogger(__name__)
 BATCH_ROWS = 16384

@@ -8,9 +8,9 @@ from typing import Sequence
 import apache_beam as beam
 from apache_beam.metrics import Metrics
 
-from index_store.types import Passage, Rejected
-from transforms import corpus_io
-from transforms.corpus_io import Piece, ReadOptions
+from densebeam.index_store.types import Passage, Rejected
+from densebeam.transforms import corpus_io
+from densebeam.transforms.corpus_io import Piece, ReadOptions
 
 log = logging.getLogger(__name__)
 

@@ -23,10 +23,10 @@ from apache_beam.transforms.window import GlobalWindow
 from apache_beam.utils.timestamp import MIN_TIMESTAMP
 from apache_beam.utils.windowed_value import WindowedValue
 
-from index_store import embeddings as emb
-from index_store.faults import pause_point
-from index_store.types import ModelFacts, Rejected
-from transforms.cache import JOURNAL_DIR, identity_metadata, text_hash
+from densebeam.index_store import embeddings as emb
+from densebeam.index_store.faults import pause_point
+from densebeam.index_store.types import ModelFacts, Rejected
+from densebeam.transforms.cache import JOURNAL_DIR, identity_metadata, text_hash
 
 log = logging.getLogger(__name__)
 

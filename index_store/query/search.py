@@ -19,11 +19,11 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from index_store.bundle import Bundle, open_bundle
-from index_store.encoder import Encoder, load_encoder
-from index_store.hits import Hit, hits_from_rows, sort_hits
-from index_store.ivf_search import exact_search
-from index_store.vectors import DEFAULT_BATCH_ROWS, IvfVectors
+from densebeam.index_store.bundle import Bundle, open_bundle
+from densebeam.index_store.encoder import Encoder, load_encoder
+from densebeam.index_store.query.hits import Hit, hits_from_rows, sort_hits
+from densebeam.index_store.ivf_search import exact_search
+from densebeam.index_store.query.vectors import DEFAULT_BATCH_ROWS, IvfVectors
 
 log = logging.getLogger(__name__)
 
@@ -48,32 +48,61 @@ def load_query_encoder(bundle: Bundle, model: Optional[str] = None, *, device: s
 
 
 class Searcher:
-    """An opened bundle plus its query encoder, and optionally a cross-encoder and a lazy BM25 index."""
+    """An opened bundle plus its query encoder, and optionally a cross-encoder and a lazy BM25 index.
 
-    def __init__(self, bundle: Bundle, encoder: Encoder, reranker=None, bm25_options: Optional[dict] = None):
-        if encoder.dim != bundle.facts.dim:
-            raise ValueError(f"encoder dim {encoder.dim} != bundle dim {bundle.facts.dim}")
-        self.bundle, self.encoder, self.reranker = bundle, encoder, reranker
+    ``encoder`` is an :class:`Encoder` or a zero-argument function that loads one: then the bi-encoder
+    is loaded on first use, so BM25-only work (``first_stage="bm25"``) never loads it.
+    """
+
+    def __init__(self, bundle: Bundle, encoder, reranker=None, bm25_options: Optional[dict] = None):
+        self.bundle, self.reranker = bundle, reranker
+        self._encode_lock = threading.Lock()
+        self._lazy_lock = threading.Lock()
+        self._encoder: Optional[Encoder] = None
+        self._load_encoder = encoder if callable(encoder) and not isinstance(encoder, Encoder) else None
+        if self._load_encoder is None:
+            self._set_encoder(encoder)
         self.bm25_options = dict(bm25_options or {})
         self._bm25 = None
         self._vectors: Optional[IvfVectors] = None
-        self._encode_lock = threading.Lock()
-        self._lazy_lock = threading.Lock()
 
     @classmethod
     def open(cls, index: str, *, model: Optional[str] = None, device: str = "auto", precision: str = "auto",
              verify: str = "full", cache_dir: Optional[str] = None, rerank_model: Optional[str] = None,
-             rerank_batch_size: int = 64, bm25_options: Optional[dict] = None) -> "Searcher":
-        """Open ``index`` (local path or fsspec URL; remote bundles are cached), load its model(s)."""
+             rerank_batch_size: int = 64, bm25_options: Optional[dict] = None,
+             lazy_encoder: bool = False) -> "Searcher":
+        """Open ``index`` (local path or fsspec URL; remote bundles are cached), load its model(s).
+
+        ``lazy_encoder=True`` defers loading the bi-encoder until a query needs it (BM25-only use never
+        does); by default it is loaded here, so a bad model fails at open, not at the first query.
+        """
         bundle = open_bundle(index, verify=verify, cache_dir=cache_dir)
-        encoder = load_query_encoder(bundle, model, device=device, precision=precision)
+
+        def encoder():
+            return load_query_encoder(bundle, model, device=device, precision=precision)
+
+        if not lazy_encoder:
+            encoder = encoder()
         reranker = None
         if rerank_model:
-            from index_store.rerank import CrossEncoderReranker
+            from densebeam.index_store.query.rerank import CrossEncoderReranker
 
             reranker = CrossEncoderReranker(rerank_model, batch_size=rerank_batch_size, device=device,
                                             precision=precision)
         return cls(bundle, encoder, reranker, bm25_options)
+
+    def _set_encoder(self, encoder: Encoder) -> None:
+        if encoder.dim != self.bundle.facts.dim:
+            raise ValueError(f"encoder dim {encoder.dim} != bundle dim {self.bundle.facts.dim}")
+        self._encoder = encoder
+
+    @property
+    def encoder(self) -> Encoder:
+        """The query bi-encoder, loaded now if it was deferred."""
+        with self._lazy_lock:
+            if self._encoder is None:
+                self._set_encoder(self._load_encoder())
+            return self._encoder
 
     @property
     def default_nprobe(self) -> int:
@@ -88,7 +117,7 @@ class Searcher:
         """The BM25 index, built from the docstore on first use (see :mod:`index_store.bm25`)."""
         with self._lazy_lock:
             if self._bm25 is None:
-                from index_store.bm25 import BM25Index
+                from densebeam.index_store.query.bm25 import BM25Index
 
                 self._bm25 = BM25Index(self.bundle.docstore, **self.bm25_options)
             return self._bm25

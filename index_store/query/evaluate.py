@@ -16,7 +16,7 @@ from typing import Iterable, Mapping, Optional, Sequence
 
 import fsspec
 
-from index_store.hits import Hit
+from densebeam.index_store.query.hits import Hit
 
 METRICS = ("ndcg@10", "mrr@10", "recall@100", "recall@1000")
 

@@ -20,8 +20,8 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from index_store.encoder import pick_device, pick_precision
-from index_store.hits import Hit, sort_hits
+from densebeam.index_store.encoder import pick_device, pick_precision
+from densebeam.index_store.query.hits import Hit, sort_hits
 
 log = logging.getLogger(__name__)
 

@@ -16,8 +16,8 @@ import dataclasses
 import logging
 from typing import Optional
 
-from index_store.hits import Hit
-from index_store.search import Searcher
+from densebeam.index_store.query.hits import Hit
+from densebeam.index_store.query.search import Searcher
 
 log = logging.getLogger(__name__)
 

@@ -20,8 +20,8 @@ import logging
 import time
 from typing import Optional
 
-from index_store.batcher import MicroBatcher, SearchJob
-from index_store.search import Searcher
+from densebeam.index_store.query.batcher import MicroBatcher, SearchJob
+from densebeam.index_store.query.search import Searcher
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +90,7 @@ def create_app(searcher: Searcher, limits: Limits = Limits(), reopen=None, watch
                 "vectors": new.bundle.searcher.ntotal}
 
     async def watch_loop(location: str, every_s: float):
-        from index_store import versions
+        from densebeam.index_store import versions
 
         seen = versions.current(location)
         while True:

@@ -17,8 +17,8 @@ from typing import Iterator, Optional, Sequence
 
 import numpy as np
 
-from index_store.docstore import Docstore
-from index_store.hits import Hit, hits_from_rows
+from densebeam.index_store.docstore import Docstore
+from densebeam.index_store.query.hits import Hit, hits_from_rows
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +47,10 @@ class BM25Index:
                  stopwords: Optional[str] = "en", stemmer: Optional[str] = None, join_title: bool = True):
         import bm25s
         from bm25s.tokenization import Tokenized, Tokenizer
+
+        # bm25s sets its own logger to DEBUG when first imported; undo that (its progress lines are noise).
+        if logging.getLogger("bm25s").level == logging.DEBUG:
+            logging.getLogger("bm25s").setLevel(logging.WARNING)
 
         self.docstore = docstore
         self.tokenizer = Tokenizer(stopwords=stopwords or [], stemmer=_stemmer(stemmer))

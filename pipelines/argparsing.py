@@ -1,0 +1,84 @@
+"""Strict command-line parsing: a mistyped flag is an error (exit 2) that names the closest valid flag.
+
+No Beam import at module level (the query commands use :class:`ArgumentParser` without Beam). Pipeline
+commands accept Beam's own flags too: :func:`parse_pipeline_args` splits ``argv`` into densebeam's
+options and the Beam flags passed through, and refuses anything that is neither (argparse's prefix
+matching is off, so ``--memory-budg`` is not silently taken for ``--memory-budget``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import functools
+from typing import Iterable, Optional, Sequence
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with prefix matching off and a "did you mean" for unknown flags."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+    def flags(self) -> list[str]:
+        return sorted(o for a in self._actions for o in a.option_strings if o.startswith("--"))
+
+    def parse_args(self, args: Optional[Sequence[str]] = None, namespace=None):
+        ns, rest = self.parse_known_args(args, namespace)
+        if rest:
+            self.fail_unknown(rest, self.flags())
+        return ns
+
+    def fail_unknown(self, unknown: Sequence[str], valid: Iterable[str]) -> None:
+        """Exit 2 with one line per unknown flag and its closest valid spelling."""
+        valid = sorted(set(valid))
+        flags = [u.split("=", 1)[0] for u in unknown if u.startswith("-")]
+        if not flags:
+            self.error(f"unrecognized arguments: {' '.join(unknown)}")
+        parts = []
+        for flag in dict.fromkeys(flags):
+            close = closest_flag(flag, valid)
+            parts.append(f"unrecognized argument {flag}" + (f" (did you mean {close}?)" if close else ""))
+        self.error("; ".join(parts))
+
+
+def closest_flag(flag: str, valid: Sequence[str]) -> Optional[str]:
+    """The valid flag most like ``flag`` (dashes and underscores count as the same), if any is close."""
+    norm = {v.replace("_", "-"): v for v in valid}
+    match = difflib.get_close_matches(flag.replace("_", "-"), list(norm), n=1, cutoff=0.6)
+    return norm[match[0]] if match else None
+
+
+@functools.lru_cache(maxsize=1)
+def _beam_parser() -> argparse.ArgumentParser:
+    """Every flag of every Beam ``PipelineOptions`` class (all runners' options live in one module)."""
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    def subclasses(cls):
+        for sub in cls.__subclasses__():
+            yield sub
+            yield from subclasses(sub)
+
+    p = argparse.ArgumentParser(allow_abbrev=False, add_help=False)
+    for cls in sorted(set(subclasses(PipelineOptions)), key=lambda c: c.__qualname__):
+        cls._add_argparse_args(p)
+    return p
+
+
+def beam_flags() -> list[str]:
+    return sorted(o for a in _beam_parser()._actions for o in a.option_strings if o.startswith("--"))
+
+
+def unknown_to_beam(args: Sequence[str]) -> list[str]:
+    """The items of ``args`` that no Beam option takes (flags and the values that follow them)."""
+    return _beam_parser().parse_known_args(list(args))[1]
+
+
+def parse_pipeline_args(parser: ArgumentParser, argv: Optional[Sequence[str]]):
+    """(densebeam options, Beam flags to pass through); exit 2 on a flag that is neither."""
+    args, rest = parser.parse_known_args(argv)
+    unknown = unknown_to_beam(rest)
+    if unknown:
+        parser.fail_unknown(unknown, parser.flags() + beam_flags())
+    return args, rest

@@ -1,0 +1,47 @@
+"""Command-line strictness: a flag that is neither densebeam's nor Beam's fails (exit 2) naming the
+closest valid flag; Beam's and the runners' own flags pass through; ``--version``."""
+
+from __future__ import annotations
+
+import pytest
+
+import densebeam
+from densebeam.pipelines import build_index, cli, encode
+from densebeam.pipelines.argparsing import parse_pipeline_args
+
+
+@pytest.mark.parametrize("argv, wrong, right", [
+    (["index", "--embeddings", "e", "--output", "o", "--memory-budgett", "8GB"], "--memory-budgett",
+     "--memory-budget"),
+    (["index", "--embeddings", "e", "--output", "o", "--memory-budg", "8GB"], "--memory-budg",
+     "--memory-budget"),  # no prefix matching: an abbreviation is not taken for the full flag
+    (["search", "--index", "i", "--query", "q", "--nprob", "8"], "--nprob", "--nprobe"),
+    (["encode", "--input", "x", "--output", "o", "--direct_num_workrs", "2"], "--direct_num_workrs",
+     "--direct_num_workers"),
+    (["build", "--input", "x", "--output", "o", "--flink-mastr=host:8081"], "--flink-mastr", "--flink_master"),
+    (["eval", "--index", "i", "--queries", "q", "--qrels", "r", "--frist-stage", "bm25"], "--frist-stage",
+     "--first-stage"),
+])
+def test_mistyped_flags_fail_with_the_closest_valid_flag(argv, wrong, right, capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert f"unrecognized argument {wrong} (did you mean {right}?)" in err
+
+
+def test_beam_and_runner_flags_pass_through():
+    args, beam_args = parse_pipeline_args(build_index.build_parser(), [
+        "--embeddings", "e", "--output", "o", "--direct_num_workers=2", "--flink_master", "localhost:8081",
+        "--experiments=use_runner_v2", "--project", "p", "--dataflow_service_options=x", "--parallelism", "4"])
+    assert args.output == "o"
+    assert beam_args == ["--direct_num_workers=2", "--flink_master", "localhost:8081",
+                         "--experiments=use_runner_v2", "--project", "p", "--dataflow_service_options=x",
+                         "--parallelism", "4"]
+    args, beam_args = parse_pipeline_args(encode.build_parser(), ["--input", "x", "--output", "o"])
+    assert beam_args == [] and args.input == ["x"]
+
+
+def test_version(capsys):
+    assert cli.main(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"densebeam {densebeam.__version__}"
