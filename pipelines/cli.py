@@ -11,6 +11,8 @@ import os
 import sys
 from typing import Optional, Sequence
 
+from densebeam.pipelines.errors import RunFailed
+
 USAGE = """usage: densebeam COMMAND [options]
        densebeam --version
 
@@ -174,6 +176,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (ValueError, FileNotFoundError, FileExistsError) as err:
         print(f"densebeam {command}: error: {err}", file=sys.stderr)
         return 2
+    except RunFailed as err:
+        print(f"densebeam {command}: failed: {err}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import logging
 import time
 from typing import Optional, Sequence
@@ -15,16 +16,18 @@ import apache_beam as beam
 import fsspec
 
 from densebeam.index_store import embeddings as emb
-from densebeam.index_store.encoder import load_encoder
+from densebeam.index_store.encoder import load_encoder, resolve_model_path
+from densebeam.index_store.model_id import weights_revision
 from densebeam.pipelines.argparsing import ArgumentParser, parse_pipeline_args
+from densebeam.pipelines.errors import RunFailed
 from densebeam.pipelines.options import (add_encode_args, add_output_args, add_read_args, add_runner_args,
-                               read_options)
+                                         max_rejected_share, read_options)
 from densebeam.runners.presets import pipeline_options
 from densebeam.transforms.cache import JournalEncoded, ReuseEmbeddings, cache_files
 from densebeam.transforms.corpus_io import ReadOptions, expand_patterns
 from densebeam.transforms.encode import EncodeOptions, EncodePassages
 from densebeam.transforms.read import ReadCorpus
-from densebeam.transforms.write import WriteEmbeddings
+from densebeam.transforms.write import FAILED_REPORT, WriteEmbeddings, describe_failure
 
 log = logging.getLogger(__name__)
 
@@ -54,10 +57,11 @@ def check_output(path: str, overwrite: bool) -> None:
 
 
 def encode_identity(facts, enc_opts: EncodeOptions) -> dict:
-    """What must agree for a cached vector to be reused: a different model or precision never is."""
+    """What must agree for a cached vector to be reused: a different model, weights or settings never
+    are. The compute precision is not part of it here: each cache file records the precision its vectors
+    were computed in, and the worker joining the cache compares it with the one it resolves."""
     return {"model": facts.model, "revision": facts.revision, "similarity": facts.similarity,
-            "precision": facts.precision, "max_seq_length": facts.max_seq_length, "dtype": facts.dtype,
-            "join_title": enc_opts.join_title}
+            "max_seq_length": facts.max_seq_length, "dtype": facts.dtype, "join_title": enc_opts.join_title}
 
 
 def encode_stage(p: beam.Pipeline, files, read_opts: ReadOptions, enc_opts: EncodeOptions, facts,
@@ -67,7 +71,8 @@ def encode_stage(p: beam.Pipeline, files, read_opts: ReadOptions, enc_opts: Enco
     corpus = p | "ReadCorpus" >> ReadCorpus(files, read_opts, dedup=not args.no_dedup)
     passages, reused = corpus["passages"], None
     if cache:  # incremental / resumed run: only new or changed passages reach the model
-        split = passages | "ReuseEmbeddings" >> ReuseEmbeddings(cache, identity, enc_opts.join_title)
+        split = passages | "ReuseEmbeddings" >> ReuseEmbeddings(cache, identity, enc_opts.join_title,
+                                                                enc_opts.precision, enc_opts.device)
         passages, reused = split["to_encode"], split["reused"]
     encoded = passages | "Encode" >> EncodePassages(enc_opts, facts.similarity, facts.dim)
     rows = encoded["encoded"] | "Journal" >> JournalEncoded(
@@ -80,7 +85,24 @@ def encode_stage(p: beam.Pipeline, files, read_opts: ReadOptions, enc_opts: Enco
     return ({"encoded": rows, "rejected": rejected, "read_counts": corpus["read_counts"]}
             | "Write" >> WriteEmbeddings(output, facts, keep_text=not args.no_text,
                                          rows_per_shard=args.rows_per_shard, manifest_extra=extra,
-                                         identity=identity, join_title=enc_opts.join_title))
+                                         identity=identity, join_title=enc_opts.join_title,
+                                         max_rejected_share=max_rejected_share(args.max_rejected_share)))
+
+
+def _failure_report(output: str, since: float) -> Optional[str]:
+    """The message of a ``_FAILED.json`` this run wrote (None if it wrote none)."""
+    fs, root = fsspec.core.url_to_fs(output)
+    path = emb.join(root, FAILED_REPORT)
+    if not fs.exists(path) or _mtime(fs, path) < since - 1:
+        return None
+    with fs.open(path, "r", encoding="utf-8") as f:
+        return describe_failure(json.load(f), output)
+
+
+def _mtime(fs, path: str) -> float:
+    info = fs.info(path)
+    m = info.get("mtime") or info.get("updated") or info.get("LastModified") or 0
+    return m.timestamp() if hasattr(m, "timestamp") else float(m)
 
 
 def run_pipeline(argv: Optional[Sequence[str]] = None):
@@ -94,15 +116,25 @@ def run_pipeline(argv: Optional[Sequence[str]] = None):
     encoder = load_encoder(enc_opts.model, similarity=enc_opts.similarity, device=enc_opts.device,
                            precision=enc_opts.precision, max_seq_length=enc_opts.max_seq_length,
                            token_budget=enc_opts.token_budget)
+    # A model from a local directory has no hub revision: its files' digest identifies the weights, so
+    # retrained weights at the same path are never taken for the old ones.
     facts = encoder.facts(dtype=args.dtype)
+    facts = dataclasses.replace(facts, revision=weights_revision(facts.revision, resolve_model_path(args.model)))
     cache = [] if args.no_reuse else cache_files([args.output] + list(args.reuse or []))
     if cache:
         log.info("reusing vectors from %d cache file(s) where model, settings and text match", len(cache))
-    start = time.monotonic()
+    max_rejected_share(args.max_rejected_share)  # a bad value fails before the run starts
+    start, start_wall = time.monotonic(), time.time()
     p = beam.Pipeline(options=pipeline_options(args.runner, beam_args, workers=args.workers))
     encode_stage(p, files, read_opts, enc_opts, facts, args.output, args, cache)
-    result = p.run()
-    result.wait_until_finish()
+    try:
+        result = p.run()
+        result.wait_until_finish()
+    except Exception as err:
+        report = _failure_report(args.output, start_wall)
+        if report is not None:
+            raise RunFailed(report) from err
+        raise
     manifest = emb.open_embeddings(args.output).manifest
     manifest["_wall_seconds"] = time.monotonic() - start
     return manifest, result

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from typing import Sequence
 
 from densebeam.index_store.encoder import DEFAULT_MODEL, DEFAULT_TOKEN_BUDGET, DEVICES, PRECISIONS
 from densebeam.runners.presets import LOCAL
@@ -58,6 +59,10 @@ def add_output_args(p: argparse.ArgumentParser) -> None:
                    help="re-encode everything: ignore the output's previous vectors and journal")
     g.add_argument("--journal-rows", type=int, default=10_000,
                    help="encoded vectors per journal file (what a killed run can resume from)")
+    g.add_argument("--max-rejected-share", action="append", default=[], metavar="REASON=SHARE",
+                   help="fail the run (publishing nothing) when dead letters of REASON exceed SHARE of the "
+                        "records read; '*' = all reasons (defaults: encode_failed=0.01, bad_embedding=0.01, "
+                        "*=0.5; repeatable, e.g. --max-rejected-share '*=1' to never fail on rejections)")
 
 
 def add_runner_args(p: argparse.ArgumentParser) -> None:
@@ -68,6 +73,24 @@ def add_runner_args(p: argparse.ArgumentParser) -> None:
                         "--temp_location gs://...); or any Beam runner name. See docs/scale.md")
     g.add_argument("--workers", type=int, default=1,
                    help="local: worker processes; flink: parallelism; dataflow: max workers")
+
+
+def max_rejected_share(values: Sequence[str]) -> dict:
+    """``["encode_failed=0.05", "*=1"]`` over the defaults -> {reason: share}."""
+    from densebeam.transforms.write import DEFAULT_MAX_REJECTED_SHARE
+
+    out = dict(DEFAULT_MAX_REJECTED_SHARE)
+    for item in values:
+        reason, sep, share = item.partition("=")
+        try:
+            value = float(share)
+        except ValueError:
+            value = -1.0
+        if not sep or not reason or not 0.0 <= value <= 1.0:
+            raise ValueError(f"--max-rejected-share takes REASON=SHARE with SHARE in [0, 1], e.g. "
+                             f"encode_failed=0.01 or '*=0.5'; got {item!r}")
+        out[reason.strip()] = value
+    return out
 
 
 def read_options(args) -> ReadOptions:

@@ -1,8 +1,11 @@
 """ReuseEmbeddings: incremental and resumable encoding.
 
 A vector is reused when a cache file holds one for the same passage text under the same *encode
-identity* (model, revision, similarity, compute precision, max_seq_length, stored dtype, title joining):
-a different model or precision never reuses vectors. Cache files are Parquet files with ``text_hash``
+identity* (model, revision — the hub commit, or a digest of a local model directory's files —,
+similarity, max_seq_length, stored dtype, title joining) and the same compute precision: a different
+model, weights or precision never reuses vectors. The precision in a cache file is the one its vectors
+were really computed in (each file holds one); it is compared with the precision the worker doing the
+join resolves for this run (``--precision auto`` may mean fp16 on a GPU worker and bf16 on a CPU one). Cache files are Parquet files with ``text_hash``
 and ``embedding`` columns and the identity in their schema metadata:
 
 - the shards of the output's previous run (``part-*.parquet``),
@@ -55,13 +58,31 @@ def cache_files(dirs: Sequence[str]) -> list[str]:
     return found
 
 
-class _ReadCacheFn(beam.DoFn):
-    """A cache file -> (text_hash, (vector, precision)) for files written under the same identity."""
+def file_identity(identity: dict, precision: str) -> dict:
+    """The identity a cache file records: the run's identity plus the precision of its vectors."""
+    return {**{k: v for k, v in identity.items() if k != "precision"}, "precision": precision}
 
-    def __init__(self, identity: dict):
-        self._identity = identity
+
+def effective_precision(requested: str, device: str) -> str:
+    """The precision a worker encodes in for ``--precision requested --device device`` (resolved on
+    the worker: ``auto`` differs between GPU and CPU machines)."""
+    from densebeam.index_store.encoder import pick_device, pick_precision
+
+    return pick_precision(requested, pick_device(device))
+
+
+class _ReadCacheFn(beam.DoFn):
+    """A cache file -> (text_hash, (vector, precision)) for files written under the same identity and
+    in the precision this worker would encode in now."""
+
+    def __init__(self, identity: dict, precision: str, device: str):
+        self._identity = {k: v for k, v in identity.items() if k != "precision"}
+        self._requested, self._device = precision, device
         self._reusable = Metrics.counter(NAMESPACE, "cache_vectors_available")
         self._skipped = Metrics.counter(NAMESPACE, "cache_files_skipped")
+
+    def setup(self):
+        self._precision = effective_precision(self._requested, self._device)
 
     def process(self, path: str):
         try:
@@ -73,11 +94,13 @@ class _ReadCacheFn(beam.DoFn):
             return
         try:
             meta = pf.schema_arrow.metadata or {}
-            if IDENTITY_KEY not in meta or json.loads(meta[IDENTITY_KEY]) != self._identity:
-                log.info("cache: not reusing %s: written by another model or settings", path)
+            written = json.loads(meta[IDENTITY_KEY]) if IDENTITY_KEY in meta else {}
+            precision = written.pop("precision", None)
+            if written != self._identity or precision != self._precision:
+                log.info("cache: not reusing %s: written by another model, weights or settings (%s)", path,
+                         "precision " + str(precision) if written == self._identity else "identity")
                 self._skipped.inc()
                 return
-            precision = json.loads(meta[emb.FACTS_KEY]).get("precision")
             dim = pf.schema_arrow.field("embedding").type.list_size
             for batch in pf.iter_batches(columns=["text_hash", "embedding"], batch_size=8192):
                 vecs = np.asarray(batch.column(1).values.to_numpy(zero_copy_only=False), np.float32)
@@ -107,11 +130,15 @@ class _JoinFn(beam.DoFn):
 
 
 class ReuseEmbeddings(beam.PTransform):
-    """passages -> {"reused": (passage, vector, precision), "to_encode": passages}."""
+    """passages -> {"reused": (passage, vector, precision), "to_encode": passages}.
 
-    def __init__(self, files: Sequence[str], identity: dict, join_title: bool):
+    ``precision`` and ``device`` are what the run asked for; each joining worker resolves them."""
+
+    def __init__(self, files: Sequence[str], identity: dict, join_title: bool, precision: str = "auto",
+                 device: str = "auto"):
         super().__init__()
         self._files, self._identity, self._join_title = list(files), identity, join_title
+        self._precision, self._device = precision, device
 
     def expand(self, passages):
         join_title = self._join_title
@@ -120,7 +147,7 @@ class ReuseEmbeddings(beam.PTransform):
         cached = (passages.pipeline
                   | "CacheFiles" >> beam.Create(self._files)
                   | "SpreadCacheFiles" >> beam.Reshuffle()
-                  | "ReadCache" >> beam.ParDo(_ReadCacheFn(self._identity)))
+                  | "ReadCache" >> beam.ParDo(_ReadCacheFn(self._identity, self._precision, self._device)))
         joined = ({"passages": keyed, "cached": cached} | "JoinCache" >> beam.CoGroupByKey()
                   | "ReuseOrEncode" >> beam.ParDo(_JoinFn()).with_outputs("reused", main="to_encode"))
         return {"reused": joined.reused, "to_encode": joined.to_encode}
@@ -137,10 +164,13 @@ class _JournalFn(beam.DoFn):
         self._join_title, self._rows = join_title, rows
 
     def start_bundle(self):
-        self._hashes, self._vecs = [], []
+        self._hashes, self._vecs, self._precision = [], [], None
 
     def process(self, row):
-        passage, vector = row[0], row[1]
+        passage, vector, precision = row[0], row[1], row[2]
+        if precision != self._precision:
+            self._flush()  # one precision per journal file
+            self._precision = precision
         self._hashes.append(text_hash(passage.joined_text(self._join_title)))
         self._vecs.append(vector)
         if len(self._hashes) >= self._rows:
@@ -154,8 +184,10 @@ class _JournalFn(beam.DoFn):
         table = pa.table({"text_hash": pa.array(self._hashes, pa.string()),
                           "embedding": pa.FixedSizeListArray.from_arrays(pa.array(vecs.reshape(-1)),
                                                                          vecs.shape[1])})
-        table = table.replace_schema_metadata({emb.FACTS_KEY: self._facts_json.encode(),
-                                               IDENTITY_KEY: json.dumps(self._identity).encode()})
+        facts = {**json.loads(self._facts_json), "precision": self._precision}
+        table = table.replace_schema_metadata({
+            emb.FACTS_KEY: json.dumps(facts, sort_keys=True).encode(),
+            IDENTITY_KEY: json.dumps(file_identity(self._identity, self._precision)).encode()})
         path = emb.join(self._out, JOURNAL_DIR, f"journal-{uuid.uuid4().hex}.parquet")
         with fsspec.open(path, "wb") as f:
             pq.write_table(table, f)
@@ -177,5 +209,5 @@ class JournalEncoded(beam.PTransform):
         return rows | "AppendToJournal" >> beam.ParDo(self._fn)
 
 
-def identity_metadata(identity: Optional[dict]) -> dict:
-    return {IDENTITY_KEY: json.dumps(identity).encode()} if identity else {}
+def identity_metadata(identity: Optional[dict], precision: str) -> dict:
+    return {IDENTITY_KEY: json.dumps(file_identity(identity, precision)).encode()} if identity else {}

@@ -66,6 +66,32 @@ def _log_worker_batch(n: int) -> None:
             f.write(f"{n}\n")
 
 
+@dataclasses.dataclass(frozen=True)
+class EncodeFailure:
+    """Stands in for the vector of a passage whose encoding raised even when it was encoded alone."""
+
+    error: str
+
+
+def encode_or_split(encode, texts: Sequence[str]) -> list:
+    """``encode(texts)`` -> one vector per text; a batch that raises is split in halves and retried, so
+    one bad passage does not take its batch down: a text that fails alone gets an :class:`EncodeFailure`.
+
+    Costs nothing when nothing fails; a single bad passage costs about ``2 * log2(len(texts))`` extra
+    encode calls. When everything fails (a broken model, memory exhausted at any size) every text is
+    tried alone before the run's dead-letter threshold stops it.
+    """
+    try:
+        return list(encode(list(texts)))
+    except Exception as err:  # noqa: BLE001 - split and retry, then a dead letter naming the passage
+        if len(texts) == 1:
+            return [EncodeFailure(f"{type(err).__name__}: {err}"[:1000])]
+        log.warning("encoding a batch of %d passages failed (%s: %s); retrying it in halves", len(texts),
+                    type(err).__name__, str(err)[:200])
+        mid = len(texts) // 2
+        return encode_or_split(encode, texts[:mid]) + encode_or_split(encode, texts[mid:])
+
+
 class SentenceTransformerModelHandler(ModelHandler[Passage, PredictionResult, Encoder]):
     """Holds only names and settings; ``load_model`` builds the :class:`Encoder` on the worker."""
 
@@ -84,7 +110,7 @@ class SentenceTransformerModelHandler(ModelHandler[Passage, PredictionResult, En
     def run_inference(self, batch: Sequence[Passage], model: Encoder,
                       inference_args: Optional[dict[str, Any]] = None) -> Iterable[PredictionResult]:
         texts = [p.joined_text(self._opts.join_title) for p in batch]
-        vectors = model.encode(texts)
+        vectors = encode_or_split(model.encode, texts)
         if self._progress is None:
             self._progress = _Progress(self._opts.progress_every_s)
         self._progress.add(len(batch))
@@ -109,7 +135,15 @@ class _CheckVectorFn(beam.DoFn):
         self._rejected = Metrics.counter(NAMESPACE, "passages_rejected")
 
     def process(self, result: PredictionResult):
-        p, vec = result.example, np.asarray(result.inference, dtype=np.float32)
+        p = result.example
+        if isinstance(result.inference, EncodeFailure):
+            self._rejected.inc()
+            Metrics.counter(NAMESPACE, "rejected_encode_failed").inc()
+            yield beam.pvalue.TaggedOutput("rejected", Rejected(
+                reason="encode_failed", detail=f"encoding this passage alone raised {result.inference.error}",
+                source_file=p.source_file, source_pos=p.source_pos, line=None, id=p.id, raw=p.text[:512]))
+            return
+        vec = np.asarray(result.inference, dtype=np.float32)
         reason = None
         if self._dim is not None and vec.shape != (self._dim,):
             reason = ("bad_embedding", f"embedding has shape {vec.shape}, expected ({self._dim},)")

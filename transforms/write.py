@@ -9,6 +9,7 @@ at most an orphan temp file, which finalize deletes; it never shows up as a shar
 from __future__ import annotations
 
 import collections
+import dataclasses
 import datetime
 import json
 import logging
@@ -26,9 +27,45 @@ from apache_beam.utils.windowed_value import WindowedValue
 from densebeam.index_store import embeddings as emb
 from densebeam.index_store.faults import pause_point
 from densebeam.index_store.types import ModelFacts, Rejected
-from densebeam.transforms.cache import JOURNAL_DIR, identity_metadata, text_hash
+from densebeam.transforms.cache import JOURNAL_DIR, file_identity, identity_metadata, text_hash
 
 log = logging.getLogger(__name__)
+
+
+# A run fails (and publishes nothing) when dead letters of a reason exceed this share of the records
+# read; "*" is all reasons together. A night whose model raises on every batch, or whose input is the
+# wrong format, must not end green.
+DEFAULT_MAX_REJECTED_SHARE = {"encode_failed": 0.01, "bad_embedding": 0.01, "*": 0.5}
+FAILED_REPORT = "_FAILED.json"
+
+
+class RejectedShareExceeded(RuntimeError):
+    """Dead letters crossed a configured share; nothing was published (see ``_FAILED.json``)."""
+
+
+def rejected_share_violations(read: int, reasons: dict, limits: dict) -> list[dict]:
+    """The limits crossed: [{reason, rejected, read, share, limit}], reason ``*`` meaning all reasons."""
+    out = []
+    if read <= 0:
+        return out
+    for reason, limit in sorted(limits.items()):
+        n = sum(reasons.values()) if reason == "*" else int(reasons.get(reason, 0))
+        if n / read > limit:
+            out.append({"reason": reason, "rejected": n, "read": read, "share": round(n / read, 6),
+                        "limit": limit})
+    return out
+
+
+def describe_failure(report: dict, out_dir: str) -> str:
+    """One paragraph for a person: what crossed which limit, where the dead letters are, what to do."""
+    crossed = "; ".join(f"{'all reasons' if c['reason'] == '*' else c['reason']}: {c['rejected']} of "
+                        f"{c['read']} read ({100 * c['share']:.2f}%) > {100 * c['limit']:g}%"
+                        for c in report["crossed"])
+    files = report["rejected_records"]
+    return (f"too many rejected records, nothing was published ({crossed}). The rejected records, each "
+            f"with its reason and source: {', '.join(files[:3])}{' ...' if len(files) > 3 else ''}; report: "
+            f"{emb.join(out_dir, FAILED_REPORT)}. Fix the input or the model, or raise the limit with "
+            f"--max-rejected-share REASON=SHARE.")
 
 
 def _emit_from_finish(value):
@@ -53,6 +90,8 @@ class _ShardWriterFn(beam.DoFn):
 
     def process(self, row):
         passage, vector, precision, reused = row
+        if self._precisions and precision not in self._precisions:
+            yield self._close()  # one compute precision per file: its identity says which
         b = self._buf
         b["id"].append(passage.id)
         b["vec"].append(vector)
@@ -72,9 +111,11 @@ class _ShardWriterFn(beam.DoFn):
         b = self._buf
         if not b["id"]:
             return
-        table = emb.to_table(self._facts, b["id"], np.stack(b["vec"]),
+        (precision,) = self._precisions
+        facts = dataclasses.replace(self._facts, precision=precision)
+        table = emb.to_table(facts, b["id"], np.stack(b["vec"]),
                              b["text"] if self._keep_text else None, b["title"] if self._keep_text else None,
-                             text_hashes=b["hash"], extra_metadata=identity_metadata(self._identity))
+                             text_hashes=b["hash"], extra_metadata=identity_metadata(self._identity, precision))
         if self._writer is None:
             self._tmp = emb.join(self._out, emb.TEMP_DIR, f"{uuid.uuid4().hex}.parquet")
             self._file = fsspec.open(self._tmp, "wb").open()
@@ -126,8 +167,9 @@ class _RejectedWriterFn(beam.DoFn):
 class _FinalizeFn(beam.DoFn):
     """Runs once, after every writer: rename temp files, reconcile counts, write the manifest last."""
 
-    def __init__(self, out_dir: str, facts: ModelFacts, manifest_extra: dict):
+    def __init__(self, out_dir: str, facts: ModelFacts, manifest_extra: dict, max_rejected_share: dict):
         self._out, self._facts, self._extra = out_dir, facts, manifest_extra
+        self._limits = dict(max_rejected_share)
 
     def process(self, _, shards, rejected, read_counts):
         fs, _ = fsspec.core.url_to_fs(self._out)
@@ -137,6 +179,12 @@ class _FinalizeFn(beam.DoFn):
         if read != encoded + n_rejected:
             raise RuntimeError(f"counts do not reconcile: read {read} != encoded {encoded} + rejected "
                                f"{n_rejected}; the embeddings dir {self._out} is left uncommitted")
+        all_reasons = collections.Counter()
+        for r in rejected:
+            all_reasons.update(r["reasons"])
+        self._fail_if_too_many_rejected(fs, read, encoded, all_reasons, rejected)
+        if fs.exists(emb.join(self._out, FAILED_REPORT)):
+            fs.rm(emb.join(self._out, FAILED_REPORT))
         precisions = sorted({p for s in shards for p in s["precisions"]})
         facts = self._facts
         if len(precisions) == 1:
@@ -151,9 +199,7 @@ class _FinalizeFn(beam.DoFn):
                                       emb.SHARD_PATTERN, "")
         rej_entries = self._publish(fs, sorted(rejected, key=lambda r: (r["tmp"])),
                                     emb.REJECTED_PATTERN, emb.REJECTED_DIR + "/")
-        reasons = collections.Counter()
-        for r in rejected:
-            reasons.update(r["reasons"])
+        reasons = all_reasons
         manifest = {
             "format": emb.FORMAT, "format_version": emb.FORMAT_VERSION,
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -165,6 +211,8 @@ class _FinalizeFn(beam.DoFn):
             "rejected_files": rej_entries,
             **self._extra,
         }
+        if "encode_identity" in manifest:  # the precision the vectors were really computed in
+            manifest["encode_identity"] = file_identity(manifest["encode_identity"], facts.precision)
         self._remove_stale(fs, {e["path"] for e in shard_entries + rej_entries})
         pause_point("embeddings_publish")
         tmp = emb.join(self._out, emb.TEMP_DIR, "manifest.json")
@@ -177,6 +225,19 @@ class _FinalizeFn(beam.DoFn):
         log.info("wrote %d shard(s), %d vectors, %d rejected to %s", len(shard_entries), encoded,
                  n_rejected, self._out)
         yield manifest
+
+    def _fail_if_too_many_rejected(self, fs, read, encoded, reasons, rejected) -> None:
+        """Before anything is touched (a previous good output stays published): write ``_FAILED.json``
+        with the counts and the limits crossed, keep the rejected records in the temp dir, and fail."""
+        crossed = rejected_share_violations(read, reasons, self._limits)
+        if not crossed:
+            return
+        report = {"read": read, "encoded": encoded, "rejected_by_reason": dict(sorted(reasons.items())),
+                  "limits": self._limits, "crossed": crossed,
+                  "rejected_records": sorted(r["tmp"] for r in rejected)}
+        with fsspec.open(emb.join(self._out, FAILED_REPORT), "w", encoding="utf-8") as f:
+            json.dump(report, f, indent=2, sort_keys=True)
+        raise RejectedShareExceeded(describe_failure(report, self._out))
 
     def _publish(self, fs, infos, pattern, prefix):
         entries = []
@@ -206,7 +267,7 @@ class WriteEmbeddings(beam.PTransform):
     def __init__(self, out_dir: str, facts: ModelFacts, keep_text: bool = True,
                  rows_per_shard: int = 200_000, row_group_rows: int = 8192,
                  manifest_extra: Optional[dict] = None, identity: Optional[dict] = None,
-                 join_title: bool = True):
+                 join_title: bool = True, max_rejected_share: Optional[dict] = None):
         super().__init__()
         if rows_per_shard < 1 or row_group_rows < 1:
             raise ValueError("rows_per_shard and row_group_rows must be positive")
@@ -215,6 +276,7 @@ class WriteEmbeddings(beam.PTransform):
         self._rows_per_shard, self._row_group_rows = rows_per_shard, min(row_group_rows, rows_per_shard)
         self._extra = manifest_extra or {}
         self._identity, self._join_title = identity, join_title
+        self._limits = DEFAULT_MAX_REJECTED_SHARE if max_rejected_share is None else dict(max_rejected_share)
 
     def expand(self, pcolls):
         p = pcolls["encoded"].pipeline
@@ -227,6 +289,6 @@ class WriteEmbeddings(beam.PTransform):
         return (p
                 | "FinalizeTrigger" >> beam.Create([None])
                 | "Finalize" >> beam.ParDo(
-                    _FinalizeFn(self._out, self._facts, self._extra),
+                    _FinalizeFn(self._out, self._facts, self._extra, self._limits),
                     shards=beam.pvalue.AsList(shards), rejected=beam.pvalue.AsList(rejected),
                     read_counts=beam.pvalue.AsList(pcolls["read_counts"])))
