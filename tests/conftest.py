@@ -23,8 +23,12 @@ _WORDS = ("the of and to in is was for on that with as by at from his her it an 
 
 
 def build_tiny_bi_encoder(path: Path, *, normalize: bool, similarity_fn: str | None = None,
-                          seed: int = 0, hidden: int = 32) -> Path:
-    """A 2-layer BERT with a ~150-token vocabulary, mean pooling, optional Normalize; saved to ``path``."""
+                          seed: int = 0, hidden: int = 32, max_seq_length: int = 64,
+                          unembedded_word: str | None = None) -> Path:
+    """A 2-layer BERT with a ~150-token vocabulary, mean pooling, optional Normalize; saved to ``path``.
+
+    ``unembedded_word`` is added to the tokenizer's vocabulary but not to the model's embedding table (a
+    tokenizer/model mismatch): any batch holding it makes the forward pass raise."""
     import torch
     from sentence_transformers import SentenceTransformer, models
     from transformers import BertConfig, BertModel, BertTokenizerFast
@@ -34,14 +38,17 @@ def build_tiny_bi_encoder(path: Path, *, normalize: bool, similarity_fn: str | N
     hf_dir.mkdir(exist_ok=True)
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + list(string.ascii_lowercase + string.digits)
     vocab += ["##" + c for c in string.ascii_lowercase + string.digits] + list(".,;:!?'\"()-") + list(_WORDS)
+    vocab = list(dict.fromkeys(vocab)) + ([unembedded_word] if unembedded_word else [])
     (hf_dir / "vocab.txt").write_text("\n".join(dict.fromkeys(vocab)) + "\n", encoding="utf-8")
-    tok = BertTokenizerFast(vocab_file=str(hf_dir / "vocab.txt"), do_lower_case=True)
+    tok = BertTokenizerFast(vocab=str(hf_dir / "vocab.txt"), do_lower_case=True)
+    # transformers 5 ignores vocab_file=; a tokenizer without its vocabulary maps every word to [UNK]
+    assert tok.tokenize("river music") == ["river", "music"], "the tiny tokenizer lost its vocabulary"
     torch.manual_seed(seed)
-    config = BertConfig(vocab_size=len(tok.get_vocab()), hidden_size=hidden, num_hidden_layers=2,
+    config = BertConfig(vocab_size=len(tok.get_vocab()) - bool(unembedded_word), hidden_size=hidden, num_hidden_layers=2,
                         num_attention_heads=2, intermediate_size=2 * hidden, max_position_embeddings=128)
     BertModel(config).save_pretrained(hf_dir)
     tok.save_pretrained(hf_dir)
-    word = models.Transformer(str(hf_dir), max_seq_length=64)
+    word = models.Transformer(str(hf_dir), max_seq_length=max_seq_length)
     modules = [word, models.Pooling(word.get_word_embedding_dimension(), pooling_mode="mean")]
     if normalize:
         modules.append(models.Normalize())

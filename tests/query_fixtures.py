@@ -22,7 +22,9 @@ def build_tiny_cross_encoder(path: Path, seed: int = 3, hidden: int = 32) -> str
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + list(string.ascii_lowercase + string.digits)
     vocab += ["##" + c for c in string.ascii_lowercase + string.digits] + list(".,;:!?'\"()-") + list(_WORDS)
     (path / "vocab.txt").write_text("\n".join(dict.fromkeys(vocab)) + "\n", encoding="utf-8")
-    tok = BertTokenizerFast(vocab_file=str(path / "vocab.txt"), do_lower_case=True, model_max_length=128)
+    tok = BertTokenizerFast(vocab=str(path / "vocab.txt"), do_lower_case=True, model_max_length=128)
+    # transformers 5 ignores vocab_file=; a tokenizer without its vocabulary maps every word to [UNK]
+    assert tok.tokenize("river music") == ["river", "music"], "the tiny tokenizer lost its vocabulary"
     torch.manual_seed(seed)
     config = BertConfig(vocab_size=len(tok.get_vocab()), hidden_size=hidden, num_hidden_layers=2,
                         num_attention_heads=2, intermediate_size=2 * hidden, max_position_embeddings=128,
