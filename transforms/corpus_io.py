@@ -6,6 +6,15 @@ Beam DoFns in :mod:`transforms.read` stay thin.
 A *piece* is the unit of parallel reading: a byte range of an uncompressed text file (a piece owns the
 lines whose first byte lies in ``[start, end)``, as Hadoop's line reader does), the whole of a
 compressed file (gzip cannot be split), or a range of row groups of a Parquet file.
+
+Records are never changed on the way: an id and a text are what the file says, byte for byte (no Unicode
+normalization, no trimming). The one exception is a UTF-8 byte-order mark at the start of a file, which is
+an encoding signature, not part of the first record. What cannot be kept exactly is rejected with a
+reason (see :func:`id_problem` for the id policy).
+
+Every file is stamped (size plus fsspec's checksum of its metadata: modification time and inode locally,
+ETag or generation in object stores) when it is planned, and the stamp is checked before and after each
+piece is read, by every pass: a file that changes during a run fails the run, naming the file.
 """
 
 from __future__ import annotations
@@ -13,6 +22,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import re
+import unicodedata
 from typing import Iterator, Optional, Sequence, Union
 
 import fsspec
@@ -27,6 +38,19 @@ _RAW_CHARS = 512  # how much of a bad record the dead-letter output keeps
 _COMPRESSIONS = {".gz": "gzip", ".gzip": "gzip", ".bz2": "bz2", ".zst": "zstd", ".xz": "lzma"}
 _EXTENSIONS = {".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl", ".tsv": "tsv", ".txt": "tsv",
                ".parquet": "parquet", ".pq": "parquet"}
+_CHECK_TOOL = {"gzip": "gzip -t", "bz2": "bzip2 -t", "zstd": "zstd -t", "lzma": "xz -t"}
+_UTF8_BOM = b"\xef\xbb\xbf"
+_UTF16_BOMS = (b"\xff\xfe", b"\xfe\xff")  # also the start of the UTF-32 ones
+_GLOB_MAGIC = re.compile(r"[*?\[]")
+
+
+class CorpusError(ValueError):
+    """An input file cannot be read as planned (unreadable, not the format its name says, or changed
+    during the run). The message names the file and the position, and says what to do."""
+
+
+class InputChangedError(CorpusError):
+    """An input file changed (size, modification time or checksum) after the run planned it."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,6 +80,14 @@ class ReadOptions:
 
 
 @dataclasses.dataclass(frozen=True)
+class FileStamp:
+    """What a file looked like when it was planned; any difference later means it changed."""
+
+    size: int
+    checksum: str  # fsspec's checksum of the file's metadata (mtime and inode locally, ETag/generation remote)
+
+
+@dataclasses.dataclass(frozen=True)
 class Piece:
     path: str  # fsspec URL, protocol included (memory://, gs://, file paths plain)
     format: str
@@ -63,6 +95,7 @@ class Piece:
     start: int  # byte offset (text) or first row group (parquet)
     end: int  # byte offset or row-group end, exclusive
     file_size: int
+    stamp: Optional[FileStamp] = None  # taken when planned; checked whenever the piece is read
 
     def describe(self) -> str:
         unit = "row groups" if self.format == "parquet" else "bytes"
@@ -86,11 +119,19 @@ def detect_format(path: str, override: str = "auto") -> tuple[str, Optional[str]
 
 
 def expand_patterns(patterns: Sequence[str]) -> list[tuple[str, int]]:
-    """Every file matched by the glob patterns, as (URL, size), sorted; an unmatched pattern is an error."""
+    """Every file matched by the glob patterns, as (URL, size), sorted; an unmatched pattern is an error.
+
+    Full glob syntax (``*``, ``**``, ``?``, ``[abc]``, ``[!abc]``), as fsspec's ``glob``; a pattern that
+    names an existing file is that file, even when its name holds ``[`` or ``?``."""
     found: dict[str, int] = {}
     for pattern in patterns:
-        fs, _, paths = fsspec.get_fs_token_paths(pattern)  # expands globs
-        matched = [p for p in paths if fs.isfile(p)]
+        fs, path = fsspec.core.url_to_fs(pattern)
+        if fs.isfile(path):
+            matched = [path]
+        elif _GLOB_MAGIC.search(path):
+            matched = [p for p in sorted(fs.glob(path)) if fs.isfile(p)]
+        else:
+            matched = []
         if not matched:
             raise FileNotFoundError(f"input pattern {pattern!r} matches no file")
         for p in matched:
@@ -104,28 +145,73 @@ def is_local_fs(fs) -> bool:
     return "file" in protocols or "local" in protocols
 
 
+def stamp_file(path: str) -> FileStamp:
+    """The file's size and fsspec checksum, read fresh (object-store listings are cached)."""
+    fs, p = fsspec.core.url_to_fs(path)
+    fs.invalidate_cache(p)
+    return FileStamp(size=int(fs.info(p)["size"]), checksum=str(fs.checksum(p)))
+
+
+def check_unchanged(piece: Piece, when: str) -> None:
+    """Raise :class:`InputChangedError` naming the file when it no longer matches its planning stamp."""
+    if piece.stamp is None:
+        return
+    try:
+        now = stamp_file(piece.path)
+    except FileNotFoundError as err:
+        raise InputChangedError(_changed_message(piece, "it was deleted or moved", when)) from err
+    if now != piece.stamp:
+        what = (f"its size went from {piece.stamp.size} to {now.size} bytes" if now.size != piece.stamp.size
+                else "it was rewritten (same size, new modification time or checksum)")
+        raise InputChangedError(_changed_message(piece, what, when))
+
+
+def _changed_message(piece: Piece, what: str, when: str) -> str:
+    return (f"input {piece.path} changed during the run: {what}, found {when} {piece.describe()}. The passes "
+            "over it would see different records, so the run stops and nothing is published. Run again once "
+            "the file is complete (write corpus files under a temporary name and rename them into place).")
+
+
 def plan_pieces(path: str, size: int, opts: ReadOptions) -> list[Piece]:
     """Split one file into pieces: byte ranges of ``opts.split_bytes`` for uncompressed text, one piece
-    for compressed text, row-group ranges of about ``split_bytes`` for Parquet."""
+    for compressed text, row-group ranges of about ``split_bytes`` for Parquet. Every piece carries the
+    file's stamp; ``size`` (from matching) must still be the file's size."""
     fmt, compression = detect_format(path, opts.format)
+    try:
+        stamp = stamp_file(path)
+    except FileNotFoundError as err:
+        raise InputChangedError(f"input {path} was deleted or moved after its pattern was matched") from err
+    if stamp.size != size:
+        raise InputChangedError(f"input {path} changed after its pattern was matched: {size} bytes then, "
+                                f"{stamp.size} now. Run again once the file is complete.")
     if fmt == "parquet":
-        import pyarrow.parquet as pq
-
-        with fsspec.open(path, "rb", compression=compression) as f:
-            meta = pq.ParquetFile(f).metadata
+        num_row_groups, group_bytes = _parquet_row_groups(path, compression)
         pieces, first, acc = [], 0, 0
-        for rg in range(meta.num_row_groups):
-            acc += meta.row_group(rg).total_byte_size
+        for rg in range(num_row_groups):
+            acc += group_bytes[rg]
             if acc >= opts.split_bytes:
-                pieces.append(Piece(path, fmt, compression, first, rg + 1, size))
+                pieces.append(Piece(path, fmt, compression, first, rg + 1, size, stamp))
                 first, acc = rg + 1, 0
-        if first < meta.num_row_groups or not pieces:
-            pieces.append(Piece(path, fmt, compression, first, meta.num_row_groups, size))
+        if first < num_row_groups or not pieces:
+            pieces.append(Piece(path, fmt, compression, first, num_row_groups, size, stamp))
         return pieces
     if compression is not None or size <= opts.split_bytes:
-        return [Piece(path, fmt, compression, 0, size, size)]
-    return [Piece(path, fmt, None, s, min(s + opts.split_bytes, size), size)
+        return [Piece(path, fmt, compression, 0, size, size, stamp)]
+    return [Piece(path, fmt, None, s, min(s + opts.split_bytes, size), size, stamp)
             for s in range(0, size, opts.split_bytes)]
+
+
+def _parquet_row_groups(path: str, compression: Optional[str]) -> tuple[int, list[int]]:
+    import pyarrow.parquet as pq
+
+    try:
+        with fsspec.open(path, "rb", compression=compression) as f:
+            meta = pq.ParquetFile(f).metadata
+    except Exception as err:  # pyarrow raises ArrowInvalid / OSError without the file's name
+        raise CorpusError(f"cannot read {path} as Parquet (its footer, at the end of the file): {err}. "
+                          "Replace the file, leave it out of --input, or pass --format if it is not "
+                          "Parquet.") from err
+    return meta.num_row_groups, [meta.row_group(rg).total_byte_size for rg in range(meta.num_row_groups)]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -135,46 +221,85 @@ Record = Union[Passage, Rejected]
 
 
 def read_piece(piece: Piece, opts: ReadOptions) -> Iterator[Record]:
+    """Every record the piece owns, in file order. Raises :class:`CorpusError` (naming the file and the
+    position) when the file cannot be read, and :class:`InputChangedError` when it no longer matches the
+    stamp it was planned with, checked before the first record and after the last."""
+    check_unchanged(piece, "before reading")
     if piece.format == "parquet":
         yield from _read_parquet_piece(piece, opts)
     else:
         yield from _read_text_piece(piece, opts)
+    check_unchanged(piece, "after reading")
 
 
 def _iter_lines(piece: Piece) -> Iterator[tuple[int, Optional[int], bytes]]:
-    """(byte offset, 1-based line number or None, raw line) for the lines this piece owns."""
-    with fsspec.open(piece.path, "rb", compression=piece.compression) as f:
-        pos = piece.start
-        if piece.start > 0:
-            f.seek(piece.start - 1)
-            if f.read(1) != b"\n":  # mid-line: that line belongs to the previous piece
-                skipped = f.readline()
-                pos = piece.start + len(skipped)
-        line_no = 1 if piece.start == 0 else None
-        bounded = piece.compression is None
-        while not bounded or pos < piece.end:
-            line = f.readline()
-            if not line:
-                break
-            yield pos, line_no, line
-            pos += len(line)
-            if line_no is not None:
-                line_no += 1
+    """(byte offset, 1-based line number or None, raw line) for the lines this piece owns. A UTF-8 BOM at
+    the start of the file is not part of the first line (its offset is then 3)."""
+    pos, line_no = piece.start, (1 if piece.start == 0 else None)
+    try:
+        with fsspec.open(piece.path, "rb", compression=piece.compression) as f:
+            if piece.start > 0:
+                f.seek(piece.start - 1)
+                if f.read(1) != b"\n":  # mid-line: that line belongs to the previous piece
+                    pos += len(f.readline())
+            bounded = piece.compression is None
+            while not bounded or pos < piece.end:
+                line = f.readline()
+                if not line:
+                    break
+                if pos == 0:
+                    if line.startswith(_UTF16_BOMS):
+                        raise CorpusError(
+                            f"{piece.path} starts with a UTF-16/UTF-32 byte-order mark; densebeam reads UTF-8 "
+                            "text only. Convert it (iconv -f UTF-16 -t UTF-8) or leave it out of --input.")
+                    if line.startswith(_UTF8_BOM):  # an encoding signature, not part of the record
+                        line, pos = line[len(_UTF8_BOM):], len(_UTF8_BOM)
+                yield pos, line_no, line
+                pos += len(line)
+                if line_no is not None:
+                    line_no += 1
+    except CorpusError:
+        raise
+    except Exception as err:  # OSError, EOFError, zlib/lzma/zstd errors: none of them names the file
+        raise CorpusError(_unreadable(piece, pos, line_no, err)) from err
+
+
+def _unreadable(piece: Piece, pos: int, line_no: Optional[int], err: Exception) -> str:
+    if piece.compression is None:
+        where = f"at byte offset {pos}" + (f" (line {line_no})" if line_no is not None else "")
+        advice = "Check that the file is readable, then run again, or leave it out of --input."
+    else:
+        where = f"at line {line_no} (byte {pos} of the decompressed data)"
+        advice = (f"The file is truncated or is not {piece.compression} data (check it with "
+                  f"`{_CHECK_TOOL.get(piece.compression, 'the decompressor')} FILE`): replace it or leave "
+                  "it out of --input.")
+    return f"cannot read {piece.path} {where}: {type(err).__name__}: {err}. {advice}"
 
 
 def _reject(reason, detail, piece, pos, line_no, raw=None, id=None) -> Rejected:
     if isinstance(raw, bytes):
         raw = raw[: _RAW_CHARS * 4].decode("utf-8", errors="replace")
     if raw is not None:
-        raw = raw[:_RAW_CHARS]
+        raw = _printable_utf8(raw[:_RAW_CHARS])
     return Rejected(reason=reason, detail=detail, source_file=piece.path, source_pos=pos,
-                    line=line_no, id=id, raw=raw)
+                    line=line_no, id=None if id is None else _printable_utf8(id), raw=raw)
+
+
+def _printable_utf8(s: str) -> str:
+    """``s`` with unpaired surrogates escaped (``\\ud800``), so the dead-letter file can be written."""
+    return s if not _has_surrogates(s) else s.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _line_body(raw: bytes) -> bytes:
+    """The line without its terminator: one ``\\n`` and one ``\\r`` before it, nothing else."""
+    body = raw[:-1] if raw.endswith(b"\n") else raw
+    return body[:-1] if body.endswith(b"\r") else body
 
 
 def _read_text_piece(piece: Piece, opts: ReadOptions) -> Iterator[Record]:
     parse = _parse_json_record if piece.format == "jsonl" else _parse_tsv_record
     for pos, line_no, raw in _iter_lines(piece):
-        body = raw.rstrip(b"\r\n")
+        body = _line_body(raw)
         if not body.strip():
             continue  # blank lines are not records
         try:
@@ -189,9 +314,31 @@ def _read_text_piece(piece: Piece, opts: ReadOptions) -> Iterator[Record]:
         yield _validate(fields, opts, piece, pos, line_no, line)
 
 
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _unique_keys(pairs: list) -> dict:
+    """object_pairs_hook: a JSON object naming a key twice is refused (json.loads keeps the last value)."""
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen: set = set()
+        raise _DuplicateKey(next(k for k, _ in pairs if k in seen or seen.add(k)))
+    return obj
+
+
+def _json_int(literal: str):
+    # An integer id becomes its decimal string; "-0" would come out as "0", another id than the input's,
+    # so it stays a float, which ids refuse.
+    return -0.0 if literal == "-0" else int(literal)
+
+
 def _parse_json_record(line: str, opts: ReadOptions):
     try:
-        obj = json.loads(line)
+        obj = json.loads(line, object_pairs_hook=_unique_keys, parse_int=_json_int)
+    except _DuplicateKey as err:
+        return ("__error__", "duplicate_key",
+                f"a JSON object names the key {_printable_utf8(str(err))!r} more than once")
     except (ValueError, RecursionError) as err:
         return ("__error__", "malformed_json", f"invalid JSON: {err}")
     if not isinstance(obj, dict):
@@ -210,20 +357,64 @@ def _parse_tsv_record(line: str, opts: ReadOptions):
     return row["id"], row["text"], row.get("title")
 
 
+# The id policy. Ids are kept and compared byte for byte: no Unicode normalization, no case folding, no
+# trimming. So an id may not hold characters that are invisible or change how the text around them is
+# displayed (two ids that look alike would differ): Unicode categories Cc (controls), Cf (format: zero
+# width space and joiners, BOM, soft hyphen, bidirectional marks, embeddings, overrides and isolates, tag
+# characters), Cs (unpaired surrogates), Zs/Zl/Zp (every space, NBSP included, and the line and paragraph
+# separators); the other Default_Ignorable_Code_Point characters (Hangul fillers, variation selectors,
+# combining grapheme joiner, ...); and noncharacters (U+FDD0..U+FDEF, U+xxFFFE/U+xxFFFF).
+_ID_CATEGORIES = {"Cc": "control character", "Cf": "invisible format character", "Cs": "unpaired surrogate",
+                  "Zs": "space", "Zl": "line separator", "Zp": "paragraph separator"}
+_IGNORABLE_RANGES = ((0x034F, 0x034F), (0x115F, 0x1160), (0x17B4, 0x17B5), (0x180B, 0x180F),
+                     (0x2060, 0x206F), (0x3164, 0x3164), (0xFE00, 0xFE0F), (0xFFA0, 0xFFA0),
+                     (0xFFF0, 0xFFF8), (0xE0000, 0xE0FFF))
+
+
+def id_problem(doc_id: str) -> Optional[str]:
+    """Why ``doc_id`` is not a valid id (the first offending character, named), or None if it is."""
+    if doc_id.isascii():  # the common case: printable ASCII other than space
+        bad = next((i for i, c in enumerate(doc_id) if not "!" <= c <= "~"), None)
+        return None if bad is None else _describe_char(doc_id, bad, "control character")
+    for i, c in enumerate(doc_id):
+        cp = ord(c)
+        kind = _ID_CATEGORIES.get(unicodedata.category(c))
+        if kind is None and (c.isspace() or any(lo <= cp <= hi for lo, hi in _IGNORABLE_RANGES)):
+            kind = "invisible character"
+        if kind is None and (0xFDD0 <= cp <= 0xFDEF or (cp & 0xFFFE) == 0xFFFE):
+            kind = "noncharacter"
+        if kind is not None:
+            return _describe_char(doc_id, i, kind)
+    return None
+
+
+def _describe_char(doc_id: str, i: int, kind: str) -> str:
+    c = doc_id[i]
+    if c == " ":
+        kind = "space"
+    name = unicodedata.name(c, "") if not _has_surrogates(c) else ""
+    return (f"id holds {kind} U+{ord(c):04X}{' ' + name if name else ''} at character {i}: ids are kept byte "
+            "for byte, so they may not hold whitespace, control, bidirectional or invisible characters")
+
+
 def _validate(fields, opts: ReadOptions, piece: Piece, pos: int, line_no: Optional[int], raw) -> Record:
     """Apply the record rules to (id, text, title); returns a Passage or a Rejected with the reason."""
     doc_id, text, title = fields
+    for name, value in (("id", doc_id), ("text", text), ("title", title)):
+        if isinstance(value, _Undecodable):
+            return _reject("undecodable_bytes", f"the {name} value is not UTF-8: {value.error}", piece, pos,
+                           line_no, raw)
     if isinstance(doc_id, bool) or (doc_id is not None and not isinstance(doc_id, (str, int))):
         return _reject("invalid_id", f"id must be a string or integer, got {type(doc_id).__name__}",
                        piece, pos, line_no, raw)
     if doc_id is None or (isinstance(doc_id, str) and not doc_id.strip()):
         return _reject("missing_id", "id is missing or empty", piece, pos, line_no, raw)
     doc_id = str(doc_id)
-    if len(doc_id.encode("utf-8")) > opts.max_id_bytes:
+    if len(doc_id.encode("utf-8", errors="surrogatepass")) > opts.max_id_bytes:
         return _reject("id_too_long", f"id is longer than {opts.max_id_bytes} bytes", piece, pos, line_no, raw)
-    if doc_id != doc_id.strip() or any(c.isspace() or ord(c) < 32 or c == "\x7f" for c in doc_id):
-        return _reject("invalid_id", "id contains whitespace or control characters", piece, pos, line_no,
-                       raw, id=doc_id)
+    problem = id_problem(doc_id)
+    if problem is not None:
+        return _reject("invalid_id", problem, piece, pos, line_no, raw, id=doc_id)
     if text is None:
         return _reject("missing_text", "text is missing", piece, pos, line_no, raw, id=doc_id)
     if not isinstance(text, str):
@@ -253,26 +444,66 @@ def _has_surrogates(s: str) -> bool:
         return True
 
 
+# Parquet ------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class _Undecodable:
+    """A Parquet string value whose bytes are not UTF-8 (Arrow does not check on read)."""
+
+    error: str
+
+
+def _column_values(table, name: str) -> list:
+    """A column's values; string columns are decoded here, value by value, so one value that is not
+    UTF-8 becomes an ``undecodable_bytes`` dead letter instead of failing the whole row group."""
+    import pyarrow as pa
+
+    col = table.column(name)
+    if pa.types.is_string(col.type) or pa.types.is_large_string(col.type):
+        out = []
+        for b in col.cast(pa.large_binary()).to_pylist():
+            try:
+                out.append(None if b is None else b.decode("utf-8"))
+            except UnicodeDecodeError as err:
+                out.append(_Undecodable(str(err)))
+        return out
+    return col.to_pylist()
+
+
 def _read_parquet_piece(piece: Piece, opts: ReadOptions) -> Iterator[Record]:
+    for row, doc_id, text, title in _parquet_rows(piece, opts):
+        raw = json.dumps({"id": repr(doc_id)[:80], "text": repr(text)[:_RAW_CHARS]})
+        yield _validate((doc_id, text, title), opts, piece, row, None, raw)
+
+
+def _parquet_rows(piece: Piece, opts: ReadOptions) -> Iterator[tuple]:
+    """(row number, id, text, title) of the piece's rows, one row group in memory at a time."""
     import pyarrow.parquet as pq
 
-    with fsspec.open(piece.path, "rb", compression=piece.compression) as f:
-        pf = pq.ParquetFile(f)
-        names = set(pf.schema_arrow.names)
-        wanted = [opts.id_field, opts.text_field]
-        missing = [c for c in wanted if c not in names]
-        if missing:
-            raise ValueError(f"{piece.path}: Parquet file has no column(s) {missing}; it has {sorted(names)}. "
-                             "Set --id-field/--text-field to the right column names.")
-        has_title = bool(opts.title_field) and opts.title_field in names
-        columns = wanted + ([opts.title_field] if has_title else [])
-        row = sum(pf.metadata.row_group(rg).num_rows for rg in range(piece.start))
-        for rg in range(piece.start, piece.end):
-            table = pf.read_row_group(rg, columns=columns)
-            ids = table.column(opts.id_field).to_pylist()
-            texts = table.column(opts.text_field).to_pylist()
-            titles = table.column(opts.title_field).to_pylist() if has_title else [None] * len(ids)
-            for doc_id, text, title in zip(ids, texts, titles):
-                raw = json.dumps({"id": repr(doc_id)[:80], "text": repr(text)[:_RAW_CHARS]})
-                yield _validate((doc_id, text, title), opts, piece, row, None, raw)
-                row += 1
+    row, rg = 0, piece.start
+    try:
+        with fsspec.open(piece.path, "rb", compression=piece.compression) as f:
+            pf = pq.ParquetFile(f)
+            names = set(pf.schema_arrow.names)
+            wanted = [opts.id_field, opts.text_field]
+            missing = [c for c in wanted if c not in names]
+            if missing:
+                raise CorpusError(f"{piece.path}: Parquet file has no column(s) {missing}; it has "
+                                  f"{sorted(names)}. Set --id-field/--text-field to the right column names.")
+            has_title = bool(opts.title_field) and opts.title_field in names
+            columns = wanted + ([opts.title_field] if has_title else [])
+            row = sum(pf.metadata.row_group(g).num_rows for g in range(piece.start))
+            for rg in range(piece.start, piece.end):
+                table = pf.read_row_group(rg, columns=columns)
+                ids = _column_values(table, opts.id_field)
+                texts = _column_values(table, opts.text_field)
+                titles = _column_values(table, opts.title_field) if has_title else [None] * len(ids)
+                for doc_id, text, title in zip(ids, texts, titles):
+                    yield row, doc_id, text, title
+                    row += 1
+    except CorpusError:
+        raise
+    except Exception as err:  # pyarrow's errors do not name the file
+        raise CorpusError(f"cannot read {piece.path} at row group {rg} (row {row}): {type(err).__name__}: "
+                          f"{err}. Replace the file or leave it out of --input.") from err

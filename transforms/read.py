@@ -8,9 +8,10 @@ from typing import Sequence
 import apache_beam as beam
 from apache_beam.metrics import Metrics
 
+from densebeam.index_store.faults import pause_point
 from densebeam.index_store.types import Passage, Rejected
 from densebeam.transforms import corpus_io
-from densebeam.transforms.corpus_io import Piece, ReadOptions
+from densebeam.transforms.corpus_io import CorpusError, Piece, ReadOptions
 
 log = logging.getLogger(__name__)
 
@@ -19,8 +20,21 @@ REJECTED = "rejected"
 READ_COUNTS = "read_counts"
 
 
+def _read_records(piece: Piece, opts: ReadOptions):
+    """``corpus_io.read_piece`` for either pass. Its input errors (:class:`CorpusError`, a ValueError the
+    CLI prints as one line) already name the file and position and say what to do; anything else is
+    re-raised naming the piece, so a failure in any pass says which file it was reading."""
+    try:
+        yield from corpus_io.read_piece(piece, opts)
+    except CorpusError:
+        raise
+    except Exception as err:
+        raise RuntimeError(f"reading {piece.describe()} failed: {type(err).__name__}: {err}") from err
+
+
 class _PlanPiecesFn(beam.DoFn):
-    """(file URL, size) -> the pieces it is read in."""
+    """(file URL, size) -> the pieces it is read in, each stamped with the file's size and checksum
+    (checked again whenever a pass reads the piece)."""
 
     def __init__(self, opts: ReadOptions):
         self._opts = opts
@@ -47,27 +61,25 @@ class _ReadPieceFn(beam.DoFn):
         self._bytes = Metrics.counter(NAMESPACE, "input_bytes_read")
 
     def process(self, piece: Piece, duplicates=None):
+        pause_point("read")  # the parse pass; with dedup, the duplicate-id pass has read every piece
         n = 0
-        try:
-            for rec in corpus_io.read_piece(piece, self._opts):
-                n += 1
-                self._read.inc()
-                if isinstance(rec, Passage) and duplicates and (rec.source_file, rec.source_pos) in duplicates:
-                    first_file, first_pos = duplicates[(rec.source_file, rec.source_pos)]
-                    self._dups.inc()
-                    rec = Rejected(reason="duplicate_id",
-                                   detail=f"id {rec.id!r} already seen at {first_file} offset {first_pos}",
-                                   source_file=rec.source_file, source_pos=rec.source_pos, line=None,
-                                   id=rec.id, raw=rec.text[:512])
-                elif isinstance(rec, Rejected):
-                    Metrics.counter(NAMESPACE, f"rejected_{rec.reason}").inc()
-                if isinstance(rec, Rejected):
-                    self._rejected.inc()
-                    yield beam.pvalue.TaggedOutput(REJECTED, rec)
-                else:
-                    yield rec
-        except (OSError, EOFError, ValueError) as err:  # unreadable file: a clear error, not a silent skip
-            raise RuntimeError(f"cannot read {piece.describe()} after {n} records: {err}") from err
+        for rec in _read_records(piece, self._opts):
+            n += 1
+            self._read.inc()
+            if isinstance(rec, Passage) and duplicates and (rec.source_file, rec.source_pos) in duplicates:
+                first_file, first_pos = duplicates[(rec.source_file, rec.source_pos)]
+                self._dups.inc()
+                rec = Rejected(reason="duplicate_id",
+                               detail=f"id {rec.id!r} already seen at {first_file} offset {first_pos}",
+                               source_file=rec.source_file, source_pos=rec.source_pos, line=None,
+                               id=rec.id, raw=rec.text[:512])
+            elif isinstance(rec, Rejected):
+                Metrics.counter(NAMESPACE, f"rejected_{rec.reason}").inc()
+            if isinstance(rec, Rejected):
+                self._rejected.inc()
+                yield beam.pvalue.TaggedOutput(REJECTED, rec)
+            else:
+                yield rec
         if piece.format != "parquet":
             self._bytes.inc(piece.end - piece.start)
         yield beam.pvalue.TaggedOutput(READ_COUNTS, n)
@@ -81,7 +93,7 @@ class _IdsOfPieceFn(beam.DoFn):
         self._opts = opts
 
     def process(self, piece: Piece):
-        for rec in corpus_io.read_piece(piece, self._opts):
+        for rec in _read_records(piece, self._opts):
             if isinstance(rec, Passage):
                 yield rec.id, rec.sort_key()
 
