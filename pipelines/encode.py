@@ -24,7 +24,8 @@ from densebeam.pipelines.options import (add_encode_args, add_output_args, add_r
                                          max_rejected_share, read_options)
 from densebeam.runners.presets import pipeline_options
 from densebeam.transforms.cache import JournalEncoded, ReuseEmbeddings, cache_files
-from densebeam.transforms.corpus_io import ReadOptions, expand_patterns
+from densebeam.transforms.corpus_io import ReadOptions, detect_format, expand_patterns
+from densebeam.transforms.estimate import estimate_records
 from densebeam.transforms.encode import EncodeOptions, EncodePassages
 from densebeam.transforms.read import ReadCorpus
 from densebeam.transforms.write import FAILED_REPORT, WriteEmbeddings, describe_failure
@@ -47,7 +48,7 @@ def encode_options(args) -> EncodeOptions:
     return EncodeOptions(model=args.model, similarity=args.similarity, device=args.device,
                          precision=args.precision, max_seq_length=args.max_seq_length,
                          token_budget=args.token_budget, join_title=not args.no_join_title,
-                         batch_size=args.batch_size)
+                         batch_size=args.batch_size, progress_every_s=args.progress_seconds)
 
 
 def check_output(path: str, overwrite: bool) -> None:
@@ -99,6 +100,16 @@ def _failure_report(output: str, since: float) -> Optional[str]:
         return describe_failure(json.load(f), output)
 
 
+def _counter(result, name: str) -> int:
+    from apache_beam.metrics.metric import MetricsFilter
+
+    try:
+        found = result.metrics().query(MetricsFilter().with_name(name))["counters"]
+    except Exception:  # noqa: BLE001 - a runner without metrics: no breakdown, not a failed run
+        return 0
+    return int(sum((c.committed or c.attempted or 0) for c in found))
+
+
 def _mtime(fs, path: str) -> float:
     info = fs.info(path)
     m = info.get("mtime") or info.get("updated") or info.get("LastModified") or 0
@@ -111,7 +122,10 @@ def run_pipeline(argv: Optional[Sequence[str]] = None):
     read_opts, enc_opts = read_options(args), encode_options(args)
     check_output(args.output, args.overwrite)
     files = expand_patterns(args.input)
-    log.info("encoding %d file(s), %.1f MB", len(files), sum(s for _, s in files) / 1e6)
+    expected = estimate_records(files, lambda path: detect_format(path, read_opts.format))
+    log.info("encoding %d file(s), %.1f MB, about %s records (estimated from a sample)", len(files),
+             sum(s for _, s in files) / 1e6, expected if expected is not None else "an unknown number of")
+    enc_opts = dataclasses.replace(enc_opts, expected_passages=expected, workers=args.workers)
     # Resolve the model facts up front: a bad model name fails here, before any worker starts.
     encoder = load_encoder(enc_opts.model, similarity=enc_opts.similarity, device=enc_opts.device,
                            precision=enc_opts.precision, max_seq_length=enc_opts.max_seq_length,
@@ -137,6 +151,8 @@ def run_pipeline(argv: Optional[Sequence[str]] = None):
         raise
     manifest = emb.open_embeddings(args.output).manifest
     manifest["_wall_seconds"] = time.monotonic() - start
+    manifest["_worker_msec"] = {name: _counter(result, name) for name in ("encode_msec", "write_msec")}
+    manifest["_workers"] = args.workers
     return manifest, result
 
 

@@ -44,6 +44,8 @@ def add_encode_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--batch-size", type=int, default=512, help="passages per inference call")
     g.add_argument("--token-budget", type=int, default=DEFAULT_TOKEN_BUDGET,
                    help="max padded tokens per forward pass (length-sorted batches)")
+    g.add_argument("--progress-seconds", type=float, default=30.0,
+                   help="each worker logs passages done, rate, the run's share done and an ETA this often")
 
 
 def add_output_args(p: argparse.ArgumentParser) -> None:

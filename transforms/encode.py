@@ -34,13 +34,17 @@ class EncodeOptions:
     join_title: bool = True
     batch_size: int = 512  # passages handed to one run_inference call (re-batched by tokens inside)
     progress_every_s: float = 30.0
+    expected_passages: Optional[int] = None  # the launcher's estimate of the records in the corpus
+    workers: int = 1  # worker processes sharing the work (for the run-wide progress estimate)
 
 
 class _Progress:
-    """Periodic progress lines per worker process: passages encoded and passages/s."""
+    """Periodic progress lines per worker process: passages encoded, passages/s, and, when the launcher
+    estimated the corpus size, the run's approximate share done and an ETA (work is spread evenly over
+    ``workers``, so this worker's count times ``workers`` approximates the run's)."""
 
-    def __init__(self, every_s: float):
-        self.every_s = every_s
+    def __init__(self, every_s: float, expected: Optional[int] = None, workers: int = 1):
+        self.every_s, self.expected, self.workers = every_s, expected, max(1, workers)
         self.start = self.last = time.monotonic()
         self.count = 0
 
@@ -49,8 +53,24 @@ class _Progress:
         now = time.monotonic()
         if now - self.last >= self.every_s:
             self.last = now
-            log.info("encoded %d passages in this worker, %.1f passages/s", self.count,
-                     self.count / max(now - self.start, 1e-9))
+            log.info(self.line(now))
+
+    def line(self, now: float) -> str:
+        elapsed = max(now - self.start, 1e-9)
+        rate = self.count / elapsed
+        text = f"encoded {self.count} passages in this worker, {rate:.1f} passages/s"
+        if self.expected:
+            done = min(self.count * self.workers, self.expected)
+            left = (self.expected - done) / max(rate * self.workers, 1e-9)
+            text += (f"; run ~{100 * done / self.expected:.0f}% of ~{self.expected} passages "
+                     f"({self.workers} worker(s)), ETA {_duration(left)}")
+        return text
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else \
+        f"{seconds // 60}m{seconds % 60:02d}s"
 
 
 WORKER_LOG_ENV = "DENSEBEAM_WORKER_LOG_DIR"
@@ -101,6 +121,7 @@ class SentenceTransformerModelHandler(ModelHandler[Passage, PredictionResult, En
         super().__init__(min_batch_size=opts.batch_size, max_batch_size=opts.batch_size)
         self._opts = opts
         self._progress: Optional[_Progress] = None
+        self._encode_msec = Metrics.counter(NAMESPACE, "encode_msec")
 
     def load_model(self) -> Encoder:
         o = self._opts
@@ -110,9 +131,12 @@ class SentenceTransformerModelHandler(ModelHandler[Passage, PredictionResult, En
     def run_inference(self, batch: Sequence[Passage], model: Encoder,
                       inference_args: Optional[dict[str, Any]] = None) -> Iterable[PredictionResult]:
         texts = [p.joined_text(self._opts.join_title) for p in batch]
+        start = time.perf_counter()
         vectors = encode_or_split(model.encode, texts)
+        self._encode_msec.inc(int(1000 * (time.perf_counter() - start)))
         if self._progress is None:
-            self._progress = _Progress(self._opts.progress_every_s)
+            self._progress = _Progress(self._opts.progress_every_s, self._opts.expected_passages,
+                                       self._opts.workers)
         self._progress.add(len(batch))
         _log_worker_batch(len(batch))
         tag = f"{model.precision}"  # the precision really used on this worker travels with each result

@@ -13,6 +13,7 @@ import dataclasses
 import datetime
 import json
 import logging
+import time
 import uuid
 from typing import Optional
 
@@ -20,6 +21,7 @@ import apache_beam as beam
 import fsspec
 import numpy as np
 import pyarrow.parquet as pq
+from apache_beam.metrics import Metrics
 from apache_beam.transforms.window import GlobalWindow
 from apache_beam.utils.timestamp import MIN_TIMESTAMP
 from apache_beam.utils.windowed_value import WindowedValue
@@ -28,6 +30,7 @@ from densebeam.index_store import embeddings as emb
 from densebeam.index_store.faults import pause_point
 from densebeam.index_store.types import ModelFacts, Rejected
 from densebeam.transforms.cache import JOURNAL_DIR, file_identity, identity_metadata, text_hash
+from densebeam.transforms.read import NAMESPACE
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +84,7 @@ class _ShardWriterFn(beam.DoFn):
         self._out, self._facts, self._keep_text = out_dir, facts, keep_text
         self._rows_per_shard, self._row_group_rows = rows_per_shard, row_group_rows
         self._identity, self._join_title = identity, join_title
+        self._write_msec = Metrics.counter(NAMESPACE, "write_msec")
 
     def start_bundle(self):
         self._writer = self._file = self._tmp = None
@@ -111,6 +115,7 @@ class _ShardWriterFn(beam.DoFn):
         b = self._buf
         if not b["id"]:
             return
+        start = time.perf_counter()
         (precision,) = self._precisions
         facts = dataclasses.replace(self._facts, precision=precision)
         table = emb.to_table(facts, b["id"], np.stack(b["vec"]),
@@ -123,6 +128,7 @@ class _ShardWriterFn(beam.DoFn):
         self._writer.write_table(table)
         self._rows += table.num_rows
         self._buf = collections.defaultdict(list)
+        self._write_msec.inc(int(1000 * (time.perf_counter() - start)))
 
     def _close(self):
         self._flush()
