@@ -269,7 +269,8 @@ def _unreadable(piece: Piece, pos: int, line_no: Optional[int], err: Exception) 
         where = f"at byte offset {pos}" + (f" (line {line_no})" if line_no is not None else "")
         advice = "Check that the file is readable, then run again, or leave it out of --input."
     else:
-        where = f"at line {line_no} (byte {pos} of the decompressed data)"
+        where = (f"at line {line_no} (byte {pos} of the decompressed data)" if line_no is not None
+                 else f"at byte {pos} of the decompressed data")
         advice = (f"The file is truncated or is not {piece.compression} data (check it with "
                   f"`{_CHECK_TOOL.get(piece.compression, 'the decompressor')} FILE`): replace it or leave "
                   "it out of --input.")
@@ -373,9 +374,11 @@ _IGNORABLE_RANGES = ((0x034F, 0x034F), (0x115F, 0x1160), (0x17B4, 0x17B5), (0x18
 
 def id_problem(doc_id: str) -> Optional[str]:
     """Why ``doc_id`` is not a valid id (the first offending character, named), or None if it is."""
-    if doc_id.isascii():  # the common case: printable ASCII other than space
-        bad = next((i for i, c in enumerate(doc_id) if not "!" <= c <= "~"), None)
-        return None if bad is None else _describe_char(doc_id, bad, "control character")
+    if doc_id.isascii():  # the common case, checked in C: printable ASCII other than space
+        if doc_id.isprintable() and " " not in doc_id:
+            return None
+        return _describe_char(doc_id, next(i for i, c in enumerate(doc_id) if not "!" <= c <= "~"),
+                              "control character")
     for i, c in enumerate(doc_id):
         cp = ord(c)
         kind = _ID_CATEGORIES.get(unicodedata.category(c))
