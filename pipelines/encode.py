@@ -69,7 +69,7 @@ def encode_stage(p: beam.Pipeline, files, read_opts: ReadOptions, enc_opts: Enco
                  output: str, args, cache: Sequence[str] = ()) -> beam.PCollection:
     """The labelled steps of the encode pipeline; returns the one-element manifest PCollection."""
     identity = encode_identity(facts, enc_opts)
-    corpus = p | "ReadCorpus" >> ReadCorpus(files, read_opts, dedup=not args.no_dedup)
+    corpus = p | "ReadCorpus" >> ReadCorpus(files, read_opts, dedup=not args.no_dedup, workers=args.workers)
     passages, reused = corpus["passages"], None
     if cache:  # incremental / resumed run: only new or changed passages reach the model
         split = passages | "ReuseEmbeddings" >> ReuseEmbeddings(cache, identity, enc_opts.join_title,

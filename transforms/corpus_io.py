@@ -99,7 +99,43 @@ class Piece:
 
     def describe(self) -> str:
         unit = "row groups" if self.format == "parquet" else "bytes"
-        return f"{self.path} [{unit} {self.start}:{self.end}]"
+        if self.compression is not None and self.format != "parquet":
+            unit = "decompressed bytes"
+        end = "end" if self.end == TO_END else self.end
+        return f"{self.path} [{unit} {self.start}:{end}]"
+
+
+# The end of a compressed text piece that reads to the end of the file (its decompressed size is known
+# only approximately when planning).
+TO_END = 2 ** 63 - 1
+PIECES_PER_WORKER = 8  # balance: every worker gets about this many equal pieces
+MIN_PIECE_BYTES = 4 << 10
+# Codecs whose decompressed streams seek forward (by decompressing and discarding): such files are split
+# into ranges of the decompressed stream; each piece decompresses from the start of the file up to its
+# own range, so N pieces cost about N/2 full decompressions in all (cheap next to encoding).
+_SEEKABLE_CODECS = ("gzip", "bz2", "lzma")
+
+
+def balanced_piece_bytes(files: Sequence[tuple[str, int]], workers: int, split_bytes: int) -> int:
+    """The piece size that gives every one of ``workers`` workers about ``PIECES_PER_WORKER`` equal
+    pieces of the whole input (on-disk bytes), at most ``split_bytes``; one worker: ``split_bytes``."""
+    if workers <= 1:
+        return split_bytes
+    total = sum(size for _, size in files)
+    return int(max(MIN_PIECE_BYTES, min(split_bytes, -(-total // (workers * PIECES_PER_WORKER)))))
+
+
+def decompressed_size_estimate(path: str, size: int, compression: str) -> int:
+    """gzip: the ISIZE trailer (exact below 4 GiB, single member; wrapped sizes are unwrapped to at
+    least the compressed size); other codecs: three times the compressed size."""
+    if compression != "gzip" or size < 18:
+        return 3 * size
+    with fsspec.open(path, "rb") as f:
+        f.seek(size - 4)
+        isize = int.from_bytes(f.read(4), "little")
+    while isize < size:
+        isize += 1 << 32
+    return isize
 
 
 def detect_format(path: str, override: str = "auto") -> tuple[str, Optional[str]]:
@@ -172,10 +208,12 @@ def _changed_message(piece: Piece, what: str, when: str) -> str:
             "the file is complete (write corpus files under a temporary name and rename them into place).")
 
 
-def plan_pieces(path: str, size: int, opts: ReadOptions) -> list[Piece]:
-    """Split one file into pieces: byte ranges of ``opts.split_bytes`` for uncompressed text, one piece
-    for compressed text, row-group ranges of about ``split_bytes`` for Parquet. Every piece carries the
-    file's stamp; ``size`` (from matching) must still be the file's size."""
+def plan_pieces(path: str, size: int, opts: ReadOptions, piece_bytes: Optional[int] = None) -> list[Piece]:
+    """Split one file into about ``size / piece_bytes`` (default ``opts.split_bytes``) equal pieces:
+    byte ranges of uncompressed text, ranges of the decompressed stream of gzip/bz2/xz text (the last
+    one reads to the end), row-group ranges for Parquet. Every piece carries the file's stamp; ``size``
+    (from matching) must still be the file's size."""
+    target = max(1, piece_bytes or opts.split_bytes)
     fmt, compression = detect_format(path, opts.format)
     try:
         stamp = stamp_file(path)
@@ -189,16 +227,21 @@ def plan_pieces(path: str, size: int, opts: ReadOptions) -> list[Piece]:
         pieces, first, acc = [], 0, 0
         for rg in range(num_row_groups):
             acc += group_bytes[rg]
-            if acc >= opts.split_bytes:
+            if acc >= target:
                 pieces.append(Piece(path, fmt, compression, first, rg + 1, size, stamp))
                 first, acc = rg + 1, 0
         if first < num_row_groups or not pieces:
             pieces.append(Piece(path, fmt, compression, first, num_row_groups, size, stamp))
         return pieces
-    if compression is not None or size <= opts.split_bytes:
-        return [Piece(path, fmt, compression, 0, size, size, stamp)]
-    return [Piece(path, fmt, None, s, min(s + opts.split_bytes, size), size, stamp)
-            for s in range(0, size, opts.split_bytes)]
+    n = max(1, round(size / target))
+    if compression is not None:
+        if n == 1 or compression not in _SEEKABLE_CODECS:
+            return [Piece(path, fmt, compression, 0, TO_END, size, stamp)]
+        step = -(-decompressed_size_estimate(path, size, compression) // n)
+        return [Piece(path, fmt, compression, i * step, (i + 1) * step if i < n - 1 else TO_END, size, stamp)
+                for i in range(n)]
+    step = -(-size // n)
+    return [Piece(path, fmt, None, s, min(s + step, size), size, stamp) for s in range(0, size, step)]
 
 
 def _parquet_row_groups(path: str, compression: Optional[str]) -> tuple[int, list[int]]:
@@ -242,8 +285,7 @@ def _iter_lines(piece: Piece) -> Iterator[tuple[int, Optional[int], bytes]]:
                 f.seek(piece.start - 1)
                 if f.read(1) != b"\n":  # mid-line: that line belongs to the previous piece
                     pos += len(f.readline())
-            bounded = piece.compression is None
-            while not bounded or pos < piece.end:
+            while pos < piece.end:
                 line = f.readline()
                 if not line:
                     break

@@ -36,13 +36,13 @@ class _PlanPiecesFn(beam.DoFn):
     """(file URL, size) -> the pieces it is read in, each stamped with the file's size and checksum
     (checked again whenever a pass reads the piece)."""
 
-    def __init__(self, opts: ReadOptions):
-        self._opts = opts
+    def __init__(self, opts: ReadOptions, piece_bytes: int):
+        self._opts, self._piece_bytes = opts, piece_bytes
         self._pieces = Metrics.counter(NAMESPACE, "pieces_planned")
 
     def process(self, file_and_size):
         path, size = file_and_size
-        for piece in corpus_io.plan_pieces(path, size, self._opts):
+        for piece in corpus_io.plan_pieces(path, size, self._opts, self._piece_bytes):
             self._pieces.inc()
             yield piece
 
@@ -80,8 +80,10 @@ class _ReadPieceFn(beam.DoFn):
                 yield beam.pvalue.TaggedOutput(REJECTED, rec)
             else:
                 yield rec
-        if piece.format != "parquet":
+        if piece.format != "parquet" and piece.compression is None:
             self._bytes.inc(piece.end - piece.start)
+        elif piece.format != "parquet" and piece.start == 0:  # a compressed file's bytes, counted once
+            self._bytes.inc(piece.file_size)
         yield beam.pvalue.TaggedOutput(READ_COUNTS, n)
 
 
@@ -115,25 +117,30 @@ class ReadCorpus(beam.PTransform):
     ``sum(read_counts) == len(passages) + len(rejected)``.
 
     Memory stays bounded: the pieces (byte ranges) are what is shuffled to spread work over workers,
-    and passages stream from the reader straight into encoding in the same fused stage. Duplicate ids
+    and passages stream from the reader straight into encoding in the same fused stage. With
+    ``workers`` > 1 every file is cut into pieces of about ``total bytes / (workers * 8)`` (at most
+    ``split_bytes``; compressed files by ranges of their decompressed stream), so every worker gets
+    about the same share whatever the layout: one gzip file, one small file, many tiny files. Duplicate ids
     are found in a first pass that shuffles only (id, file, position) keys; the later occurrences (a
     small side input) are rejected while the second pass streams. The price is parsing every piece
     twice, which is cheap next to encoding.
     """
 
-    def __init__(self, files: Sequence[tuple[str, int]], opts: ReadOptions, dedup: bool = True):
+    def __init__(self, files: Sequence[tuple[str, int]], opts: ReadOptions, dedup: bool = True,
+                 workers: int = 1):
         super().__init__()
         if not files:
             raise ValueError("ReadCorpus needs at least one input file")
         self._files = list(files)
         self._opts = opts
         self._dedup = dedup
+        self._piece_bytes = corpus_io.balanced_piece_bytes(self._files, workers, opts.split_bytes)
 
     def expand(self, pbegin):
         # 1. Plan: every file -> pieces (byte ranges / row groups), then spread the pieces over workers.
         pieces = (pbegin
                   | "Files" >> beam.Create(self._files)
-                  | "PlanPieces" >> beam.ParDo(_PlanPiecesFn(self._opts))
+                  | "PlanPieces" >> beam.ParDo(_PlanPiecesFn(self._opts, self._piece_bytes))
                   | "SpreadPieces" >> beam.Reshuffle())
         # 2. Duplicate ids: shuffle only (id, source) keys; the later occurrences become a side input.
         side = {}
