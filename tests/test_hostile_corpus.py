@@ -379,12 +379,13 @@ def test_pipeline_keeps_records_exact_and_rejects_what_it_cannot_keep(tmp_path, 
     assert ids == {"5635514", "2", "j1", "p1"}
 
 
-def test_unreadable_gzip_fails_naming_the_file_in_either_pass(tmp_path, tiny_cos_model, capsys):
+@pytest.mark.parametrize("make", [truncated_gzip, plain_text_named_gz])
+def test_unreadable_gzip_fails_naming_the_file_in_either_pass(tmp_path, tiny_cos_model, capsys, make):
     from densebeam.pipelines import cli
 
     good = write_jsonl(tmp_path / "good.jsonl", make_passages(20))
     bad = tmp_path / "bad.jsonl.gz"
-    truncated_gzip(bad)
+    make(bad)
     for extra in ([], ["--no-dedup"]):
         with pytest.raises(CorpusError, match=rf"cannot read {bad} at line \d+ .*gzip -t"):
             run_encode(tiny_cos_model, [good, bad], tmp_path / "emb", *extra)
