@@ -36,10 +36,10 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rerank-batch-size", type=int, default=64)
 
 
-def _open(args, lazy_encoder: bool = False):
+def _open(args, lazy_encoder: bool = False, index: str | None = None):
     from densebeam.index_store.query.search import Searcher
 
-    return Searcher.open(args.index, model=args.model, device=args.device, precision=args.precision,
+    return Searcher.open(index or args.index, model=args.model, device=args.device, precision=args.precision,
                          verify=args.verify, rerank_model=args.rerank_model,
                          rerank_batch_size=args.rerank_batch_size, lazy_encoder=lazy_encoder)
 
@@ -119,25 +119,76 @@ def eval_main(argv: Sequence[str]) -> int:
     return 0
 
 
-def serve_main(argv: Sequence[str]) -> int:
-    from densebeam.index_store.query.serve import Limits, serve
+def _size(text: str) -> int:
+    """'2GiB', '512MB', '1048576' -> bytes."""
+    units = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
+    t = text.strip().lower()
+    num = t.rstrip("kmgib")
+    try:
+        return int(float(num) * units[t[len(num):]])
+    except (KeyError, ValueError):
+        raise argparse.ArgumentTypeError(f"cannot read the size {text!r}; write e.g. 2GiB or 512MB") from None
 
+
+def serve_main(argv: Sequence[str]) -> int:
+    from densebeam.index_store.query.serve import Limits, Reloading, open_version, read_admin_token, serve
+
+    d = Limits()
     p = ArgumentParser(prog="densebeam serve", description="HTTP search service over one bundle")
     _add_common(p)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8080)
-    p.add_argument("--batch-window-ms", type=float, default=3.0,
+    p.add_argument("--batch-window-ms", type=float, default=d.batch_window_ms,
                    help="how long the micro-batcher waits to gather concurrent requests")
-    p.add_argument("--max-k", type=int, default=1000)
-    p.add_argument("--max-queries", type=int, default=64, help="queries per request")
     p.add_argument("--watch-seconds", type=float, default=0,
-                   help="for a versioned index location: check its CURRENT pointer this often and reload "
-                        "to a new version without dropping requests (0: only POST /admin/reload)")
+                   help="check the index location's version this often and reload to a new one without "
+                        "dropping requests (0: only POST /admin/reload)")
+    g = p.add_argument_group("limits per request")
+    g.add_argument("--max-k", type=int, default=d.max_k)
+    g.add_argument("--max-queries", type=int, default=d.max_queries, help="queries per request")
+    g.add_argument("--max-hits", type=int, default=d.max_hits, help="queries x k per request")
+    g.add_argument("--max-rerank-pairs", type=int, default=d.max_rerank_pairs,
+                   help="queries x rerank depth per request (cross-encoder forward passes)")
+    g.add_argument("--max-body-bytes", type=_size, default=d.max_body_bytes,
+                   help="request body, counted as it streams in whatever the transfer encoding (413 beyond)")
+    g.add_argument("--max-response-bytes", type=_size, default=d.max_response_bytes)
+    g.add_argument("--header-timeout", type=float, default=d.header_timeout_s, metavar="SECONDS",
+                   help="time for a request's head (408 and close beyond)")
+    g.add_argument("--body-timeout", type=float, default=d.body_timeout_s, metavar="SECONDS",
+                   help="time for a request's whole body (408 and close beyond)")
+    g = p.add_argument_group("load")
+    g.add_argument("--max-pending-queries", type=int, default=d.max_pending_queries,
+                   help="queries queued or running; a request beyond is answered 503 at once")
+    g.add_argument("--queue-timeout", type=float, default=d.queue_timeout_s, metavar="SECONDS",
+                   help="a request still waiting for its batch after this is answered 503")
+    g.add_argument("--max-connections", type=int, default=d.max_connections, help="503 beyond")
+    g = p.add_argument_group("admin and reloads")
+    g.add_argument("--admin-token-file", default=None,
+                   help="file holding the token that POST /admin/* needs (Authorization: Bearer TOKEN); "
+                        "or set DENSEBEAM_ADMIN_TOKEN. Without either, /admin/* is off")
+    g.add_argument("--expose-paths", action="store_true",
+                   help="show local paths in /health, /info and reload answers (off: version names only)")
+    g.add_argument("--warm-bytes", type=_size, default="2GiB",
+                   help="page in at most this much of a bundle's inverted lists (then docstore) before it "
+                        "serves or is swapped in")
+    g.add_argument("--reload-proof-timeout", type=float, default=600, metavar="SECONDS",
+                   help="time a child process gets to open and search a new version before it is refused")
     args = p.parse_args(argv)
-    searcher = _open(args)
-    limits = Limits(max_queries=args.max_queries, max_k=args.max_k, batch_window_ms=args.batch_window_ms)
-    print(f"densebeam serve: {args.index} ({searcher.bundle.searcher.ntotal} vectors) on "
-          f"http://{args.host}:{args.port}", file=sys.stderr)
-    serve(searcher, host=args.host, port=args.port, limits=limits, reopen=lambda: _open(args),
-          watch=(args.index, args.watch_seconds) if args.watch_seconds > 0 else None)
+    limits = Limits(max_queries=args.max_queries, max_k=args.max_k, batch_window_ms=args.batch_window_ms,
+                    max_hits=args.max_hits, max_rerank_pairs=args.max_rerank_pairs,
+                    max_body_bytes=args.max_body_bytes, max_response_bytes=args.max_response_bytes,
+                    header_timeout_s=args.header_timeout, body_timeout_s=args.body_timeout,
+                    max_pending_queries=max(args.max_pending_queries, args.max_queries),
+                    queue_timeout_s=args.queue_timeout, max_connections=args.max_connections)
+    reloading = Reloading(location=args.index, verify=args.verify, watch_seconds=args.watch_seconds,
+                          proof_timeout_s=args.reload_proof_timeout, warm_bytes=args.warm_bytes)
+    token = read_admin_token(args.admin_token_file)
+    # The first version is proven in a child process too: a corrupt bundle is refused with a message,
+    # never a crash of the service (nor a crash loop of its restarts).
+    searcher, version = open_version(reloading, lambda path: _open(args, index=path))
+    name = version.name or version.manifest_sha256[:16]
+    print(f"densebeam serve: {args.index} (version {name}, {searcher.bundle.searcher.ntotal} vectors) on "
+          f"http://{args.host}:{args.port}; /admin {'on' if token else 'off'}", file=sys.stderr)
+    serve(searcher, host=args.host, port=args.port, limits=limits, reloading=reloading, admin_token=token,
+          expose_paths=args.expose_paths, version=version)
     return 0

@@ -9,7 +9,7 @@ import httpx
 import pytest
 
 from densebeam.index_store.query.search import Searcher
-from densebeam.index_store.query.serve import Limits, create_app
+from densebeam.index_store.query.serve import Limits, create_app, strip_paths
 from query_fixtures import ServerThread, build_tiny_bundle, build_tiny_cross_encoder, toy_queries
 
 QUERIES = toy_queries(24, seed=21)
@@ -64,12 +64,19 @@ def _assert_same(http_hits, lib_hits):
         assert doc is None or (h["text"], h["title"], h["row"]) == (doc.text, doc.title, doc.row)
 
 
-def test_health_and_info(client, searcher):
-    health = client.get("/health").json()
-    assert health["status"] == "ok" and health["vectors"] == 200
-    info = client.get("/info").json()
-    assert info["manifest"] == searcher.bundle.manifest and info["default_nprobe"] == searcher.default_nprobe
-    assert info["rerank_model"] == searcher.reranker.name and info["limits"]["max_k"] == 1000
+def test_health_and_info(client, searcher, tmp_path_factory):
+    health = client.get("/health")
+    assert health.json()["status"] == "ok" and health.json()["vectors"] == 200
+    assert len(health.json()["manifest_sha256"]) == 16 and "bundle" not in health.json()
+    info = client.get("/info")
+    body = info.json()
+    assert body["manifest"] == strip_paths(searcher.bundle.manifest) and body["default_nprobe"] == searcher.default_nprobe
+    assert body["manifest"]["files"] == searcher.bundle.manifest["files"]  # bundle-relative names stay
+    assert body["rerank_model"] == "ce" and body["limits"]["max_k"] == 1000
+    # No local path in a public answer: not the bundle's, the models', nor the corpus's.
+    base = str(tmp_path_factory.getbasetemp())
+    for answer in (health, info):
+        assert base not in answer.text and "/tmp" not in answer.text, answer.text[:2000]
 
 
 def test_results_equal_the_library(client, searcher):

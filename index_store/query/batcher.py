@@ -6,6 +6,12 @@ queue; the worker takes the first, gathers whatever else arrives within ``window
 ``max_queries`` queries, and runs them as one batch on a single worker thread (torch already uses every
 core, so two batches at once would only contend). While a batch runs, new requests queue up and form
 the next batch: under load batches grow by themselves, and an idle service adds at most ``window_s``.
+
+The queue is bounded: a request that would take the queries waiting past ``max_pending_queries`` is
+refused at once (:class:`Overloaded`, which the service answers 503), and one that has waited longer than
+``queue_timeout_s`` when its batch starts is refused rather than run for a client that has likely given
+up. Queries are encoded one by one (:meth:`Searcher.encode_queries`) and searched at their own ``k``, so
+sharing a batch never changes an answer.
 """
 
 from __future__ import annotations
@@ -22,6 +28,10 @@ from densebeam.index_store.query.search import Searcher
 log = logging.getLogger(__name__)
 
 
+class Overloaded(RuntimeError):
+    """The service has more work waiting than it may queue; the client should retry later."""
+
+
 @dataclasses.dataclass
 class SearchJob:
     queries: list[str]
@@ -30,11 +40,14 @@ class SearchJob:
     rerank: bool
     rerank_depth: int
     future: Optional[asyncio.Future] = None
+    queued_at: float = 0.0
 
 
 def run_jobs(searcher: Searcher, jobs: list[SearchJob]) -> list[list[list[Hit]]]:
     """Blocking: encode every job's queries in one call, then search (and re-rank) per group of jobs that
-    share nprobe and re-rank settings, at the group's largest k; each job gets its own top k."""
+    share nprobe, k and re-rank settings. (A re-ranked group shares only the depth: its first stage
+    fetches ``depth`` hits whatever k is. A dense search at a larger k and cut is not the same as one at
+    the job's k where scores tie at the cut, so dense groups are per k.)"""
     texts = [q for job in jobs for q in job.queries]
     vectors = searcher.encode_queries(texts)
     starts, pos = [], 0
@@ -43,9 +56,10 @@ def run_jobs(searcher: Searcher, jobs: list[SearchJob]) -> list[list[list[Hit]]]
         pos += len(job.queries)
     groups: dict[tuple, list[int]] = {}
     for i, job in enumerate(jobs):
-        groups.setdefault((job.nprobe, job.rerank, job.rerank_depth if job.rerank else 0), []).append(i)
+        key = (job.nprobe, True, job.rerank_depth, 0) if job.rerank else (job.nprobe, False, 0, job.k)
+        groups.setdefault(key, []).append(i)
     out: list[list[list[Hit]]] = [[] for _ in jobs]
-    for (nprobe, rerank, depth), members in groups.items():
+    for (nprobe, rerank, depth, _), members in groups.items():
         idx = [starts[i] + j for i in members for j in range(len(jobs[i].queries))]
         k = max(jobs[i].k for i in members)
         results = searcher.retrieve([texts[j] for j in idx], k, nprobe=nprobe, rerank=rerank,
@@ -61,13 +75,20 @@ def run_jobs(searcher: Searcher, jobs: list[SearchJob]) -> list[list[list[Hit]]]
 class MicroBatcher:
     """Queue requests; one worker task runs them in batches on one thread. Start/stop in the app's lifespan."""
 
-    def __init__(self, searcher: Searcher, window_s: float = 0.003, max_queries: int = 64):
+    def __init__(self, searcher: Searcher, window_s: float = 0.003, max_queries: int = 64,
+                 max_pending_queries: int = 256, queue_timeout_s: float = 10.0):
+        if max_pending_queries < max_queries:
+            raise ValueError(f"max_pending_queries ({max_pending_queries}) must be at least max_queries "
+                             f"({max_queries})")
         self.searcher, self.window_s, self.max_queries = searcher, float(window_s), int(max_queries)
+        self.max_pending_queries, self.queue_timeout_s = int(max_pending_queries), float(queue_timeout_s)
         self._queue: Optional[asyncio.Queue] = None
         self._task: Optional[asyncio.Task] = None
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="search")
+        self.pending_queries = 0  # queued or running
         self.batches = 0  # counters for /health
         self.batched_queries = 0
+        self.refused = {"queue_full": 0, "waited_too_long": 0}
 
     async def start(self) -> None:
         self._queue = asyncio.Queue()
@@ -83,11 +104,21 @@ class MicroBatcher:
         self._pool.shutdown(wait=True)
 
     async def submit(self, job: SearchJob) -> list[list[Hit]]:
+        """Queue ``job`` and wait for its answer; :class:`Overloaded` at once when the queue is full."""
         if self._queue is None:
             raise RuntimeError("MicroBatcher.start() was not awaited")
-        job.future = asyncio.get_running_loop().create_future()
-        await self._queue.put(job)
-        return await job.future
+        if self.pending_queries + len(job.queries) > self.max_pending_queries:
+            self.refused["queue_full"] += 1
+            raise Overloaded(f"{self.pending_queries} queries are waiting (at most {self.max_pending_queries}); "
+                             "retry in a moment")
+        loop = asyncio.get_running_loop()
+        job.future, job.queued_at = loop.create_future(), loop.time()
+        self.pending_queries += len(job.queries)
+        try:
+            self._queue.put_nowait(job)
+            return await job.future
+        finally:
+            self.pending_queries -= len(job.queries)
 
     async def _collect(self) -> list[SearchJob]:
         loop = asyncio.get_running_loop()
@@ -113,6 +144,13 @@ class MicroBatcher:
         loop = asyncio.get_running_loop()
         while True:
             jobs = await self._collect()
+            now = loop.time()
+            for job in jobs:
+                if not job.future.done() and now - job.queued_at > self.queue_timeout_s:
+                    self.refused["waited_too_long"] += 1
+                    job.future.set_exception(Overloaded(
+                        f"the request waited {now - job.queued_at:.1f} s for its turn (at most "
+                        f"{self.queue_timeout_s:g} s); the service is overloaded, retry later"))
             live = [j for j in jobs if not j.future.done()]  # drop requests whose client went away
             if not live:
                 continue

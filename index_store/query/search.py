@@ -9,6 +9,14 @@ first). The query encoder is the bundle's own model (``model_facts``) loaded wit
 :func:`index_store.encoder.load_encoder` (same device and precision logic as encoding, ``cos`` vectors
 unit-norm); an override must agree on dimension and similarity. A :class:`Searcher` may be shared by
 threads: encoding and cross-encoding are serialized (torch uses every core), FAISS search is not.
+
+A query's answer does not depend on the other queries of a call (bit for bit): each query is encoded
+alone, with no padding, and each query's hits are cross-encoded in their own ``predict`` call, so the
+search service, which batches whoever is asking at the moment, answers exactly what a library call
+with that one query answers. (A transformer forward pass over a padded batch gives a text a vector that
+depends on its batch mates: other padding lengths and matrix shapes round differently, visibly in bf16.
+FAISS IVF search is already per query.) Exact search is the exception: it scores all queries of a call
+in one matrix product.
 """
 
 from __future__ import annotations
@@ -54,8 +62,11 @@ class Searcher:
     is loaded on first use, so BM25-only work (``first_stage="bm25"``) never loads it.
     """
 
-    def __init__(self, bundle: Bundle, encoder, reranker=None, bm25_options: Optional[dict] = None):
+    def __init__(self, bundle: Bundle, encoder, reranker=None, bm25_options: Optional[dict] = None,
+                 encoder_options: Optional[dict] = None):
         self.bundle, self.reranker = bundle, reranker
+        # how the encoder was loaded (model override, device, precision): with_bundle loads the same way
+        self.encoder_options = dict(encoder_options or {})
         self._encode_lock = threading.Lock()
         self._lazy_lock = threading.Lock()
         self._encoder: Optional[Encoder] = None
@@ -89,7 +100,32 @@ class Searcher:
 
             reranker = CrossEncoderReranker(rerank_model, batch_size=rerank_batch_size, device=device,
                                             precision=precision)
-        return cls(bundle, encoder, reranker, bm25_options)
+        return cls(bundle, encoder, reranker, bm25_options,
+                   encoder_options={"model": model, "device": device, "precision": precision})
+
+    def with_bundle(self, bundle: Bundle) -> "Searcher":
+        """A searcher over another (already opened) bundle that shares this one's models where it can.
+
+        The query encoder is reused when the new bundle's model facts name the same model, revision,
+        dimension, similarity and ``max_seq_length``; otherwise the new bundle's own model is loaded (with
+        this searcher's model override, device and precision). The cross-encoder does not depend on the
+        bundle and is always shared. Used by the service to reload without reloading models.
+        """
+        old, new = self.bundle.facts, bundle.facts
+        same = (old.model, old.revision, old.dim, old.similarity, old.max_seq_length) == \
+               (new.model, new.revision, new.dim, new.similarity, new.max_seq_length)
+        if same and self._encoder is not None:
+            encoder = self._encoder
+        else:
+            opts = self.encoder_options
+
+            def encoder():
+                return load_query_encoder(bundle, opts.get("model"), device=opts.get("device", "auto"),
+                                          precision=opts.get("precision", "auto"))
+
+            if self._load_encoder is None:  # this one loads eagerly: so does the new one
+                encoder = encoder()
+        return Searcher(bundle, encoder, self.reranker, self.bm25_options, self.encoder_options)
 
     def _set_encoder(self, encoder: Encoder) -> None:
         if encoder.dim != self.bundle.facts.dim:
@@ -132,14 +168,38 @@ class Searcher:
     # ------------------------------------------------------------------ first stages
 
     def encode_queries(self, queries: Sequence[str]) -> np.ndarray:
-        """float32 (q, dim) query vectors, unit-norm for ``cos`` bundles."""
+        """float32 (q, dim) query vectors, unit-norm for ``cos`` bundles.
+
+        Each distinct query is encoded alone (a batch of one, no padding), so its vector is a function of
+        its text only, bit for bit, whatever else the call holds. The price is the batching a padded
+        forward pass would give many queries at once: see docs/query.md (service section) for what it
+        costs per query and under load; a lone query costs what it always did.
+        """
         _check_queries(queries)
+        out = np.empty((len(queries), self.bundle.facts.dim), dtype=np.float32)
+        first: dict[str, int] = {}
         with self._encode_lock:
-            return self.encoder.encode(list(queries))
+            encoder = self.encoder
+            for i, query in enumerate(queries):
+                if query in first:  # the same text twice in one call: one forward pass
+                    out[i] = out[first[query]]
+                    continue
+                first[query] = i
+                out[i] = encoder.encode([query])[0]
+        return out
 
     def search_vectors(self, vectors: np.ndarray, k: int = 10, nprobe: Optional[int] = None) -> list[list[Hit]]:
-        """IVF search of already-encoded queries (``nprobe`` defaults to the bundle's measured one)."""
-        nprobe = self.default_nprobe if nprobe is None else int(nprobe)
+        """IVF search of already-encoded queries. ``nprobe`` defaults to the one the bundle measured for
+        ``k`` (:func:`index_store.nprobe.nprobe_for_k`), and then every query gets ``min(k, vectors in
+        the index)`` hits (short rows are searched again with more lists: ``ivf_search.search_filled``);
+        an explicit ``nprobe`` is used as given."""
+        from densebeam.index_store.ivf_search import search_filled
+        from densebeam.index_store.nprobe import nprobe_for_k
+
+        if nprobe is None:
+            scores, rows = search_filled(self.bundle.searcher, vectors, k, nprobe_for_k(self.bundle.manifest, k))
+            return hits_from_rows(self.bundle.docstore, scores, rows)
+        nprobe = int(nprobe)
         if nprobe < 1:
             raise ValueError(f"nprobe must be positive, got {nprobe}")
         scores, rows = self.bundle.searcher.search(vectors, k, nprobe)
@@ -184,9 +244,17 @@ class Searcher:
         return out
 
     def rerank(self, queries: Sequence[str], results: Sequence[Sequence[Hit]], depth: int = 100) -> list[list[Hit]]:
-        """Cross-encoder re-rank of the top ``depth`` hits (needs ``rerank_model`` at open)."""
+        """Cross-encoder re-rank of the top ``depth`` hits (needs ``rerank_model`` at open).
+
+        One ``predict`` call per query (its ``depth`` pairs, length-sorted and batched as usual), so a
+        query's scores never depend on the other queries of the call; with depth 100 and batch size 64 the
+        batches are as full as one call over all queries would make them, but for one partial batch per
+        query.
+        """
         self._require_reranker()
-        return self.reranker.rerank(queries, results, depth)
+        if len(queries) != len(results):
+            raise ValueError(f"{len(queries)} queries but {len(results)} result lists")
+        return [self.reranker.rerank([query], [hits], depth)[0] for query, hits in zip(queries, results)]
 
     def _require_reranker(self) -> None:
         if self.reranker is None:

@@ -3,27 +3,40 @@
     POST /search  {"query": "..."} or {"queries": ["...", ...]}, "k": 10, "nprobe": N?, "rerank": bool?,
                   "rerank_depth": int?  ->  {"results": [{"query", "hits": [{doc_id, score, text, title,
                   row}]}], "k", "nprobe", "reranked", "took_ms"}
-    GET  /health  -> {"status": "ok", "vectors", "batches", "batched_queries"}
-    GET  /info    -> {"manifest": the bundle manifest, "query_model", "rerank_model", "limits"}
-    POST /admin/reload -> reopen the index location (a versioned location: its CURRENT version) and swap
-                  it in between batches; requests in flight finish on the version they started on
+    GET  /health  -> {"status": "ok", "vectors", "version", "manifest_sha256", counters}
+    GET  /info    -> {"manifest", "query_model", "rerank_model", "limits", ...}  (local paths left out)
+    POST /admin/reload[?force=true]  (Authorization: Bearer TOKEN) -> prove, open and warm the location's
+                  current version, then swap it in between batches; an unchanged version is not reopened
 
-Requests are validated strictly (types are not coerced; unknown fields are refused): every bad request
-is a 4xx whose body says what was wrong. Concurrent requests are batched by
-:class:`index_store.batcher.MicroBatcher` into one encode/search call.
+Limits, all in :class:`Limits`: request body size and time, request-head time
+(:mod:`index_store.query.http_limits`); queries, query length, k, nprobe, re-rank depth, and a cost
+budget per request (queries x k hits, queries x depth re-rank pairs, response bytes); a bounded queue
+(503 when full, :class:`index_store.query.batcher.Overloaded`) and connection count (uvicorn's 503);
+``/admin/*`` only with a token, and throttled (429). Every bad request is a 4xx whose body says what was
+wrong, in a few hundred bytes whatever the request held (inputs are never echoed).
 """
 
 # No ``from __future__ import annotations``: FastAPI must see the real (locally built) request model.
+import asyncio
 import contextlib
 import dataclasses
+import hashlib
+import hmac
 import logging
+import os
+import re
 import time
 from typing import Optional
 
-from densebeam.index_store.query.batcher import MicroBatcher, SearchJob
+from densebeam.index_store.bundle import open_bundle
+from densebeam.index_store.query import reload as reload_lib
+from densebeam.index_store.query.batcher import MicroBatcher, Overloaded, SearchJob
+from densebeam.index_store.query.http_limits import BodyLimit, h11_protocol
 from densebeam.index_store.query.search import Searcher
 
 log = logging.getLogger(__name__)
+
+ADMIN_TOKEN_ENV = "DENSEBEAM_ADMIN_TOKEN"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,19 +47,126 @@ class Limits:
     max_rerank_depth: int = 1000
     batch_window_ms: float = 3.0
     max_batch_queries: int = 64
-    max_body_bytes: int = 1 << 20  # larger request bodies are refused with 413 before they are read
+    max_body_bytes: int = 1 << 20  # counted as the body streams in, whatever its transfer encoding
+    body_timeout_s: float = 10.0  # the whole body, from the end of the request head
+    header_timeout_s: float = 10.0  # the request head, from the connection opening or the last answer
+    max_hits: int = 10_000  # queries x k per request
+    max_rerank_pairs: int = 2_000  # queries x rerank_depth per request (cross-encoder forward passes)
+    max_response_bytes: int = 8 << 20
+    max_pending_queries: int = 256  # queued or running; more is answered 503 at once
+    queue_timeout_s: float = 10.0  # a request still waiting for its batch after this is answered 503
+    max_connections: int = 256  # uvicorn answers 503 beyond this many connections or tasks
+    admin_burst: int = 5  # /admin/* requests in a burst, then ...
+    admin_per_s: float = 0.2  # ... this many per second (429 beyond)
 
 
-def create_app(searcher: Searcher, limits: Limits = Limits(), reopen=None, watch=None):
-    """The FastAPI app; the micro-batcher starts and stops with the app's lifespan.
+@dataclasses.dataclass(frozen=True)
+class Reloading:
+    """Where ``POST /admin/reload`` and the watch reopen from, and how."""
 
-    ``reopen`` is a callable returning a freshly opened :class:`Searcher` (same location and settings),
-    used by ``POST /admin/reload``; ``watch=(location, seconds)`` polls a versioned location's CURRENT
-    pointer and reloads when it moves. Opening happens on a worker thread while the old searcher keeps
-    serving; the swap is one attribute assignment between batches, so no request is dropped.
+    location: str  # a bundle, or a versioned location (its CURRENT version is opened)
+    verify: str = "full"
+    cache_dir: Optional[str] = None
+    watch_seconds: float = 0.0  # > 0: poll the location and reload when its version changes
+    proof_timeout_s: float = reload_lib.DEFAULT_PROOF_TIMEOUT_S
+    warm_bytes: int = reload_lib.DEFAULT_WARM_BYTES
+
+
+def read_admin_token(path: Optional[str] = None) -> Optional[str]:
+    """The admin token from ``path`` (its stripped contents) or ``$DENSEBEAM_ADMIN_TOKEN``; None: admin off."""
+    if path:
+        with open(path, encoding="utf-8") as f:
+            token = f.read().strip()
+        if not token:
+            raise ValueError(f"the admin token file {path} is empty; write a long random token into it")
+    else:
+        token = os.environ.get(ADMIN_TOKEN_ENV, "").strip() or None
+    if token is not None and len(token) < 16:
+        raise ValueError("the admin token is shorter than 16 characters; use a long random one "
+                         "(e.g. python -c 'import secrets; print(secrets.token_urlsafe(32))')")
+    return token
+
+
+def open_version(reloading: Reloading, open_searcher, vid: Optional["reload_lib.VersionId"] = None):
+    """Prove (in a child process), open and warm the current version of ``reloading.location``.
+
+    ``open_searcher(path)`` opens the proven bundle path as a :class:`Searcher`; ``vid`` is the version
+    to load if already identified. Returns (searcher, :class:`reload.VersionId`). Blocking; raises
+    ``BundleError`` (:class:`reload.ReloadError` for a version the child refused) naming what is wrong.
     """
-    import asyncio
-    from fastapi import FastAPI, HTTPException, Request
+    vid = vid or reload_lib.identify(reloading.location)
+    proof = reload_lib.prove(vid.path, reloading.verify, reloading.cache_dir, reloading.proof_timeout_s)
+    searcher = open_searcher(vid.path)
+    if reload_lib.manifest_sha256(searcher.bundle) != vid.manifest_sha256:
+        raise reload_lib.ReloadError(f"{vid.path} changed while it was being loaded; try again")
+    warmed = reload_lib.warm(searcher.bundle, reloading.warm_bytes)
+    log.info("opened %s: proof %s, warm %s", vid.path, proof, warmed)
+    return searcher, vid
+
+
+_ABS_PATH = re.compile(r"(?<![\w.~:/])(?:file://)?(?:~|[A-Za-z]:)?(?:[/\\][^\s/\\'\",;()\[\]{}]+)+[/\\]?")
+
+
+_LOCATION_KEYS = {"embeddings", "source", "input", "output", "root", "bundle", "location"}
+
+
+def _last_part(path: str) -> str:
+    return re.split(r"[/\\]", path.rstrip("/\\"))[-1] or "/"
+
+
+def strip_paths(value, key: Optional[str] = None):
+    """``value`` (JSON-like) with local paths replaced by their last component: every absolute path in a
+    string, the value of a location key (``embeddings``, ``source``, ...) unless it is a remote URL, and a
+    ``model`` that names a local directory."""
+    if isinstance(value, dict):
+        return {k: strip_paths(v, k) for k, v in value.items()}
+    if isinstance(value, list):
+        return [strip_paths(v, key) for v in value]
+    if isinstance(value, str):
+        if key in _LOCATION_KEYS and ("://" not in value or value.startswith("file://")):
+            return _last_part(value)
+        if key == "model" and os.path.exists(value):  # a local model directory, maybe relative
+            return _last_part(value)
+        return _ABS_PATH.sub(lambda m: _last_part(m.group(0)), value)
+    return value
+
+
+class _Throttle:
+    """Token bucket: ``burst`` requests at once, refilled at ``per_s``."""
+
+    def __init__(self, burst: int, per_s: float):
+        self.burst, self.per_s = float(burst), float(per_s)
+        self.tokens, self.at = float(burst), time.monotonic()
+
+    def take(self) -> Optional[float]:
+        """None if allowed, else the seconds until the next request would be."""
+        now = time.monotonic()
+        self.tokens = min(self.burst, self.tokens + (now - self.at) * self.per_s)
+        self.at = now
+        if self.tokens >= 1:
+            self.tokens -= 1
+            return None
+        return (1 - self.tokens) / self.per_s if self.per_s > 0 else 3600.0
+
+
+def _brief(text: object, limit: int = 300) -> str:
+    text = str(text)
+    return text if len(text) <= limit else text[:limit] + f"... ({len(text)} characters)"
+
+
+def create_app(searcher: Searcher, limits: Limits = Limits(), reloading: Optional[Reloading] = None,
+               admin_token: Optional[str] = None, expose_paths: bool = False,
+               version: Optional["reload_lib.VersionId"] = None):
+    """The FastAPI app; the micro-batcher (and the watch, if any) start and stop with its lifespan.
+
+    ``reloading`` enables ``POST /admin/reload`` (with ``admin_token``) and the watch: the location's
+    current version is proven in a child process, opened and warmed on a worker thread while the old one
+    keeps serving, and swapped in with one assignment between batches, so no request is dropped.
+    ``version`` names what ``searcher`` holds (as :func:`reload.identify` would), so that an unchanged
+    location is not reopened. ``expose_paths`` puts local paths into /health, /info and reload answers.
+    """
+    from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request
+    from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse
     from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -72,41 +192,87 @@ def create_app(searcher: Searcher, limits: Limits = Limits(), reopen=None, watch
             return self
 
     batcher = MicroBatcher(searcher, window_s=limits.batch_window_ms / 1000.0,
-                           max_queries=limits.max_batch_queries)
-
+                           max_queries=limits.max_batch_queries, max_pending_queries=limits.max_pending_queries,
+                           queue_timeout_s=limits.queue_timeout_s)
+    if version is None:
+        version = reload_lib.VersionId(searcher.bundle.root, None, reload_lib.manifest_sha256(searcher.bundle))
+    state = {"version": version, "reloads": 0, "failed": None}
+    body_refused = {"too_large": 0, "too_slow": 0}
     reload_lock = asyncio.Lock()
-    state = {"reloads": 0}
+    admin_throttle = _Throttle(limits.admin_burst, limits.admin_per_s)
 
-    async def do_reload() -> dict:
-        if reopen is None:
-            raise HTTPException(409, "this service was started without a way to reopen its index")
+    def public(value, key=None):
+        return value if expose_paths else strip_paths(value, key)
+
+    def model_name(name: str) -> str:
+        return public(name, "model")
+
+    def version_fields() -> dict:
+        fields = state["version"].public()
+        if expose_paths:
+            fields["bundle"] = state["version"].path
+        return fields
+
+    def load(vid) -> Searcher:
+        """Blocking: prove, open and warm ``vid`` on top of the current models."""
+        current = batcher.searcher
+        return open_version(reloading, lambda path: current.with_bundle(
+            open_bundle(path, verify=reloading.verify, cache_dir=reloading.cache_dir)), vid)[0]
+
+    async def do_reload(force: bool = False) -> dict:
+        """Reload if the location's version changed (or ``force``); raises HTTPException for answers."""
+        if reloading is None:
+            raise HTTPException(409, "this service was started without a location to reload from")
+        if reload_lock.locked():
+            raise HTTPException(409, "a reload is already running; retry when it is done")
+        loop = asyncio.get_running_loop()
         async with reload_lock:
-            old = batcher.searcher
-            new = await asyncio.get_running_loop().run_in_executor(None, reopen)
+            try:
+                vid = await loop.run_in_executor(None, reload_lib.identify, reloading.location)
+            except (OSError, ValueError) as err:
+                raise HTTPException(409, public(f"cannot read the location's current version: {err}")) from err
+            old = state["version"]
+            if not force and (vid.path, vid.manifest_sha256) == (old.path, old.manifest_sha256):
+                return {"reloaded": False, **version_fields(), "vectors": batcher.searcher.bundle.searcher.ntotal}
+            start = time.perf_counter()
+            try:
+                new = await loop.run_in_executor(None, load, vid)
+            except (OSError, ValueError) as err:  # BundleError and ReloadError are ValueErrors
+                state["failed"] = vid
+                log.error("refused version %s of %s, still serving %s: %s", vid.name or vid.manifest_sha256[:16],
+                          reloading.location, old.name or old.manifest_sha256[:16], err)
+                raise HTTPException(409, public(f"the new version was refused and the previous one still "
+                                                 f"serves: {err}")) from err
             batcher.searcher = new
-            state["reloads"] += 1
-        log.info("reloaded %s -> %s", old.bundle.root, new.bundle.root)
-        return {"reloaded": new.bundle.root != old.bundle.root, "bundle": new.bundle.root,
-                "vectors": new.bundle.searcher.ntotal}
+            state.update(version=vid, failed=None, reloads=state["reloads"] + 1)
+        log.info("reloaded %s -> %s in %.1f s", old.path, vid.path, time.perf_counter() - start)
+        return {"reloaded": True, **version_fields(), "vectors": new.bundle.searcher.ntotal,
+                "seconds": round(time.perf_counter() - start, 3)}
 
-    async def watch_loop(location: str, every_s: float):
-        from densebeam.index_store import versions
-
-        seen = versions.current(location)
+    async def watch_loop(every_s: float):
+        loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(every_s)
             try:
-                now = versions.current(location)
-                if now != seen:
-                    await do_reload()
-                    seen = now
+                vid = await loop.run_in_executor(None, reload_lib.identify, reloading.location)
+                old = state["version"]
+                if (vid.path, vid.manifest_sha256) in {(old.path, old.manifest_sha256),
+                                                       (getattr(state["failed"], "path", None),
+                                                        getattr(state["failed"], "manifest_sha256", None))}:
+                    continue  # unchanged, or the version that was refused: do not prove it again
+                await do_reload()
+            except HTTPException as err:
+                log.warning("reload of %s did not happen, still serving the previous version: %s",
+                            reloading.location, err.detail)
             except Exception as err:  # noqa: BLE001 - keep serving the version we have
-                log.warning("reload of %s failed, still serving the previous version: %s", location, err)
+                log.warning("reload of %s failed, still serving the previous version: %s", reloading.location, err)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
         await batcher.start()
-        watcher = asyncio.create_task(watch_loop(*watch)) if watch else None
+        watcher = None
+        if reloading is not None and reloading.watch_seconds > 0:
+            watcher = asyncio.create_task(watch_loop(reloading.watch_seconds))
         try:
             yield
         finally:
@@ -115,18 +281,26 @@ def create_app(searcher: Searcher, limits: Limits = Limits(), reopen=None, watch
             await batcher.stop()
 
     app = FastAPI(title="densebeam search", lifespan=lifespan)
+    app.add_middleware(BodyLimit, max_bytes=limits.max_body_bytes, timeout_s=limits.body_timeout_s,
+                       counters=body_refused)
 
-    @app.middleware("http")
-    async def _limit_body(request: Request, call_next):
-        size = request.headers.get("content-length")
-        if size is not None and (not size.isdigit() or int(size) > limits.max_body_bytes):
-            return JSONResponse(status_code=413, content={
-                "detail": f"request body larger than {limits.max_body_bytes} bytes; send fewer or shorter queries"})
-        return await call_next(request)
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, err: RequestValidationError):
+        # FastAPI's default answer repeats each bad input whole: an 8 MiB query came back as 8 MiB.
+        errors = list(err.errors())
+        detail = [{"loc": [_brief(part, 64) for part in e.get("loc", ())][:8], "msg": _brief(e.get("msg", "")),
+                   "type": _brief(e.get("type", ""), 64)} for e in errors[:10]]
+        if len(errors) > 10:
+            detail.append({"loc": [], "msg": f"... and {len(errors) - 10} more errors", "type": "more"})
+        return JSONResponse(status_code=422, content={"detail": detail})
 
     @app.exception_handler(ValueError)
     async def _value_error(request: Request, err: ValueError):
-        return JSONResponse(status_code=400, content={"detail": str(err)})
+        return JSONResponse(status_code=400, content={"detail": _brief(public(str(err)), 1000)})
+
+    @app.exception_handler(Overloaded)
+    async def _overloaded(request: Request, err: Overloaded):
+        return JSONResponse(status_code=503, content={"detail": str(err)}, headers={"Retry-After": "1"})
 
     @app.post("/search")
     async def search(req: SearchRequest):
@@ -138,36 +312,78 @@ def create_app(searcher: Searcher, limits: Limits = Limits(), reopen=None, watch
                                      "with --rerank-model NAME_OR_PATH")
         queries = [req.query] if req.query is not None else list(req.queries)
         depth = req.rerank_depth or max(req.k, 100)
+        if len(queries) * req.k > limits.max_hits:
+            raise HTTPException(422, f"{len(queries)} queries x k {req.k} = {len(queries) * req.k} hits, more than "
+                                     f"the {limits.max_hits} a request may ask for; send fewer queries or a smaller k")
+        if rerank and len(queries) * depth > limits.max_rerank_pairs:
+            raise HTTPException(422, f"{len(queries)} queries x rerank_depth {depth} = {len(queries) * depth} "
+                                     f"cross-encoder pairs, more than the {limits.max_rerank_pairs} a request may "
+                                     "ask for; send fewer queries or a smaller rerank_depth")
         results = await batcher.submit(SearchJob(queries, req.k, req.nprobe, rerank, depth))
-        return {"results": [{"query": q, "hits": [h.to_dict() for h in hits]}
-                            for q, hits in zip(queries, results)],
-                "k": req.k, "nprobe": req.nprobe or searcher.default_nprobe, "reranked": rerank,
-                "took_ms": round((time.perf_counter() - start) * 1000, 3)}
+        answer = JSONResponse({"results": [{"query": q, "hits": [h.to_dict() for h in hits]}
+                                           for q, hits in zip(queries, results)],
+                               "k": req.k, "nprobe": req.nprobe or searcher.default_nprobe, "reranked": rerank,
+                               "took_ms": round((time.perf_counter() - start) * 1000, 3)})
+        if len(answer.body) > limits.max_response_bytes:
+            raise HTTPException(422, f"the answer would be {len(answer.body)} bytes, more than the "
+                                     f"{limits.max_response_bytes} a response may hold; ask for fewer queries or "
+                                     "a smaller k")
+        return answer
 
-    @app.post("/admin/reload")
-    async def reload():
-        return await do_reload()
+    async def admin_gate(request: Request):
+        wait = admin_throttle.take()
+        if wait is not None:
+            raise HTTPException(429, "too many /admin requests; retry later",
+                                headers={"Retry-After": str(max(1, round(wait)))})
+        if admin_token is None:
+            raise HTTPException(403, "the /admin endpoints are off; start the service with --admin-token-file "
+                                     f"FILE (or {ADMIN_TOKEN_ENV}) to enable them")
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(
+                hashlib.sha256(given.strip().encode()).digest(), hashlib.sha256(admin_token.encode()).digest()):
+            raise HTTPException(401, "a valid admin token is required: Authorization: Bearer TOKEN",
+                                headers={"WWW-Authenticate": "Bearer"})
+
+    admin = APIRouter(prefix="/admin", dependencies=[Depends(admin_gate)])
+
+    @admin.post("/reload")
+    async def reload(force: bool = False):
+        return await do_reload(force)
+
+    app.include_router(admin)
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "vectors": batcher.searcher.bundle.searcher.ntotal, "batches": batcher.batches,
-                "batched_queries": batcher.batched_queries, "bundle": batcher.searcher.bundle.root,
-                "reloads": state["reloads"]}
+        return {"status": "ok", "vectors": batcher.searcher.bundle.searcher.ntotal, **version_fields(),
+                "reloads": state["reloads"], "batches": batcher.batches, "batched_queries": batcher.batched_queries,
+                "pending_queries": batcher.pending_queries,
+                "refused": {**batcher.refused, **{f"body_{k}": v for k, v in body_refused.items()}}}
 
     @app.get("/info")
     async def info():
-        searcher = batcher.searcher
-        return {"manifest": searcher.bundle.manifest, "query_model": searcher.encoder.name,
-                "query_precision": searcher.encoder.precision, "default_nprobe": searcher.default_nprobe,
-                "rerank_model": searcher.reranker.name if searcher.reranker else None,
+        s = batcher.searcher
+        return {"manifest": public(s.bundle.manifest), **version_fields(), "query_model": model_name(s.encoder.name),
+                "query_precision": s.encoder.precision, "default_nprobe": s.default_nprobe,
+                "rerank_model": model_name(s.reranker.name) if s.reranker else None,
                 "limits": dataclasses.asdict(limits)}
 
     return app
 
 
+def server_config(app, limits: Limits = Limits(), host: str = "127.0.0.1", port: int = 8080,
+                  log_level: str = "info"):
+    """uvicorn's config for ``app`` with the service's connection limits: the request-head deadline
+    (:func:`http_limits.h11_protocol`), at most ``max_connections`` (503 beyond), 16 KiB of headers."""
+    import uvicorn
+
+    return uvicorn.Config(app, host=host, port=port, log_level=log_level, workers=1,
+                          http=h11_protocol(limits.header_timeout_s), limit_concurrency=limits.max_connections,
+                          timeout_keep_alive=5, h11_max_incomplete_event_size=16 * 1024)
+
+
 def serve(searcher: Searcher, host: str = "127.0.0.1", port: int = 8080, limits: Limits = Limits(),
-          log_level: str = "info", reopen=None, watch=None) -> None:
+          log_level: str = "info", **app_options) -> None:
     """Run the app with uvicorn until interrupted (one process: the models are loaded once)."""
     import uvicorn
 
-    uvicorn.run(create_app(searcher, limits, reopen=reopen, watch=watch), host=host, port=port, log_level=log_level, workers=1)
+    uvicorn.Server(server_config(create_app(searcher, limits, **app_options), limits, host, port, log_level)).run()
