@@ -54,14 +54,22 @@ def test_split_pieces_read_every_line_exactly_once(tmp_path, split):
         assert json.loads(raw[p.source_pos:].split(b"\n", 1)[0])["_id"] == p.id
 
 
-def test_gzip_is_one_piece_with_line_numbers(tmp_path):
-    recs = make_passages(50) + [{"_id": "", "text": "x"}]
+def test_gzip_line_numbers_and_decompressed_offsets(tmp_path):
+    recs = [{"_id": "", "text": "first"}] + make_passages(50) + [{"_id": "", "text": "x"}]
     path = write_jsonl(tmp_path / "c.jsonl.gz", recs, gz=True)
+    data = gzip.decompress(path.read_bytes())
+    [whole] = corpus_io.plan_pieces(str(path), path.stat().st_size, ReadOptions())  # small: one piece
+    got = list(corpus_io.read_piece(whole, ReadOptions()))
+    assert len(got) == 52 and [got[0].line, got[-1].line] == [1, 52]
+    assert got[0].reason == got[-1].reason == "missing_id"
+    # Cut into ranges of the decompressed stream: the same records at the same offsets of the
+    # decompressed data; line numbers only where the piece starts the file.
     pieces = corpus_io.plan_pieces(str(path), path.stat().st_size, ReadOptions(split_bytes=1024))
-    assert len(pieces) == 1 and pieces[0].compression == "gzip"
-    got = read_all(path, ReadOptions(split_bytes=1024))
-    assert len(got) == 51
-    assert isinstance(got[-1], Rejected) and got[-1].line == 51 and got[-1].reason == "missing_id"
+    assert len(pieces) > 1 and all(p.compression == "gzip" for p in pieces)
+    split = [r for p in pieces for r in corpus_io.read_piece(p, ReadOptions())]
+    assert [(r.id, r.source_pos) for r in split] == [(r.id, r.source_pos) for r in got]
+    assert all(json.loads(data[r.source_pos:].split(b"\n", 1)[0])["_id"] == r.id for r in split[1:-1])
+    assert [split[0].line, split[-1].line] == [1, None]
 
 
 BAD_JSONL_LINES = [
