@@ -28,7 +28,7 @@ from densebeam.transforms.corpus_io import ReadOptions, detect_format, expand_pa
 from densebeam.transforms.estimate import estimate_records
 from densebeam.transforms.encode import EncodeOptions, EncodePassages
 from densebeam.transforms.read import ReadCorpus
-from densebeam.transforms.write import FAILED_REPORT, WriteEmbeddings, describe_failure
+from densebeam.transforms.write import FAILED_REPORT, InSourceOrder, WriteEmbeddings, describe_failure
 
 log = logging.getLogger(__name__)
 
@@ -78,8 +78,9 @@ def encode_stage(p: beam.Pipeline, files, read_opts: ReadOptions, enc_opts: Enco
     encoded = passages | "Encode" >> EncodePassages(enc_opts, facts.similarity, facts.dim)
     rows = encoded["encoded"] | "Journal" >> JournalEncoded(
         output, facts.to_json(), identity, enc_opts.join_title, args.journal_rows)
-    if reused is not None:
-        rows = (rows, reused) | "EncodedAndReused" >> beam.Flatten()
+    if reused is not None:  # the reuse join shuffled the rows: put each piece's back in source order
+        rows = ((rows, reused) | "EncodedAndReused" >> beam.Flatten()
+                | "InSourceOrder" >> InSourceOrder([f for f, _ in files]))
     rejected = (corpus["rejected"], encoded["rejected"]) | "Rejected" >> beam.Flatten()
     extra = {"inputs": [{"path": f, "bytes": s} for f, s in files], "encode_identity": identity,
              "options": {"read": dataclasses.asdict(read_opts), "encode": dataclasses.asdict(enc_opts)}}
@@ -87,7 +88,8 @@ def encode_stage(p: beam.Pipeline, files, read_opts: ReadOptions, enc_opts: Enco
             | "Write" >> WriteEmbeddings(output, facts, keep_text=not args.no_text,
                                          rows_per_shard=args.rows_per_shard, manifest_extra=extra,
                                          identity=identity, join_title=enc_opts.join_title,
-                                         max_rejected_share=max_rejected_share(args.max_rejected_share)))
+                                         max_rejected_share=max_rejected_share(args.max_rejected_share),
+                                         files=[f for f, _ in files]))
 
 
 def _failure_report(output: str, since: float) -> Optional[str]:

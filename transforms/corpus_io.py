@@ -478,7 +478,8 @@ def _validate(fields, opts: ReadOptions, piece: Piece, pos: int, line_no: Option
     if _has_surrogates(text) or (title and _has_surrogates(title)):
         return _reject("undecodable_bytes", "text holds unpaired UTF-16 surrogates", piece, pos, line_no,
                        raw, id=doc_id)
-    return Passage(id=doc_id, text=text, title=title or "", source_file=piece.path, source_pos=pos)
+    return Passage(id=doc_id, text=text, title=title or "", source_file=piece.path, source_pos=pos,
+                   piece_start=piece.start)
 
 
 def _has_surrogates(s: str) -> bool:

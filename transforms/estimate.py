@@ -37,7 +37,7 @@ def estimate_records(files: Sequence[tuple[str, int]], fmt_of, sample_bytes: int
                 unsampled += size
                 continue
             mean, r = _sample_text(path, compression, sample_bytes)
-        except (OSError, ValueError, EOFError) as err:
+        except (OSError, ValueError, EOFError, zlib.error) as err:  # unreadable: the read pass names it
             log.debug("cannot sample %s for a record estimate: %s", path, err)
             unsampled += size
             continue

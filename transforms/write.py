@@ -15,7 +15,7 @@ import json
 import logging
 import time
 import uuid
-from typing import Optional
+from typing import Optional, Sequence
 
 import apache_beam as beam
 import fsspec
@@ -75,27 +75,65 @@ def _emit_from_finish(value):
     return WindowedValue(value, MIN_TIMESTAMP, [GlobalWindow()])
 
 
+def piece_key(passage, file_order: dict) -> tuple[int, int]:
+    """Where a passage's piece sits in the canonical order: (input file's rank, piece start)."""
+    return file_order[passage.source_file], passage.piece_start
+
+
+class InSourceOrder(beam.PTransform):
+    """(passage, vector, precision, reused) rows -> the same rows, each piece's together and in source
+    order. Needed where rows were shuffled (the reuse join); a shuffle of the rows themselves."""
+
+    def __init__(self, files: Sequence[str]):
+        super().__init__()
+        self._order = {f: i for i, f in enumerate(files)}
+
+    def expand(self, rows):
+        order = self._order
+        return (rows
+                | "KeyByPiece" >> beam.Map(lambda r: (piece_key(r[0], order), r))
+                | "GroupByPiece" >> beam.GroupByKey()
+                | "SortByPosition" >> beam.FlatMap(lambda kv: sorted(kv[1], key=lambda r: r[0].source_pos)))
+
+
 class _ShardWriterFn(beam.DoFn):
     """Streams (passage, vector, precision, reused) rows into temp Parquet files of at most
-    ``rows_per_shard`` rows, one row group per ``row_group_rows``; memory is one row group."""
+    ``rows_per_shard`` rows, one row group per ``row_group_rows``; memory is one row group.
+
+    A temp file never holds rows of two pieces: rows arrive piece by piece in source order, so the temp
+    files sorted by (piece key, first row's position) concatenate to the canonical order (input files in
+    order, records in file order), whatever the runner, the worker count or the bundling."""
 
     def __init__(self, out_dir: str, facts: ModelFacts, keep_text: bool, rows_per_shard: int,
-                 row_group_rows: int, identity: Optional[dict], join_title: bool):
+                 row_group_rows: int, identity: Optional[dict], join_title: bool, files: Sequence[str]):
         self._out, self._facts, self._keep_text = out_dir, facts, keep_text
         self._rows_per_shard, self._row_group_rows = rows_per_shard, row_group_rows
         self._identity, self._join_title = identity, join_title
+        self._order = {f: i for i, f in enumerate(files)}
         self._write_msec = Metrics.counter(NAMESPACE, "write_msec")
 
     def start_bundle(self):
         self._writer = self._file = self._tmp = None
         self._rows = 0
         self._buf = collections.defaultdict(list)
-        self._precisions, self._min_id, self._reused = set(), None, 0
+        self._precisions, self._reused = set(), 0
+        self._key, self._first_pos, self._last_pos = None, None, -1
 
     def process(self, row):
         passage, vector, precision, reused = row
-        if self._precisions and precision not in self._precisions:
+        key = piece_key(passage, self._order)
+        if key != self._key:
+            if self._precisions:
+                yield self._close()
+            self._key = key
+        elif passage.source_pos <= self._last_pos:
+            raise RuntimeError(f"rows of piece {key} reached the writer out of source order "
+                               f"({passage.source_pos} after {self._last_pos}); they must be put in order first")
+        elif self._precisions and precision not in self._precisions:
             yield self._close()  # one compute precision per file: its identity says which
+        self._last_pos = passage.source_pos
+        if self._first_pos is None:
+            self._first_pos = passage.source_pos
         b = self._buf
         b["id"].append(passage.id)
         b["vec"].append(vector)
@@ -105,7 +143,6 @@ class _ShardWriterFn(beam.DoFn):
             b["text"].append(passage.text)
             b["title"].append(passage.title)
         self._precisions.add(precision)
-        self._min_id = passage.id if self._min_id is None else min(self._min_id, passage.id)
         if len(b["id"]) >= self._row_group_rows:
             self._flush()
         if self._rows >= self._rows_per_shard:
@@ -134,10 +171,11 @@ class _ShardWriterFn(beam.DoFn):
         self._flush()
         self._writer.close()
         self._file.close()
-        info = {"tmp": self._tmp, "rows": self._rows, "min_id": self._min_id,
-                "precisions": sorted(self._precisions), "reused": self._reused}
+        info = {"tmp": self._tmp, "rows": self._rows, "order": (*self._key, self._first_pos), "precisions": sorted(self._precisions),
+                "reused": self._reused}
+        self._first_pos = None
         self._writer = self._file = self._tmp = None
-        self._rows, self._min_id, self._precisions, self._reused = 0, None, set(), 0
+        self._rows, self._precisions, self._reused = 0, set(), 0
         return info
 
     def finish_bundle(self):
@@ -201,7 +239,8 @@ class _FinalizeFn(beam.DoFn):
         # mix of old and new shards.
         if fs.exists(emb.join(self._out, emb.MANIFEST)):
             fs.rm(emb.join(self._out, emb.MANIFEST))
-        shard_entries = self._publish(fs, sorted(shards, key=lambda s: (s["min_id"], s["rows"])),
+        # The canonical order: shards by (file rank, piece start, first row); rows within are in order.
+        shard_entries = self._publish(fs, sorted(shards, key=lambda s: tuple(s["order"])),
                                       emb.SHARD_PATTERN, "")
         rej_entries = self._publish(fs, sorted(rejected, key=lambda r: (r["tmp"])),
                                     emb.REJECTED_PATTERN, emb.REJECTED_DIR + "/")
@@ -273,7 +312,8 @@ class WriteEmbeddings(beam.PTransform):
     def __init__(self, out_dir: str, facts: ModelFacts, keep_text: bool = True,
                  rows_per_shard: int = 200_000, row_group_rows: int = 8192,
                  manifest_extra: Optional[dict] = None, identity: Optional[dict] = None,
-                 join_title: bool = True, max_rejected_share: Optional[dict] = None):
+                 join_title: bool = True, max_rejected_share: Optional[dict] = None,
+                 files: Sequence[str] = ()):
         super().__init__()
         if rows_per_shard < 1 or row_group_rows < 1:
             raise ValueError("rows_per_shard and row_group_rows must be positive")
@@ -283,13 +323,14 @@ class WriteEmbeddings(beam.PTransform):
         self._extra = manifest_extra or {}
         self._identity, self._join_title = identity, join_title
         self._limits = DEFAULT_MAX_REJECTED_SHARE if max_rejected_share is None else dict(max_rejected_share)
+        self._files = list(files)
 
     def expand(self, pcolls):
         p = pcolls["encoded"].pipeline
         # 1. Vectors to temp Parquet files, rejected records to temp JSONL files.
         shards = pcolls["encoded"] | "WriteShards" >> beam.ParDo(_ShardWriterFn(
             self._out, self._facts, self._keep_text, self._rows_per_shard, self._row_group_rows,
-            self._identity, self._join_title))
+            self._identity, self._join_title, self._files))
         rejected = pcolls["rejected"] | "WriteRejected" >> beam.ParDo(_RejectedWriterFn(self._out))
         # 2. Once everything is written: rename, reconcile, manifest last.
         return (p
