@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import sys
 from typing import Optional, Sequence
 
@@ -175,6 +176,10 @@ COMMANDS = {"encode": _encode, "index": _index, "build": _build, "inspect": _ins
             "serve": _query_command("serve_main")}
 
 
+# The input errors of densebeam.transforms.corpus_io, as a runner's wrapped traceback prints them.
+_INPUT_ERROR = re.compile(r"(?:CorpusError|InputChangedError): ([^\n]+)")
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
@@ -198,6 +203,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except RunFailed as err:
         print(f"densebeam {command}: failed: {err}", file=sys.stderr)
         return 1
+    except RuntimeError as err:  # a worker process's input error, wrapped by the runner in its traceback
+        found = _INPUT_ERROR.findall(str(err))
+        if not found:
+            raise
+        print(f"densebeam {command}: error: {found[-1].strip()}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

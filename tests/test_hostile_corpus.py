@@ -9,7 +9,6 @@ import gzip
 import json
 import os
 import re
-import threading
 import time
 import unicodedata
 
@@ -22,6 +21,7 @@ from densebeam.index_store.types import Rejected
 from densebeam.transforms import corpus_io
 from densebeam.transforms.corpus_io import CorpusError, InputChangedError, ReadOptions
 from conftest import make_passages, write_jsonl
+from rewriting_fs import RewritingFileSystem, rewrite_before_open
 
 BOM = b"\xef\xbb\xbf"
 
@@ -396,28 +396,15 @@ def test_unreadable_gzip_fails_naming_the_file_in_either_pass(tmp_path, tiny_cos
     assert rc == 2 and err.startswith(f"densebeam encode: error: cannot read {bad} at line")
 
 
-def test_a_file_rewritten_between_the_passes_fails_the_run(tmp_path, tiny_cos_model, monkeypatch):
+def test_a_file_rewritten_between_the_passes_fails_the_run(tmp_path, tiny_cos_model):
     """The reported case: rewritten after the duplicate-id pass, before the parse pass. Before, the same id
-    came out twice with counts that reconciled; now the run fails naming the file and publishes nothing."""
+    came out twice with counts that reconciled; now the run fails naming the file and publishes nothing.
+    The file is opened once at launch (size estimate), once by the duplicate-id pass and once by the parse
+    pass: it is rewritten just before the third open (tests/rewriting_fs.py, a real local filesystem)."""
     src = write_jsonl(tmp_path / "c.jsonl", make_passages(60, seed=2))
-    marker = tmp_path / "paused"
-    monkeypatch.setenv("DENSEBEAM_PAUSE_AT", "read")
-    monkeypatch.setenv("DENSEBEAM_PAUSE_MARKER", str(marker))
-    monkeypatch.setenv("DENSEBEAM_PAUSE_SECONDS", "3")
-
-    def other_writer():  # moves a record to another offset under the same id, as a regenerated file would
-        deadline = time.monotonic() + 120
-        while not marker.exists() and time.monotonic() < deadline:
-            time.sleep(0.01)
-        recs = make_passages(60, seed=2)
-        write_jsonl(tmp_path / "c.jsonl.tmp", [{"_id": "new", "text": "inserted first"}] + recs)
-        os.replace(tmp_path / "c.jsonl.tmp", src)
-
-    writer = threading.Thread(target=other_writer)
-    writer.start()
-    try:
-        with pytest.raises(InputChangedError, match=rf"input {src} changed during the run"):
-            run_encode(tiny_cos_model, [src], tmp_path / "emb")
-    finally:
-        writer.join()
-    assert marker.exists() and published(tmp_path / "emb") == []
+    moved = [{"_id": "new", "text": "inserted first"}] + make_passages(60, seed=2)  # same ids, new offsets
+    url = rewrite_before_open(str(src), 3, "".join(json.dumps(r) + "\n" for r in moved).encode())
+    with pytest.raises(InputChangedError, match=r"input rewritefs://.*c\.jsonl changed during the run"):
+        run_encode(tiny_cos_model, [url], tmp_path / "emb")
+    assert RewritingFileSystem.plan[str(src)]["opens"] >= 3
+    assert published(tmp_path / "emb") == []

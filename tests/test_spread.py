@@ -92,3 +92,17 @@ def test_two_workers_share_the_work_evenly(tmp_path, tiny_cos_model, monkeypatch
         assert abs(n - total / 2) <= 0.15 * total / 2, (kind, dict(per_worker))
     ids = {i for batch_ids, _ in emb.open_embeddings(str(tmp_path / "emb")).iter_batches() for i in batch_ids}
     assert len(ids) == 1600
+
+
+@pytest.mark.slow
+def test_an_input_error_in_a_worker_process_is_one_line(tmp_path, tiny_cos_model, capsys):
+    from densebeam.pipelines import cli
+
+    good = write_jsonl(tmp_path / "in" / "good.jsonl", make_passages(50))
+    bad = tmp_path / "in" / "bad.jsonl.gz"
+    bad.write_bytes(gzip.compress(b'{"_id": "a", "text": "x"}\n' * 2000)[:-40])  # truncated
+    rc = cli.main(["encode", "--input", str(good), "--input", str(bad), "--output", str(tmp_path / "o"),
+                   "--model", tiny_cos_model, "--runner", "local", "--workers", "2"])
+    assert rc == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith(f"densebeam encode: error: cannot read {bad}"), last
