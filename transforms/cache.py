@@ -34,7 +34,6 @@ import pyarrow.parquet as pq
 from apache_beam.metrics import Metrics
 
 from densebeam.index_store import embeddings as emb
-from densebeam.index_store.faults import pause_point
 from densebeam.transforms.corpus_io import is_local_fs
 from densebeam.transforms.read import NAMESPACE
 
@@ -192,7 +191,6 @@ class _JournalFn(beam.DoFn):
         with fsspec.open(path, "wb") as f:
             pq.write_table(table, f)
         self._hashes, self._vecs = [], []
-        pause_point("encode")
 
     def finish_bundle(self):
         self._flush()

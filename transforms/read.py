@@ -8,7 +8,6 @@ from typing import Sequence
 import apache_beam as beam
 from apache_beam.metrics import Metrics
 
-from densebeam.index_store.faults import pause_point
 from densebeam.index_store.types import Passage, Rejected
 from densebeam.transforms import corpus_io
 from densebeam.transforms.corpus_io import CorpusError, Piece, ReadOptions
@@ -61,7 +60,6 @@ class _ReadPieceFn(beam.DoFn):
         self._bytes = Metrics.counter(NAMESPACE, "input_bytes_read")
 
     def process(self, piece: Piece, duplicates=None):
-        pause_point("read")  # the parse pass; with dedup, the duplicate-id pass has read every piece
         n = 0
         for rec in _read_records(piece, self._opts):
             n += 1

@@ -27,7 +27,6 @@ from apache_beam.utils.timestamp import MIN_TIMESTAMP
 from apache_beam.utils.windowed_value import WindowedValue
 
 from densebeam.index_store import embeddings as emb
-from densebeam.index_store.faults import pause_point
 from densebeam.index_store.types import ModelFacts, Rejected
 from densebeam.transforms.cache import JOURNAL_DIR, file_identity, identity_metadata, text_hash
 from densebeam.transforms.read import NAMESPACE
@@ -259,7 +258,6 @@ class _FinalizeFn(beam.DoFn):
         if "encode_identity" in manifest:  # the precision the vectors were really computed in
             manifest["encode_identity"] = file_identity(manifest["encode_identity"], facts.precision)
         self._remove_stale(fs, {e["path"] for e in shard_entries + rej_entries})
-        pause_point("embeddings_publish")
         tmp = emb.join(self._out, emb.TEMP_DIR, "manifest.json")
         with fsspec.open(tmp, "w", encoding="utf-8") as f:
             json.dump(manifest, f, indent=2, sort_keys=True)
