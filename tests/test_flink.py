@@ -50,7 +50,7 @@ def runs(tmp_path_factory, tiny_cos_model):
     big = write_jsonl(tmp / "corpus" / "big.jsonl", make_passages(N_BIG, seed=3, prefix="b"))
     small = write_jsonl(tmp / "corpus" / "small.jsonl", make_passages(N_SMALL, seed=4, prefix="s"))
     common = ["--input", str(big), "--input", str(small), "--model", tiny_cos_model, "--precision", "fp32",
-              "--split-bytes", "8192", "--batch-size", "32", "--nlist", "16", "--recall-queries", "100",
+              "--batch-size", "32", "--nlist", "16", "--recall-queries", "100",
               "--rows-per-shard", "300"]
     local = build_index.run_build(common + ["--output", str(tmp / "local"), "--runner", "local"])
 
