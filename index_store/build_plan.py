@@ -7,11 +7,12 @@ Pure functions, no Beam import; the Beam build (:mod:`transforms.index`) execute
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import numpy as np
 
 from densebeam.index_store import ivf
+from densebeam.index_store.nprobe import DEFAULT_KS
 from densebeam.index_store.embeddings import EmbeddingsDir
 from densebeam.index_store.types import ModelFacts
 
@@ -38,10 +39,17 @@ class BuildPlan:
     factory: str
     train_size: int
     n_queries: int
-    k: int
+    ks: tuple[int, ...]  # recall@k measured for each, ascending (see index_store.nprobe)
     target_recall: float
     layout: str
     seed: int
+    calibration_queries: Optional[str] = None  # file of real queries measured instead of held-out vectors
+    max_calibration_queries: int = 1000  # a seeded sample of this many when the file holds more
+
+    @property
+    def k(self) -> int:
+        """The primary k (the smallest): the manifest's legacy ``nprobe`` / ``recall_at_k`` are for it."""
+        return self.ks[0]
 
     def nprobe_candidates(self) -> list[int]:
         """Powers of two up to nlist, then ``nlist`` (exhaustive). A ``Flat`` codec with an exact coarse
@@ -82,9 +90,20 @@ def _allocate(total: int, weights: Sequence[int]) -> list[int]:
     return [int(min(x, cap)) for x, cap in zip(out, weights)]
 
 
+def recall_ks(k: Union[int, Sequence[int]], n_vectors: int) -> tuple[int, ...]:
+    """The k to measure recall@k at: sorted, distinct, and at most ``n_vectors - 1`` (a held-out vector's
+    own row is not its neighbour), so a corpus smaller than a k measures its largest possible k instead."""
+    ks = [k] if isinstance(k, int) else list(k)
+    if not ks or any(int(x) < 1 for x in ks):
+        raise ValueError(f"recall k must be positive integers, got {k!r}")
+    cap = max(1, n_vectors - 1)
+    return tuple(sorted({min(int(x), cap) for x in ks}))
+
+
 def plan_build(dirs: Sequence[EmbeddingsDir], *, nlist: Optional[int] = None, codec: Optional[str] = None,
-               memory_budget_bytes: Optional[int] = None, n_queries: int = 1000, k: int = 10,
-               target_recall: float = 0.95, layout: str = "merged", seed: int = 1234) -> BuildPlan:
+               memory_budget_bytes: Optional[int] = None, n_queries: int = 1000,
+               k: Union[int, Sequence[int]] = DEFAULT_KS, target_recall: float = 0.95, layout: str = "merged",
+               seed: int = 1234, calibration_queries: Optional[str] = None) -> BuildPlan:
     if not dirs:
         raise ValueError("at least one embeddings dir is needed")
     if layout not in LAYOUTS:
@@ -101,7 +120,9 @@ def plan_build(dirs: Sequence[EmbeddingsDir], *, nlist: Optional[int] = None, co
     n = sum(rows)
     if n == 0:
         raise ValueError(f"the embeddings dir(s) {[d.root for d in dirs]} hold no vectors; nothing to index")
-    n_queries = max(1, min(n_queries, n // 10 or 1))
+    if n_queries < 1:
+        raise ValueError(f"recall is measured on at least one query; got --recall-queries {n_queries}")
+    asked_queries, n_queries = n_queries, max(1, min(n_queries, n // 10 or 1))
     # Queries are held out of the training sample, so nlist is sized on what is left to train on.
     nlist = int(nlist or ivf.choose_nlist(max(1, n - n_queries)))
     if nlist > n:
@@ -117,4 +138,5 @@ def plan_build(dirs: Sequence[EmbeddingsDir], *, nlist: Optional[int] = None, co
                    for i, (p, b, r, t, q) in enumerate(zip(paths, bases, rows, trains, queries)))
     return BuildPlan(facts=facts, shards=shards, n_vectors=n, nlist=nlist, codec=codec,
                      factory=ivf.factory_string(nlist, codec), train_size=sum(trains),
-                     n_queries=sum(queries), k=k, target_recall=target_recall, layout=layout, seed=seed)
+                     n_queries=sum(queries), ks=recall_ks(k, n), target_recall=target_recall, layout=layout,
+                     seed=seed, calibration_queries=calibration_queries, max_calibration_queries=asked_queries)

@@ -21,8 +21,8 @@ from densebeam.index_store.ivf_files import (ID_BYTES, index_from_bytes, index_t
                                    open_merged, read_index, write_index)
 # Search side lives in ivf_search (one concept per file); re-exported so callers need one import.
 from densebeam.index_store.ivf_search import (MISSING_SCORE, ShardedSearcher, choose_nprobe,  # noqa: F401
-                                    exact_search, recall_at_k, recall_curve_from_lists,
-                                    recall_follows_lists)
+                                              exact_search, recall_at_k, recall_curve_from_lists,
+                                              recall_curves_from_lists, recall_follows_lists, search_filled)
 
 log = logging.getLogger(__name__)
 

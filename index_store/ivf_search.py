@@ -91,6 +91,30 @@ class ShardedSearcher:
         return merge_topk(scores, ids, k)
 
 
+def search_filled(searcher: ShardedSearcher, queries: np.ndarray, k: int,
+                  nprobe: int) -> tuple[np.ndarray, np.ndarray]:
+    """:meth:`ShardedSearcher.search` that returns ``min(k, ntotal)`` hits for every query.
+
+    An IVF search returns only what its ``nprobe`` lists hold: small lists, or a large k, leave rows
+    short. Those rows (only those) are searched again with twice the lists, until they are full or every
+    list was probed (exhaustive: then every stored vector was a candidate). Fewer than k hits therefore
+    means the index holds fewer than k vectors. Cost: one extra search of the short rows per doubling.
+    """
+    if nprobe < 1:
+        raise ValueError(f"nprobe must be positive, got {nprobe}")
+    scores, ids = searcher.search(queries, k, nprobe)
+    want = min(k, searcher.ntotal)
+    queries = np.ascontiguousarray(queries, dtype=np.float32)
+    short = np.flatnonzero((ids >= 0).sum(axis=1) < want)
+    while len(short) and nprobe < searcher.nlist:
+        nprobe = min(2 * nprobe, searcher.nlist)
+        log.debug("%d queries got fewer than %d hits; searching them again with nprobe %d", len(short), want,
+                  nprobe)
+        scores[short], ids[short] = searcher.search(queries[short], k, nprobe)
+        short = short[(ids[short] >= 0).sum(axis=1) < want]
+    return scores, ids
+
+
 def exact_search(vector_batches: Iterable[tuple[np.ndarray, np.ndarray]], queries: np.ndarray,
                  k: int) -> tuple[np.ndarray, np.ndarray]:
     """Brute-force inner-product top-k over streamed (ids, vectors) batches: ground truth.
@@ -183,46 +207,60 @@ def recall_follows_lists(index: faiss.Index) -> bool:
     return isinstance(faiss.downcast_index(index), faiss.IndexIVFFlat)
 
 
-def _hits_in_probed(exact_lists: np.ndarray, valid: np.ndarray, probed: np.ndarray) -> np.ndarray:
-    """Per query, how many valid exact neighbours sit in one of its probed lists (one sorted search over
-    all queries at once: each row's list numbers are shifted into a disjoint key range)."""
+def _in_probed(exact_lists: np.ndarray, valid: np.ndarray, probed: np.ndarray) -> np.ndarray:
+    """(q, k) bool: which valid exact neighbours sit in one of their query's probed lists (one sorted
+    search over all queries at once: each row's list numbers are shifted into a disjoint key range)."""
     span = int(max(probed.max(initial=0), exact_lists.max(initial=0))) + 2
     shift = np.arange(len(probed), dtype=np.int64)[:, None] * span
     keys = np.sort(probed + 1 + shift, axis=1).ravel()  # +1: a -1 (nothing probed) never matches
     want = np.where(valid, exact_lists + 1, -1) + shift
     pos = np.minimum(np.searchsorted(keys, want.ravel()), len(keys) - 1).reshape(want.shape)
-    return (valid & (keys[pos] == want)).sum(axis=1)
+    return valid & (keys[pos] == want)
+
+
+def recall_curves_from_lists(index: faiss.Index, queries: np.ndarray, exact_ids: np.ndarray,
+                             exact_lists: np.ndarray, nprobes: Sequence[int], ks: Sequence[int],
+                             max_entries: int = 1 << 24) -> dict[int, list[float]]:
+    """Recall@k of an IVF-Flat ``index`` at each nprobe, for every k in ``ks``, without searching its lists.
+
+    With exact scores (Flat codes), a true top-k neighbour is returned at nprobe p exactly when its
+    inverted list is among the p lists the query probes (it outscores every other candidate, since it
+    outscores every vector). So recall@k(p) is the share of each query's exact top-k neighbours (the
+    first k columns of ``exact_ids``, best first) whose list (``exact_lists``, known from adding) the
+    coarse quantizer picks among its top p for that query, averaged over queries as :func:`recall_at_k`
+    averages (slots with id -1 ignored). Cost: one coarse quantizer search per nprobe, shared by all k,
+    instead of one scan of p lists per query; memory: ``max_entries`` probed-list entries at a time.
+    Score ties at the k-th place are the only case where this and a search may differ.
+    """
+    ivf = faiss.extract_index_ivf(index)
+    queries = np.ascontiguousarray(queries, dtype=np.float32)
+    bad = [k for k in ks if not 1 <= k <= exact_ids.shape[1]]
+    if bad:
+        raise ValueError(f"ks {bad} need exact top-k tables at least that wide; got {exact_ids.shape[1]} columns")
+    valid = exact_ids >= 0
+    n_valid = {k: valid[:, :k].sum(axis=1) for k in ks}
+    keep = {k: n_valid[k] > 0 for k in ks}
+    curves: dict[int, list[float]] = {k: [] for k in ks}
+    for p in nprobes:
+        p = max(1, min(int(p), ivf.nlist))
+        if p == ivf.nlist:  # every list probed: every neighbour found
+            found = valid
+        else:
+            found = np.zeros_like(valid)
+            step = max(1, max_entries // p)
+            for a in range(0, len(queries), step):
+                probed = ivf.quantizer.search(queries[a:a + step], p)[1]
+                found[a:a + step] = _in_probed(exact_lists[a:a + step], valid[a:a + step], probed)
+        hits = np.cumsum(found, axis=1)  # hits[:, k - 1]: neighbours found among the top k
+        for k in ks:
+            ok = keep[k]
+            curves[k].append(float(np.mean(hits[ok, k - 1] / n_valid[k][ok])) if ok.any() else 1.0)
+    return curves
 
 
 def recall_curve_from_lists(index: faiss.Index, queries: np.ndarray, exact_ids: np.ndarray,
                             exact_lists: np.ndarray, nprobes: Sequence[int],
                             max_entries: int = 1 << 24) -> list[float]:
-    """Recall@k of an IVF-Flat ``index`` at each nprobe, computed without searching its lists.
-
-    With exact scores (Flat codes), a true top-k neighbour is returned at nprobe p exactly when its
-    inverted list is among the p lists the query probes (it outscores every other candidate, since it
-    outscores every vector). So recall@k(p) is the share of each query's exact neighbours whose list
-    (``exact_lists``, known from adding) the coarse quantizer picks among its top p for that query,
-    averaged over queries as :func:`recall_at_k` averages (slots with id -1 ignored). Cost: one coarse
-    quantizer search per nprobe instead of one scan of p lists per query; memory: ``max_entries``
-    probed-list entries at a time. Score ties at the k-th place are the only case where this and a
-    search may differ.
-    """
-    ivf = faiss.extract_index_ivf(index)
-    queries = np.ascontiguousarray(queries, dtype=np.float32)
-    valid = exact_ids >= 0
-    n_valid = valid.sum(axis=1)
-    keep = n_valid > 0
-    curve = []
-    for p in nprobes:
-        p = max(1, min(int(p), ivf.nlist))
-        if p == ivf.nlist:  # every list probed: every neighbour found
-            hits = n_valid
-        else:
-            hits = np.empty(len(queries), dtype=np.int64)
-            step = max(1, max_entries // p)
-            for a in range(0, len(queries), step):
-                probed = ivf.quantizer.search(queries[a:a + step], p)[1]
-                hits[a:a + step] = _hits_in_probed(exact_lists[a:a + step], valid[a:a + step], probed)
-        curve.append(float(np.mean(hits[keep] / n_valid[keep])) if keep.any() else 1.0)
-    return curve
+    """Recall@k at each nprobe for k = the width of ``exact_ids`` (see :func:`recall_curves_from_lists`)."""
+    k = exact_ids.shape[1]
+    return recall_curves_from_lists(index, queries, exact_ids, exact_lists, nprobes, [k], max_entries)[k]

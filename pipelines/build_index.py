@@ -19,6 +19,7 @@ from densebeam.index_store import bundle as bundle_lib
 from densebeam.index_store import fsutil, versions
 from densebeam.index_store.build_plan import LAYOUTS, plan_build
 from densebeam.index_store.embeddings import join, open_embeddings
+from densebeam.index_store.nprobe import DEFAULT_KS
 from densebeam.pipelines import options
 from densebeam.pipelines.argparsing import ArgumentParser, parse_pipeline_args
 from densebeam.runners.presets import pipeline_options
@@ -41,6 +42,18 @@ def parse_bytes(text: Optional[str]) -> Optional[int]:
     return int(float(num) * units[unit])
 
 
+def _ks(text: str) -> tuple[int, ...]:
+    """'10,100,1000' -> (10, 100, 1000)."""
+    try:
+        ks = tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        ks = ()
+    if not ks or min(ks) < 1:
+        raise argparse.ArgumentTypeError(f"--k takes positive integers separated by commas, e.g. 10,100,1000; "
+                                         f"got {text!r}")
+    return ks
+
+
 def add_index_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("index")
     g.add_argument("--nlist", type=int, default=None, help="IVF lists (default: from the vector count)")
@@ -50,9 +63,16 @@ def add_index_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--layout", default="merged", choices=LAYOUTS,
                    help="merged: one memory-mappable on-disk index; shards: keep one index per shard")
     g.add_argument("--target-recall", type=float, default=0.95,
-                   help="default nprobe = the smallest reaching this recall@k against exact search")
-    g.add_argument("--recall-queries", type=int, default=1000, help="held-out vectors used to measure recall")
-    g.add_argument("--k", type=int, default=10, help="k of the recall@k measurement")
+                   help="nprobe for each k = the smallest reaching this recall@k against exact search")
+    g.add_argument("--recall-queries", type=int, default=1000,
+                   help="held-out vectors (or most calibration queries) used to measure recall")
+    g.add_argument("--k", type=_ks, default=DEFAULT_KS, metavar="K[,K...]",
+                   help="the k of the recall@k measurements (default 10,100,1000); a search for k hits "
+                        "uses the nprobe measured for the smallest of these >= k")
+    g.add_argument("--calibration-queries", default=None, metavar="FILE",
+                   help="measure recall with these real queries instead of held-out passages (for "
+                        "asymmetric models): BEIR queries.jsonl or qid<TAB>text TSV, encoded with the "
+                        "embeddings' model, or a .npy float32 (q, dim) array of query vectors")
     g.add_argument("--seed", type=int, default=1234)
     g.add_argument("--versioned", action="store_true",
                    help="publish into OUTPUT/versions/<name>/ and switch OUTPUT/CURRENT atomically after "
@@ -105,7 +125,8 @@ def run_index(args, beam_args: Sequence[str]):
     dirs = [open_embeddings(d) for d in args.embeddings]
     plan = plan_build(dirs, nlist=args.nlist, codec=args.codec,
                       memory_budget_bytes=parse_bytes(args.memory_budget), n_queries=args.recall_queries,
-                      k=args.k, target_recall=args.target_recall, layout=args.layout, seed=args.seed)
+                      k=args.k, target_recall=args.target_recall, layout=args.layout, seed=args.seed,
+                      calibration_queries=args.calibration_queries)
     log.info("indexing %d vectors from %d shard(s): %s, training on %d, layout %s", plan.n_vectors,
              len(plan.shards), plan.factory, plan.train_size, plan.layout)
     target = args.output
@@ -146,7 +167,7 @@ def run_build(argv: Optional[Sequence[str]] = None) -> tuple[dict, dict]:
 
 
 _INDEX_ONLY = {"--nlist", "--codec", "--memory-budget", "--layout", "--target-recall", "--recall-queries",
-               "--k", "--seed", "--embeddings-dir", "--output", "--keep-versions"}
+               "--k", "--seed", "--embeddings-dir", "--output", "--keep-versions", "--calibration-queries"}
 _INDEX_FLAGS = {"--versioned"}
 
 

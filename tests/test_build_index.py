@@ -114,8 +114,8 @@ def test_chosen_nprobe_meets_recall_target_against_brute_force(built):
     assert recall >= 0.93, recall
 
 
-def held_out_recall_curve(bundle_dir, emb_dir, vecs, n_queries, nprobes, codec=None):
-    """The recall curve measured the slow way: search the bundle with the build's held-out vectors (own
+def held_out_recall_curve(bundle_dir, emb_dir, vecs, n_queries, nprobes, codec=None, k=10):
+    """The recall@k curve measured the slow way: search the bundle with the build's held-out vectors (own
     row excluded) at every nprobe, against brute force over all vectors."""
     from densebeam.index_store.build_plan import plan_build
 
@@ -123,13 +123,13 @@ def held_out_recall_curve(bundle_dir, emb_dir, vecs, n_queries, nprobes, codec=N
     qids = np.concatenate([s.base + plan.sample_rows(s)[1] for s in plan.shards])
     sims = vecs[qids] @ vecs.T
     sims[np.arange(len(qids)), qids] = -np.inf
-    exact = np.argsort(-sims, axis=1, kind="stable")[:, :10]
+    exact = np.argsort(-sims, axis=1, kind="stable")[:, :k]
     searcher = bundle_lib.open_bundle(bundle_dir).searcher
     curve = []
     for nprobe in nprobes:
-        _, got = searcher.search(vecs[qids], 11, nprobe)
-        got = [[i for i in row if i != q][:10] for row, q in zip(got, qids)]
-        curve.append(np.mean([len(set(a) & set(b)) / 10 for a, b in zip(got, exact)]))
+        _, got = searcher.search(vecs[qids], k + 1, nprobe)
+        got = [[i for i in row if i != q][:k] for row, q in zip(got, qids)]
+        curve.append(np.mean([len(set(a) & set(b)) / k for a, b in zip(got, exact)]))
     return curve
 
 
@@ -147,28 +147,42 @@ def test_trained_on_exactly_the_planned_sample(built):
     assert (tmp / "merged" / "trained.faiss").read_bytes() == want
 
 
-def test_recall_curve_equals_searching_the_bundle(built):
-    """The manifest's curve (IVF-Flat: computed from list membership, no search) is what searching the
-    built bundle with the same held-out vectors measures."""
+def test_recall_curves_per_k_equal_searching_the_bundle(built):
+    """The manifest's curves for k = 10, 100 and 1000 (IVF-Flat: computed from list membership, no
+    search) are what searching the built bundle with the same held-out vectors measures; the legacy
+    single-k fields are the k = 10 ones."""
     tmp, vecs, manifests = built
-    curve = manifests["merged"]["recall_curve"]
-    want = held_out_recall_curve(str(tmp / "merged"), str(tmp / "emb"), vecs, 300, [c["nprobe"] for c in curve])
-    assert [c["recall"] for c in curve] == pytest.approx(want, abs=1e-4)
-    assert manifests["shards"]["recall_curve"] == curve
+    m = manifests["merged"]
+    assert m["recall_ks"] == [10, 100, 1000] and m["k"] == 10
+    assert m["calibration"] == {"source": "held-out vectors", "queries": 300}
+    for k in (10, 100, 1000):
+        curve = m["recall_curves"][str(k)]
+        want = held_out_recall_curve(str(tmp / "merged"), str(tmp / "emb"), vecs, 300,
+                                     [c["nprobe"] for c in curve], k=k)
+        assert [c["recall"] for c in curve] == pytest.approx(want, abs=1e-4), k
+        chosen = m["nprobe_by_k"][str(k)]
+        assert chosen == next(c for c in curve if c["recall"] >= 0.95)  # the smallest reaching the target
+    assert m["recall_curve"] == m["recall_curves"]["10"]
+    assert (m["nprobe"], m["recall_at_k"]) == (m["nprobe_by_k"]["10"]["nprobe"], m["nprobe_by_k"]["10"]["recall"])
+    by_k = [m["nprobe_by_k"][str(k)]["nprobe"] for k in (10, 100, 1000)]
+    assert by_k == sorted(by_k) and by_k[0] < by_k[2]  # more hits need more lists
+    assert manifests["shards"]["recall_curves"] == m["recall_curves"]
 
 
-def test_sq8_build_measures_its_curve_by_search(tmp_path):
+def test_sq8_build_measures_its_curves_by_search(tmp_path):
     vecs = clustered(3000, seed=3)
     emb_dir = write_embeddings_dir(tmp_path / "emb", vecs, FACTS, shard_rows=1000)
     m = build_index.run(["--embeddings", emb_dir, "--output", str(tmp_path / "i"), "--codec", "SQ8",
-                         "--nlist", "64", "--recall-queries", "200", "--target-recall", "0.9", *LOCAL])
+                         "--nlist", "64", "--recall-queries", "200", "--target-recall", "0.9", "--k", "10,100",
+                         *LOCAL])
     assert m["factory"] == "IVF64,SQ8" and m["codec"] == "SQ8"
-    curve = m["recall_curve"]
-    want = held_out_recall_curve(str(tmp_path / "i"), emb_dir, vecs, 200, [c["nprobe"] for c in curve],
-                                 codec="SQ8")
-    assert [c["recall"] for c in curve] == pytest.approx(want, abs=1e-4)
-    assert curve[-1]["nprobe"] == 64 and 0.9 < curve[-1]["recall"] < 1.0  # SQ8 is lossy even exhaustively
-    assert m["recall_at_k"] >= 0.9
+    for k in (10, 100):
+        curve = m["recall_curves"][str(k)]
+        want = held_out_recall_curve(str(tmp_path / "i"), emb_dir, vecs, 200, [c["nprobe"] for c in curve],
+                                     codec="SQ8", k=k)
+        assert [c["recall"] for c in curve] == pytest.approx(want, abs=1e-4), k
+        assert curve[-1]["nprobe"] == 64 and 0.9 < curve[-1]["recall"] < 1.0  # SQ8 is lossy even exhaustively
+    assert m["recall_at_k"] >= 0.9 and m["recall_curve"] == m["recall_curves"]["10"]
 
 
 @pytest.mark.parametrize("nlist,codec,want", [
@@ -182,7 +196,7 @@ def test_nprobe_candidates(nlist, codec, want):
     from densebeam.index_store.build_plan import BuildPlan
 
     plan = BuildPlan(facts=FACTS, shards=(), n_vectors=10**7, nlist=nlist, codec=codec,
-                     factory=ivf.factory_string(nlist, codec), train_size=0, n_queries=0, k=10,
+                     factory=ivf.factory_string(nlist, codec), train_size=0, n_queries=0, ks=(10,),
                      target_recall=0.95, layout="merged", seed=0)
     assert plan.nprobe_candidates() == want
 
@@ -255,8 +269,11 @@ def test_overwrite_guard_and_failed_rebuild_leaves_no_bundle(built, tmp_path):
 def test_densebeam_build_end_to_end_with_tiny_model(tmp_path, tiny_cos_model, capsys):
     recs = make_passages(400, seed=21) + [{"_id": "bad", "text": ""}]
     src = write_jsonl(tmp_path / "corpus.jsonl", recs)
+    qfile = write_jsonl(tmp_path / "queries.jsonl", [{"_id": f"q{i}", "text": p["text"]}
+                                                     for i, p in enumerate(make_passages(60, seed=5))])
     rc = cli.main(["build", "--input", str(src), "--output", str(tmp_path / "idx"), "--model", tiny_cos_model,
-                   "--precision", "fp32", "--rows-per-shard", "150", *LOCAL])
+                   "--precision", "fp32", "--rows-per-shard", "150", "--calibration-queries", str(qfile),
+                   "--k", "10,50", *LOCAL])
     out = capsys.readouterr().out
     assert rc == 0 and "read 401  encoded 400  rejected 1" in out and "default nprobe" in out
     b = bundle_lib.open_bundle(str(tmp_path / "idx"))
@@ -271,6 +288,18 @@ def test_densebeam_build_end_to_end_with_tiny_model(tmp_path, tiny_cos_model, ca
     assert all(d["text"] == text[d["id"]] for d in b.docstore.get(list(range(0, 400, 37))))
     rc = cli.main(["inspect", str(tmp_path / "idx"), "--verify"])
     assert rc == 0 and "verified" in capsys.readouterr().out
+    # The calibration queries were encoded with the bundle's model as the query side encodes them: the
+    # curves are what searching with the query side's vectors measures.
+    from densebeam.index_store.query.search import Searcher
+
+    assert b.manifest["calibration"]["queries"] == 60 and b.manifest["calibration"]["path"] == str(qfile)
+    qvecs = Searcher.open(str(tmp_path / "idx")).encode_queries([p["text"] for p in make_passages(60, seed=5)])
+    _, vecs_all = zip(*e.iter_batches(batch_rows=1000))
+    for k in (10, 50):
+        _, exact = ivf.exact_search([(np.arange(400), np.concatenate(vecs_all))], qvecs, k)
+        curve = b.manifest["recall_curves"][str(k)]
+        got = [ivf.recall_at_k(b.searcher.search(qvecs, k, c["nprobe"])[1], exact, k) for c in curve]
+        assert [c["recall"] for c in curve] == pytest.approx(got, abs=1e-3), k
 
 
 def test_manifest_records_absolute_input_paths(tmp_path, monkeypatch):
@@ -279,3 +308,68 @@ def test_manifest_records_absolute_input_paths(tmp_path, monkeypatch):
     m = build_index.run(["--embeddings", "emb", "--output", "idx", "--nlist", "4", "--recall-queries", "20",
                          "--runner", "local"])
     assert m["inputs"] == [{"embeddings": str(tmp_path / "emb"), "counts": m["inputs"][0]["counts"]}]
+
+
+def cluster_labels(n, seed=0, clusters=40):
+    """The latent cluster of each vector :func:`clustered` draws (same generator, same order)."""
+    return np.random.default_rng(seed + 1000).integers(0, clusters, n)
+
+
+def test_dense_recall_at_100_and_1000_agree_with_exact_search(built):
+    """Relevance = same latent cluster (150 relevant documents a query). Through ``Searcher`` with the
+    default nprobe, dense R@100 and R@1000 agree with exact search within 0.01 and every query gets its
+    1000 hits; the single nprobe measured at k = 10 (the old default for every k) does not."""
+    from densebeam.index_store.query import evaluate as ev
+    from densebeam.index_store.query.search import Searcher
+
+    tmp, vecs, _ = built
+    labels = cluster_labels(N)
+    queries, qlabels = clustered(200, seed=55), cluster_labels(200, seed=55)
+    qids = [f"q{i}" for i in range(len(queries))]
+    qrels = {q: {f"v{j}": 1 for j in np.flatnonzero(labels == lab)} for q, lab in zip(qids, qlabels)}
+
+    def never_encode():
+        raise AssertionError("search_vectors must not load the encoder")
+
+    searcher = Searcher(bundle_lib.open_bundle(str(tmp / "merged")), never_encode)
+    _, exact_ids = ivf.exact_search([(np.arange(N), vecs)], queries, 1000)
+    exact = {q: {f"v{j}": -float(r) for r, j in enumerate(row)} for q, row in zip(qids, exact_ids)}
+    want = ev.evaluate(qrels, exact, qids).metrics
+    results = searcher.search_vectors(queries, k=1000)
+    assert all(len(hits) == 1000 for hits in results)
+    got = ev.evaluate(qrels, ev.run_from_hits(qids, results), qids).metrics
+    for metric in ("recall@100", "recall@1000"):
+        assert abs(got[metric] - want[metric]) <= 0.01, (metric, got[metric], want[metric])
+    old = searcher.search_vectors(queries, k=1000, nprobe=searcher.bundle.manifest["nprobe"])
+    assert max(len(hits) for hits in old) < 1000
+    old_r = ev.evaluate(qrels, ev.run_from_hits(qids, old), qids).metrics["recall@1000"]
+    assert old_r < want["recall@1000"] - 0.01, (old_r, want["recall@1000"])  # the criterion, failed
+
+
+def test_calibration_queries_measure_the_curves(built, tmp_path):
+    """``--calibration-queries q.npy``: the curves are recall of those queries (no row excluded) against
+    brute force, the manifest names the file, and the index itself is the same as without them."""
+    tmp, vecs, manifests = built
+    queries = clustered(400, seed=31)
+    path = tmp_path / "q.npy"
+    np.save(path, queries)
+    m = build_index.run(["--embeddings", str(tmp / "emb"), "--output", str(tmp_path / "i"), "--nlist", "64",
+                         "--recall-queries", "300", "--k", "10,100", "--calibration-queries", str(path),
+                         *LOCAL])
+    cal = m["calibration"]
+    assert cal["source"] == "queries file" and cal["path"] == str(path) and cal["queries"] == 300
+    assert cal["in_file"] == 400 and len(cal["sha256"]) == 64 and m["recall_ks"] == [10, 100]
+    assert "300 queries from" in m["recall_measured_on"]
+    assert (tmp_path / "i" / "trained.faiss").read_bytes() == (tmp / "merged" / "trained.faiss").read_bytes()
+    keep = np.sort(np.random.default_rng([1234, 7]).choice(400, 300, replace=False))
+    searcher = bundle_lib.open_bundle(str(tmp_path / "i")).searcher
+    for k in (10, 100):
+        _, exact = ivf.exact_search([(np.arange(N), vecs)], queries[keep], k)
+        curve = m["recall_curves"][str(k)]
+        searched = [ivf.recall_at_k(searcher.search(queries[keep], k, c["nprobe"])[1], exact, k) for c in curve]
+        assert [c["recall"] for c in curve] == pytest.approx(searched, abs=1e-4), k
+    bad = tmp_path / "bad.npy"
+    np.save(bad, queries[:, :8])
+    with pytest.raises(Exception, match="calibration"):
+        build_index.run(["--embeddings", str(tmp / "emb"), "--output", str(tmp_path / "j"), "--nlist", "64",
+                         "--calibration-queries", str(bad), *LOCAL])

@@ -24,8 +24,9 @@ from densebeam.index_store import ivf
 from densebeam.index_store.build_plan import BuildPlan, ShardSpec
 from densebeam.index_store.docstore import DocstoreWriter
 from densebeam.index_store.embeddings import join
-from densebeam.index_store.faults import pause_point
+from densebeam.index_store.fsutil import canonical_url, sha256_file
 from densebeam.index_store.ivf_search import merge_topk
+from densebeam.index_store.nprobe import nprobe_by_k
 from densebeam.transforms.read import NAMESPACE
 
 log = logging.getLogger(__name__)
@@ -103,92 +104,188 @@ def _train(parts, plan: BuildPlan) -> bytes:
     start = time.monotonic()
     trained = ivf.train_empty_index(sample, plan.factory, seed=plan.seed)
     log.info("trained %s on %d vectors in %.1f s", plan.factory, len(sample), time.monotonic() - start)
-    pause_point("index")
     return trained
 
 
-def _queries(parts):
+def _held_out_queries(parts) -> dict:
+    """The calibration queries record: held-out vectors of the data, with their own row ids (a held-out
+    vector is not its own neighbour)."""
     parts = _concat_by_shard(parts)
-    return (np.concatenate([p[1] for p in parts]), np.concatenate([p[2] for p in parts]))
+    ids = np.concatenate([p[1] for p in parts])
+    return {"ids": ids, "vectors": np.concatenate([p[2] for p in parts]),
+            "calibration": {"source": "held-out vectors", "queries": len(ids)}}
+
+
+class _CalibrationQueriesFn(beam.DoFn):
+    """Real queries to measure recall with (``--calibration-queries``): a ``.npy`` float32 (q, dim) array
+    of query vectors, or a queries file (BEIR JSONL or ``qid<TAB>text``) encoded here with the bundle's
+    model the way the query side encodes (model loaded in ``setup``). More than
+    ``plan.max_calibration_queries`` queries: a seeded sample of that many. Their ids are -1: no query is a row of the index."""
+
+    def __init__(self, plan: BuildPlan):
+        self._plan = plan
+        self._encoder = None
+
+    def setup(self):
+        if not self._plan.calibration_queries.endswith(".npy"):
+            from densebeam.index_store.encoder import load_encoder
+
+            facts = self._plan.facts
+            self._encoder = load_encoder(facts.model, similarity=facts.similarity,
+                                         max_seq_length=facts.max_seq_length)
+
+    def process(self, path: str):
+        plan = self._plan
+        if self._encoder is None:
+            with fsspec.open(path, "rb") as f:
+                vectors = np.load(f, allow_pickle=False)
+            if vectors.ndim != 2 or vectors.shape[1] != plan.facts.dim or not np.all(np.isfinite(vectors)):
+                raise ValueError(f"{path} holds a {vectors.dtype} array of shape {vectors.shape}; calibration "
+                                 f"query vectors must be finite (q, {plan.facts.dim}) encoded with "
+                                 f"{plan.facts.model}")
+            total = len(vectors)
+        else:
+            from densebeam.index_store.query.evaluate import read_queries
+
+            texts = list(read_queries(path).values())
+            total, vectors = len(texts), None
+        if total == 0:
+            raise ValueError(f"{path} holds no queries; pass a file with at least one, or drop "
+                             "--calibration-queries to measure with held-out vectors")
+        keep = np.arange(total)
+        if total > plan.max_calibration_queries:
+            keep = np.sort(np.random.default_rng([plan.seed, 7]).choice(total, plan.max_calibration_queries,
+                                                                        replace=False))
+        if vectors is None:
+            vectors = self._encoder.encode([texts[i] for i in keep])
+        vectors = np.ascontiguousarray(vectors[keep] if len(vectors) == total else vectors, dtype=np.float32)
+        yield {"ids": np.full(len(vectors), -1, dtype=np.int64), "vectors": vectors,
+               "calibration": {"source": "queries file", "path": canonical_url(path),
+                               "sha256": sha256_file(path)[1], "queries": len(vectors), "in_file": total}}
+
+
+def _add_exact(heap: faiss.ResultHeap, qids: np.ndarray, qvecs: np.ndarray, gids: np.ndarray,
+               vecs: np.ndarray) -> None:
+    """Fold one batch into the running exact top-k of the queries: one matrix product (BLAS), then
+    FAISS's heap (C++; after the first batch nearly every candidate is rejected at the heap's top). A
+    query's own row (held-out vectors) is left out: held out means it is not its own hit."""
+    sims = qvecs @ vecs.T
+    mine = np.flatnonzero((qids >= gids[0]) & (qids <= gids[-1]))
+    sims[mine, qids[mine] - gids[0]] = ivf.MISSING_SCORE
+    heap.add_result_subset(np.arange(len(qids)), sims, gids)
 
 
 class _AddShardFn(beam.DoFn):
     """Fills a copy of the trained index with one shard (global ids base..base+rows-1), writes the shard
-    index and its docstore part, and measures the exact top-k of the held-out queries on it (merged
-    across shards later: same quantizer, so that equals searching one big index).
+    index and its docstore part, and measures the exact top-k of the calibration queries on it for the
+    largest measured k (its prefixes are the smaller k's), merged across shards by :class:`_MergeTopK`
+    (same quantizer, so that equals searching one big index).
 
     For the recall curve, an IVF-Flat index needs no list scans: each exact neighbour's inverted list
-    (known from adding) decides at which nprobe it is found (:func:`ivf.recall_curve_from_lists`). Other codecs (SQ8, PQ) score approximately, so their curve
-    is measured by searching this shard at every candidate nprobe.
+    (known from adding) decides at which nprobe it is found (:func:`ivf.recall_curves_from_lists`). Other
+    codecs (SQ8, PQ) score approximately, so their curve is measured by searching this shard at every
+    candidate nprobe.
     """
 
     def __init__(self, plan: BuildPlan, root: str):
         self._plan, self._root = plan, root
         self._added = Metrics.counter(NAMESPACE, "vectors_indexed")
 
-    def process(self, shard: ShardSpec, trained: bytes, queries):
-        plan, (qids, qvecs) = self._plan, queries
+    def process(self, shard: ShardSpec, trained: bytes, queries: dict):
+        plan, qids, qvecs = self._plan, queries["ids"], queries["vectors"]
         layout = bundle_lib.layout_paths(len(plan.shards))
         index = ivf.index_from_bytes(trained)
-        by_lists = ivf.recall_follows_lists(index)
         assigner = ivf.coarse_assigner(index)
-        k = plan.k
-        exact_s = np.full((len(qids), 0), ivf.MISSING_SCORE, np.float32)
-        exact_i = np.zeros((len(qids), 0), np.int64)
-        exact_l = np.zeros((len(qids), 0), np.int64)
+        k = plan.ks[-1]
+        heap = faiss.ResultHeap(len(qids), k, keep_max=True)
+        lists = np.empty(shard.rows, dtype=np.int32)  # each row's inverted list (4 bytes a row)
         writer = DocstoreWriter(join(self._root, layout.docstore[shard.index]), base_row=shard.base)
         try:
             for offset, ids, vecs, texts, titles in iter_shard_rows(shard):
                 gids = np.arange(shard.base + offset, shard.base + offset + len(vecs), dtype=np.int64)
-                lists = ivf.add_assigned(index, gids, vecs, assigner)
+                lists[offset:offset + len(vecs)] = ivf.add_assigned(index, gids, vecs, assigner)
                 writer.write(ids, texts, titles)
                 self._added.inc(len(vecs))
-                # Exact top-(k+1) of the held-out queries in this batch (BLAS, multi-threaded), minus
-                # each query's own row: held out means it is not its own hit.
-                s, local = faiss.knn(qvecs, vecs, min(k + 1, len(vecs)), metric=faiss.METRIC_INNER_PRODUCT)
-                g = gids[local]
-                own = g == qids[:, None]
-                exact_s, exact_i, exact_l = merge_topk(
-                    np.hstack([exact_s, np.where(own, ivf.MISSING_SCORE, s)]),
-                    np.hstack([exact_i, np.where(own, -1, g)]), k,
-                    payload=np.hstack([exact_l, np.where(own, -1, lists[local])]))
+                _add_exact(heap, qids, qvecs, gids, vecs)
             docstore = writer.close()
         except BaseException:
             writer.abort()
             raise
         ivf.write_index(index, join(self._root, layout.shards[shard.index]))
+        heap.finalize()
+        found = heap.I >= 0
+        exact = (heap.D, heap.I, np.where(found, lists[np.where(found, heap.I - shard.base, 0)], -1))
         approx = {}
-        if not by_lists:
+        if not ivf.recall_follows_lists(index):
+            searcher = ivf.ShardedSearcher([index])
             for nprobe in plan.nprobe_candidates():
-                s, i = ivf.ShardedSearcher([index]).search(qvecs, k + 1, nprobe)
-                s = np.where(i == qids[:, None], ivf.MISSING_SCORE, s)
-                i = np.where(i == qids[:, None], -1, i)
-                approx[nprobe] = merge_topk(s, i, k)
-        yield {"shard": shard.index, "rows": int(index.ntotal), "docstore": docstore,
-               "exact": (exact_s, exact_i, exact_l), "approx": approx}
+                s, i = searcher.search(qvecs, k + 1, nprobe)
+                own = i == qids[:, None]
+                approx[nprobe] = merge_topk(np.where(own, ivf.MISSING_SCORE, s), np.where(own, -1, i), k)
+        yield beam.pvalue.TaggedOutput("topk", {"exact": exact, "approx": approx})
+        yield {"shard": shard.index, "rows": int(index.ntotal), "docstore": docstore}
 
 
-def _recall_curve(plan: BuildPlan, trained: bytes, qvecs: np.ndarray, results: list) -> list[dict]:
-    """recall@k per candidate nprobe against the exact top-k merged across shards."""
-    k, nprobes = plan.k, plan.nprobe_candidates()
-    scores, ids, lists = (np.hstack(x) for x in zip(*[r["exact"] for r in results]))
-    _, exact, lists = merge_topk(scores, ids, k, payload=lists)
+class _MergeTopK(beam.CombineFn):
+    """The shards' top-k tables (exact, and per nprobe for searched curves) merged into the whole
+    index's: memory is two tables at a time whatever the shard count (ties: smaller id first, so the
+    result does not depend on the order shards arrive in)."""
+
+    def __init__(self, k: int):
+        self._k = k
+
+    def create_accumulator(self):
+        return None
+
+    def add_input(self, acc, topk):
+        return self._merge(acc, topk)
+
+    def merge_accumulators(self, accs):
+        out = None
+        for acc in accs:
+            out = self._merge(out, acc)
+        return out
+
+    def extract_output(self, acc):
+        return acc
+
+    def _merge(self, a, b):
+        if a is None or b is None:
+            return b if a is None else a
+        k = self._k
+        scores, ids, lists = (np.hstack(x) for x in zip(a["exact"], b["exact"]))
+        exact = merge_topk(scores, ids, k, payload=lists)
+        approx = {p: merge_topk(np.hstack([a["approx"][p][0], b["approx"][p][0]]),
+                                np.hstack([a["approx"][p][1], b["approx"][p][1]]), k) for p in a["approx"]}
+        return {"exact": exact, "approx": approx}
+
+
+def _recall_curves(plan: BuildPlan, trained: bytes, qvecs: np.ndarray, topk: dict) -> dict[int, list[dict]]:
+    """{k: [{"nprobe", "recall"}]}: recall@k per candidate nprobe against the exact top-k of the queries,
+    for every measured k."""
+    nprobes = plan.nprobe_candidates()
+    _, exact, lists = topk["exact"]
     index = ivf.index_from_bytes(trained)
     if ivf.recall_follows_lists(index):  # IVF-Flat: from list membership, no search
-        recalls = ivf.recall_curve_from_lists(index, qvecs, exact, lists, nprobes)
+        recalls = ivf.recall_curves_from_lists(index, qvecs, exact, lists, nprobes, plan.ks)
     else:
-        recalls = [ivf.recall_at_k(merge_topk(*(np.hstack(x) for x in zip(
-            *[r["approx"][p] for r in results])), k)[1], exact, k) for p in nprobes]
-    return [{"nprobe": p, "recall": round(r, 4)} for p, r in zip(nprobes, recalls)]
+        recalls = {k: [ivf.recall_at_k(topk["approx"][p][1], exact, k) for p in nprobes] for k in plan.ks}
+    return {k: [{"nprobe": p, "recall": round(r, 4)} for p, r in zip(nprobes, recalls[k])] for k in plan.ks}
+
+
+def _measured_on(calibration: dict) -> str:
+    if calibration["source"] == "held-out vectors":
+        return f"{calibration['queries']} held-out vectors of the data (own hit excluded)"
+    return f"{calibration['queries']} queries from {calibration['path']}"
 
 
 class _PublishFn(beam.DoFn):
-    """Once all shards are in: recall curve and default nprobe, merge or keep shards, manifest last."""
+    """Once all shards are in: recall curves and the nprobe per k, merge or keep shards, manifest last."""
 
     def __init__(self, plan: BuildPlan, root: str, extra: dict):
         self._plan, self._root, self._extra = plan, root, extra
 
-    def process(self, _, trained: bytes, queries, results):
+    def process(self, _, trained: bytes, queries: dict, results: list, topk: dict):
         plan, root = self._plan, self._root
         results = sorted(results, key=lambda r: r["shard"])
         if [r["shard"] for r in results] != list(range(len(plan.shards))):
@@ -196,9 +293,9 @@ class _PublishFn(beam.DoFn):
         n = sum(r["rows"] for r in results)
         if n != plan.n_vectors:
             raise RuntimeError(f"indexed {n} vectors but the embeddings hold {plan.n_vectors}")
+        curves = _recall_curves(plan, trained, queries["vectors"], topk)
+        chosen = nprobe_by_k(curves, plan.target_recall)
         k = plan.k
-        curve = _recall_curve(plan, trained, queries[1], results)
-        chosen = next((c for c in curve if c["recall"] >= plan.target_recall), curve[-1])
         layout = bundle_lib.layout_paths(len(plan.shards))
         fs, _ = fsspec.core.url_to_fs(root)
         with fs.open(join(root, layout.trained), "wb") as f:
@@ -216,18 +313,22 @@ class _PublishFn(beam.DoFn):
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "model_facts": plan.facts.to_dict(), "metric": "inner_product", "layout": plan.layout,
             "factory": plan.factory, "nlist": plan.nlist, "codec": plan.codec,
-            "nprobe": chosen["nprobe"], "recall_at_k": chosen["recall"], "k": k,
-            "target_recall": plan.target_recall, "recall_curve": curve,
-            "recall_measured_on": f"{plan.n_queries} held-out vectors of the data (own hit excluded)",
+            # The primary (smallest) k's nprobe, curve and recall, under the names readers of bundles
+            # from before per-k curves know; nprobe_by_k / recall_curves hold every measured k.
+            "nprobe": chosen[k]["nprobe"], "recall_at_k": chosen[k]["recall"], "k": k,
+            "target_recall": plan.target_recall, "recall_curve": curves[k],
+            "recall_ks": list(plan.ks), "nprobe_by_k": {str(x): chosen[x] for x in plan.ks},
+            "recall_curves": {str(x): curves[x] for x in plan.ks},
+            "calibration": queries["calibration"],
+            "recall_measured_on": _measured_on(queries["calibration"]),
             "counts": {"vectors": n, "shards": len(plan.shards), "training_vectors": plan.train_size},
             "shards": [{"rows": r["rows"], "base": plan.shards[r["shard"]].base,
                         "source": plan.shards[r["shard"]].path} for r in results],
             **self._extra,
         }
-        pause_point("publish")
         manifest = bundle_lib.write_manifest(root, fields, files)
-        log.info("published %s: %d vectors, %s, nprobe %d (recall@%d %.3f)", root, n, plan.factory,
-                 chosen["nprobe"], k, chosen["recall"])
+        log.info("published %s: %d vectors, %s, nprobe by k %s", root, n, plan.factory,
+                 {x: c["nprobe"] for x, c in chosen.items()})
         yield manifest
 
 
@@ -243,18 +344,27 @@ class BuildIndex(beam.PTransform):
         shards = (pbegin | "Shards" >> beam.Create(list(plan.shards))
                   | "SpreadShards" >> beam.Reshuffle())
         # 1. One pass over each shard for its seeded share of the training and held-out query samples.
-        sampled = shards | "Sample" >> beam.ParDo(_SampleShardFn(plan, self._root)).with_outputs("train", main="queries")
+        sampled = shards | "Sample" >> beam.ParDo(_SampleShardFn(plan, self._root)).with_outputs(
+            "train", main="queries")
         # 2. Train once, in one place; the empty trained index travels as bytes.
         trained = (sampled.train | "GatherSample" >> beam.combiners.ToList()
                    | "Train" >> beam.Map(_train, plan))
-        queries = sampled.queries | "GatherQueries" >> beam.combiners.ToList() | "Queries" >> beam.Map(_queries)
-        # 3. Add per shard, in parallel; each worker holds one shard.
+        # Recall is measured with the held-out vectors, or with real queries when the plan names a file.
+        if plan.calibration_queries is None:
+            queries = (sampled.queries | "GatherQueries" >> beam.combiners.ToList()
+                       | "Queries" >> beam.Map(_held_out_queries))
+        else:
+            queries = (pbegin | "CalibrationFile" >> beam.Create([plan.calibration_queries])
+                       | "CalibrationQueries" >> beam.ParDo(_CalibrationQueriesFn(plan)))
+        # 3. Add per shard, in parallel; each worker holds one shard and the queries' top-k on it.
         added = shards | "AddShards" >> beam.ParDo(
             _AddShardFn(plan, self._root), trained=beam.pvalue.AsSingleton(trained),
-            queries=beam.pvalue.AsSingleton(queries))
+            queries=beam.pvalue.AsSingleton(queries)).with_outputs("topk", main="shards")
+        topk = added.topk | "MergeTopK" >> beam.CombineGlobally(_MergeTopK(plan.ks[-1]))
         # 4. Measure, merge or keep, manifest last.
         return (pbegin | "PublishTrigger" >> beam.Create([None])
                 | "Publish" >> beam.ParDo(_PublishFn(plan, self._root, self._extra),
                                           trained=beam.pvalue.AsSingleton(trained),
                                           queries=beam.pvalue.AsSingleton(queries),
-                                          results=beam.pvalue.AsList(added)))
+                                          results=beam.pvalue.AsList(added.shards),
+                                          topk=beam.pvalue.AsSingleton(topk)))
