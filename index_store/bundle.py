@@ -13,17 +13,21 @@ Nothing is unpickled: the manifest is JSON, indexes are FAISS files, the docstor
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
+import logging
 import os
+import re
 import shutil
 import uuid
-from typing import Optional
+from typing import Iterator, Optional
 
+import faiss
 import fsspec
 
-from densebeam.index_store import fsutil
+from densebeam.index_store import fsutil, validate
 from densebeam.index_store.docstore import PART_PATTERN, Docstore
 from densebeam.index_store.embeddings import join
 from densebeam.index_store.ivf import ShardedSearcher, open_merged, read_index
@@ -35,6 +39,7 @@ FORMAT_VERSION = 1
 LAYOUTS = ("merged", "shards")
 VERIFY_MODES = ("full", "sizes", "none")
 _RESERVED = ("format", "format_version", "files")
+log = logging.getLogger(__name__)
 
 
 class BundleError(ValueError):
@@ -98,6 +103,9 @@ def write_manifest(root: str, fields: dict, files: list[str]) -> dict:
     return manifest
 
 
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
 def _parse_manifest(raw: bytes, where: str) -> dict:
     try:
         manifest = json.loads(raw)
@@ -106,7 +114,10 @@ def _parse_manifest(raw: bytes, where: str) -> dict:
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise BundleError(f"{where} is not a densebeam index manifest (format != {FORMAT!r})")
     version = manifest.get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION or version < 1:
+    if type(version) is not int or version < 1:  # type(): a JSON true is a Python int too
+        raise BundleError(f"{where} has a malformed format_version {version!r} (densebeam writes the integer "
+                          f"{FORMAT_VERSION}); the manifest is damaged or forged, rebuild the bundle")
+    if version > FORMAT_VERSION:
         raise BundleError(f"{where} has format_version {version!r}; this densebeam reads version "
                           f"{FORMAT_VERSION}. Upgrade densebeam (pip install -U densebeam) to open it")
     files = manifest.get("files")
@@ -117,12 +128,62 @@ def _parse_manifest(raw: bytes, where: str) -> dict:
         path = _check_relpath(entry.get("path"), where)
         if path in seen or path == MANIFEST:
             raise BundleError(f"{where} lists {path!r} twice or lists itself; rebuild the bundle")
+        size, digest = entry.get("size"), entry.get("sha256")
+        if type(size) is not int or size < 0 or not isinstance(digest, str) or not _SHA256.fullmatch(digest):
+            raise BundleError(f"{where} lists {path!r} with a malformed size {size!r} or sha256 {digest!r}; "
+                              "the manifest is damaged, rebuild the bundle")
         seen.add(path)
+    _check_fields(manifest, where)
     return manifest
+
+
+def _is_int(v) -> bool:
+    return type(v) is int  # not bool: a JSON true is a Python int too
+
+
+def _is_number(v) -> bool:
+    return type(v) in (int, float)
+
+
+def _check_fields(manifest: dict, where: str) -> None:
+    """The fields every format-1 manifest has and readers use (search, ``densebeam inspect``, serve),
+    with their types: a damaged manifest is refused here rather than failing later in a reader."""
+    facts = manifest.get("model_facts")
+    counts = manifest.get("counts")
+    curve = manifest.get("recall_curve", [])
+    checks = {
+        "layout": manifest.get("layout") in LAYOUTS,
+        "model_facts": isinstance(facts, dict) and isinstance(facts.get("model"), str)
+        and _is_int(facts.get("dim")) and (facts.get("revision") is None or isinstance(facts.get("revision"), str)),
+        "factory": isinstance(manifest.get("factory"), str),
+        "nlist": _is_int(manifest.get("nlist")) and manifest["nlist"] >= 1,
+        "nprobe": _is_int(manifest.get("nprobe")) and manifest["nprobe"] >= 1,
+        "recall_at_k": _is_number(manifest.get("recall_at_k", 0.0)),
+        "counts": isinstance(counts, dict) and _is_int(counts.get("vectors")) and _is_int(counts.get("shards")),
+        "recall_curve": isinstance(curve, list) and all(
+            isinstance(c, dict) and _is_int(c.get("nprobe")) and _is_number(c.get("recall")) for c in curve),
+        "k": _is_int(manifest.get("k", 10)),
+    }
+    bad = [k for k, ok in checks.items() if not ok]
+    if bad:
+        shown = {k: manifest.get(k) for k in bad}
+        raise BundleError(f"{where} has missing or malformed fields {str(shown)[:300]}; the manifest is damaged, "
+                          "rebuild the bundle")
+    try:
+        facts = ModelFacts.from_dict(facts)
+    except (TypeError, ValueError) as err:
+        raise BundleError(f"{where} has damaged model_facts ({err}); rebuild the bundle") from err
+    if not (facts.max_seq_length is None or _is_int(facts.max_seq_length)):
+        raise BundleError(f"{where} has damaged model_facts {facts}; rebuild the bundle")
 
 
 def _read_manifest_bytes(root: str) -> bytes:
     path = join(root, MANIFEST)
+    if fsutil.is_local(root):
+        local = fsutil.local_path(root)
+        real = os.path.realpath(os.path.join(local, MANIFEST))
+        if os.path.exists(real) and not _inside(real, os.path.realpath(local)):
+            raise BundleError(f"{path} is a link to {real}, outside the bundle; refusing to read it")
     try:
         with fsspec.open(path, "rb") as f:
             return f.read()
@@ -140,14 +201,78 @@ def read_manifest(root: str) -> dict:
     return _parse_manifest(_read_manifest_bytes(root), join(root, MANIFEST))
 
 
+def _inside(real: str, real_root: str) -> bool:
+    return os.path.commonpath([real, real_root]) == real_root
+
+
+def _pin(local: str, rel: str, name: str) -> fsutil.PinnedFile:
+    """Open listed file ``rel`` of the local bundle ``local``, after resolving links: a file whose real
+    location is outside the bundle (a symlink pointing out) is refused, before and after opening."""
+    real_root = os.path.realpath(local)
+    path = os.path.join(local, *rel.split("/"))
+    if not _inside(os.path.realpath(path), real_root):
+        raise BundleError(f"{name} is a link to {os.path.realpath(path)}, outside the bundle; only files "
+                          "inside a bundle are opened. Copy the bundle with its files, not links")
+    try:
+        pinned = fsutil.PinnedFile(path, name)
+    except FileNotFoundError as err:
+        raise BundleError(f"{name} is listed in the manifest but missing; copy the whole bundle "
+                          "directory again or rebuild it") from err
+    except (OSError, ValueError) as err:
+        raise BundleError(f"{name} cannot be opened ({err}); copy the bundle again or rebuild it") from err
+    if not _inside(pinned.real_path(), real_root):
+        pinned.close()
+        raise BundleError(f"{name} moved outside the bundle while it was opened; refusing it")
+    return pinned
+
+
+@contextlib.contextmanager
+def _pinned_files(local: str, manifest: dict, root: str) -> Iterator[dict[str, fsutil.PinnedFile]]:
+    """Every listed file of the local bundle ``local`` pinned by descriptor (named under ``root`` in
+    errors), closed on exit: what is hashed, validated and opened is one file."""
+    pinned: dict[str, fsutil.PinnedFile] = {}
+    try:
+        for entry in manifest["files"]:
+            pinned[entry["path"]] = _pin(local, entry["path"], join(root, entry["path"]))
+        yield pinned
+    finally:
+        for p in pinned.values():
+            p.close()
+
+
+def _verify_pinned(pinned: dict[str, fsutil.PinnedFile], manifest: dict, mode: str) -> None:
+    """Sizes of every file first (cheap), then, for ``full``, their sha256 read through the pins."""
+    for entry in manifest["files"]:
+        p = pinned[entry["path"]]
+        if p.size != entry["size"]:
+            raise BundleError(f"{p.name} has {p.size} bytes, the manifest says {entry['size']}: the file was "
+                              "altered or truncated; copy the bundle again or rebuild it")
+    if mode == "full":
+        for entry in manifest["files"]:
+            p = pinned[entry["path"]]
+            try:
+                digest = p.sha256()
+            except ValueError as err:
+                raise BundleError(str(err)) from err
+            if digest != entry["sha256"]:
+                raise BundleError(f"{p.name} does not match its sha256 in the manifest: the file was altered "
+                                  "or corrupted; copy the bundle again or rebuild it")
+
+
 def verify(root: str, manifest: dict, mode: str = "full") -> None:
     """Check every listed file exists with its size (``sizes``) and also its sha256 (``full``).
 
-    ``full`` reads the whole bundle once (disk-bound); ``sizes`` only stats files.
+    ``full`` reads the whole bundle once (disk-bound); ``sizes`` only stats files. A local bundle's
+    files are opened after resolving links (nothing outside the bundle); see :func:`open_bundle` for
+    the structural validation that comes on top.
     """
     if mode not in ("full", "sizes"):
         raise ValueError(f"verify mode must be 'full' or 'sizes', got {mode!r}")
     _parse_manifest(json.dumps(manifest).encode(), join(root, MANIFEST))
+    if fsutil.is_local(root):
+        with _pinned_files(fsutil.local_path(root), manifest, root) as pinned:
+            _verify_pinned(pinned, manifest, mode)
+        return
     for entry in manifest["files"]:
         url = join(root, entry["path"])
         fs, path = fsutil.split_url(url)
@@ -158,11 +283,9 @@ def verify(root: str, manifest: dict, mode: str = "full") -> None:
         if size != entry["size"]:
             raise BundleError(f"{url} has {size} bytes, the manifest says {entry['size']}: the file was "
                               "altered or truncated; copy the bundle again or rebuild it")
-        if mode == "full":
-            _, digest = fsutil.sha256_file(url)
-            if digest != entry["sha256"]:
-                raise BundleError(f"{url} does not match its sha256 in the manifest: the file was altered "
-                                  "or corrupted; copy the bundle again or rebuild it")
+        if mode == "full" and fsutil.sha256_file(url)[1] != entry["sha256"]:
+            raise BundleError(f"{url} does not match its sha256 in the manifest: the file was altered "
+                              "or corrupted; copy the bundle again or rebuild it")
 
 
 _verify_files = verify  # open_bundle's ``verify`` argument shadows the function
@@ -209,44 +332,84 @@ class Bundle:
         return int(self.manifest.get("nprobe") or 1)
 
 
+OPEN_ATTEMPTS = 3  # a versioned location whose version is replaced mid-open is opened again
+
+
 def open_bundle(root: str, verify: str = "full", cache_dir: Optional[str] = None) -> Bundle:
-    """Open a bundle for search: verify it, map its indexes and docstore (remote: cached locally first).
+    """Open a bundle for search: verify it, validate its structure, map its indexes and docstore
+    (remote: cached locally first).
 
     ``verify="full"`` hashes every file (a full read; safest), ``"sizes"`` only stats them, ``"none"``
-    trusts the manifest. Index lists and docstore are memory-mapped, so RAM use is what searches touch.
+    trusts the manifest's hashes. Whatever the mode, only files the manifest lists are opened (links
+    resolved, nothing outside the bundle), each is pinned by descriptor so what is used is what was
+    checked, and the structure is validated before FAISS or Arrow reads anything
+    (:func:`index_store.validate.check_bundle`: list tables, ids, counts, the docstore's Arrow data).
+    A versioned location opens its CURRENT version; if that version is replaced and pruned while it is
+    being opened, the new current one is opened instead. Index lists and docstore are memory-mapped,
+    so RAM use is what searches touch.
     """
     if verify not in VERIFY_MODES:
         raise ValueError(f"verify must be one of {VERIFY_MODES}, got {verify!r}")
     from densebeam.index_store import versions  # a versioned location opens its CURRENT version
 
-    root = versions.resolve(root)
-    raw = _read_manifest_bytes(root)
-    manifest = _parse_manifest(raw, join(root, MANIFEST))
-    local = root if fsutil.is_local(root) else _cache_remote(root, raw, manifest, cache_dir)
-    local = fsutil.local_path(local)
-    if verify != "none":
-        _verify_files(local, manifest, verify)
-    where = join(root, MANIFEST)
-    for key in ("layout", "model_facts"):
-        if key not in manifest:
-            raise BundleError(f"{where} has no {key!r}; the bundle is incomplete, rebuild it")
-    files = [e["path"] for e in manifest["files"]]
-    if manifest["layout"] == "merged":
-        searcher = ShardedSearcher([open_merged(os.path.join(local, "index.faiss"),
-                                                os.path.join(local, "index.ivfdata"))])
-    elif manifest["layout"] == "shards":
-        shards = sorted(f for f in files if f.startswith("shards/") and f.endswith(".faiss"))
-        if not shards:
-            raise BundleError(f"{where} has layout 'shards' but lists no shards/*.faiss; rebuild it")
-        searcher = ShardedSearcher([read_index(os.path.join(local, f), mmap=True) for f in shards])
-    else:
-        raise BundleError(f"{where} has layout {manifest['layout']!r}, expected one of {LAYOUTS}")
-    parts = sorted(f for f in files if f.startswith("docstore/") and f.endswith(".arrow"))
-    docstore = Docstore.open_paths([os.path.join(local, f) for f in parts])
+    for attempt in range(1, OPEN_ATTEMPTS + 1):
+        location = versions.resolve(root)
+        try:
+            return _open_location(location, verify, cache_dir)
+        except (ValueError, OSError) as err:
+            if location == root or attempt == OPEN_ATTEMPTS or versions.resolve(root) == location:
+                raise
+            log.warning("%s: its current version changed while %s was being opened (%s); opening the "
+                        "new current version", root, location, err)
+    raise AssertionError("unreachable")
+
+
+def _open_location(location: str, verify: str, cache_dir: Optional[str]) -> Bundle:
+    raw = _read_manifest_bytes(location)
+    where = join(location, MANIFEST)
+    manifest = _parse_manifest(raw, where)
     facts = ModelFacts.from_dict(manifest["model_facts"])
+    try:
+        validate.required_files(manifest, where)  # refuse before opening anything
+    except ValueError as err:
+        raise BundleError(str(err)) from err
+    local = location if fsutil.is_local(location) else _cache_remote(location, raw, manifest, cache_dir)
+    with _pinned_files(fsutil.local_path(local), manifest, location) as pinned:
+        if verify != "none":
+            _verify_pinned(pinned, manifest, verify)
+        try:
+            checked = validate.check_bundle(manifest, pinned, where)
+        except BundleError:
+            raise
+        except ValueError as err:  # StructureError, FaissFormatError, a damaged docstore part
+            raise BundleError(str(err)) from err
+        searcher = _open_indexes(checked, pinned)
+        for p in pinned.values():
+            try:
+                p.check_unchanged()
+            except ValueError as err:
+                raise BundleError(str(err)) from err
     if facts.dim != searcher.d:
         raise BundleError(f"{where} says dim {facts.dim} but its index has dim {searcher.d}; rebuild it")
-    if len(docstore) != searcher.ntotal:
-        raise BundleError(f"{where}: the docstore has {len(docstore)} rows but the index holds "
-                          f"{searcher.ntotal} vectors; rebuild the bundle")
-    return Bundle(root=local, manifest=manifest, searcher=searcher, docstore=docstore)
+    return Bundle(root=fsutil.local_path(local), manifest=manifest, searcher=searcher, docstore=checked.docstore)
+
+
+def _open_indexes(checked: validate.CheckedBundle, pinned: dict[str, fsutil.PinnedFile]) -> ShardedSearcher:
+    """Hand the validated FAISS files to FAISS (through their pins), then check that FAISS sees what
+    the validation saw."""
+    indexes = []
+    for rel, parsed in zip(checked.index_files, checked.indexes):
+        try:
+            if checked.layout == "merged":
+                index = open_merged(pinned[rel].use_path, pinned[validate.MERGED_DATA].use_path)
+            else:
+                index = read_index(pinned[rel].use_path, mmap=True)
+        except (RuntimeError, ValueError, OSError) as err:
+            raise BundleError(f"{pinned[rel].name} could not be opened by FAISS ({err}); rebuild the bundle") from err
+        ivf = faiss.extract_index_ivf(index)
+        seen = (index.d, index.ntotal, ivf.nlist, ivf.code_size, ivf.invlists.compute_ntotal())
+        if seen != (parsed.d, parsed.ntotal, parsed.nlist, parsed.code_size, parsed.ntotal):
+            raise BundleError(f"FAISS reads {pinned[rel].name} as (d, ntotal, nlist, code size, listed) {seen}, "
+                              "not as validated; refusing it (a FAISS version densebeam does not know?)")
+        indexes.append(index)
+    return ShardedSearcher(indexes)

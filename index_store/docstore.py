@@ -11,6 +11,7 @@ decompression per lookup.
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import logging
 import os
 from typing import Optional, Sequence
@@ -114,25 +115,81 @@ class DocstoreWriter:
             self.abort(exc)
 
 
+@dataclasses.dataclass(frozen=True)
+class PartInfo:
+    """What a part says about itself, once checked: rows ``[base, base + rows)`` in batches of
+    ``batch_rows`` (the last one shorter)."""
+
+    base: int
+    rows: int
+    batch_rows: int
+
+
+def _meta_int(meta: dict, key: bytes, name: str) -> int:
+    raw = meta.get(key, b"")
+    if not raw.isdigit() or len(raw) > 18:
+        raise ValueError(f"{name} has a damaged {key.decode()} ({raw[:40]!r}); rebuild the index bundle")
+    return int(raw)
+
+
+def check_part(reader: pa.ipc.RecordBatchFileReader, name: str, full: bool = True) -> PartInfo:
+    """Check a part's schema and metadata and that its batches have the sizes lookups assume; with
+    ``full``, also validate every batch's Arrow data (offsets inside their buffers, UTF-8, null counts)
+    and that no id is null. ``full`` reads every byte of the part once (linear in its size); without
+    it only the IPC footer and batch headers are read. Raises ValueError naming the part."""
+    try:
+        return _check_part(reader, name, full)
+    except (pa.ArrowException, OSError, UnicodeDecodeError) as err:  # Arrow's own errors, metadata bytes
+        raise ValueError(f"{name} is a damaged docstore part ({type(err).__name__}: {err}); rebuild the "
+                         "index bundle") from err
+
+
+def _check_part(reader: pa.ipc.RecordBatchFileReader, name: str, full: bool) -> PartInfo:
+    meta = reader.schema.metadata or {}
+    if meta.get(FORMAT_KEY) != FORMAT:
+        raise ValueError(f"{name} is not a densebeam docstore part; rebuild the index bundle")
+    info = PartInfo(base=_meta_int(meta, BASE_KEY, name), rows=0, batch_rows=_meta_int(meta, BATCH_KEY, name))
+    if info.batch_rows < 1 or not reader.schema.equals(schema(info.base, info.batch_rows), check_metadata=True):
+        raise ValueError(f"{name} has an unexpected schema ({reader.schema.names}, batch_rows "
+                         f"{info.batch_rows}); rebuild the index bundle")
+    rows, nb = 0, reader.num_record_batches
+    for i in range(nb):
+        batch = reader.get_batch(i)
+        if full:
+            batch.validate(full=True)
+        expected = info.batch_rows if i < nb - 1 else batch.num_rows
+        if batch.num_rows != expected or not 1 <= batch.num_rows <= info.batch_rows:
+            raise ValueError(f"{name}: record batch {i} holds {batch.num_rows} rows where lookups need "
+                             f"{info.batch_rows}; rebuild the index bundle")
+        if full and batch.column(0).null_count:
+            raise ValueError(f"{name}: record batch {i} has null document ids; rebuild the index bundle")
+        rows += batch.num_rows
+    return dataclasses.replace(info, rows=rows)
+
+
+def _open_reader(local: str, name: str) -> pa.ipc.RecordBatchFileReader:
+    try:
+        return pa.ipc.open_file(pa.memory_map(local, "r"))
+    except (pa.ArrowException, OSError, UnicodeDecodeError) as err:
+        raise ValueError(f"{name} is not a docstore part (Arrow IPC file): {err}; rebuild the index "
+                         "bundle") from err
+
+
 class _Part:
-    def __init__(self, path: str, base: int, rows: int):
-        local = fsutil.fetch_to_cache(path, "docstore")
+    def __init__(self, path: str, base: Optional[int] = None, rows: Optional[int] = None, *,
+                 local: Optional[str] = None, full: bool = False):
+        """Open part ``path`` (read from ``local`` when given, e.g. a pinned descriptor), check it
+        (:func:`check_part`) and, when given, that it holds rows ``[base, base + rows)``."""
+        local = local or fsutil.fetch_to_cache(path, "docstore")
         if not os.path.exists(local):
             raise FileNotFoundError(f"docstore part {path} does not exist; rebuild the index bundle")
-        self.path, self.base, self.rows = path, base, rows
-        try:
-            self.reader = pa.ipc.open_file(pa.memory_map(local, "r"))
-        except pa.ArrowInvalid as err:
-            raise ValueError(f"{path} is not a docstore part (Arrow IPC file): {err}") from err
-        meta = self.reader.schema.metadata or {}
-        if meta.get(FORMAT_KEY) != FORMAT:
-            raise ValueError(f"{path} is not a densebeam docstore part; rebuild the index bundle")
-        self.batch_rows = int(meta[BATCH_KEY])
-        nb = self.reader.num_record_batches
-        found = 0 if nb == 0 else (nb - 1) * self.batch_rows + self.reader.get_batch(nb - 1).num_rows
-        if found != rows or int(meta[BASE_KEY]) != base:
-            raise ValueError(f"{path} holds rows [{meta[BASE_KEY].decode()}, +{found}) but the manifest "
-                             f"says [{base}, +{rows}); the bundle is inconsistent, rebuild it")
+        self.path = path
+        self.reader = _open_reader(local, path)
+        info = check_part(self.reader, path, full=full)
+        if (base is not None and info.base != base) or (rows is not None and info.rows != rows):
+            raise ValueError(f"{path} holds rows [{info.base}, +{info.rows}) but the manifest says "
+                             f"[{base}, +{rows}); the bundle is inconsistent, rebuild it")
+        self.base, self.rows, self.batch_rows = info.base, info.rows, info.batch_rows
 
 
 class Docstore:
@@ -153,16 +210,20 @@ class Docstore:
     @classmethod
     def open_paths(cls, paths: Sequence[str]) -> "Docstore":
         """Open parts reading base and row count from the files themselves (no manifest needed)."""
-        parts = []
-        for path in paths:
-            reader = pa.ipc.open_file(pa.memory_map(fsutil.fetch_to_cache(path, "docstore"), "r"))
-            meta = reader.schema.metadata or {}
-            if BASE_KEY not in meta:
-                raise ValueError(f"{path} is not a densebeam docstore part; rebuild the index bundle")
-            nb, batch_rows = reader.num_record_batches, int(meta[BATCH_KEY])
-            rows = 0 if nb == 0 else (nb - 1) * batch_rows + reader.get_batch(nb - 1).num_rows
-            parts.append((path, int(meta[BASE_KEY]), rows))
-        return cls.open(parts)
+        return cls([_Part(path) for path in paths])
+
+    @classmethod
+    def open_checked(cls, files: Sequence[tuple[str, str]]) -> "Docstore":
+        """Open ``(name, local path)`` parts with every batch fully validated (see :func:`check_part`)
+        and check that they cover rows ``[0, n)`` without gap or overlap: what a bundle opens."""
+        store = cls([_Part(name, local=local, full=True) for name, local in files])
+        end = 0
+        for part in store.parts:
+            if part.base != end:
+                raise ValueError(f"docstore part {part.path} starts at row {part.base} but the parts "
+                                 f"before it end at row {end}; the bundle is inconsistent, rebuild it")
+            end += part.rows
+        return store
 
     def __len__(self) -> int:
         return sum(p.rows for p in self.parts)

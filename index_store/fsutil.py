@@ -10,12 +10,15 @@ them into a local cache directory first.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
+import mmap
 import os
 import shutil
+import stat
 import tempfile
 import uuid
-from typing import Iterator
+from typing import Iterator, Optional
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
@@ -139,3 +142,95 @@ def sha256_file(url: str) -> tuple[int, str]:
             size += len(chunk)
             h.update(chunk)
     return size, h.hexdigest()
+
+
+@dataclasses.dataclass(frozen=True)
+class FileIdentity:
+    """What tells one file version from another without reading it: device, inode, size, mtime."""
+
+    device: int
+    inode: int
+    size: int
+    mtime_ns: int
+
+    @classmethod
+    def of(cls, st: os.stat_result) -> "FileIdentity":
+        return cls(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+_PROC_FD = "/proc/self/fd"
+
+
+class PinnedFile:
+    """A local regular file held open by descriptor, so that what is hashed, parsed and then opened by
+    FAISS or Arrow is one and the same file.
+
+    :attr:`use_path` names the open descriptor (``/proc/self/fd/N`` on Linux: opening it opens the very
+    file that was pinned, whatever happens to its name meanwhile; elsewhere the path itself, and
+    :meth:`check_unchanged` then also compares the path's identity). Close it once the file is mapped.
+    """
+
+    def __init__(self, path: str, name: Optional[str] = None):
+        self.path, self.name = path, name or path
+        # O_NONBLOCK: opening a FIFO planted in place of a file must not hang.
+        self.fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+        st = os.fstat(self.fd)
+        if not stat.S_ISREG(st.st_mode):
+            os.close(self.fd)
+            raise ValueError(f"{self.name} is not a regular file; refusing to open it")
+        self.identity = FileIdentity.of(st)
+        proc = os.path.join(_PROC_FD, str(self.fd))
+        self.via_descriptor = os.path.exists(proc)
+        self.use_path = proc if self.via_descriptor else path
+
+    @property
+    def size(self) -> int:
+        return self.identity.size
+
+    def real_path(self) -> str:
+        """Where the open file really lies (the kernel's answer on Linux; ``realpath`` elsewhere)."""
+        return os.readlink(self.use_path) if self.via_descriptor else os.path.realpath(self.path)
+
+    def sha256(self) -> str:
+        """sha256 of the file's content read through the descriptor (1 MiB of memory); the file must
+        not change while it is read."""
+        h = hashlib.sha256()
+        with open(os.dup(self.fd), "rb", buffering=0, closefd=True) as f:
+            f.seek(0)
+            while True:
+                chunk = f.read(CHUNK_BYTES)
+                if not chunk:
+                    break
+                h.update(chunk)
+        self.check_unchanged()
+        return h.hexdigest()
+
+    def map(self) -> "mmap.mmap | bytes":
+        """A read-only memory map of the whole file (``b""`` when it is empty)."""
+        if self.size == 0:
+            return b""
+        return mmap.mmap(self.fd, self.size, access=mmap.ACCESS_READ)
+
+    def check_unchanged(self) -> None:
+        """Raise ValueError when the file changed since it was pinned (written in place, or, when it is
+        not used through its descriptor, replaced under its name)."""
+        now = FileIdentity.of(os.fstat(self.fd))
+        if now == self.identity and not self.via_descriptor:
+            try:
+                now = FileIdentity.of(os.stat(self.path))
+            except FileNotFoundError:
+                now = None
+        if now != self.identity:
+            raise ValueError(f"{self.name} changed while it was being opened; open it again once the "
+                             "writer has finished")
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __enter__(self) -> "PinnedFile":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

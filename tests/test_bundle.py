@@ -49,8 +49,11 @@ def build(root: Path, layout: str) -> dict:
     else:
         files += paths.shards
     fields = {"model_facts": FACTS.to_dict(), "factory": ivf.factory_string(NLIST, "Flat"), "nlist": NLIST,
-              "nprobe": 8, "recall_curve": [{"nprobe": 8, "recall": 0.97}], "layout": layout,
-              "counts": {"vectors": N, "shards": SHARDS}, "inputs": {"embeddings": "file:///x"}}
+              "codec": "Flat", "metric": "inner_product", "nprobe": 8, "recall_at_k": 0.97, "k": 10,
+              "recall_curve": [{"nprobe": 8, "recall": 0.97}], "layout": layout,
+              "counts": {"vectors": N, "shards": SHARDS},
+              "shards": [{"base": int(s), "rows": int(e - s)} for s, e in zip(bounds, bounds[1:])],
+              "inputs": {"embeddings": "file:///x"}}
     return write_manifest(str(root), fields, files)
 
 
