@@ -1,10 +1,14 @@
 """Versioned bundle locations: ``ROOT/versions/<name>/`` bundles and a ``ROOT/CURRENT`` pointer.
 
 A build writes a new version directory; only after that version opens with full checksum verification
-is ``CURRENT`` switched, atomically (a temp file renamed over it), to name it. Readers resolve the
+and structural validation is ``CURRENT`` switched, atomically (a temp file renamed over it), to name it,
+and the version it replaced is marked ``RETIRED`` (a file whose time is the switch). Readers resolve the
 pointer once per open, so a search service keeps serving the version it holds and can reload to the new
-one between requests. Old versions are pruned down to ``keep``; the current one and versions that are
-still being written by a newer run (no manifest, younger than ``stale_after_s``) are never deleted.
+one between requests. Old versions are pruned down to ``keep``, but a version is deleted only once it
+has been retired for ``grace_s`` (10 minutes by default): a reader that resolved ``CURRENT`` just before
+a switch has that long to finish opening its version (an open that still loses it opens the new current
+version instead, see :func:`index_store.bundle.open_bundle`). The current version and versions still
+being written by a newer run (no manifest, younger than ``stale_after_s``) are never deleted.
 """
 
 from __future__ import annotations
@@ -23,6 +27,8 @@ log = logging.getLogger(__name__)
 POINTER = "CURRENT"
 VERSIONS_DIR = "versions"
 MANIFEST = "manifest.json"
+RETIRED = "RETIRED"  # in a version directory: written when CURRENT moved away from it
+DEFAULT_GRACE_S = 600.0
 
 
 def _fs(root: str):
@@ -77,16 +83,23 @@ def list_versions(root: str) -> list[dict]:
 
 
 def switch(root: str, name: str) -> None:
-    """Point ``CURRENT`` at ``name`` atomically (write a temp file, rename it over the pointer)."""
+    """Point ``CURRENT`` at ``name`` atomically (write a temp file, rename it over the pointer), then mark
+    the version it named before as retired now (the start of its grace period)."""
     fs, path = _fs(root)
+    before = current(root)
     tmp = join(path, f".{POINTER}.tmp-{secrets.token_hex(4)}")
     with fs.open(tmp, "w", encoding="utf-8") as f:
         f.write(name + "\n")
     fs.mv(tmp, join(path, POINTER))
+    if before and before != name and fs.exists(join(path, VERSIONS_DIR, before)):
+        with fs.open(join(path, VERSIONS_DIR, before, RETIRED), "w", encoding="utf-8") as f:
+            f.write(datetime.datetime.now(datetime.timezone.utc).isoformat() + "\n")
 
 
-def publish(root: str, name: str, keep: int = 3, stale_after_s: float = 24 * 3600) -> None:
-    """Verify version ``name`` fully, switch ``CURRENT`` to it, then prune old versions."""
+def publish(root: str, name: str, keep: int = 3, stale_after_s: float = 24 * 3600,
+            grace_s: float = DEFAULT_GRACE_S) -> None:
+    """Verify and validate version ``name`` fully, switch ``CURRENT`` to it, then prune old versions
+    (see :func:`prune`)."""
     from densebeam.index_store.bundle import open_bundle
 
     if keep < 1:
@@ -94,15 +107,33 @@ def publish(root: str, name: str, keep: int = 3, stale_after_s: float = 24 * 360
     open_bundle(version_path(root, name), verify="full")  # raises (naming the file) before any switch
     switch(root, name)
     log.info("published version %s of %s", name, root)
-    prune(root, keep, stale_after_s)
+    prune(root, keep, stale_after_s, grace_s)
 
 
-def prune(root: str, keep: int, stale_after_s: float) -> list[str]:
+def retired_at(root: str, version: dict) -> float:
+    """When ``version`` stopped being current: its ``RETIRED`` marker's time; for a version retired
+    without one (an older densebeam, or a crash right after the switch), the last switch of ``CURRENT``,
+    which is no earlier. Infinity for the current version."""
+    if version["current"]:
+        return float("inf")
+    fs, path = _fs(root)
+    for where in (join(_fs(version["path"])[1], RETIRED), join(path, POINTER)):
+        try:
+            return _mtime(fs, where)
+        except (OSError, KeyError, TypeError, ValueError):
+            continue
+    return time.time()
+
+
+def prune(root: str, keep: int, stale_after_s: float, grace_s: float = DEFAULT_GRACE_S) -> list[str]:
+    """Delete complete versions beyond the ``keep`` newest once they have been retired for ``grace_s``
+    (younger ones wait for a later prune), and incomplete ones older than ``stale_after_s`` (left by a
+    killed run). Returns the names deleted."""
     fs, _ = _fs(root)
     versions = list_versions(root)
     complete = [v for v in versions if v["complete"]]
-    doomed = [v for v in complete[:-keep] if not v["current"]]
     now = time.time()
+    doomed = [v for v in complete[:-keep] if not v["current"] and now - retired_at(root, v) >= grace_s]
     for v in versions:
         if not v["complete"] and not v["current"]:
             try:
