@@ -1,18 +1,22 @@
 """The service under load: a real ``densebeam serve`` process on localhost, many concurrent clients for a
-fixed time, mixed valid and invalid requests, a slow client, and a version switch in the middle."""
+fixed time, mixed valid and invalid requests, a slow client, and a version switch in the middle; every
+answer equals the library's for that query asked alone (ids and scores, exactly), at the default
+precision (bf16 on CPUs with native bf16)."""
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 
 from densebeam.index_store import versions
 from densebeam.index_store.query.search import Searcher
 from densebeam.pipelines import build_index
-from conftest import make_passages, write_jsonl
+from conftest import REPO, make_passages, write_jsonl
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 import serve_load  # noqa: E402
@@ -39,17 +43,18 @@ def test_service_under_load_with_a_version_switch(two_versions):
     root, (v1, v2) = two_versions
     expected = {}
     for name in (v1, v2):
-        s = Searcher.open(versions.version_path(root, name), precision="fp32")
-        expected[name] = {q: [h.doc_id for h in hits] for q, hits in zip(QUERIES, s.search(QUERIES, 10))}
+        s = Searcher.open(versions.version_path(root, name))  # the default precision, as the service
+        expected[name] = {(q, k): [(h.doc_id, h.score) for h in s.search([q], k)[0]]
+                          for q in QUERIES for k in (1, 5, 10)}
 
     def check(query, k, hits):
-        got = [h["doc_id"] for h in hits]
-        if any(got == expected[n][query][:k] for n in (v1, v2)):
+        got = [(h["doc_id"], h["score"]) for h in hits]
+        if any(got == expected[n][(query, k)] for n in (v1, v2)):
             return None
         return f"{query!r} k={k}: {got} is neither version's answer"
 
     port = serve_load.free_port()
-    server = serve_load.start_server(root, port, ("--precision", "fp32", "--watch-seconds", "0.3"))
+    server = serve_load.start_server(root, port, ("--watch-seconds", "0.3"))
     try:
         res = serve_load.run_load(port, QUERIES, check, seconds=8, clients=16, max_requests=20_000,
                                   during=lambda: versions.switch(root, v2))
@@ -64,5 +69,40 @@ def test_service_under_load_with_a_version_switch(two_versions):
     assert res["requests"] > 100 and 200 in res["status"] and 422 in res["status"]
     assert res["slow_client_bytes"] > 10  # the slow client trickled all along and blocked nobody
     assert res["p99_ms"] < 5000
-    assert health["reloads"] == 1 and health["bundle"].endswith(v2)
-    assert [h["doc_id"] for h in final["results"][0]["hits"]] == expected[v2][QUERIES[0]]
+    assert health["reloads"] == 1 and health["version"] == v2
+    assert [(h["doc_id"], h["score"]) for h in final["results"][0]["hits"]] == expected[v2][(QUERIES[0], 10)]
+
+
+@pytest.fixture(scope="module")
+def real_bundle(tmp_path_factory):
+    """The sample corpus (200 passages) built with the bundled all-MiniLM-L6-v2 at the default precision."""
+    out = str(tmp_path_factory.mktemp("load-real") / "bundle")
+    build_index.run_build(["--input", str(REPO / "data" / "sample" / "corpus.jsonl"), "--output", out,
+                           "--runner", "local"])
+    return out
+
+
+@pytest.mark.slow
+def test_real_model_answers_do_not_depend_on_the_load(real_bundle):
+    """Issue 14: at the default precision, 36 of 811 answers under 32 concurrent clients ranked differently
+    from the library API, because a query's vector depended on the batch it shared. Now every answer
+    equals the library's for the query asked alone, ids and scores exactly."""
+    queries = [json.loads(line)["text"] for line in open(REPO / "data" / "sample" / "queries.jsonl", encoding="utf-8")]
+    searcher = Searcher.open(real_bundle)
+    # The effect still exists below the query path: the encoder's own fp32 batch gives other bits than a
+    # query alone (bf16 here happens to agree on these queries; fp32 does not).
+    from densebeam.index_store.encoder import load_encoder
+
+    fp32 = load_encoder(searcher.bundle.facts.model, precision="fp32", max_seq_length=searcher.bundle.facts.max_seq_length)
+    alone = np.stack([fp32.encode([q])[0] for q in queries])
+    assert (fp32.encode(queries) != alone).any(axis=1).sum() > 0
+    check = serve_load.library_checker(real_bundle, queries, "auto")
+    port = serve_load.free_port()
+    server = serve_load.start_server(real_bundle, port)
+    try:
+        res = serve_load.run_load(port, queries, check, seconds=10, clients=32, max_requests=20_000)
+    finally:
+        serve_load.stop_server(server)
+    print({k: v for k, v in res.items() if k != "wrong"})
+    assert res["server_errors"] == 0 and res["n_wrong"] == 0, res["wrong"][:5]
+    assert res["answers_checked"] >= 100 and not res["client_errors"], res
