@@ -159,6 +159,26 @@ class FileIdentity:
 
 
 _PROC_FD = "/proc/self/fd"
+_SPARE_DESCRIPTORS = 256
+
+
+def ensure_open_files(n: int) -> None:
+    """Make room for ``n`` more open descriptors: raise the soft limit (``ulimit -n``) up to the hard
+    limit when it is too low, or raise OSError saying what to do. A bundle with many shards holds one
+    descriptor per file while it is opened."""
+    try:
+        import resource
+    except ImportError:  # not a Unix: nothing to adjust
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    in_use = len(os.listdir(_PROC_FD)) if os.path.isdir(_PROC_FD) else 0
+    need = in_use + n + _SPARE_DESCRIPTORS
+    if soft == resource.RLIM_INFINITY or need <= soft:
+        return
+    if hard != resource.RLIM_INFINITY and need > hard:
+        raise OSError(f"opening {n} files needs about {need} open descriptors but the hard limit is {hard}; "
+                      "raise it (ulimit -Hn) or merge the bundle (--layout merged)")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (need, hard))
 
 
 class PinnedFile:

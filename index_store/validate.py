@@ -5,7 +5,8 @@ before hashing, or a forged bundle, hashes fine and can still crash FAISS (a lis
 outside the mapped file) or Arrow (string offsets outside their buffer). Before anything is handed to
 FAISS, this module checks, from the pinned files (:class:`~index_store.fsutil.PinnedFile`):
 
-- the files the layout needs are listed, named as :func:`index_store.bundle.layout_paths` names them;
+- the files the layout needs are listed, named as :func:`index_store.bundle_manifest.layout_paths` names
+  them;
 - every FAISS file parses as a sound densebeam IVF index (:mod:`index_store.faiss_format`): lengths,
   list sizes, offsets and capacities inside their files, no overlapping lists, an HNSW graph in range;
 - the indexes agree with ``trained.faiss`` (same quantizer and codec bytes), with each other and with
@@ -26,17 +27,15 @@ from typing import Mapping, Optional
 
 import numpy as np
 
+from densebeam.index_store.bundle_manifest import MERGED_DATA, MERGED_INDEX, SHARD_PATTERN, TRAINED, BundleError
 from densebeam.index_store.docstore import PART_PATTERN, Docstore
 from densebeam.index_store.faiss_format import IvfFile, list_ids, parse_ivf
 from densebeam.index_store.fsutil import PinnedFile
 
-TRAINED, MERGED_INDEX, MERGED_DATA = "trained.faiss", "index.faiss", "index.ivfdata"
-SHARD_PATTERN = "shards/shard-{index:05d}-of-{count:05d}.faiss"
-_DOCSTORE_NAME = re.compile(r"docstore/part-(\d{5})-of-(\d{5})\.arrow")
 _FACTORY = re.compile(r"IVF(\d+)(_HNSW\d+)?,(\w+)")
 
 
-class StructureError(ValueError):
+class StructureError(BundleError):
     """A bundle whose files hash fine but whose structure is unsound or inconsistent."""
 
 

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
+import time
+from collections import Counter
 from pathlib import Path
 
+import faiss
 import fsspec
 import numpy as np
 import pytest
@@ -28,11 +32,25 @@ def clustered(n: int, seed: int, dim: int = DIM, clusters: int = 40) -> np.ndarr
     return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
 
 
-def build(root: Path, layout: str) -> dict:
-    """A complete small bundle the way the pipeline writes it: files first, manifest last."""
+def train(sample: np.ndarray, factory: str) -> bytes:
+    """ivf.train_empty_index, except for PQ: few k-means iterations and no polysemous training (FAISS's
+    IVFPQ default, 5x the cost), so a test bundle trains in a second; the file format is the same."""
+    if ",PQ" not in factory:
+        return ivf.train_empty_index(sample, factory)
+    index = faiss.index_factory(DIM, factory, faiss.METRIC_INNER_PRODUCT)
+    pq_index = faiss.downcast_index(faiss.extract_index_ivf(index))
+    pq_index.do_polysemous_training, pq_index.pq.cp.niter, pq_index.cp.seed = False, 4, 1234
+    index.train(sample)
+    return ivf.index_to_bytes(index)
+
+
+def build(root: Path, layout: str, codec: str = "Flat", quantizer: str = "") -> dict:
+    """A complete small bundle the way the pipeline writes it: files first, manifest last. ``quantizer``
+    "_HNSW32" gives the graph coarse quantizer large builds get."""
     xb = clustered(N, seed=1)
     paths = layout_paths(SHARDS)
-    trained = ivf.train_empty_index(xb[::2], ivf.factory_string(NLIST, "Flat"))
+    factory = f"IVF{NLIST}{quantizer},{codec}"
+    trained = train(xb[::2] if codec == "Flat" else xb, factory)
     (root / "shards").mkdir(parents=True)
     (root / paths.trained).write_bytes(trained)
     bounds = np.linspace(0, N, SHARDS + 1).astype(int)
@@ -48,8 +66,7 @@ def build(root: Path, layout: str) -> dict:
         files += [paths.merged_index, paths.merged_ivfdata]
     else:
         files += paths.shards
-    fields = {"model_facts": FACTS.to_dict(), "factory": ivf.factory_string(NLIST, "Flat"), "nlist": NLIST,
-              "codec": "Flat", "metric": "inner_product", "nprobe": 8, "recall_at_k": 0.97, "k": 10,
+    fields = {"model_facts": FACTS.to_dict(), "factory": factory, "nlist": NLIST, "codec": codec, "metric": "inner_product", "nprobe": 8, "recall_at_k": 0.97, "k": 10,
               "recall_curve": [{"nprobe": 8, "recall": 0.97}], "layout": layout,
               "counts": {"vectors": N, "shards": SHARDS},
               "shards": [{"base": int(s), "rows": int(e - s)} for s, e in zip(bounds, bounds[1:])],
@@ -73,6 +90,19 @@ def test_bundle_opens_and_searches(tmp_path, layout):
     np.testing.assert_allclose(scores[:, 0], 1.0, atol=1e-5)
     assert [h["id"] for h in b.docstore.get(ids[:, 0])] == ["d5", "d1500", "d2999"]
     assert b.docstore.get([2999])[0]["text"] == "passage 2999"
+
+
+@pytest.mark.parametrize("layout,codec,quantizer", [("shards", "SQ8", ""), ("merged", "PQ8x8", ""),
+                                                    ("merged", "Flat", "_HNSW32"), ("shards", "SQ8", "_HNSW32")])
+def test_every_codec_and_quantizer_densebeam_writes_validates_and_searches(tmp_path, layout, codec, quantizer):
+    """The structural validation knows every index kind a build can write (SQ8, PQ, the HNSW coarse
+    quantizer of nlist >= 65536 builds): they open, and each vector finds itself."""
+    build(tmp_path / "b", layout, codec, quantizer)
+    b = open_bundle(str(tmp_path / "b"))
+    assert b.searcher.ntotal == N and len(b.docstore) == N
+    rows = [5, 1500, 2999]
+    _, ids = b.searcher.search(clustered(N, seed=1)[rows], 10, NLIST)
+    assert all(r in found for r, found in zip(rows, ids.tolist()))
 
 
 def test_layout_paths_sort_and_name_shards():
@@ -165,3 +195,193 @@ def test_fsspec_bundle_is_cached_locally(built, tmp_path):
     again = open_bundle(remote, cache_dir=str(cache), verify="sizes")
     assert again.root == b.root and len(os.listdir(cache)) == 1  # reused, no second copy
     assert bundle_mod.read_manifest(remote)["layout"] == "shards"
+
+
+# ---------------------------------------------------------------- only what the manifest covers (issue 14)
+
+@pytest.fixture(scope="module")
+def built_merged(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bundles") / "merged"
+    build(root, "merged")
+    return root
+
+
+@pytest.fixture
+def merged(built_merged, tmp_path):
+    dst = tmp_path / "merged"
+    shutil.copytree(built_merged, dst)
+    return dst
+
+
+def outside_link(root: Path, rel: str, outside: Path) -> None:
+    """Replace ``rel`` (a file or a folder) by a symlink to an identical copy outside the bundle: every
+    hash still matches."""
+    target = outside / rel.replace("/", "_")
+    shutil.move(str(root / rel), str(target))
+    os.symlink(target, root / rel)
+
+
+@pytest.mark.parametrize("rel", ["docstore/part-00001-of-00003.arrow", "docstore", "index.ivfdata", "trained.faiss"])
+def test_links_out_of_the_bundle_are_refused(merged, tmp_path, rel):
+    outside_link(merged, rel, tmp_path)
+    for mode in ("full", "sizes", "none"):
+        with pytest.raises(BundleError, match="outside the bundle"):
+            open_bundle(str(merged), verify=mode)
+    with pytest.raises(BundleError, match="outside the bundle"):
+        verify(str(merged), read_manifest(str(merged)))
+
+
+def test_a_manifest_linked_from_outside_is_refused(merged, tmp_path):
+    outside_link(merged, "manifest.json", tmp_path)
+    with pytest.raises(BundleError, match="manifest.json is a link to .* outside the bundle"):
+        open_bundle(str(merged))
+
+
+def test_links_inside_the_bundle_are_resolved_and_opened(merged, tmp_path):
+    (merged / "data").mkdir()
+    shutil.move(str(merged / "index.ivfdata"), str(merged / "data" / "lists.bin"))
+    os.symlink(os.path.join("data", "lists.bin"), merged / "index.ivfdata")  # relative, inside
+    os.symlink(merged, tmp_path / "alias")  # the bundle itself reached through a link
+    b = open_bundle(str(tmp_path / "alias"))
+    assert b.searcher.ntotal == N
+    assert b.searcher.search(clustered(N, seed=1)[[7]], 1, NLIST)[1][0, 0] == 7
+
+
+@pytest.mark.parametrize("unlisted", ["index.faiss", "index.ivfdata", "trained.faiss",
+                                      "docstore/part-00000-of-00003.arrow"])
+def test_files_the_manifest_does_not_list_are_never_opened(merged, unlisted):
+    """Present, valid and opened by fixed name before issue 14: now a layout file missing from ``files``
+    refuses the bundle, even a flipped .ivfdata the manifest never covered."""
+    edit_manifest(merged, lambda m: m.update(files=[e for e in m["files"] if e["path"] != unlisted]))
+    data = bytearray((merged / unlisted).read_bytes())
+    data[len(data) // 2] ^= 0x10
+    (merged / unlisted).write_bytes(bytes(data))
+    for mode in ("full", "none"):
+        with pytest.raises(BundleError, match=f"(does not list|lists docstore parts).*{unlisted.split('/')[0]}"):
+            open_bundle(str(merged), verify=mode)
+
+
+def test_an_empty_file_list_never_reaches_faiss(merged):
+    (merged / "index.faiss").write_bytes(b"IwFl" + b"\xff" * 64)  # FAISS would be asked to read this
+    edit_manifest(merged, lambda m: m.update(files=[]))
+    for mode in ("full", "sizes", "none"):
+        with pytest.raises(BundleError, match="lists docstore parts \\[\\]"):
+            open_bundle(str(merged), verify=mode)
+
+
+@pytest.mark.parametrize("version", [True, False, 0, -1, 1.0, "1", None, [1], {"v": 1}])
+def test_malformed_format_versions_are_refused(copy, version):
+    edit_manifest(copy, lambda m: m.update(format_version=version))
+    with pytest.raises(BundleError, match="malformed format_version"):
+        read_manifest(str(copy))
+    with pytest.raises(BundleError, match="malformed format_version"):
+        open_bundle(str(copy), verify="none")
+
+
+def test_a_missing_format_version_is_refused(copy):
+    edit_manifest(copy, lambda m: m.pop("format_version"))
+    with pytest.raises(BundleError, match="malformed format_version None"):
+        open_bundle(str(copy))
+
+
+@pytest.mark.parametrize("field,value", [("nlist", "32"), ("nprobe", 0), ("layout", "flat"), ("counts", {}),
+                                         ("model_facts", {"dim": 32}), ("recall_curve", [{"nprobe": "8"}])])
+def test_malformed_manifest_fields_are_refused(copy, field, value):
+    edit_manifest(copy, lambda m: m.update({field: value}))
+    with pytest.raises(BundleError, match=f"manifest.json has .*{field}"):
+        read_manifest(str(copy))
+
+
+def test_a_fifo_or_folder_in_place_of_a_file_is_refused_without_hanging(copy):
+    target = copy / "docstore/part-00001-of-00003.arrow"
+    target.unlink()
+    os.mkfifo(target)  # opening a FIFO for reading would block until a writer comes
+    with pytest.raises(BundleError, match="part-00001-of-00003.arrow .*not a regular file"):
+        open_bundle(str(copy), verify="none")
+    target.unlink()
+    target.mkdir()
+    with pytest.raises(BundleError, match="part-00001-of-00003.arrow .*not a regular file"):
+        open_bundle(str(copy))
+
+
+def test_a_pinned_file_is_the_file_that_was_hashed(tmp_path):
+    from densebeam.index_store.fsutil import PinnedFile
+
+    path = tmp_path / "f.bin"
+    path.write_bytes(b"A" * 4096)
+    with PinnedFile(str(path), "f.bin") as pinned:
+        digest = pinned.sha256()
+        replacement = tmp_path / "g.bin"
+        replacement.write_bytes(b"B" * 4096)
+        os.replace(replacement, path)  # the name now holds other bytes ...
+        with open(pinned.use_path, "rb") as f:  # ... but what is opened through the pin is what was hashed
+            assert f.read() == b"A" * 4096
+        pinned.check_unchanged()
+    with PinnedFile(str(path), "f.bin") as pinned:
+        pinned.sha256()
+        time.sleep(0.01)
+        with open(path, "r+b") as f:  # written in place after hashing: refused
+            f.write(b"C")
+        with pytest.raises(ValueError, match="f.bin changed while it was being opened"):
+            pinned.check_unchanged()
+    assert digest == hashlib.sha256(b"A" * 4096).hexdigest()
+
+
+def plant(index: Path, ivfdata: Path, query: np.ndarray) -> int:
+    """Overwrite the first vector of the first non-empty list of a merged bundle's data file with
+    ``query`` (same size, so only the sha256 tells the files apart); return that vector's row id."""
+    from densebeam.index_store.faiss_format import list_ids, parse_ivf
+
+    parsed = parse_ivf(index.read_bytes(), "index.faiss")
+    data = bytearray(ivfdata.read_bytes())
+    j = int(np.flatnonzero(parsed.lists.sizes)[0])
+    at = int(parsed.lists.offsets[j])
+    row = int(next(list_ids(parsed, bytes(data)))[0])
+    data[at:at + 4 * DIM] = query.astype(np.float32).tobytes()
+    ivfdata.write_bytes(bytes(data))
+    return row
+
+
+def test_what_is_used_is_what_was_hashed_while_the_file_is_swapped(merged, tmp_path):
+    """A writer keeps swapping index.ivfdata between the hashed bytes and other bytes of the same size
+    (a planted vector) while a reader opens and searches: every open either refuses (the sha256 of the
+    bytes it pinned does not match) or serves the hashed bytes, never the planted ones."""
+    import threading
+
+    query = np.random.default_rng(3).standard_normal((1, DIM)).astype(np.float32)
+    query /= np.linalg.norm(query)
+    good, bad = tmp_path / "good.ivfdata", tmp_path / "bad.ivfdata"
+    shutil.copy(merged / "index.ivfdata", good)
+    shutil.copy(merged / "index.ivfdata", bad)
+    planted = plant(merged / "index.faiss", bad, query[0])
+    honest = open_bundle(str(merged)).searcher.search(query, 1, NLIST)[1][0, 0]
+    assert honest != planted
+    stop = threading.Event()
+
+    def swap():
+        i = 0
+        while not stop.is_set():
+            src = (good, bad)[i % 2]
+            shutil.copy(src, tmp_path / "next")
+            os.replace(tmp_path / "next", merged / "index.ivfdata")
+            i += 1
+
+    writer = threading.Thread(target=swap)
+    writer.start()
+    outcomes: Counter = Counter()
+    try:
+        deadline = time.monotonic() + 3
+        while time.monotonic() < deadline or min(outcomes["served"], outcomes["refused"]) == 0 and time.monotonic() < deadline + 20:
+            try:
+                b = open_bundle(str(merged))
+            except BundleError as err:
+                assert "index.ivfdata" in str(err) and ("sha256" in str(err) or "changed" in str(err)), err
+                outcomes["refused"] += 1
+                continue
+            top = b.searcher.search(query, 1, NLIST)[1][0, 0]
+            assert top == honest, "served bytes other than the ones that were hashed"
+            outcomes["served"] += 1
+    finally:
+        stop.set()
+        writer.join()
+    assert outcomes["served"] > 0 and outcomes["refused"] > 0, outcomes

@@ -96,13 +96,13 @@ def prober():
     p.close()
 
 
-def flip_positions(size: int, rng: random.Random) -> list[tuple[str, int, int]]:
-    """(region, byte, bit) samples: FLIPS_PER_REGION in the header, the tail and the middle."""
+def flip_positions(size: int, rng: random.Random, per_region: int = FLIPS_PER_REGION) -> list[tuple[str, int, int]]:
+    """(region, byte, bit) samples: ``per_region`` in the header, the tail and the middle."""
     regions = {"header": range(0, min(REGION_BYTES, size)), "tail": range(max(0, size - REGION_BYTES), size),
                "middle": range(REGION_BYTES, max(REGION_BYTES, size - REGION_BYTES))}
     out = []
     for region, span in regions.items():
-        for byte in rng.sample(span, min(FLIPS_PER_REGION, len(span))):
+        for byte in rng.sample(span, min(per_region, len(span))):
             out.append((region, byte, rng.randrange(8)))
     return out
 
@@ -117,16 +117,18 @@ def rehash(root: Path, rel: str) -> None:
     (root / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
 
 
-def attack(root: Path, prober: Prober, queries: np.ndarray, reference: dict) -> Counter:
-    """Flip sampled bits in every file of the bundle at ``root`` (rehashed, so the hash check passes;
-    the manifest's own flips are not), probe each, restore it. Returns counts by outcome."""
+def attack(root: Path, prober: Prober, queries: np.ndarray, reference: dict, only: tuple[str, ...] = ("",),
+           per_region: int = FLIPS_PER_REGION) -> Counter:
+    """Flip sampled bits in every file of the bundle at ``root`` whose name ends with one of ``only``
+    (rehashed, so the hash check passes; the manifest's own flips are not), probe each, restore it.
+    Returns counts by outcome."""
     rng = random.Random(14)
-    files = sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
+    files = sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file() and p.name.endswith(only))
     counts: Counter = Counter()
     manifest_bytes = (root / "manifest.json").read_bytes()
     for rel in files:
         original = (root / rel).read_bytes()
-        for region, byte, bit in flip_positions(len(original), rng):
+        for region, byte, bit in flip_positions(len(original), rng, per_region):
             with open(root / rel, "r+b") as f:
                 f.seek(byte)
                 f.write(bytes([original[byte] ^ (1 << bit)]))
@@ -166,3 +168,20 @@ def test_hash_consistent_bit_flips_never_crash_a_reader(bundles, prober, tmp_pat
                 time.monotonic() - start)
     assert counts["refused"] > 0 and counts["tried"] == counts["refused"] + counts[
         "harmless, same answers"] + counts["harmless, other answers"]
+
+
+@pytest.mark.parametrize("layout,codec,quantizer", [("shards", "SQ8", ""), ("merged", "PQ8x8", ""),
+                                                    ("merged", "Flat", "_HNSW32")])
+def test_bit_flips_in_every_index_kind_never_crash_a_reader(prober, tmp_path, layout, codec, quantizer):
+    """The same attack on the FAISS files of the other index kinds a build writes (SQ8 and PQ codecs, the
+    HNSW coarse quantizer of nlist >= 65536 builds), fewer flips per file."""
+    from test_bundle import N as ROWS, build
+
+    root = tmp_path / "b"
+    build(root, layout, codec, quantizer)
+    queries = clustered(8, seed=21)
+    reference = prober.probe(root, queries)
+    assert reference["status"] == "opened" and reference["rows"] == ROWS, reference
+    counts = attack(root, prober, queries, reference, only=(".faiss", ".ivfdata"), per_region=8)
+    log.warning("bit flips, %s %s%s: %s", layout, codec, quantizer, dict(sorted(counts.items())))
+    assert counts["refused"] > 0 and counts["tried"] >= 48
