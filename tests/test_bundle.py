@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import time
@@ -384,4 +385,5 @@ def test_what_is_used_is_what_was_hashed_while_the_file_is_swapped(merged, tmp_p
     finally:
         stop.set()
         writer.join()
+    logging.getLogger(__name__).warning("index.ivfdata swapped while opening: %s", dict(outcomes))
     assert outcomes["served"] > 0 and outcomes["refused"] > 0, outcomes
