@@ -276,7 +276,7 @@ def parse_ivf(buf, name: str) -> IvfFile:
                    codec_params=codec_params, lists=lists)
 
 
-def list_ids(ivf: IvfFile, data, batch_lists: int = 1) -> Iterator[np.ndarray]:
+def list_ids(ivf: IvfFile, data) -> Iterator[np.ndarray]:
     """The int64 ids of each non-empty inverted list of ``ivf``, read from ``data`` (the bytes of the
     file that holds the lists: the index file itself for array lists, the ``.ivfdata`` file for
     on-disk ones). Reads 8 bytes per vector, nothing of the codes."""

@@ -148,7 +148,6 @@ def _check_ids(checked: CheckedBundle, data: list, data_names: list[str]) -> Non
                                      "the bundle")
             seen[ids] = True
             marked += len(ids)
-            del ids
     found = int(np.count_nonzero(seen))
     if found != marked or found != total:
         raise StructureError(f"{', '.join(data_names)} hold {marked} ids for {found} distinct docstore rows "
