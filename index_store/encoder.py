@@ -2,20 +2,31 @@
 
 No Beam import. One :class:`Encoder` wraps a ``SentenceTransformer`` with the choices densebeam makes
 explicit and records: device, compute precision, similarity (``cos`` vectors are always unit-norm) and
-token-budget batching (passages sorted by token length, batches sized so ``batch * longest <= budget``),
-which spends no compute on padding beyond what one batch of similar lengths needs.
+batching. Each passage is tokenized once (after cutting it to a bounded number of characters, so a
+1 MiB passage costs what a long normal one does), passages are ordered by token length and grouped under
+a token budget. BERT-family models run *packed* (:mod:`index_store.packed_bert`: no padding at all,
+oneDNN-prepacked bf16 weights on CPU); any other model runs sentence-transformers' own forward pass on
+length-sorted padded batches.
+
+``precision="auto"`` is decided by a measurement, not a rule: on a sample of the texts to encode, each
+candidate precision is timed and compared with fp32 (cosine of every vector, top-10 neighbours of every
+sample passage among the others), and the fastest candidate that keeps the neighbours is used
+(:meth:`Encoder.calibrate`; the record is :attr:`Encoder.calibration`). ``fp32`` is exact.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import logging
 import os
-from typing import Optional, Sequence
+import time
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 
+from densebeam.index_store.packed_bert import PackedBert, packed_support
 from densebeam.index_store.types import ModelFacts
 
 log = logging.getLogger(__name__)
@@ -24,7 +35,20 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda")
 DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 _BUNDLED_ALIASES = {DEFAULT_MODEL, "all-MiniLM-L6-v2", "bundled"}
-DEFAULT_TOKEN_BUDGET = 4096  # tokens per forward pass; measured best of 2048/4096/8192 on a 2-core CPU
+# Tokens per forward pass. Packed (BERT family): real tokens, 8192 measured best of 4096/8192/16384 on a
+# 2-core CPU. Padded (other models): padded tokens.
+DEFAULT_TOKEN_BUDGET = 8192
+# On CUDA the default budget is raised to this: a GPU needs large matrix products to be busy.
+CUDA_TOKEN_BUDGET = 131072
+# A passage is cut to max_seq_length * CHARS_PER_TOKEN characters before tokenization; when the cut
+# could have changed the kept tokens (the first max_seq_length tokens span more characters than that),
+# it is tokenized again from max_seq_length * CHARS_PER_TOKEN * RECUT_FACTOR characters.
+CHARS_PER_TOKEN = 16
+RECUT_FACTOR = 16
+# auto precision: sample size and what counts as faithful to fp32 on it
+CALIBRATION_PASSAGES = 128
+MIN_SAMPLE_OVERLAP = 0.98  # mean top-10 neighbour overlap of the sample passages among themselves
+MIN_SAMPLE_COSINE = 0.999  # every sample vector against its fp32 vector
 
 
 def resolve_model_path(model: str) -> str:
@@ -52,7 +76,8 @@ def _missing_bundled() -> str:
 
 @functools.lru_cache(maxsize=1)
 def cpu_has_native_bf16() -> bool:
-    """True when the CPU advertises bf16 arithmetic (AVX512_BF16 or AMX), where bf16 autocast pays."""
+    """True when the CPU advertises bf16 arithmetic (AVX512_BF16 or AMX). The bi-encoder's ``auto``
+    measures instead of trusting this flag; the cross-encoder's uses it."""
     try:
         with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
             flags = f.read()
@@ -73,18 +98,34 @@ def pick_device(device: str = "auto") -> str:
     return device
 
 
-def pick_precision(precision: str, device: str) -> str:
-    """``auto`` is the fastest precision that keeps embeddings faithful here: fp16 on CUDA, bf16 on CPUs
-    with native bf16 (cosine to fp32 above 0.9999 measured), fp32 otherwise."""
+def check_precision(precision: str, device: str) -> str:
+    """Validate a precision for ``device``; ``auto`` stays ``auto`` (the encoder measures it)."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if precision == "fp16" and device == "cpu":
+        raise ValueError("fp16 is not supported on CPU; use bf16 or fp32")
+    return precision
+
+
+def pick_precision(precision: str, device: str) -> str:
+    """A concrete precision without measuring, for models outside :class:`Encoder` (the cross-encoder):
+    ``auto`` is fp16 on CUDA, bf16 on CPUs with native bf16, fp32 otherwise. The bi-encoder measures
+    instead (:meth:`Encoder.calibrate`)."""
+    check_precision(precision, device)
     if precision != "auto":
-        if precision == "fp16" and device == "cpu":
-            raise ValueError("fp16 is not supported on CPU; use bf16 or fp32")
         return precision
     if device == "cuda":
         return "fp16"
     return "bf16" if cpu_has_native_bf16() else "fp32"
+
+
+def candidate_precisions(device: str) -> list[str]:
+    """What ``auto`` measures against fp32, fastest expected first."""
+    if device == "cuda":
+        import torch
+
+        return ["fp16"] + (["bf16"] if torch.cuda.is_bf16_supported() else [])
+    return ["bf16"]
 
 
 def infer_similarity(model, name: str) -> str:
@@ -101,82 +142,249 @@ def infer_similarity(model, name: str) -> str:
     return "cos"
 
 
+def clip_text(text: str, max_seq_length: int, factor: int = 1) -> str:
+    """``text`` cut to ``max_seq_length * CHARS_PER_TOKEN * factor`` characters (a bound, not a
+    guess: :meth:`Encoder.tokenize` checks that the cut kept every token the model will see)."""
+    limit = max(1, int(max_seq_length)) * CHARS_PER_TOKEN * factor
+    return text if len(text) <= limit else text[:limit]
+
+
+class _PaddedRunner:
+    """sentence-transformers' own forward pass on a padded batch, for models that do not run packed.
+    bf16 on CPU casts a copy's weights (measured ~6% faster than autocast); CUDA uses autocast."""
+
+    packed = False
+
+    def __init__(self, st, precision: str, device: str):
+        import torch
+
+        self.precision, self.device = precision, device
+        self.model = st
+        self._autocast = contextlib.nullcontext
+        if precision == "bf16" and device == "cpu":
+            self.model = copy.deepcopy(st).to(torch.bfloat16)
+        elif precision != "fp32":
+            dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+            self._autocast = functools.partial(torch.autocast, device_type=device, dtype=dtype)
+
+    def __call__(self, batch: list[list[int]], extra: list[dict]):
+        import torch
+
+        features = self.model.tokenizer.pad({"input_ids": batch, **_columns(extra)}, padding=True,
+                                            return_tensors="pt", return_attention_mask=True)
+        features = {k: v.to(self.device) for k, v in features.items()}
+        with self._autocast():
+            return self.model(features)["sentence_embedding"].float()
+
+
+def _columns(extra: list[dict]) -> dict:
+    return {k: [e[k] for e in extra] for k in (extra[0] if extra else {})}
+
+
+class _PackedRunner:
+    packed = True
+
+    def __init__(self, st, precision: str, device: str):
+        self.precision, self.device = precision, device
+        self.bert = PackedBert(st, precision, device)
+
+    def __call__(self, batch: list[list[int]], extra: list[dict]):
+        lengths = np.fromiter((len(ids) for ids in batch), dtype=np.int64, count=len(batch))
+        ids = np.fromiter((t for ids in batch for t in ids), dtype=np.int64, count=int(lengths.sum()))
+        return self.bert(ids, lengths)
+
+
 class Encoder:
-    """A loaded bi-encoder. Build with :func:`load_encoder`; call :meth:`encode` on lists of texts."""
+    """A loaded bi-encoder. Build with :func:`load_encoder`; call :meth:`encode` on lists of texts.
+
+    ``precision`` is the one in use; it reads ``auto`` only until the first :meth:`encode` (or
+    :meth:`calibrate`) call has measured and fixed it.
+    """
 
     def __init__(self, model, name: str, similarity: str, device: str, precision: str,
-                 token_budget: int = DEFAULT_TOKEN_BUDGET, max_batch: int = 256):
+                 token_budget: int = DEFAULT_TOKEN_BUDGET, max_batch: int = 1 << 16):
         self.model = model
         self.name = name
         self.similarity = similarity
         self.device = device
-        self.precision = precision
+        if device == "cuda" and token_budget == DEFAULT_TOKEN_BUDGET:
+            token_budget = CUDA_TOKEN_BUDGET
         self.token_budget = int(token_budget)
         self.max_batch = int(max_batch)
         self.dim = int(_embedding_dim(model))
-        # bf16 on CPU: the weights themselves are cast (measured ~6% faster than autocast here, top-10
-        # overlap with fp32 0.998, cosine >= 0.9999); fp16 on CUDA uses autocast.
-        self.cast_weights = precision == "bf16" and device == "cpu"
-        if self.cast_weights:
-            import torch
-
-            model.to(torch.bfloat16)
+        self.packed_unsupported = packed_support(model)  # None when the model runs packed
+        self.calibration: Optional[dict] = None
+        self.precision = check_precision(precision, device)
+        self._runner = self._make_runner(self.precision) if self.precision != "auto" else None
 
     @property
     def max_seq_length(self) -> int:
         return int(self.model.max_seq_length)
+
+    @property
+    def packed(self) -> bool:
+        return self.packed_unsupported is None
 
     def facts(self, dtype: str = "float32") -> ModelFacts:
         return ModelFacts(model=self.name, revision=_model_revision(self.model), dim=self.dim,
                           similarity=self.similarity, dtype=dtype, max_seq_length=self.max_seq_length,
                           precision=self.precision)
 
-    def _autocast(self):
-        import torch
+    def _make_runner(self, precision: str):
+        if self.packed:
+            return _PackedRunner(self.model, precision, self.device)
+        return _PaddedRunner(self.model, precision, self.device)
 
-        if self.precision == "fp32" or self.cast_weights:
-            return contextlib.nullcontext()
-        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
-        return torch.autocast(device_type=self.device, dtype=dtype)
+    # -- tokens ---------------------------------------------------------------------------------
+    def tokenize(self, texts: Sequence[str]) -> tuple[list[list[int]], list[dict]]:
+        """Token ids of each text (truncated to ``max_seq_length``, special tokens added), tokenized once.
 
-    def token_lengths(self, texts: Sequence[str]) -> np.ndarray:
+        Texts are first cut to a bounded number of characters (:func:`clip_text`): the tokenizer would
+        otherwise tokenize a 1 MiB passage whole before truncating it. With a fast tokenizer the cut is
+        checked: if the kept tokens could reach into the cut-off part (the last kept token ends with no
+        whitespace between it and the cut), that text is tokenized again from a 16x longer cut.
+        Returns the ids and, for models that run padded, the tokenizer's other per-token columns.
+        """
         tok = self.model.tokenizer
-        enc = tok(list(texts), truncation=True, max_length=self.max_seq_length,
-                  add_special_tokens=True, return_attention_mask=False, return_token_type_ids=False)
-        return np.fromiter((len(ids) for ids in enc["input_ids"]), dtype=np.int64, count=len(texts))
+        msl = self.max_seq_length
+        clipped = [clip_text(t, msl) for t in texts]
+        fast = bool(getattr(tok, "is_fast", False))
+        want_types = not self.packed and "token_type_ids" in getattr(tok, "model_input_names", ())
+        kwargs = dict(truncation=True, max_length=msl, add_special_tokens=True, return_attention_mask=False,
+                      return_token_type_ids=want_types)
+        enc = tok(clipped, return_offsets_mapping=fast, **kwargs)
+        ids = enc["input_ids"]
+        extra = [{"token_type_ids": t} for t in enc["token_type_ids"]] if want_types else []
+        if fast:
+            redo = [i for i, (full, cut) in enumerate(zip(texts, clipped))
+                    if len(cut) < len(full) and not _cut_is_safe(cut, enc["offset_mapping"][i], msl)]
+            if redo:
+                again = tok([clip_text(texts[i], msl, RECUT_FACTOR) for i in redo], **kwargs)
+                for j, i in enumerate(redo):
+                    ids[i] = again["input_ids"][j]
+                    if want_types:
+                        extra[i] = {"token_type_ids": again["token_type_ids"][j]}
+        return ids, extra
 
-    def plan_batches(self, lengths: np.ndarray) -> list[np.ndarray]:
-        """Indices grouped longest first so that ``len(batch) * max_len(batch) <= token_budget``."""
-        order = np.argsort(-lengths, kind="stable")
+    def plan_batches(self, lengths: np.ndarray, packed: Optional[bool] = None) -> list[np.ndarray]:
+        """Indices ordered longest first, cut into batches under the token budget: packed batches hold
+        at most ``token_budget`` real tokens, padded ones ``len(batch) * longest <= token_budget``."""
+        packed = self.packed if packed is None else packed
+        order = np.argsort(-np.asarray(lengths), kind="stable")
+        ordered = np.asarray(lengths)[order]
         batches, i = [], 0
         while i < len(order):
-            longest = max(int(lengths[order[i]]), 1)
-            n = max(1, min(self.max_batch, self.token_budget // longest))
+            if packed:
+                ends = np.cumsum(ordered[i:i + self.max_batch])
+                n = max(1, int(np.searchsorted(ends, self.token_budget, side="right")))
+            else:
+                n = max(1, min(self.max_batch, self.token_budget // max(int(ordered[i]), 1)))
             batches.append(order[i:i + n])
             i += n
         return batches
 
+    # -- encoding -------------------------------------------------------------------------------
     def encode(self, texts: Sequence[str]) -> np.ndarray:
         """Encode texts to a float32 array (n, dim); unit rows when similarity is ``cos``.
 
-        Memory is one batch of activations at a time plus the (n, dim) output; pass chunks of a few
-        thousand texts to bound it further.
+        Memory is one batch of activations at a time plus the (n, dim) output and the token ids; pass
+        chunks of a few thousand texts to bound it further. The first call of an ``auto`` encoder
+        measures the precision on a sample of its texts first (:meth:`calibrate`).
         """
+        if not len(texts):
+            return np.empty((0, self.dim), dtype=np.float32)
+        if self._runner is None:
+            self.calibrate(texts)
+        return self._encode_with(self._runner, texts)
+
+    def _encode_with(self, runner, texts: Sequence[str]) -> np.ndarray:
         import torch
 
         out = np.empty((len(texts), self.dim), dtype=np.float32)
-        if not len(texts):
-            return out
-        tokenize = getattr(self.model, "preprocess", None) or self.model.tokenize
-        with torch.inference_mode(), self._autocast():
-            for idx in self.plan_batches(self.token_lengths(texts)):
-                features = tokenize([texts[j] for j in idx])
-                features = {k: v.to(self.device) if hasattr(v, "to") else v for k, v in features.items()}
-                emb = self.model(features)["sentence_embedding"].float()
+        ids, extra = self.tokenize(texts)
+        lengths = np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids))
+        with torch.inference_mode():
+            for idx in self.plan_batches(lengths, runner.packed):
+                emb = runner([ids[j] for j in idx], [extra[j] for j in idx] if extra else [])
                 if self.similarity == "cos":
                     emb = torch.nn.functional.normalize(emb, p=2, dim=1)
                 out[idx] = emb.cpu().numpy()
         return out
+
+    def calibrate(self, texts: Sequence[str], sample: int = CALIBRATION_PASSAGES) -> dict:
+        """Measure each candidate precision against fp32 on up to ``sample`` of ``texts`` (spread over
+        them) and keep the fastest faithful one: every vector's cosine to its fp32 vector at least
+        ``MIN_SAMPLE_COSINE`` and the mean top-10 overlap of each sample passage's neighbours among the
+        others at least ``MIN_SAMPLE_OVERLAP``; fp32 if none is. Costs one fp32 and one candidate
+        encode of the sample (about 1-3 s on 2 CPU cores for 128 passages). Returns the record, also
+        kept as :attr:`calibration`; the chosen precision becomes :attr:`precision`."""
+        if not len(texts):
+            raise ValueError("calibration needs at least one text")
+        picks = np.unique(np.linspace(0, len(texts) - 1, num=min(sample, len(texts))).astype(int))
+        texts = [texts[i] for i in picks]
+        runners = {"fp32": self._make_runner("fp32")}
+        for cand in candidate_precisions(self.device):
+            try:
+                runners[cand] = self._make_runner(cand)
+            except Exception as err:  # noqa: BLE001 - a candidate this machine cannot run is skipped
+                log.info("precision %s not available here: %s", cand, err)
+        vectors, seconds = {}, {}
+        for name, runner in runners.items():
+            self._encode_with(runner, texts[:4])  # warm-up: kernels, caches
+            vectors[name], seconds[name] = _timed(lambda r=runner: self._encode_with(r, texts))
+        record = {"sample_passages": len(texts), "device": self.device, "packed": self.packed,
+                  "min_cosine_required": MIN_SAMPLE_COSINE, "min_overlap_required": MIN_SAMPLE_OVERLAP,
+                  "candidates": {}}
+        chosen = "fp32"
+        for name in runners:
+            cos, overlap = _fidelity(vectors["fp32"], vectors[name], self.similarity)
+            faithful = name == "fp32" or (cos >= MIN_SAMPLE_COSINE and overlap >= MIN_SAMPLE_OVERLAP)
+            record["candidates"][name] = {
+                "passages_per_s": round(len(texts) / max(seconds[name], 1e-9), 1),
+                "min_cosine": round(float(cos), 6), "top10_overlap": round(float(overlap), 4),
+                "faithful": bool(faithful)}
+            if faithful and seconds[name] < seconds[chosen]:
+                chosen = name
+        record["chosen"] = chosen
+        self.precision, self._runner, self.calibration = chosen, runners[chosen], record
+        log.info("auto precision: %s (measured on %d passages: %s)", chosen, len(texts), record["candidates"])
+        return record
+
+
+def _timed(fn: Callable):
+    start = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - start
+
+
+def _fidelity(ref: np.ndarray, got: np.ndarray, similarity: str) -> tuple[float, float]:
+    """(min cosine of each vector to its reference, mean top-10 overlap of each row's neighbours among
+    the other rows, scored as the model scores: inner product of cos/dot vectors)."""
+    unit = lambda v: v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12)  # noqa: E731
+    cos = float(np.min(np.sum(unit(ref) * unit(got), axis=1)))
+    n = len(ref)
+    k = min(10, n - 1)
+    if k < 1:
+        return cos, 1.0
+
+    def top(v):
+        s = v @ v.T
+        np.fill_diagonal(s, -np.inf)
+        return np.argpartition(-s, k - 1, axis=1)[:, :k]
+
+    a, b = top(ref), top(got)
+    overlap = float(np.mean([len(set(x) & set(y)) / k for x, y in zip(a, b)]))
+    return cos, overlap
+
+
+def _cut_is_safe(cut: str, offsets, max_length: int) -> bool:
+    """True when the tokens kept from ``cut`` are those the whole text gives: truncation happened
+    inside the cut and the last kept token's word ended before the cut (whitespace follows it)."""
+    ends = [e for s, e in offsets if e > s]
+    if len(offsets) < max_length or not ends:
+        return False
+    tail = cut[max(ends):]
+    return any(c.isspace() for c in tail)
 
 
 def _embedding_dim(model) -> int:
@@ -196,11 +404,14 @@ _LOADED: dict = {}
 
 
 def load_encoder(model: str, *, similarity: str = "auto", device: str = "auto", precision: str = "auto",
-                 max_seq_length: Optional[int] = None, token_budget: int = DEFAULT_TOKEN_BUDGET) -> Encoder:
+                 max_seq_length: Optional[int] = None, token_budget: int = DEFAULT_TOKEN_BUDGET,
+                 calibration_texts: Optional[Sequence[str]] = None) -> Encoder:
     """Load a sentence-transformers bi-encoder by Hugging Face name or local path.
 
+    With ``precision="auto"`` and ``calibration_texts`` (a sample of the corpus), the precision is
+    measured now (:meth:`Encoder.calibrate`); without them, on the first :meth:`Encoder.encode` call.
     Loaded encoders are kept per process by their arguments, so the CLI's up-front load and the Beam
-    worker's load in the same process (the local in-memory runner) share one model.
+    worker's load in the same process (the local in-memory runner) share one model, and one measurement.
     """
     key = (model, similarity, device, precision, max_seq_length, token_budget)
     if key not in _LOADED:
@@ -208,14 +419,18 @@ def load_encoder(model: str, *, similarity: str = "auto", device: str = "auto", 
             _LOADED.clear()  # one model per process at a time
         enc = _load_encoder(model, similarity, device, precision, max_seq_length, token_budget)
         _LOADED[key] = _LOADED[(model, enc.similarity) + key[2:]] = enc
-    return _LOADED[key]
+    enc = _LOADED[key]
+    if calibration_texts is not None and enc.calibration is None and precision == "auto":
+        enc.calibrate(calibration_texts)
+    return enc
 
 
 def _load_encoder(model, similarity, device, precision, max_seq_length, token_budget) -> Encoder:
+    import torch
     from sentence_transformers import SentenceTransformer
 
     device = pick_device(device)
-    precision = pick_precision(precision, device)
+    precision = check_precision(precision, device)
     path = resolve_model_path(model)
     try:
         st = SentenceTransformer(path, device=device)
@@ -224,6 +439,8 @@ def _load_encoder(model, similarity, device, precision, max_seq_length, token_bu
                          "Pass a local model directory or a Hugging Face model name that this machine "
                          "can download or has cached.") from err
     st.eval()
+    if any(p.is_floating_point() and p.dtype != torch.float32 for p in st.parameters()):
+        st.float()  # weights stored in fp16/bf16: fp32 means fp32 arithmetic; the precisions cast from here
     if max_seq_length:
         st.max_seq_length = int(max_seq_length)
     inferred = infer_similarity(st, model)
@@ -234,6 +451,8 @@ def _load_encoder(model, similarity, device, precision, max_seq_length, token_bu
     elif similarity != inferred:
         log.warning("model %s looks like a %s model but --similarity %s was given; using %s",
                     model, inferred, similarity, similarity)
-    log.info("loaded %s on %s, precision %s, similarity %s, dim %d, max_seq_length %d",
-             model, device, precision, similarity, _embedding_dim(st), st.max_seq_length)
-    return Encoder(st, model, similarity, device, precision, token_budget=token_budget)
+    enc = Encoder(st, model, similarity, device, precision, token_budget=token_budget)
+    log.info("loaded %s on %s, precision %s, similarity %s, dim %d, max_seq_length %d, %s", model, device,
+             precision, similarity, enc.dim, st.max_seq_length,
+             "packed forward" if enc.packed else f"padded forward ({enc.packed_unsupported})")
+    return enc

@@ -1,0 +1,189 @@
+"""The encoder's padding-free (packed) forward pass, its one-pass tokenization with a bounded character
+cut, and ``auto`` precision by measurement; with the tests' tiny BERT models (real sentence-transformers
+models with random weights), compared with ``SentenceTransformer.encode``."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+
+from densebeam.index_store.encoder import (CHARS_PER_TOKEN, Encoder, clip_text, load_encoder)
+from densebeam.index_store.packed_bert import PackedBert, packed_support
+from conftest import _WORDS, build_tiny_bi_encoder
+
+
+def _texts(n, seed=0, lo=1, hi=90):
+    rng = random.Random(seed)
+    return [" ".join(rng.choices(_WORDS, k=rng.randint(lo, hi))) for _ in range(n)]
+
+
+def _st(path):
+    from sentence_transformers import SentenceTransformer
+
+    return SentenceTransformer(path, device="cpu")
+
+
+def _min_cos(a, b):
+    a = a / np.linalg.norm(a, axis=1, keepdims=True)
+    b = b / np.linalg.norm(b, axis=1, keepdims=True)
+    return float(np.min(np.sum(a * b, axis=1)))
+
+
+@pytest.mark.parametrize("fixture", ["tiny_cos_model", "tiny_dot_model"])
+def test_packed_fp32_equals_sentence_transformers(request, fixture):
+    path = request.getfixturevalue(fixture)
+    texts = _texts(150, seed=1) + ["", "river", "a " * 200]  # empty, one word, truncated
+    ref = _st(path).encode(texts, convert_to_numpy=True)
+    # a small budget: many batches, each with several lengths (several attention groups)
+    enc = load_encoder(path, precision="fp32", device="cpu", token_budget=300)
+    assert enc.packed and enc.precision == "fp32"
+    got = enc.encode(texts)
+    assert got.shape == ref.shape and got.dtype == np.float32
+    if enc.similarity == "cos":
+        np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)
+    else:  # dot: raw vectors, as the model gives them
+        np.testing.assert_allclose(np.linalg.norm(got, axis=1), np.linalg.norm(ref, axis=1), rtol=1e-4)
+    assert _min_cos(got, ref) >= 0.99999
+
+
+def test_batches_do_not_change_vectors_beyond_rounding(tiny_cos_model):
+    texts = _texts(60, seed=2)
+    enc = load_encoder(tiny_cos_model, precision="fp32", device="cpu")
+    together = enc.encode(texts)
+    alone = np.stack([enc.encode([t])[0] for t in texts])
+    assert _min_cos(together, alone) >= 0.99999
+
+
+def test_packed_batches_hold_at_most_the_budget_in_real_tokens(tiny_cos_model):
+    enc = load_encoder(tiny_cos_model, precision="fp32", device="cpu", token_budget=100)
+    lengths = np.array([5, 60, 30, 30, 7, 64, 1, 99, 101])
+    batches = enc.plan_batches(lengths)
+    assert sorted(np.concatenate(batches).tolist()) == list(range(len(lengths)))
+    for b in batches:  # longest first, under budget unless one passage alone is over it
+        assert lengths[b].sum() <= 100 or len(b) == 1
+    flat = np.concatenate(batches)
+    assert list(lengths[flat]) == sorted(lengths, reverse=True)
+    padded = enc.plan_batches(lengths, packed=False)
+    assert all(len(b) * lengths[b].max() <= 100 or len(b) == 1 for b in padded)
+
+
+def test_a_huge_passage_is_cut_before_tokenization_with_the_same_tokens(tiny_cos_model):
+    enc = load_encoder(tiny_cos_model, precision="fp32", device="cpu")
+    msl = enc.max_seq_length
+    normal = " ".join(_texts(1, seed=3, lo=80, hi=80))
+    huge = (normal + " ") * (2 ** 20 // len(normal))  # ~1 MiB
+    assert len(huge) > 2 ** 20 - 2 * len(normal)
+    assert len(clip_text(huge, msl)) == msl * CHARS_PER_TOKEN
+    tok = enc.model.tokenizer
+    full = tok([huge], truncation=True, max_length=msl)["input_ids"][0]
+    ids, _ = enc.tokenize([huge])
+    assert ids[0] == full and len(full) == msl
+    # the vector is the one of its first max_seq_length tokens, as sentence-transformers gives it
+    ref = _st(tiny_cos_model).encode([huge[:10_000]], convert_to_numpy=True)
+    assert _min_cos(enc.encode([huge]), ref) >= 0.99999
+
+
+def test_a_cut_that_could_change_tokens_is_tokenized_again(tiny_cos_model):
+    """Text whose kept tokens span more characters than the cut (a whitespace flood): the cut is
+    detected as unsafe and the text tokenized from a longer cut, giving the full text's tokens."""
+    enc = load_encoder(tiny_cos_model, precision="fp32", device="cpu")
+    msl = enc.max_seq_length
+    flood = "river" + " " * (msl * CHARS_PER_TOKEN) + " ".join(["music"] * 300)
+    tok = enc.model.tokenizer
+    full = tok([flood], truncation=True, max_length=msl)["input_ids"][0]
+    ids, _ = enc.tokenize([flood])
+    assert ids[0] == full
+    assert tok([clip_text(flood, msl)], truncation=True, max_length=msl)["input_ids"][0] != full
+
+
+def test_auto_measures_the_precision_and_records_it(tiny_cos_model):
+    enc = load_encoder(tiny_cos_model, precision="auto", device="cpu", token_budget=1000)
+    assert enc.precision == "auto" and enc.calibration is None
+    texts = _texts(200, seed=4)
+    got = enc.encode(texts)  # the first call measures on a sample of its texts, then encodes
+    rec = enc.calibration
+    assert rec is not None and enc.precision == rec["chosen"] in rec["candidates"]
+    assert rec["sample_passages"] == 128 and set(rec["candidates"]) >= {"fp32", "bf16"}
+    chosen = rec["candidates"][rec["chosen"]]
+    assert chosen["faithful"] and chosen["min_cosine"] >= rec["min_cosine_required"]
+    for c in rec["candidates"].values():  # the choice is the fastest faithful candidate
+        assert not c["faithful"] or c["passages_per_s"] <= chosen["passages_per_s"]
+    fp32 = load_encoder(tiny_cos_model, precision="fp32", device="cpu").encode(texts)
+    assert _min_cos(got, fp32) >= 0.999
+    assert enc.facts().precision == enc.precision
+
+
+def test_explicit_precision_is_not_measured(tiny_cos_model):
+    enc = load_encoder(tiny_cos_model, precision="fp32", device="cpu", token_budget=999)
+    enc.encode(_texts(5))
+    assert enc.calibration is None and enc.precision == "fp32"
+
+
+def test_calibration_texts_decide_at_load(tiny_dot_model):
+    enc = load_encoder(tiny_dot_model, precision="auto", device="cpu", token_budget=777,
+                       calibration_texts=_texts(40, seed=5))
+    assert enc.calibration["sample_passages"] == 40 and enc.precision != "auto"
+
+
+def test_models_that_cannot_run_packed_use_the_padded_forward(tmp_path):
+    """A Dense layer after pooling: not [Transformer, Pooling, Normalize?], so sentence-transformers'
+    own forward runs (on one tokenization, padded per batch)."""
+    from sentence_transformers import SentenceTransformer, models
+
+    base = _st(str(build_tiny_bi_encoder(tmp_path / "m", normalize=False, seed=7)))
+    dense = models.Dense(base.get_sentence_embedding_dimension(), 16)
+    model = SentenceTransformer(modules=[base[0], base[1], dense], device="cpu")
+    model.save(str(tmp_path / "dense"))
+    assert packed_support(model) is not None
+    texts = _texts(40, seed=6)
+    ref = _st(str(tmp_path / "dense")).encode(texts, convert_to_numpy=True)
+    enc = load_encoder(str(tmp_path / "dense"), precision="fp32", device="cpu", token_budget=256)
+    assert not enc.packed
+    got = enc.encode(texts)
+    assert got.shape == (40, 16) and _min_cos(got, ref) >= 0.99999
+
+
+def test_a_token_the_model_cannot_embed_raises(tmp_path):
+    path = build_tiny_bi_encoder(tmp_path / "bad", normalize=True, unembedded_word="zzzq")
+    enc = load_encoder(str(path), precision="fp32", device="cpu")
+    with pytest.raises(IndexError):
+        enc.encode(["river zzzq music"])
+
+
+def test_packed_bert_checks_its_input(tiny_cos_model):
+    bert = PackedBert(_st(tiny_cos_model), "fp32")
+    with pytest.raises(ValueError, match="token ids"):
+        bert(np.array([2, 5, 3], dtype=np.int64), [2, 2])
+    with pytest.raises(ValueError, match="mode"):
+        PackedBert(_st(tiny_cos_model), "int4")
+
+
+def test_encoder_keeps_its_public_surface(tiny_cos_model):
+    enc = load_encoder(tiny_cos_model, precision="fp32", device="cpu")
+    assert isinstance(enc, Encoder)
+    assert (enc.name, enc.dim, enc.similarity, enc.precision) == (tiny_cos_model, 32, "cos", "fp32")
+    facts = enc.facts()
+    assert facts.dim == 32 and facts.precision == "fp32" and facts.max_seq_length == enc.max_seq_length
+    assert enc.encode([]).shape == (0, 32)
+
+
+@pytest.mark.parametrize("mode", ["fp32", "bf16"])
+def test_the_padded_attention_of_gpus_equals_the_grouped_one(tiny_cos_model, mode):
+    """GPUs run attention as one masked call over a padded layout (few kernel launches); checked here on
+    the CPU against the grouped, mask-free attention and against sentence-transformers."""
+    import torch
+
+    st = _st(tiny_cos_model)
+    texts = _texts(50, seed=8)
+    ids = st.tokenizer(texts, truncation=True, max_length=st.max_seq_length)["input_ids"]
+    order = np.argsort([-len(x) for x in ids], kind="stable")
+    lengths = np.array([len(ids[i]) for i in order])
+    flat = np.array([t for i in order for t in ids[i]], dtype=np.int64)
+    with torch.inference_mode():
+        grouped = PackedBert(st, mode, attention="groups")(flat, lengths).numpy()
+        padded = PackedBert(st, mode, attention="padded")(flat, lengths).numpy()
+    assert _min_cos(grouped, padded) >= (0.99999 if mode == "fp32" else 0.999)
+    ref = st.encode(texts, convert_to_numpy=True)[order]
+    assert _min_cos(padded, ref) >= (0.99999 if mode == "fp32" else 0.999)
