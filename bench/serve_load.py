@@ -481,6 +481,36 @@ def run_once(index: str, queries: list[str], args, check) -> dict:
     return {"load": load, "attack": attacks, "server_memory_mib": {"start": memory_start, "end": memory_end}}
 
 
+def encoding_cost(index: str, queries: list[str], precisions=("auto", "fp32"), repeat: int = 5) -> dict:
+    """What batch-invariant query encoding costs: ms per query encoded one by one (the service's and
+    the library's path, :meth:`Searcher.encode_queries`) against one padded batch of all of them (what
+    the service did before, and what made a query's vector depend on its batch mates). Median of
+    ``repeat`` interleaved rounds."""
+    from densebeam.index_store.query.search import Searcher
+
+    out = {}
+    searchers = {p: Searcher.open(index, precision=p, verify="sizes") for p in precisions}
+    times: dict = {}
+    for s in searchers.values():  # warm-up
+        s.encode_queries(queries[:4])
+        s.encoder.encode(queries[:4])
+    for _ in range(repeat):
+        for p, s in searchers.items():
+            t = time.perf_counter()
+            s.encode_queries(queries)
+            times.setdefault((p, "one_by_one"), []).append(time.perf_counter() - t)
+            t = time.perf_counter()
+            s.encoder.encode(queries)
+            times.setdefault((p, "one_batch"), []).append(time.perf_counter() - t)
+    for p, s in searchers.items():
+        one, batch = (statistics.median(times[(p, m)]) * 1000 / len(queries) for m in ("one_by_one", "one_batch"))
+        out[f"{p} ({s.encoder.precision})"] = {"one_by_one_ms_per_query": round(one, 2),
+                                                "one_batch_ms_per_query": round(batch, 2),
+                                                "ratio": round(one / batch, 2)}
+    return {"queries": len(queries), "repeat": repeat, "torch_threads": __import__("torch").get_num_threads(),
+            "cost": out}
+
+
 def _median_of(runs: list[dict]) -> dict:
     pick = {
         "requests_per_s": lambda r: r["load"]["requests_per_s"],
@@ -520,14 +550,23 @@ def main() -> None:
     p.add_argument("--warm-bytes", default="2GiB", help="the service's --warm-bytes")
     p.add_argument("--window", type=float, default=2.0, help="seconds of latency before and after the reload")
     p.add_argument("--repeat", type=int, default=1)
+    p.add_argument("--encoding-cost", action="store_true",
+                   help="only measure query encoding: one by one (batch-invariant) against one padded batch")
     args = p.parse_args()
     if (args.index is None) == (args.synthetic is None):
         p.error("give one of --index or --synthetic")
     if args.synthetic:
         args.index = synthetic_bundle(args.work_dir, args.synthetic, args.nlist)
     files = args.queries or [os.path.join(REPO, "data", "sample", "queries.jsonl")]
+    from densebeam.index_store.query.serve import Limits
+
     queries = list(dict.fromkeys(json.loads(line)["text"] for f in files for line in open(f, encoding="utf-8")
                                  if line.strip()))
+    queries = [q for q in queries if len(q) <= Limits().max_query_chars]  # longer ones are invalid (422)
+    if args.encoding_cost:
+        print(json.dumps({"command": " ".join(sys.argv), **encoding_cost(args.index, queries[:64],
+                                                                         repeat=max(args.repeat, 3))}, indent=2))
+        return
     check = library_checker(args.index, queries, args.precision)
     runs = [run_once(args.index, queries, args, check) for _ in range(args.repeat)]
     print(json.dumps({"command": " ".join(sys.argv), "runs": runs, "median": _median_of(runs)}, indent=2))

@@ -10,6 +10,7 @@ import os
 import shutil
 import struct
 import sys
+import time
 from pathlib import Path
 
 import httpx
@@ -180,3 +181,28 @@ def test_prove_and_warm_a_good_bundle(built):
     part = reload_lib.warm(bundle, 1000)
     assert part["bytes_read"] == 1000 and not part["lists_whole"] and part["scan_seconds"] is None
     assert os.path.getsize(os.path.join(bundle.root, "index.ivfdata")) > 1000
+
+
+def test_the_watch_refuses_a_bad_version_once_and_takes_the_next_good_one(location, built, caplog):
+    bad = _add_version(location, "v-bad", built, switch=False)
+    _corrupt_list_offset(bad)
+    _add_version(location, "v2", built, switch=False)
+    vid = reload_lib.identify(str(location))
+    searcher = Searcher.open(vid.path, precision="fp32", device="cpu")
+    reloading = Reloading(location=str(location), verify="full", watch_seconds=0.1, proof_timeout_s=120)
+    with Served(searcher, Limits(**FAST), reloading=reloading, version=vid) as srv:
+        with caplog.at_level("ERROR", logger="densebeam.index_store.query.serve"):
+            versions.switch(str(location), "v-bad")
+            deadline = time.monotonic() + 30
+            while not any("refused version v-bad" in r.getMessage() for r in caplog.records):
+                assert time.monotonic() < deadline, "the watch never tried the new version"
+                time.sleep(0.1)
+            time.sleep(1.0)  # ten more polls of the same bad version
+        refusals = [r for r in caplog.records if "refused version v-bad" in r.getMessage()]
+        assert len(refusals) == 1, [r.getMessage() for r in refusals]
+        assert httpx.get(srv.url + "/health").json()["version"] == "v1" and _search_ok(srv.url)
+        versions.switch(str(location), "v2")
+        deadline = time.monotonic() + 60
+        while httpx.get(srv.url + "/health").json()["version"] != "v2":
+            assert time.monotonic() < deadline, "the watch did not take the next good version"
+            time.sleep(0.1)

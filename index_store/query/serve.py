@@ -176,7 +176,7 @@ def create_app(searcher: Searcher, limits: Limits = Limits(), reloading: Optiona
         query: Optional[str] = Field(None, max_length=limits.max_query_chars)
         queries: Optional[list[str]] = Field(None, min_length=1, max_length=limits.max_queries)
         k: int = Field(10, ge=1, le=limits.max_k)
-        nprobe: Optional[int] = Field(None, ge=1, le=max(searcher.nlist, 1))
+        nprobe: Optional[int] = Field(None, ge=1)  # at most the serving bundle's nlist: checked per request
         rerank: Optional[bool] = None
         rerank_depth: Optional[int] = Field(None, ge=1, le=limits.max_rerank_depth)
 
@@ -255,10 +255,8 @@ def create_app(searcher: Searcher, limits: Limits = Limits(), reloading: Optiona
             await asyncio.sleep(every_s)
             try:
                 vid = await loop.run_in_executor(None, reload_lib.identify, reloading.location)
-                old = state["version"]
-                if (vid.path, vid.manifest_sha256) in {(old.path, old.manifest_sha256),
-                                                       (getattr(state["failed"], "path", None),
-                                                        getattr(state["failed"], "manifest_sha256", None))}:
+                known = [v for v in (state["version"], state["failed"]) if v is not None]
+                if any((vid.path, vid.manifest_sha256) == (v.path, v.manifest_sha256) for v in known):
                     continue  # unchanged, or the version that was refused: do not prove it again
                 await do_reload()
             except HTTPException as err:
@@ -312,6 +310,8 @@ def create_app(searcher: Searcher, limits: Limits = Limits(), reloading: Optiona
                                      "with --rerank-model NAME_OR_PATH")
         queries = [req.query] if req.query is not None else list(req.queries)
         depth = req.rerank_depth or max(req.k, 100)
+        if req.nprobe is not None and req.nprobe > max(searcher.nlist, 1):
+            raise HTTPException(422, f"nprobe {req.nprobe} is more than the {searcher.nlist} lists of this bundle")
         if len(queries) * req.k > limits.max_hits:
             raise HTTPException(422, f"{len(queries)} queries x k {req.k} = {len(queries) * req.k} hits, more than "
                                      f"the {limits.max_hits} a request may ask for; send fewer queries or a smaller k")
