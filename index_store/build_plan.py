@@ -43,6 +43,7 @@ class BuildPlan:
     target_recall: float
     layout: str
     seed: int
+    kmeans: str = "flat"  # "flat" (FAISS's) or "two-level" (index_store.kmeans), see ivf.kmeans_method
     calibration_queries: Optional[str] = None  # file of real queries measured instead of held-out vectors
     max_calibration_queries: int = 1000  # a seeded sample of this many when the file holds more
 
@@ -103,7 +104,7 @@ def recall_ks(k: Union[int, Sequence[int]], n_vectors: int) -> tuple[int, ...]:
 def plan_build(dirs: Sequence[EmbeddingsDir], *, nlist: Optional[int] = None, codec: Optional[str] = None,
                memory_budget_bytes: Optional[int] = None, n_queries: int = 1000,
                k: Union[int, Sequence[int]] = DEFAULT_KS, target_recall: float = 0.95, layout: str = "merged",
-               seed: int = 1234, calibration_queries: Optional[str] = None) -> BuildPlan:
+               seed: int = 1234, calibration_queries: Optional[str] = None, kmeans: str = "auto") -> BuildPlan:
     if not dirs:
         raise ValueError("at least one embeddings dir is needed")
     if layout not in LAYOUTS:
@@ -139,4 +140,5 @@ def plan_build(dirs: Sequence[EmbeddingsDir], *, nlist: Optional[int] = None, co
     return BuildPlan(facts=facts, shards=shards, n_vectors=n, nlist=nlist, codec=codec,
                      factory=ivf.factory_string(nlist, codec), train_size=sum(trains),
                      n_queries=sum(queries), ks=recall_ks(k, n), target_recall=target_recall, layout=layout,
-                     seed=seed, calibration_queries=calibration_queries, max_calibration_queries=asked_queries)
+                     seed=seed, kmeans=ivf.kmeans_method(kmeans, nlist), calibration_queries=calibration_queries,
+                     max_calibration_queries=asked_queries)

@@ -16,6 +16,8 @@ from typing import Iterable, Optional
 import faiss
 import numpy as np
 
+from densebeam.index_store import kmeans
+
 # Files (bytes, shards, the on-disk merge) live in ivf_files; re-exported like the search side.
 from densebeam.index_store.ivf_files import (ID_BYTES, index_from_bytes, index_to_bytes, merge_on_disk,  # noqa: F401
                                    open_merged, read_index, write_index)
@@ -115,12 +117,50 @@ def gpu_count() -> int:
     return faiss.get_num_gpus() if hasattr(faiss, "StandardGpuResources") else 0
 
 
-def train_empty_index(sample: np.ndarray, factory: str, seed: int = 1234) -> bytes:
+KMEANS = ("auto", "flat", "two-level")
+CODEC_TRAIN_ROWS = 65536  # SQ8/PQ codec training: FAISS's PQ uses at most 256 points x 256 centroids
+
+
+def kmeans_method(method: str, nlist: int) -> str:
+    """``auto``: two-level k-means (:mod:`index_store.kmeans`) from 1024 lists up, FAISS's flat
+    k-means below (seconds either way)."""
+    if method not in KMEANS:
+        raise ValueError(f"k-means method must be one of {KMEANS}, got {method!r}")
+    if method == "auto":
+        return "two-level" if kmeans.use_two_level(nlist) else "flat"
+    return method
+
+
+def codec_rows(n: int, seed: int) -> np.ndarray:
+    """Sorted rows of an n-vector training sample that train an SQ8/PQ codec (a seeded choice)."""
+    want = min(n, CODEC_TRAIN_ROWS)
+    return np.sort(np.random.default_rng([seed, 2]).choice(n, want, replace=False))
+
+
+def trained_from_centroids(centroids: np.ndarray, factory: str, codec_sample: np.ndarray) -> bytes:
+    """The serialized empty index of ``factory`` with these coarse centroids (the quantizer is set, not
+    trained; an HNSW quantizer builds its graph over them), its codec (SQ8, PQ) trained on
+    ``codec_sample`` (see :func:`codec_rows`)."""
+    centroids = _as_vectors(centroids, "centroids")
+    index = faiss.index_factory(centroids.shape[1], factory, faiss.METRIC_INNER_PRODUCT)
+    ivf = faiss.extract_index_ivf(index)
+    if len(centroids) != ivf.nlist:
+        raise ValueError(f"{len(centroids)} centroids for {factory}; expected {ivf.nlist}")
+    ivf.quantizer.reset()
+    ivf.quantizer.add(centroids)
+    ivf.quantizer.is_trained = True
+    index.train(_as_vectors(codec_sample, "codec sample", centroids.shape[1]))  # quantizer kept: codec only
+    return index_to_bytes(index)
+
+
+def train_empty_index(sample: np.ndarray, factory: str, seed: int = 1234, method: str = "auto") -> bytes:
     """Train ``factory`` (inner product) on ``sample`` and return the serialized *empty* index.
 
-    k-means is seeded, so the same sample and factory give the same bytes. Runs k-means on all GPUs
-    when faiss has GPU support and a GPU is present (much faster for large nlist), else on CPU threads.
-    Memory: the sample plus the index's centroid table.
+    k-means is seeded, so the same sample and factory give the same bytes. ``method`` (see
+    :func:`kmeans_method`): two-level k-means for large nlist (the Beam build runs the same steps over
+    files and workers and writes the same bytes), else FAISS's own, which runs on all GPUs when faiss
+    has GPU support and a GPU is present, else on CPU threads. Memory: the sample plus the index's
+    centroid table.
     """
     sample = _as_vectors(sample, "training sample")
     index = faiss.index_factory(sample.shape[1], factory, faiss.METRIC_INNER_PRODUCT)
@@ -128,6 +168,9 @@ def train_empty_index(sample: np.ndarray, factory: str, seed: int = 1234) -> byt
     if sample.shape[0] < ivf.nlist:
         raise ValueError(f"{sample.shape[0]} training vectors cannot train {ivf.nlist} lists; sample more "
                          "vectors or lower nlist")
+    if kmeans_method(method, ivf.nlist) == "two-level":
+        centroids = kmeans.two_level_kmeans(sample, kmeans.two_level_params(ivf.nlist, seed))
+        return trained_from_centroids(centroids, factory, sample[codec_rows(len(sample), seed)])
     ivf.cp.seed = seed
     gpu_clustering = None  # keep a Python reference: the IVF index does not own its clustering index
     if gpu_count() > 0:

@@ -16,7 +16,7 @@ import apache_beam as beam
 import fsspec
 
 from densebeam.index_store import bundle as bundle_lib
-from densebeam.index_store import fsutil, versions
+from densebeam.index_store import fsutil, ivf, kmeans, versions
 from densebeam.index_store.build_plan import LAYOUTS, plan_build
 from densebeam.index_store.embeddings import join, open_embeddings
 from densebeam.index_store.nprobe import DEFAULT_KS
@@ -73,6 +73,9 @@ def add_index_args(p: argparse.ArgumentParser) -> None:
                    help="measure recall with these real queries instead of held-out passages (for "
                         "asymmetric models): BEIR queries.jsonl or qid<TAB>text TSV, encoded with the "
                         "embeddings' model, or a .npy float32 (q, dim) array of query vectors")
+    g.add_argument("--kmeans", default="auto", choices=ivf.KMEANS,
+                   help="coarse quantizer training: two-level k-means (fast, spread over workers; auto "
+                        f"picks it from {kmeans.TWO_LEVEL_MIN_NLIST} lists up) or FAISS's flat k-means")
     g.add_argument("--seed", type=int, default=1234)
     g.add_argument("--versioned", action="store_true",
                    help="publish into OUTPUT/versions/<name>/ and switch OUTPUT/CURRENT atomically after "
@@ -126,7 +129,7 @@ def run_index(args, beam_args: Sequence[str]):
     plan = plan_build(dirs, nlist=args.nlist, codec=args.codec,
                       memory_budget_bytes=parse_bytes(args.memory_budget), n_queries=args.recall_queries,
                       k=args.k, target_recall=args.target_recall, layout=args.layout, seed=args.seed,
-                      calibration_queries=args.calibration_queries)
+                      calibration_queries=args.calibration_queries, kmeans=args.kmeans)
     log.info("indexing %d vectors from %d shard(s): %s, training on %d, layout %s", plan.n_vectors,
              len(plan.shards), plan.factory, plan.train_size, plan.layout)
     target = args.output
@@ -167,7 +170,8 @@ def run_build(argv: Optional[Sequence[str]] = None) -> tuple[dict, dict]:
 
 
 _INDEX_ONLY = {"--nlist", "--codec", "--memory-budget", "--layout", "--target-recall", "--recall-queries",
-               "--k", "--seed", "--embeddings-dir", "--output", "--keep-versions", "--calibration-queries"}
+               "--k", "--seed", "--embeddings-dir", "--output", "--keep-versions", "--calibration-queries",
+               "--kmeans"}
 _INDEX_FLAGS = {"--versioned"}
 
 

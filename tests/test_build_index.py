@@ -373,3 +373,22 @@ def test_calibration_queries_measure_the_curves(built, tmp_path):
     with pytest.raises(Exception, match="calibration"):
         build_index.run(["--embeddings", str(tmp / "emb"), "--output", str(tmp_path / "j"), "--nlist", "64",
                          "--calibration-queries", str(bad), *LOCAL])
+
+
+def test_two_level_kmeans_over_workers_equals_in_process(built, tmp_path):
+    """``--kmeans two-level``: the coarse step writes groups of coarse clusters to files, fine k-means runs
+    per group on any worker, the refine step streams the sample again; the trained index is byte for byte
+    the in-process ``train_empty_index`` on the plan's sample, with one worker or two."""
+    from densebeam.index_store.build_plan import plan_build
+
+    tmp, vecs, _ = built
+    args = ["--embeddings", str(tmp / "emb"), "--nlist", "64", "--recall-queries", "300", "--kmeans", "two-level"]
+    plan = plan_build([emb.open_embeddings(str(tmp / "emb"))], nlist=64, n_queries=300, kmeans="two-level")
+    train = np.concatenate([s.base + plan.sample_rows(s)[0] for s in plan.shards])
+    want = ivf.train_empty_index(vecs[train], plan.factory, seed=plan.seed, method="two-level")
+    for workers in ("1", "2"):
+        m = build_index.run(args + ["--output", str(tmp_path / workers), "--runner", "local", "--workers", workers])
+        assert (tmp_path / workers / "trained.faiss").read_bytes() == want, workers
+        assert m["training"]["kmeans"] == "two-level" and m["training"]["coarse"] == 8
+        assert not (tmp_path / workers / "_build").exists()  # the group files went with the temp dir
+    assert m["nprobe_by_k"]["10"]["recall"] >= 0.95

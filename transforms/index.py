@@ -8,9 +8,11 @@ against exact search on held-out vectors of the data itself, then merge or keep 
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import logging
 import time
+from typing import Iterator
 
 import apache_beam as beam
 import faiss
@@ -20,7 +22,7 @@ import pyarrow.parquet as pq
 from apache_beam.metrics import Metrics
 
 from densebeam.index_store import bundle as bundle_lib
-from densebeam.index_store import ivf
+from densebeam.index_store import ivf, kmeans
 from densebeam.index_store.build_plan import BuildPlan, ShardSpec
 from densebeam.index_store.docstore import DocstoreWriter
 from densebeam.index_store.embeddings import join
@@ -93,17 +95,111 @@ def _concat_by_shard(parts):
     return sorted(parts, key=lambda p: p[0])
 
 
+def _load(path: str) -> np.ndarray:
+    with fsspec.open(path, "rb") as f:
+        return np.load(f)
+
+
+def _sample_files(parts) -> Iterator[np.ndarray]:
+    """The training sample, one shard's share at a time, in shard order."""
+    for _, path, _ in _concat_by_shard(parts):
+        yield _load(path)
+
+
+def _gather_rows(parts, rows: np.ndarray, dim: int) -> np.ndarray:
+    """Rows (sorted, numbered across the whole sample) of the sample, reading one share at a time."""
+    out = np.empty((len(rows), dim), dtype=np.float32)
+    start = 0
+    for x in _sample_files(parts):
+        a, b = np.searchsorted(rows, [start, start + len(x)])
+        out[a:b] = x[rows[a:b] - start]
+        start += len(x)
+    return out
+
+
 def _train(parts, plan: BuildPlan) -> bytes:
-    parts = _concat_by_shard(parts)
-    sample = np.empty((sum(p[2] for p in parts), plan.facts.dim), dtype=np.float32)
-    at = 0
-    for _, path, rows in parts:
-        with fsspec.open(path, "rb") as f:
-            sample[at:at + rows] = np.load(f)
-        at += rows
+    """FAISS's flat k-means on the whole sample, in memory (small nlist: seconds)."""
+    sample = np.concatenate(list(_sample_files(parts)))
     start = time.monotonic()
-    trained = ivf.train_empty_index(sample, plan.factory, seed=plan.seed)
+    trained = ivf.train_empty_index(sample, plan.factory, seed=plan.seed, method="flat")
     log.info("trained %s on %d vectors in %.1f s", plan.factory, len(sample), time.monotonic() - start)
+    return trained
+
+
+# ---------------------------------------------------------------- two-level k-means over workers
+# The steps of index_store.kmeans.two_level_kmeans, with the sample in files: the coarse step writes each
+# coarse cluster group's vectors to a file, fine k-means runs per group on any worker, the refine step
+# streams the sample again. Same centroids as the in-memory function, whatever the worker count.
+
+TRAIN_GROUPS = 16  # elements of the fine step (coarse clusters c * TRAIN_GROUPS // k1 go together)
+
+
+class _CoarseFn(beam.DoFn):
+    """Step 1 in one place: coarse k-means on a seeded subsample read from the sample files, then every
+    sample vector assigned to a coarse cluster and appended to its group's file (memory: the subsample
+    and one shard's share of the sample). Emits one element per group (file, rows, labels) and, tagged
+    ``coarse``, the coarse centroids with each cluster's share of the nlist fine centroids."""
+
+    def __init__(self, plan: BuildPlan, root: str):
+        self._plan, self._root = plan, root
+
+    def process(self, parts):
+        plan, start = self._plan, time.monotonic()
+        params = kmeans.two_level_params(plan.nlist, plan.seed)
+        n = sum(p[2] for p in parts)
+        coarse = kmeans.train_coarse(_gather_rows(parts, kmeans.coarse_rows(n, params), plan.facts.dim), params)
+        groups = min(TRAIN_GROUPS, params.coarse)
+        labels: list[list[np.ndarray]] = [[] for _ in range(groups)]
+        paths = [join(self._root, TEMP_DIR, f"coarse-{g:05d}.f32") for g in range(groups)]
+        files = [fsspec.open(path, "wb").open() for path in paths]
+        try:
+            for x in _sample_files(parts):
+                lab = kmeans.assign(x, coarse)
+                group = lab * groups // params.coarse
+                for g in np.unique(group):
+                    files[g].write(np.ascontiguousarray(x[group == g]).data)
+                    labels[g].append(lab[group == g].astype(np.int32))
+        finally:
+            for f in files:
+                f.close()
+        all_labels = np.concatenate([np.concatenate(lab) for lab in labels if lab])
+        share = kmeans.allocate(np.bincount(all_labels, minlength=params.coarse), plan.nlist)
+        log.info("coarse k-means: %d clusters of %d sample vectors in %.1f s", params.coarse, n,
+                 time.monotonic() - start)
+        yield beam.pvalue.TaggedOutput("coarse", (coarse, share))
+        for g in range(groups):
+            lab = np.concatenate(labels[g]) if labels[g] else np.zeros(0, np.int32)
+            yield {"group": g, "path": paths[g], "labels": lab, "share": share}
+
+
+class _FineFn(beam.DoFn):
+    """Step 2 for one group of coarse clusters: its vectors from its file, each cluster's fine k-means
+    on its own thread (all cores of this worker)."""
+
+    def __init__(self, plan: BuildPlan):
+        self._plan = plan
+
+    def process(self, group: dict):
+        plan = self._plan
+        params = kmeans.two_level_params(plan.nlist, plan.seed)
+        with fsspec.open(group["path"], "rb") as f:
+            x = np.frombuffer(f.read(), dtype=np.float32).reshape(-1, plan.facts.dim)
+        labels, share = group["labels"], group["share"]
+        yield kmeans.train_fine_clusters(((int(c), x[labels == c], int(share[c])) for c in np.unique(labels)),
+                                         params)
+
+
+def _refine(fine_parts, parts, coarse, plan: BuildPlan) -> bytes:
+    """Step 3 in one place, streaming the sample files; then the empty trained index."""
+    start = time.monotonic()
+    params = kmeans.two_level_params(plan.nlist, plan.seed)
+    coarse_centroids, share = coarse
+    fine = {c: cents for part in fine_parts for c, cents in part.items()}
+    centroids = kmeans.finish(fine, share, coarse_centroids, lambda: kmeans.rechunk(_sample_files(parts)), params)
+    n = sum(p[2] for p in parts)
+    trained = ivf.trained_from_centroids(centroids, plan.factory,
+                                         _gather_rows(parts, ivf.codec_rows(n, plan.seed), plan.facts.dim))
+    log.info("fine centroids refined and %s built in %.1f s", plan.factory, time.monotonic() - start)
     return trained
 
 
@@ -119,7 +215,7 @@ def _held_out_queries(parts) -> dict:
 class _CalibrationQueriesFn(beam.DoFn):
     """Real queries to measure recall with (``--calibration-queries``): a ``.npy`` float32 (q, dim) array
     of query vectors, or a queries file (BEIR JSONL or ``qid<TAB>text``) encoded here with the bundle's
-    model the way the query side encodes (model loaded in ``setup``). More than
+    model the way the query side encodes (model loaded in ``setup``; each query alone). More than
     ``plan.max_calibration_queries`` queries: a seeded sample of that many. Their ids are -1: no query is a row of the index."""
 
     def __init__(self, plan: BuildPlan):
@@ -128,10 +224,13 @@ class _CalibrationQueriesFn(beam.DoFn):
 
     def setup(self):
         if not self._plan.calibration_queries.endswith(".npy"):
-            from densebeam.index_store.encoder import load_encoder
+            from densebeam.index_store.encoder import load_encoder, pick_device, pick_precision
 
-            facts = self._plan.facts
-            self._encoder = load_encoder(facts.model, similarity=facts.similarity,
+            # Device and precision by the query side's rule (query.search.load_query_encoder), so these
+            # vectors are the ones searches will use.
+            facts, device = self._plan.facts, pick_device("auto")
+            self._encoder = load_encoder(facts.model, similarity=facts.similarity, device=device,
+                                         precision=pick_precision("auto", device),
                                          max_seq_length=facts.max_seq_length)
 
     def process(self, path: str):
@@ -156,8 +255,8 @@ class _CalibrationQueriesFn(beam.DoFn):
         if total > plan.max_calibration_queries:
             keep = np.sort(np.random.default_rng([plan.seed, 7]).choice(total, plan.max_calibration_queries,
                                                                         replace=False))
-        if vectors is None:
-            vectors = self._encoder.encode([texts[i] for i in keep])
+        if vectors is None:  # one query per forward pass, as the query side encodes (batch-invariant vectors)
+            vectors = np.stack([self._encoder.encode([texts[i]])[0] for i in keep])
         vectors = np.ascontiguousarray(vectors[keep] if len(vectors) == total else vectors, dtype=np.float32)
         yield {"ids": np.full(len(vectors), -1, dtype=np.int64), "vectors": vectors,
                "calibration": {"source": "queries file", "path": canonical_url(path),
@@ -273,6 +372,14 @@ def _recall_curves(plan: BuildPlan, trained: bytes, qvecs: np.ndarray, topk: dic
     return {k: [{"nprobe": p, "recall": round(r, 4)} for p, r in zip(nprobes, recalls[k])] for k in plan.ks}
 
 
+def _training_record(plan: BuildPlan) -> dict:
+    out = {"kmeans": plan.kmeans, "sample": plan.train_size, "seed": plan.seed}
+    if plan.kmeans == "two-level":
+        params = kmeans.two_level_params(plan.nlist, plan.seed)
+        out.update({k: v for k, v in dataclasses.asdict(params).items() if k not in ("nlist", "seed")})
+    return out
+
+
 def _measured_on(calibration: dict) -> str:
     if calibration["source"] == "held-out vectors":
         return f"{calibration['queries']} held-out vectors of the data (own hit excluded)"
@@ -322,6 +429,7 @@ class _PublishFn(beam.DoFn):
             "calibration": queries["calibration"],
             "recall_measured_on": _measured_on(queries["calibration"]),
             "counts": {"vectors": n, "shards": len(plan.shards), "training_vectors": plan.train_size},
+            "training": _training_record(plan),
             "shards": [{"rows": r["rows"], "base": plan.shards[r["shard"]].base,
                         "source": plan.shards[r["shard"]].path} for r in results],
             **self._extra,
@@ -346,9 +454,18 @@ class BuildIndex(beam.PTransform):
         # 1. One pass over each shard for its seeded share of the training and held-out query samples.
         sampled = shards | "Sample" >> beam.ParDo(_SampleShardFn(plan, self._root)).with_outputs(
             "train", main="queries")
-        # 2. Train once, in one place; the empty trained index travels as bytes.
-        trained = (sampled.train | "GatherSample" >> beam.combiners.ToList()
-                   | "Train" >> beam.Map(_train, plan))
+        # 2. Train once; the empty trained index travels as bytes. Large nlist: two-level k-means, its
+        #    fine step spread over workers by groups of coarse clusters.
+        sample = sampled.train | "GatherSample" >> beam.combiners.ToList()
+        if plan.kmeans == "flat":
+            trained = sample | "Train" >> beam.Map(_train, plan)
+        else:
+            groups = sample | "CoarseKMeans" >> beam.ParDo(_CoarseFn(plan, self._root)).with_outputs(
+                "coarse", main="groups")
+            fine = (groups.groups | "SpreadGroups" >> beam.Reshuffle()
+                    | "FineKMeans" >> beam.ParDo(_FineFn(plan)) | "GatherFine" >> beam.combiners.ToList())
+            trained = fine | "RefineKMeans" >> beam.Map(_refine, parts=beam.pvalue.AsSingleton(sample),
+                                                        coarse=beam.pvalue.AsSingleton(groups.coarse), plan=plan)
         # Recall is measured with the held-out vectors, or with real queries when the plan names a file.
         if plan.calibration_queries is None:
             queries = (sampled.queries | "GatherQueries" >> beam.combiners.ToList()
