@@ -1,13 +1,17 @@
 """Index build benchmark: the Beam build (``densebeam index``: sample, train once, add per shard, exact
 recall measurement, on-disk merge, checksummed manifest) against a plain single-process FAISS train + add
-with the same factory string and training-sample size, on synthetic clustered vectors.
+(FAISS's default k-means) with the same factory string on the very training rows densebeam's plan
+samples, on synthetic clustered vectors.
 
     .venv/bin/python bench/index_bench.py                    # 1,000,000 x 384-d, 5 shards
     .venv/bin/python bench/index_bench.py --n 200000         # quicker
-    .venv/bin/python bench/index_bench.py --repeat 3         # three pairs, median ratio
+    .venv/bin/python bench/index_bench.py --repeat 3         # three interleaved rounds, median ratio
+    .venv/bin/python bench/index_bench.py --variants plain,beam,beam-flat   # also densebeam's flat k-means
 
-Each side runs in a fresh process so its peak RSS is its own. Prints build seconds, the ratio, peak RSS
-against the raw float32 vector bytes, recall@10 at the chosen nprobe and queries/s.
+Each build runs in a fresh process so its peak RSS is its own; the variants of a round run one after the
+other, in an order that rotates from round to round. Prints build seconds, the ratio to the first
+variant, peak RSS against the raw float32 vector bytes, recall@10 of every build at nprobe 4/8/16/32 on
+the same 2,000 fresh queries against brute force, densebeam's default nprobe and queries/s.
 """
 
 from __future__ import annotations
@@ -103,41 +107,92 @@ class AnonPeak:
         return self.peak
 
 
-def child_beam(emb_dir: str, out: str) -> dict:
+NPROBES = (4, 8, 16, 32)  # recall@10 of every build is measured at these, on the same queries
+
+
+def queries_and_truth(work: str, n: int, n_queries: int = 2000) -> tuple[np.ndarray, np.ndarray]:
+    """Fresh queries from the same distribution and their exact top-10 over all n vectors (brute force,
+    once per workdir)."""
+    import faiss
+
+    path = os.path.join(work, f"truth-{n}-{n_queries}.npy")
+    q = next(clustered_batches(n_queries, DIM, seed=99))
+    if not os.path.exists(path):
+        heap = faiss.ResultHeap(n_queries, 10, keep_max=True)
+        at = 0
+        for x in clustered_batches(n, DIM):
+            d, i = faiss.knn(q, x, 10, metric=faiss.METRIC_INNER_PRODUCT)
+            heap.add_result(d, i + at)
+            at += len(x)
+        heap.finalize()
+        np.save(path, heap.I)
+    return q, np.load(path)
+
+
+def recall_at(search, q: np.ndarray, truth: np.ndarray) -> dict:
+    """recall@10 of ``search(q, nprobe)`` -> ids, at each of NPROBES."""
+    out = {}
+    for nprobe in NPROBES:
+        ids = search(q, nprobe)
+        out[str(nprobe)] = float(np.mean([len(set(a) & set(b)) / 10 for a, b in zip(ids, truth)]))
+    return out
+
+
+def child_beam(emb_dir: str, out: str, work: str, n: int, kmeans: str = "auto") -> dict:
     from densebeam.pipelines import build_index
 
     anon = AnonPeak()
     start = time.perf_counter()
-    m = build_index.run(["--embeddings", emb_dir, "--output", out, "--runner", "local", "--overwrite"])
+    m = build_index.run(["--embeddings", emb_dir, "--output", out, "--runner", "local", "--overwrite",
+                         "--kmeans", kmeans])
     secs = time.perf_counter() - start
     anon_peak, rss_peak = anon.stop(), _peak_mb()  # the build's peaks, before searching maps the index
     from densebeam.index_store.bundle import open_bundle
 
     b = open_bundle(out, verify="sizes")
-    q = next(clustered_batches(2000, DIM, seed=99))
+    q, truth = queries_and_truth(work, n)
     t = time.perf_counter()
     b.searcher.search(q, 10, m["nprobe"])
     qps = len(q) / (time.perf_counter() - t)
+    recalls = recall_at(lambda x, p: b.searcher.search(x, 10, p)[1], q, truth)
     return {"seconds": secs, "peak_rss_mb": rss_peak, "peak_anon_mb": anon_peak,
-            "factory": m["factory"], "nprobe": m["nprobe"],
-            "recall_at_10": m["recall_at_k"], "train": m["counts"]["training_vectors"], "qps": qps}
+            "factory": m["factory"], "nprobe": m["nprobe"], "kmeans": m["training"]["kmeans"],
+            "recall_at_10": m["recall_at_k"], "train": m["counts"]["training_vectors"], "qps": qps,
+            "recall_fresh": recalls}
 
 
-def child_plain(emb_dir: str, factory: str, train: int) -> dict:
+def child_plain(emb_dir: str, work: str, n: int) -> dict:
+    """FAISS as a user would run it: all vectors in RAM, ``index.train`` (FAISS's default k-means) on the
+    very rows densebeam's plan trains on, ``index.add``."""
     import faiss
 
+    from densebeam.index_store.build_plan import plan_build
     from densebeam.index_store.embeddings import open_embeddings
 
     anon = AnonPeak()
     start = time.perf_counter()
     d = open_embeddings(emb_dir)
+    plan = plan_build([d])
     x = np.concatenate([v for _, v in d.iter_batches(batch_rows=100_000)])
-    index = faiss.index_factory(DIM, factory, faiss.METRIC_INNER_PRODUCT)
-    rng = np.random.default_rng(1234)
-    index.train(x[np.sort(rng.choice(len(x), train, replace=False))])
+    rows = np.concatenate([s.base + plan.sample_rows(s)[0] for s in plan.shards])
+    index = faiss.index_factory(DIM, plan.factory, faiss.METRIC_INNER_PRODUCT)
+    t_train = time.perf_counter()
+    index.train(x[rows])
+    t_add = time.perf_counter()
     index.add(x)
     secs = time.perf_counter() - start
-    return {"seconds": secs, "peak_rss_mb": _peak_mb(), "peak_anon_mb": anon.stop()}
+    res = {"seconds": secs, "train_seconds": t_add - t_train, "add_seconds": time.perf_counter() - t_add,
+           "peak_rss_mb": _peak_mb(), "peak_anon_mb": anon.stop(), "factory": plan.factory,
+           "train": len(rows)}
+    del x
+    q, truth = queries_and_truth(work, n)
+    res["recall_fresh"] = recall_at(
+        lambda x, p: index.search(x, 10, params=faiss.SearchParametersIVF(nprobe=p))[1], q, truth)
+    return res
+
+
+VARIANTS = {"plain": "plain FAISS train+add (1 process)", "beam": "densebeam index",
+            "beam-flat": "densebeam index --kmeans flat"}
 
 
 def main() -> None:
@@ -146,24 +201,39 @@ def main() -> None:
     p.add_argument("--shards", type=int, default=5)
     p.add_argument("--workdir", default=None)
     p.add_argument("--repeat", type=int, default=1,
-                   help="run the pair (Beam, then plain) this many times; the ratio is per pair, the "
-                        "summary the median pair")
-    p.add_argument("--_child", choices=("beam", "plain"), help=argparse.SUPPRESS)
+                   help="run every variant this many times, interleaved (the order rotates each round); "
+                        "ratios are per round, the summary their median")
+    p.add_argument("--variants", default="plain,beam",
+                   help=f"comma-separated, from {', '.join(VARIANTS)}; the first is the baseline")
+    p.add_argument("--_child", choices=tuple(VARIANTS), help=argparse.SUPPRESS)
     p.add_argument("--_args", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args._child:
         a = json.loads(args._args)
-        res = child_beam(**a) if args._child == "beam" else child_plain(**a)
+        if args._child == "plain":
+            res = child_plain(**a)
+        else:
+            res = child_beam(kmeans="flat" if args._child == "beam-flat" else "auto", **a)
         print(json.dumps(res))
         return
+    variants = args.variants.split(",")
+    if not variants or any(v not in VARIANTS for v in variants):
+        sys.exit(f"--variants takes names from {', '.join(VARIANTS)}")
     work = args.workdir or tempfile.mkdtemp(prefix="densebeam-index-bench-")
     emb_dir = os.path.join(work, "emb")
     if not os.path.exists(os.path.join(emb_dir, "_manifest.json")):
         t = time.perf_counter()
         make_embeddings(emb_dir, args.n, args.shards)
         print(f"wrote {args.n} x {DIM} vectors in {args.shards} shards in {time.perf_counter() - t:.0f} s")
+    t = time.perf_counter()
+    queries_and_truth(work, args.n)
+    print(f"exact top-10 of 2,000 fresh queries in {time.perf_counter() - t:.0f} s (not timed below)")
 
-    def run_child(kind, **kw):
+    def run_child(kind):
+        kw = {"emb_dir": emb_dir, "work": work, "n": args.n}
+        if kind != "plain":
+            kw["out"] = os.path.join(work, "bundle")
+            shutil.rmtree(kw["out"], ignore_errors=True)
         proc = subprocess.run([sys.executable, __file__, "--_child", kind, "--_args", json.dumps(kw)],
                               capture_output=True, text=True)
         if proc.returncode != 0:
@@ -172,29 +242,42 @@ def main() -> None:
 
     import shutil
 
-    pairs = []
-    for _ in range(args.repeat):
-        shutil.rmtree(os.path.join(work, "bundle"), ignore_errors=True)
-        beam_res = run_child("beam", emb_dir=emb_dir, out=os.path.join(work, "bundle"))
-        plain = run_child("plain", emb_dir=emb_dir, factory=beam_res["factory"], train=beam_res["train"])
-        pairs.append((beam_res["seconds"] / plain["seconds"], beam_res, plain))
+    rounds = []
+    for r in range(args.repeat):
+        order = variants[r % len(variants):] + variants[:r % len(variants)]  # rotate: no variant always first
+        got = {}
+        for kind in order:
+            got[kind] = run_child(kind)
+            print(f"round {r + 1} {kind}: {got[kind]['seconds']:.1f} s", flush=True)
+        rounds.append(got)
+    base = variants[0]
     raw_mb = args.n * DIM * 4 / 2**20
-    print(f"{args.n} vectors x {DIM} (raw float32 {raw_mb:.0f} MB), {beam_res['factory']}, "
-          f"training sample {beam_res['train']}")
+    first = rounds[0][variants[-1]]
+    print(f"\n{args.n} vectors x {DIM} (raw float32 {raw_mb:.0f} MB), {first['factory']}, "
+          f"training sample {first['train']}, {os.cpu_count()} cores")
     print(f"{'build':38s} {'seconds':>8s} {'ratio':>6s} {'peak RSS MB':>12s} {'x raw':>6s} "
-          f"{'peak heap MB':>13s} {'x raw':>6s}")
-    for i, (_, beam_res, plain) in enumerate(pairs, 1):
-        for name, r in [("plain FAISS train+add (1 process)", plain), ("densebeam index (Beam, local)", beam_res)]:
-            label = f"{name} #{i}" if len(pairs) > 1 else name
-            print(f"{label:38s} {r['seconds']:8.1f} {r['seconds'] / plain['seconds']:5.2f}x "
-                  f"{r['peak_rss_mb']:12.0f} {r['peak_rss_mb'] / raw_mb:5.2f}x "
-                  f"{r['peak_anon_mb']:13.0f} {r['peak_anon_mb'] / raw_mb:5.2f}x")
-    ratio, beam_res, _ = sorted(pairs, key=lambda x: x[0])[len(pairs) // 2]
-    if len(pairs) > 1:
-        print(f"median ratio over {len(pairs)} pairs: {ratio:.2f}x "
-              f"(all: {', '.join(f'{r:.2f}x' for r, _, _ in pairs)})")
-    print(f"default nprobe {beam_res['nprobe']}: recall@10 {beam_res['recall_at_10']:.3f} (held-out vectors "
-          f"vs exact), {beam_res['qps']:.0f} queries/s (batch of 2,000, 2 cores)")
+          f"{'peak heap MB':>13s} {'x raw':>6s}  recall@10 at nprobe {'/'.join(map(str, NPROBES))}")
+    for i, got in enumerate(rounds, 1):
+        for kind in variants:
+            res = got[kind]
+            label = f"{VARIANTS[kind]} #{i}" if len(rounds) > 1 else VARIANTS[kind]
+            recalls = " ".join(f"{res['recall_fresh'][str(p)]:.4f}" for p in NPROBES)
+            print(f"{label:38s} {res['seconds']:8.1f} {res['seconds'] / got[base]['seconds']:5.2f}x "
+                  f"{res['peak_rss_mb']:12.0f} {res['peak_rss_mb'] / raw_mb:5.2f}x "
+                  f"{res['peak_anon_mb']:13.0f} {res['peak_anon_mb'] / raw_mb:5.2f}x  {recalls}")
+    for kind in variants[1:]:
+        ratios = sorted(got[kind]["seconds"] / got[base]["seconds"] for got in rounds)
+        print(f"{VARIANTS[kind]} / {VARIANTS[base]}: median {ratios[len(ratios) // 2]:.2f}x over "
+              f"{len(ratios)} round(s) (all: {', '.join(f'{r:.2f}x' for r in ratios)})")
+    for kind in variants:
+        if kind != "plain":
+            res = rounds[-1][kind]
+            print(f"{VARIANTS[kind]}: default nprobe {res['nprobe']}, recall@10 {res['recall_at_10']:.3f} "
+                  f"(held-out vectors vs exact), {res['qps']:.0f} queries/s (batch of 2,000)")
+        if "train_seconds" in rounds[-1][kind]:
+            res = rounds[-1][kind]
+            print(f"{VARIANTS[kind]}: train {res['train_seconds']:.1f} s, add {res['add_seconds']:.1f} s")
+
 
 if __name__ == "__main__":
     main()
