@@ -481,19 +481,26 @@ def run_once(index: str, queries: list[str], args, check) -> dict:
     return {"load": load, "attack": attacks, "server_memory_mib": {"start": memory_start, "end": memory_end}}
 
 
-def encoding_cost(index: str, queries: list[str], precisions=("auto", "fp32"), repeat: int = 5) -> dict:
+def encoding_cost(index: str, queries: list[str], precisions=("fp32", "bf16"), repeat: int = 3,
+                  torch_threads: Optional[int] = None) -> dict:
     """What batch-invariant query encoding costs: ms per query encoded one by one (the service's and
     the library's path, :meth:`Searcher.encode_queries`) against one padded batch of all of them (what
-    the service did before, and what made a query's vector depend on its batch mates). Median of
-    ``repeat`` interleaved rounds."""
+    the service did before, and what made a query's vector depend on its batch mates), per precision.
+    Every query is encoded twice first (kernels for each length are created on first use). Median of
+    ``repeat`` rounds."""
+    import torch
+
     from densebeam.index_store.query.search import Searcher
 
-    out = {}
+    if torch_threads:
+        torch.set_num_threads(torch_threads)
     searchers = {p: Searcher.open(index, precision=p, verify="sizes") for p in precisions}
+    auto = Searcher.open(index, precision="auto", verify="sizes").encoder.precision
     times: dict = {}
-    for s in searchers.values():  # warm-up
-        s.encode_queries(queries[:4])
-        s.encoder.encode(queries[:4])
+    for s in searchers.values():
+        for _ in range(2):
+            s.encode_queries(queries)
+            s.encoder.encode(queries)
     for _ in range(repeat):
         for p, s in searchers.items():
             t = time.perf_counter()
@@ -502,13 +509,42 @@ def encoding_cost(index: str, queries: list[str], precisions=("auto", "fp32"), r
             t = time.perf_counter()
             s.encoder.encode(queries)
             times.setdefault((p, "one_batch"), []).append(time.perf_counter() - t)
-    for p, s in searchers.items():
+    out = {}
+    for p in searchers:
         one, batch = (statistics.median(times[(p, m)]) * 1000 / len(queries) for m in ("one_by_one", "one_batch"))
-        out[f"{p} ({s.encoder.precision})"] = {"one_by_one_ms_per_query": round(one, 2),
-                                                "one_batch_ms_per_query": round(batch, 2),
-                                                "ratio": round(one / batch, 2)}
-    return {"queries": len(queries), "repeat": repeat, "torch_threads": __import__("torch").get_num_threads(),
-            "cost": out}
+        out[p] = {"one_by_one_ms_per_query": round(one, 2), "one_batch_ms_per_query": round(batch, 2),
+                  "ratio": round(one / batch, 2)}
+    return {"queries": len(queries), "repeat": repeat, "torch_threads": torch.get_num_threads(),
+            "auto_is": auto, "cost": out}
+
+
+def warm_effect(index: str, n_queries: int = 200, budget_bytes: int = 2 << 30, repeat: int = 3) -> dict:
+    """Queries/s of the first ``n_queries`` single-query searches (default nprobe) of a bundle opened
+    cold (its pages evicted from the page cache, ``verify="sizes"`` so nothing reads it first) against the
+    same after :func:`reload.warm`. Median of ``repeat`` rounds; the warm-up's own seconds are reported."""
+    from densebeam.index_store.bundle import open_bundle
+    from densebeam.index_store.query import reload as reload_lib
+
+    rng = np.random.default_rng(7)
+    rounds = {"cold": [], "warmed": [], "warm_seconds": []}
+    for _ in range(repeat):
+        for mode in ("cold", "warmed"):
+            _evict(index)
+            bundle = open_bundle(index, verify="sizes")
+            if mode == "warmed":
+                rounds["warm_seconds"].append(reload_lib.warm(bundle, budget_bytes)["seconds"])
+            q = rng.standard_normal((n_queries, bundle.searcher.d)).astype(np.float32)
+            q /= np.linalg.norm(q, axis=1, keepdims=True)
+            t = time.perf_counter()
+            for row in q:
+                bundle.searcher.search(row[None], 10, bundle.default_nprobe)
+            rounds[mode].append(n_queries / (time.perf_counter() - t))
+    return {"index_bytes": sum(e["size"] for e in bundle.manifest["files"]), "nprobe": bundle.default_nprobe,
+            "nlist": bundle.searcher.nlist, "queries": n_queries, "repeat": repeat,
+            "cold_queries_per_s": round(statistics.median(rounds["cold"]), 1),
+            "warmed_queries_per_s": round(statistics.median(rounds["warmed"]), 1),
+            "warm_seconds": round(statistics.median(rounds["warm_seconds"]), 2),
+            "all": {k: [round(v, 2) for v in vs] for k, vs in rounds.items()}}
 
 
 def _median_of(runs: list[dict]) -> dict:
@@ -552,6 +588,9 @@ def main() -> None:
     p.add_argument("--repeat", type=int, default=1)
     p.add_argument("--encoding-cost", action="store_true",
                    help="only measure query encoding: one by one (batch-invariant) against one padded batch")
+    p.add_argument("--torch-threads", type=int, default=None, help="with --encoding-cost: torch threads")
+    p.add_argument("--warm-effect", action="store_true",
+                   help="only measure searches right after opening the bundle cold against after warming it")
     args = p.parse_args()
     if (args.index is None) == (args.synthetic is None):
         p.error("give one of --index or --synthetic")
@@ -563,9 +602,13 @@ def main() -> None:
     queries = list(dict.fromkeys(json.loads(line)["text"] for f in files for line in open(f, encoding="utf-8")
                                  if line.strip()))
     queries = [q for q in queries if len(q) <= Limits().max_query_chars]  # longer ones are invalid (422)
+    if args.warm_effect:
+        print(json.dumps({"command": " ".join(sys.argv), **warm_effect(args.index, repeat=max(args.repeat, 3))},
+                         indent=2))
+        return
     if args.encoding_cost:
-        print(json.dumps({"command": " ".join(sys.argv), **encoding_cost(args.index, queries[:64],
-                                                                         repeat=max(args.repeat, 3))}, indent=2))
+        print(json.dumps({"command": " ".join(sys.argv), **encoding_cost(
+            args.index, queries[:64], repeat=max(args.repeat, 3), torch_threads=args.torch_threads)}, indent=2))
         return
     check = library_checker(args.index, queries, args.precision)
     runs = [run_once(args.index, queries, args, check) for _ in range(args.repeat)]

@@ -1,7 +1,7 @@
 """The service under load: a real ``densebeam serve`` process on localhost, many concurrent clients for a
 fixed time, mixed valid and invalid requests, a slow client, and a version switch in the middle; every
 answer equals the library's for that query asked alone (ids and scores, exactly), at the default
-precision (bf16 on CPUs with native bf16)."""
+precision."""
 
 from __future__ import annotations
 
@@ -89,8 +89,8 @@ def test_real_model_answers_do_not_depend_on_the_load(real_bundle):
     equals the library's for the query asked alone, ids and scores exactly."""
     queries = [json.loads(line)["text"] for line in open(REPO / "data" / "sample" / "queries.jsonl", encoding="utf-8")]
     searcher = Searcher.open(real_bundle)
-    # The effect still exists below the query path: the encoder's own fp32 batch gives other bits than a
-    # query alone (bf16 here happens to agree on these queries; fp32 does not).
+    # The effect still exists below the query path: the encoder's own padded fp32 batch (fp32 is what
+    # "auto" gives queries on CPU) gives other bits than a query alone.
     from densebeam.index_store.encoder import load_encoder
 
     fp32 = load_encoder(searcher.bundle.facts.model, precision="fp32", max_seq_length=searcher.bundle.facts.max_seq_length)

@@ -2,8 +2,8 @@
 service under concurrent load give the same hits and scores, bit for bit, as the query asked alone.
 
 The tiny fp32 model shows the effect being guarded against: its padded batch forward pass gives a text
-a vector that differs (in the last bits) from the one it gets alone. The real model at bf16 (the default
-precision on CPUs with native bf16) shows it in the ranking: tests/test_load.py."""
+a vector that differs (in the last bits) from the one it gets alone; tests/test_load.py checks the real
+model at the default precision under 32 concurrent clients."""
 
 from __future__ import annotations
 
