@@ -251,3 +251,23 @@ def test_overload_is_answered_503_at_once(searcher):
     for r, batch in served:
         lib = searcher.search(batch, 5)
         assert [[h["doc_id"] for h in o["hits"]] for o in r.json()["results"]] == [[h.doc_id for h in x] for x in lib]
+
+
+def test_connections_beyond_the_limit_are_answered_503(searcher):
+    def post():
+        return httpx.post(srv.url + "/search", json={"query": QUERIES[0], "k": 1, "rerank": False}, timeout=30)
+
+    def first(status: int) -> int:
+        deadline = time.monotonic() + 10
+        while (code := post().status_code) != status and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return code
+
+    with Served(searcher, Limits(max_connections=4, header_timeout_s=30)) as srv:
+        idle = [socket.create_connection(("127.0.0.1", srv.port), timeout=10) for _ in range(4)]
+        try:
+            assert first(503) == 503  # once the server holds the 4 idle connections
+        finally:
+            for s in idle:
+                s.close()
+        assert first(200) == 200  # and serves again when they are gone
