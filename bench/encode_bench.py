@@ -1,12 +1,28 @@
-"""Encode benchmark: plain ``SentenceTransformer.encode`` (fp32, default settings) against
-``densebeam encode`` end to end (pipeline construction, Beam start-up, model load, read, dedup, encode,
-write, manifest) in fp32 and in the default precision, on the same passages, in one run.
+"""Encode benchmark: ``densebeam encode`` end to end against every single-machine alternative a user could
+pick (sentence-transformers fp32 and bf16, int8 dynamic quantization, ONNX Runtime, OpenVINO), side by
+side in one run, each in a fresh process, rounds interleaved; plus the fidelity of each to fp32 on the
+real collections, a profile of one encode run and peak memory.
 
-    .venv/bin/python bench/encode_bench.py                      # 5,000 passages of dl19-subset
-    .venv/bin/python bench/encode_bench.py --memory 5000,50000  # peak RSS, each size in a fresh process
-    .venv/bin/python bench/encode_bench.py --memory 5000,50000,200000 --model tiny  # pipeline memory only
+    .venv/bin/python bench/encode_bench.py                               # speed, 5,000 dl19-subset passages, 3 rounds
+    .venv/bin/python bench/encode_bench.py --n 50000 --rounds 2 --alternatives st-fp32,st-bf16,ov,densebeam
+    .venv/bin/python bench/encode_bench.py --fidelity                    # top-10 overlap, NDCG@10 vs fp32
+    .venv/bin/python bench/encode_bench.py --profile                     # where one encode run's time goes
+    python3 bench/encode_bench.py --gpu --n 50000 --model DIR            # on a CUDA GPU, no Beam needed
+    .venv/bin/python bench/encode_bench.py --memory 5000,50000           # peak RSS, each size in a fresh process
 
-Prints passages/s and ratios against the baseline measured in the same run (machines are noisy).
+ONNX Runtime and OpenVINO are optional: ``pip install onnxruntime onnx onnxscript openvino`` (into the
+environment or a folder named by ``--extra-path``); alternatives whose package is missing are skipped
+and say so. sentence-transformers' own ``backend="onnx"/"openvino"`` needs ``optimum``, whose releases
+pin ``transformers<5.6``: with this environment's transformers 5.x they cannot load, so the ONNX Runtime
+and OpenVINO alternatives here do what those backends do (export the transformer, sentence-transformers'
+tokenizer, batches of 32 sorted by length, mean pooling, normalization) with the runtimes called
+directly.
+
+Speed: the sentence-transformers-style alternatives time ``encode`` only (model load, export and a
+warm-up batch excluded, a generous baseline); ``densebeam`` times ``encode.run`` (model load, the ``auto``
+precision measurement, Beam start-up, read, duplicate check, encode, Parquet write, manifest), in a
+process that has imported the pipeline module. Ratios are against ``st-fp32`` of the same round; the
+summary gives each alternative's median and range over rounds and the median of its per-round ratios.
 """
 
 from __future__ import annotations
@@ -15,6 +31,7 @@ import argparse
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -22,10 +39,14 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-DEFAULT_CORPUS = REPO.parent / "shared" / "data" / "dl19-subset" / "corpus.jsonl"
+SHARED = REPO.parent / "shared" / "data"
+DEFAULT_CORPUS = SHARED / "dl19-subset" / "corpus.jsonl"
 MODEL = "sentence-transformers/all-MiniLM-L6-v2"
+COLLECTIONS = ("adi", "cisi", "cranfield", "dl19-subset")
+ST_BATCH = 32  # SentenceTransformer.encode's default
 
 
+# -- corpora -------------------------------------------------------------------------------------
 def iter_docs(path: Path, n: int):
     """``n`` passages, streamed; the corpus is repeated with fresh ids when n is larger than the file."""
     made, round_ = 0, 0
@@ -42,10 +63,6 @@ def iter_docs(path: Path, n: int):
         round_ += 1
 
 
-def load_docs(path: Path, n: int) -> list[dict]:
-    return list(iter_docs(path, n))
-
-
 def write_corpus(docs, directory: str) -> str:
     path = os.path.join(directory, "corpus.jsonl")
     with open(path, "w", encoding="utf-8") as f:
@@ -54,19 +71,431 @@ def write_corpus(docs, directory: str) -> str:
     return path
 
 
-def plain_encode(docs) -> float:
+def joined(d: dict) -> str:
+    """What densebeam encodes by default: BEIR-style title + text."""
+    return f"{d['title']} {d['text']}" if d.get("title") else d["text"]
+
+
+def read_texts(corpus: str) -> list[str]:
+    with open(corpus, encoding="utf-8") as f:
+        return [joined(json.loads(line)) for line in f]
+
+
+# -- the alternatives ----------------------------------------------------------------------------
+def _st_model():
     from sentence_transformers import SentenceTransformer
 
     from densebeam.index_store.encoder import resolve_model_path
 
-    model = SentenceTransformer(resolve_model_path(MODEL), device="cpu")
-    texts = [d["text"] for d in docs]
-    model.encode(texts[:32])  # warm-up, as any fair baseline
+    return SentenceTransformer(resolve_model_path(MODEL), device="cpu")
+
+
+def _st_encoder(model):
+    import numpy as np
+    import torch
+
+    def encode(texts):
+        out = model.encode(texts, convert_to_tensor=True)  # defaults: batch_size 32, length-sorted
+        return out.float().numpy() if out.dtype != torch.float32 else np.asarray(out)
+
+    return encode
+
+
+def make_st_fp32():
+    """``SentenceTransformer(name).encode(texts)``: defaults, fp32 (the 1.00x baseline)."""
+    return _st_encoder(_st_model())
+
+
+def make_st_bf16():
+    """The same after ``model.to(torch.bfloat16)`` (weights and activations bf16)."""
+    import torch
+
+    return _st_encoder(_st_model().to(torch.bfloat16))
+
+
+def make_st_int8():
+    """``torch.ao.quantization.quantize_dynamic`` of every Linear to int8 (VNNI kernels via fbgemm)."""
+    import warnings
+
+    import torch
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = torch.ao.quantization.quantize_dynamic(_st_model(), {torch.nn.Linear}, dtype=torch.qint8)
+    return _st_encoder(model)
+
+
+def make_st_compile():
+    """bf16 weights and ``torch.compile(dynamic=True)`` on the transformer (compile time excluded: the
+    warm-up pays it, then a second warm-up at another shape)."""
+    import torch
+
+    model = _st_model().to(torch.bfloat16)
+    model[0].auto_model = torch.compile(model[0].auto_model, dynamic=True)
+    return _st_encoder(model)
+
+
+class _ExportedEncoder:
+    """What sentence-transformers' ONNX/OpenVINO backends do around a runtime: its tokenizer, batches of
+    32 texts sorted by length (longest first), mean pooling over the attention mask, normalization."""
+
+    def __init__(self, st, run):
+        self.tokenizer, self.max_len, self.run = st.tokenizer, st.max_seq_length, run
+
+    def __call__(self, texts):
+        import numpy as np
+
+        order = np.argsort([-len(t) for t in texts], kind="stable")
+        chunks = []
+        for i in range(0, len(texts), ST_BATCH):
+            batch = [texts[j] for j in order[i:i + ST_BATCH]]
+            f = self.tokenizer(batch, padding=True, truncation=True, max_length=self.max_len, return_tensors="np")
+            feats = {k: f[k].astype(np.int64) for k in ("input_ids", "attention_mask", "token_type_ids")}
+            tokens = np.asarray(self.run([feats[k] for k in ("input_ids", "attention_mask", "token_type_ids")]),
+                                dtype=np.float32)
+            mask = feats["attention_mask"][:, :, None].astype(np.float32)
+            pooled = (tokens * mask).sum(1) / np.maximum(mask.sum(1), 1e-9)
+            chunks.append(pooled / np.maximum(np.linalg.norm(pooled, axis=1, keepdims=True), 1e-12))
+        out = np.empty((len(texts), chunks[0].shape[1]), dtype=np.float32)
+        out[order] = np.concatenate(chunks)
+        return out
+
+
+def _example(st):
+    enc = st.tokenizer(["a short example", "another, longer example text"], padding=True, return_tensors="pt")
+    return tuple(enc[k] for k in ("input_ids", "attention_mask", "token_type_ids"))
+
+
+def _traceable(st):
+    """The transformer as a module of three positional tensors returning the token embeddings."""
+    import torch
+
+    class Tokens(torch.nn.Module):
+        def __init__(self, bert):
+            super().__init__()
+            self.bert = bert
+
+        def forward(self, input_ids, attention_mask, token_type_ids):
+            return self.bert(input_ids=input_ids, attention_mask=attention_mask,
+                             token_type_ids=token_type_ids).last_hidden_state
+
+    return Tokens(st[0].auto_model).eval()
+
+
+def _export_onnx(st, path: str) -> None:
+    import torch
+
+    names = ["input_ids", "attention_mask", "token_type_ids"]
+    axes = {n: {0: "batch", 1: "seq"} for n in names + ["tokens"]}
+    with torch.no_grad():
+        torch.onnx.export(_traceable(st), _example(st), path, input_names=names, output_names=["tokens"],
+                          dynamic_axes=axes, dynamo=False, opset_version=17)
+
+
+def make_ort_fp32():
+    """ONNX Runtime, fp32, all graph optimizations (what ``backend="onnx"`` runs)."""
+    import onnxruntime as ort
+
+    st = _st_model()
+    path = os.path.join(tempfile.mkdtemp(prefix="densebeam-onnx-"), "model.onnx")
+    _export_onnx(st, path)
+    sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    return _ExportedEncoder(st, lambda feats: sess.run(None, _named(feats))[0])
+
+
+def _named(feats):
+    return dict(zip(("input_ids", "attention_mask", "token_type_ids"), feats))
+
+
+def make_ort_int8():
+    """ONNX Runtime with dynamic int8 quantization of the exported model (what sentence-transformers'
+    ``export_dynamic_quantized_onnx_model(..., "avx512_vnni")`` makes)."""
+    import onnxruntime as ort
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    st = _st_model()
+    tmp = tempfile.mkdtemp(prefix="densebeam-onnx-")
+    _export_onnx(st, os.path.join(tmp, "model.onnx"))
+    quantize_dynamic(os.path.join(tmp, "model.onnx"), os.path.join(tmp, "int8.onnx"), weight_type=QuantType.QInt8)
+    sess = ort.InferenceSession(os.path.join(tmp, "int8.onnx"), providers=["CPUExecutionProvider"])
+    return _ExportedEncoder(st, lambda feats: sess.run(None, _named(feats))[0])
+
+
+def make_ov():
+    """OpenVINO with its default CPU configuration (``INFERENCE_PRECISION_HINT`` bf16 on CPUs with bf16)
+    on the converted transformer (what ``backend="openvino"`` runs)."""
+    import openvino as ov
+
+    st = _st_model()
+    compiled = ov.Core().compile_model(ov.convert_model(_traceable(st), example_input=_example(st)), "CPU")
+    return _ExportedEncoder(st, lambda feats: compiled(feats)[0])
+
+
+def make_densebeam():
+    """``densebeam``'s Encoder (library call, ``auto`` precision: measured on the first texts)."""
+    from densebeam.index_store.encoder import load_encoder
+
+    return load_encoder(MODEL, precision="auto", device="cpu").encode
+
+
+def make_densebeam_fp32():
+    from densebeam.index_store.encoder import load_encoder
+
+    return load_encoder(MODEL, precision="fp32", device="cpu").encode
+
+
+def make_densebeam_bf16():
+    from densebeam.index_store.encoder import load_encoder
+
+    return load_encoder(MODEL, precision="bf16", device="cpu").encode
+
+
+# name -> (maker, kind): "lib" alternatives are timed around encode(); "pipeline" ones run
+# `densebeam encode` end to end with that precision.
+ALTERNATIVES = {
+    "st-fp32": (make_st_fp32, "lib"),
+    "st-bf16": (make_st_bf16, "lib"),
+    "st-int8": (make_st_int8, "lib"),
+    "st-compile-bf16": (make_st_compile, "lib"),
+    "ort-fp32": (make_ort_fp32, "lib"),
+    "ort-int8": (make_ort_int8, "lib"),
+    "ov": (make_ov, "lib"),
+    "densebeam": ("auto", "pipeline"),
+    "densebeam-fp32": ("fp32", "pipeline"),
+}
+SPEED_DEFAULT = ("st-fp32", "st-bf16", "st-int8", "ort-fp32", "ort-int8", "ov", "densebeam", "densebeam-fp32")
+FIDELITY_MAKERS = {"st-fp32": make_st_fp32, "st-bf16": make_st_bf16, "st-int8": make_st_int8,
+                   "ort-fp32": make_ort_fp32, "ort-int8": make_ort_int8, "ov": make_ov,
+                   "densebeam": make_densebeam, "densebeam-bf16": make_densebeam_bf16,
+                   "densebeam-fp32": make_densebeam_fp32}
+
+
+def _missing(name: str):
+    """The import error that rules an alternative out here, or None."""
+    need = {"ort-fp32": ("onnxruntime", "onnx", "onnxscript"), "ort-int8": ("onnxruntime", "onnx", "onnxscript"),
+            "ov": ("openvino",)}.get(name, ())
+    for mod in need:
+        try:
+            __import__(mod)
+        except ImportError as err:
+            return str(err)
+    return None
+
+
+# -- speed ---------------------------------------------------------------------------------------
+def _child_run(name: str, corpus: str) -> dict:
+    """One alternative on one corpus, in this (fresh) process."""
+    maker, kind = ALTERNATIVES[name]
+    if kind == "pipeline":
+        from densebeam.pipelines import encode
+
+        with tempfile.TemporaryDirectory() as tmp:
+            start = time.perf_counter()
+            manifest = encode.run(["--input", corpus, "--output", os.path.join(tmp, "out"), "--model", MODEL,
+                                   "--precision", maker, "--runner", "local", "--overwrite"])
+            secs = time.perf_counter() - start
+        facts = manifest.get("model_facts") or manifest.get("facts") or {}
+        return {"seconds": secs, "precision": facts.get("precision") if isinstance(facts, dict) else None}
+    texts = read_texts(corpus)
     start = time.perf_counter()
-    model.encode(texts)  # default settings: batch_size 32, fp32
-    return time.perf_counter() - start
+    encode = maker()
+    encode(texts[:ST_BATCH])  # warm-up, as any fair baseline
+    encode(texts[-ST_BATCH:])
+    load = time.perf_counter() - start
+    start = time.perf_counter()
+    encode(texts)
+    return {"seconds": time.perf_counter() - start, "load_seconds": load}
 
 
+def speed(args) -> None:
+    names = args.alternatives.split(",") if args.alternatives else list(SPEED_DEFAULT)
+    unknown = [n for n in names if n not in ALTERNATIVES]
+    if unknown:
+        raise SystemExit(f"unknown alternative(s) {unknown}; choose from {list(ALTERNATIVES)}")
+    if "st-fp32" not in names:
+        names.insert(0, "st-fp32")
+    skipped = {n: _missing(n) for n in names if _missing(n)}
+    names = [n for n in names if n not in skipped]
+    rows: dict[str, list[dict]] = {n: [] for n in names}
+    with tempfile.TemporaryDirectory() as tmp:
+        corpus = write_corpus(iter_docs(Path(args.corpus), args.n), tmp)
+        for r in range(args.rounds):
+            order = names[r % len(names):] + names[:r % len(names)]  # rotate who runs first
+            for name in order:
+                out = subprocess.run([sys.executable, __file__, "--_child", name, "--_corpus", corpus],
+                                     capture_output=True, text=True, env=_child_env(args))
+                if out.returncode:
+                    raise SystemExit(f"{name} failed:\n{out.stderr[-3000:]}")
+                res = json.loads(out.stdout.strip().splitlines()[-1])
+                rows[name].append(res)
+                print(f"round {r + 1} {name:16s} {res['seconds']:8.1f} s  {args.n / res['seconds']:7.1f} passages/s",
+                      flush=True)
+    _print_speed(args, rows, skipped)
+
+
+def _child_env(args) -> dict:
+    env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
+    if args.extra_path:
+        env["PYTHONPATH"] = os.pathsep.join([args.extra_path, env.get("PYTHONPATH", "")])
+    return env
+
+
+def _print_speed(args, rows, skipped) -> None:
+    base = [r["seconds"] for r in rows["st-fp32"]]
+    print(f"\n{args.n} passages from {args.corpus}, {args.rounds} round(s), machine: {os.cpu_count()} cores")
+    print(f"{'alternative':18s} {'median s':>9s} {'range s':>15s} {'passages/s':>11s} {'vs st-fp32':>11s} "
+          f"{'per-round ratios':>24s}")
+    for name, res in rows.items():
+        secs = [r["seconds"] for r in res]
+        ratios = [b / s for b, s in zip(base, secs)]
+        med = statistics.median(secs)
+        extra = f"  precision {res[0]['precision']}" if res[0].get("precision") else ""
+        print(f"{name:18s} {med:9.1f} {min(secs):7.1f}-{max(secs):<7.1f} {args.n / med:11.1f} "
+              f"{statistics.median(ratios):10.2f}x {' '.join(f'{x:.2f}' for x in ratios):>24s}{extra}")
+    for name, why in skipped.items():
+        print(f"{name:18s} skipped: {why}")
+
+
+# -- GPU ---------------------------------------------------------------------------------------
+def gpu(args) -> None:
+    """The encoder against plain sentence-transformers on one CUDA GPU, in one process (no Beam: a GPU
+    machine may not have it), rounds interleaved; every alternative tokenizes with all cores."""
+    import numpy as np
+    import torch
+    from sentence_transformers import SentenceTransformer
+
+    from densebeam.index_store.encoder import load_encoder, resolve_model_path
+
+    os.environ["TOKENIZERS_PARALLELISM"] = "true"
+    model = args.model if args.model != MODEL else resolve_model_path(MODEL)
+    texts = [joined(d) for d in iter_docs(Path(args.corpus), args.n)]
+    st32 = SentenceTransformer(model, device="cuda", model_kwargs={"dtype": torch.float32})
+    st16 = SentenceTransformer(model, device="cuda", model_kwargs={"dtype": torch.float32}).half()
+    auto = load_encoder(model, precision="auto", device="cuda")
+    fp16 = load_encoder(model, precision="fp16", device="cuda")
+    alts = {"st-fp32 (plain, batch 32)": lambda t: st32.encode(t, convert_to_numpy=True),
+            "st-fp16 weights, batch 32": lambda t: st16.encode(t, convert_to_numpy=True),
+            "st-fp16 weights, batch 256": lambda t: st16.encode(t, batch_size=256, convert_to_numpy=True),
+            "densebeam auto": auto.encode, "densebeam fp16": fp16.encode}
+    for fn in alts.values():
+        fn(texts[:2000])  # warm-up (and auto's measurement)
+    secs: dict[str, list[float]] = {k: [] for k in alts}
+    for r in range(args.rounds):
+        names = list(alts)[r % len(alts):] + list(alts)[:r % len(alts)]
+        for name in names:
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            out = alts[name](texts)
+            torch.cuda.synchronize()
+            secs[name].append(time.perf_counter() - start)
+            assert np.isfinite(np.asarray(out, dtype=np.float32)).all()
+    base = secs["st-fp32 (plain, batch 32)"]
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, {args.n} passages, {args.rounds} rounds; "
+          f"densebeam auto chose {auto.precision} ({auto.calibration['candidates']}), token budget "
+          f"{auto.token_budget}")
+    for name, s in secs.items():
+        ratios = [b / x for b, x in zip(base, s)]
+        print(f"  {name:28s} median {statistics.median(s):7.2f} s ({min(s):.2f}-{max(s):.2f})  "
+              f"{args.n / statistics.median(s):9.0f} passages/s  {statistics.median(ratios):6.2f}x")
+
+
+# -- fidelity ------------------------------------------------------------------------------------
+def fidelity(args) -> None:
+    """Every alternative against st-fp32 on each collection: documents and queries both encoded by the
+    alternative, exact inner-product search, NDCG@10 (graded qrels, ir_measures) and mean top-10
+    overlap with fp32's results; the minimum cosine of document vectors to fp32's."""
+    import numpy as np
+
+    from densebeam.index_store.query.evaluate import evaluate, read_qrels, read_queries
+
+    names = args.alternatives.split(",") if args.alternatives else list(FIDELITY_MAKERS)
+    if names[0] != "st-fp32":
+        names = ["st-fp32"] + [n for n in names if n != "st-fp32"]
+    skipped = {n: _missing(n) for n in names if _missing(n)}
+    names = [n for n in names if n not in skipped]
+    results = {}
+    for coll in args.collections.split(","):
+        base = SHARED / coll
+        with open(base / "corpus.jsonl", encoding="utf-8") as f:
+            docs = [json.loads(line) for line in f]
+        ids, texts = [d["_id"] for d in docs], [joined(d) for d in docs]
+        queries, qrels = read_queries(str(base / "queries.jsonl")), read_qrels(str(base / "qrels.tsv"))
+        qids = [q for q in queries if q in qrels]  # judged queries only
+        for name in names:
+            encode = FIDELITY_MAKERS[name]()  # a fresh model per collection: auto measures on this corpus
+            d_vec, q_vec = encode(texts), encode([queries[q] for q in qids])
+            scores = q_vec @ d_vec.T
+            top = np.argsort(-scores, axis=1, kind="stable")[:, :10]
+            run = {q: {ids[j]: float(scores[i, j]) for j in top[i]} for i, q in enumerate(qids)}
+            ndcg = evaluate(qrels, run, qids).metrics["ndcg@10"]
+            results[(coll, name)] = (d_vec, top, ndcg)
+            ref_vec, ref_top, ref_ndcg = results[(coll, "st-fp32")]
+            overlap = float(np.mean([len(set(a) & set(b)) / 10 for a, b in zip(top, ref_top)]))
+            cos = float(np.min(np.sum(d_vec * ref_vec, axis=1) / np.linalg.norm(d_vec, axis=1)
+                               / np.linalg.norm(ref_vec, axis=1)))
+            ok = overlap >= 0.98 and abs(ndcg - ref_ndcg) <= 0.005
+            print(f"{coll:12s} {name:16s} NDCG@10 {ndcg:.4f} ({ndcg - ref_ndcg:+.4f})  top-10 overlap {overlap:.4f}  "
+                  f"min cosine {cos:.5f}  {'faithful' if ok else 'NOT faithful'}  ({len(qids)} queries)", flush=True)
+    for name, why in skipped.items():
+        print(f"{name:16s} skipped: {why}")
+
+
+# -- profile -------------------------------------------------------------------------------------
+PROFILE_PARTS = (  # (label, file suffix, function names): cumulative time of the outermost calls
+    ("model load (SentenceTransformer, weights)", "index_store/encoder.py", ("_load_encoder",)),
+    ("auto precision measurement (sample of 128)", "index_store/encoder.py", ("calibrate",)),
+    ("tokenization (cut + tokenize, once)", "index_store/encoder.py", ("tokenize",)),
+    ("forward pass (packed or padded)", "index_store/encoder.py", ("__call__",)),
+    ("read + parse + validate", "transforms/corpus_io.py", ()),
+    ("duplicate-id pass", "transforms/read.py", ()),
+    ("journal (reuse cache) writes", "transforms/cache.py", ()),
+    ("Parquet write + publish", "transforms/write.py", ()),
+)
+
+
+def profile(args) -> None:
+    """One ``densebeam encode`` run under cProfile: cumulative seconds of each part. cProfile slows
+    Python-heavy parts (Beam's bookkeeping) more than the forward pass, so read the parts as shares.
+    Tokenization and forward pass include the precision measurement's own."""
+    import cProfile
+    import pstats
+
+    t0 = time.perf_counter()
+    from densebeam.pipelines import encode
+    import_s = time.perf_counter() - t0
+    with tempfile.TemporaryDirectory() as tmp:
+        corpus = write_corpus(iter_docs(Path(args.corpus), args.n), tmp)
+        prof = cProfile.Profile()
+        start = time.perf_counter()
+        prof.enable()
+        encode.run(["--input", corpus, "--output", os.path.join(tmp, "out"), "--model", MODEL,
+                    "--precision", args.precision, "--runner", "local", "--overwrite"])
+        prof.disable()
+        total = time.perf_counter() - start
+    stats = pstats.Stats(prof).stats
+    print(f"{args.n} passages, precision {args.precision}: import of the pipeline module {import_s:.1f} s "
+          f"(not counted below), encode.run {total:.1f} s under cProfile")
+    beam_run = _outermost_cumtime(stats, "apache_beam/pipeline.py", ("run",))
+    parts = {label: _outermost_cumtime(stats, suffix, funcs) for label, suffix, funcs in PROFILE_PARTS}
+    inside = sum(v for k, v in parts.items() if not k.startswith(("model load", "auto precision")))
+    rows = [("start-up before Beam runs (model load, options, planning)", total - beam_run), *parts.items(),
+            ("Beam itself (scheduling, coders, shuffles, bundles)", beam_run - inside)]
+    for label, secs in rows:
+        print(f"  {label:58s} {secs:7.1f} s  {100 * secs / total:5.1f}%")
+
+
+def _outermost_cumtime(stats, suffix: str, funcs) -> float:
+    """Cumulative time of the functions of a file (or the named ones) not called by another of them."""
+    chosen = {k for k in stats if k[0].endswith(suffix) and (not funcs or k[2] in funcs)}
+    total = 0.0
+    for key in chosen:
+        _, _, _, cumtime, callers = stats[key]
+        inner = sum(v[3] for c, v in callers.items() if c in chosen)
+        total += max(cumtime - inner, 0.0) if inner else cumtime
+    return total
+
+
+# -- memory --------------------------------------------------------------------------------------
 def pipeline_encode(corpus: str, out: str, precision: str, model: str = MODEL) -> float:
     from densebeam.pipelines import encode
 
@@ -74,20 +503,6 @@ def pipeline_encode(corpus: str, out: str, precision: str, model: str = MODEL) -
     encode.run(["--input", corpus, "--output", out, "--model", model, "--precision", precision,
                 "--runner", "local", "--overwrite"])
     return time.perf_counter() - start
-
-
-def speed(args) -> None:
-    docs = load_docs(Path(args.corpus), args.n)
-    with tempfile.TemporaryDirectory() as tmp:
-        corpus = write_corpus(docs, tmp)
-        results = {"plain ST.encode fp32": plain_encode(docs)}
-        results["densebeam encode fp32"] = pipeline_encode(corpus, os.path.join(tmp, "fp32"), "fp32")
-        results["densebeam encode default"] = pipeline_encode(corpus, os.path.join(tmp, "auto"), "auto")
-    base = results["plain ST.encode fp32"]
-    print(f"{len(docs)} passages from {args.corpus}")
-    print(f"{'run':28s} {'seconds':>8s} {'passages/s':>11s} {'vs plain fp32':>14s}")
-    for name, secs in results.items():
-        print(f"{name:28s} {secs:8.1f} {len(docs) / secs:11.1f} {base / secs:13.2f}x")
 
 
 def _child_peak_rss(corpus: str, model: str) -> None:
@@ -109,7 +524,7 @@ def memory(args) -> None:
     for n in [int(x) for x in args.memory.split(",")]:
         with tempfile.TemporaryDirectory() as tmp:
             corpus = write_corpus(iter_docs(Path(args.corpus), n), tmp)
-            out = subprocess.run([sys.executable, __file__, "--_child", corpus, "--model", model],
+            out = subprocess.run([sys.executable, __file__, "--_rss", corpus, "--model", model],
                                  check=True, capture_output=True, text=True).stdout
         rows.append({"n": n, **json.loads(out.strip().splitlines()[-1])})
     base = rows[0]["peak_rss_mb"]
@@ -122,19 +537,40 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--corpus", default=str(DEFAULT_CORPUS))
     p.add_argument("--n", type=int, default=5000)
+    p.add_argument("--rounds", type=int, default=3, help="speed: interleaved rounds of every alternative")
+    p.add_argument("--alternatives", help=f"comma-separated, from {list(ALTERNATIVES)} (speed) or "
+                                          f"{list(FIDELITY_MAKERS)} (fidelity)")
+    p.add_argument("--extra-path", help="a folder with optional runtimes (onnxruntime, openvino) for the children")
+    p.add_argument("--fidelity", action="store_true", help="fidelity to fp32 on the shared collections")
+    p.add_argument("--collections", default=",".join(COLLECTIONS))
+    p.add_argument("--profile", action="store_true", help="where the time of one densebeam encode goes")
+    p.add_argument("--gpu", action="store_true", help="encoder vs plain sentence-transformers on a CUDA GPU")
+    p.add_argument("--precision", default="auto", help="--profile: the precision to profile")
     p.add_argument("--memory", help="comma-separated passage counts for the peak-memory comparison")
     p.add_argument("--model", default=MODEL,
                    help="model for --memory; 'tiny' builds the tests' 2-layer model (pipeline memory only)")
     p.add_argument("--_child", help=argparse.SUPPRESS)
+    p.add_argument("--_corpus", help=argparse.SUPPRESS)
+    p.add_argument("--_rss", help=argparse.SUPPRESS)
     args = p.parse_args()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    if args._child:
-        import logging
+    if args.extra_path:
+        sys.path.insert(0, args.extra_path)
+    import logging
 
-        logging.basicConfig(level=logging.WARNING)
-        _child_peak_rss(args._child, args.model)
+    logging.basicConfig(level=logging.WARNING)
+    if args._child:
+        print(json.dumps(_child_run(args._child, args._corpus)))
+    elif args._rss:
+        _child_peak_rss(args._rss, args.model)
     elif args.memory:
         memory(args)
+    elif args.fidelity:
+        fidelity(args)
+    elif args.profile:
+        profile(args)
+    elif args.gpu:
+        gpu(args)
     else:
         speed(args)
 

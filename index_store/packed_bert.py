@@ -8,10 +8,11 @@ passages of one length are consecutive rows and ``rows.view(n, length, ...)`` gi
 ``transformers``' ``BertModel`` followed by sentence-transformers' mean or CLS pooling (padding never
 changes a real token's output), to float rounding: tested against ``SentenceTransformer.encode``.
 
-Compute dtypes: ``float32`` everywhere, or ``bfloat16`` matrix products (weights cast once and, on CPU,
-pre-packed in oneDNN's blocked layout, so no per-call weight reorder) with the residual stream and layer
-norms kept in float32 (``mixed``), or everything in bf16 (``bf16``, fewer conversions, lower fidelity).
-Which one runs by default is not decided here: :mod:`index_store.encoder` measures it on the corpus.
+Modes: ``fp32`` everywhere; ``bf16``: bf16 weights (cast once and, on CPU, pre-packed in oneDNN's
+blocked layout, so no per-call weight reorder) and activations, with attention softmax and pooling in
+float32; ``bf16-mixed``: bf16 matrix products but the residual stream and layer norms in float32 (more
+faithful, ~10% slower on CPU); ``fp16``: as ``bf16`` in float16 (GPUs). Which one runs by default is not
+decided here: :mod:`index_store.encoder` measures it on the corpus.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-MODES = ("fp32", "mixed", "bf16", "fp16")
+MODES = ("fp32", "bf16-mixed", "bf16", "fp16")
 ROW_MULTIPLE = 256
 
 
@@ -98,10 +99,10 @@ class PackedBert:
         self.hidden = int(cfg.hidden_size)
         self.eps = float(cfg.layer_norm_eps)
         self.act = cfg.hidden_act
-        self.mm_dtype = {"fp32": torch.float32, "mixed": torch.bfloat16, "bf16": torch.bfloat16,
+        self.mm_dtype = {"fp32": torch.float32, "bf16-mixed": torch.bfloat16, "bf16": torch.bfloat16,
                          "fp16": torch.float16}[mode]
         # the residual stream and layer norms: float32 except in the all-low-precision modes
-        self.stream_dtype = torch.float32 if mode in ("fp32", "mixed") else self.mm_dtype
+        self.stream_dtype = torch.float32 if mode in ("fp32", "bf16-mixed") else self.mm_dtype
         self._pack = self.device.type == "cpu" and self.mm_dtype == torch.bfloat16 and _onednn_ok()
         # oneDNN builds a kernel per new row count (a batch of a new shape measured ~10% slower than a
         # repeat); rows are padded to a multiple of this so a run reuses a few dozen shapes (measured +2%

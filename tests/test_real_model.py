@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from densebeam.index_store import embeddings as emb
-from densebeam.index_store.encoder import cpu_has_native_bf16, load_encoder, resolve_model_path
+from densebeam.index_store.encoder import CHARS_PER_TOKEN, load_encoder, resolve_model_path
 from densebeam.pipelines import encode
 from conftest import SHARED_DATA, write_jsonl
 
@@ -58,8 +58,8 @@ def test_fp32_pipeline_matches_sentence_transformers_encode(tmp_path, dl19):
 def test_default_precision_keeps_top10_neighbours(tmp_path, dl19):
     docs, queries = dl19
     default_vecs, facts = _pipeline_vectors(tmp_path, docs)
-    if cpu_has_native_bf16():
-        assert facts.precision == "bf16"
+    # auto measured a precision on a sample of the corpus; the manifest names the one used
+    assert facts.precision in ("bf16", "bf16-mixed", "fp32")
     fp32 = load_encoder("sentence-transformers/all-MiniLM-L6-v2", precision="fp32", device="cpu")
     ref = fp32.encode([d["text"] for d in docs])
     q = fp32.encode(queries)
@@ -67,3 +67,27 @@ def test_default_precision_keeps_top10_neighbours(tmp_path, dl19):
     top_def = np.argsort(-(q @ default_vecs.T), axis=1)[:, :10]
     overlap = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(top_ref, top_def)])
     assert overlap >= 0.98, f"top-10 overlap {overlap:.4f} with fp32"
+
+
+def test_auto_precision_is_measured_on_the_corpus(dl19):
+    docs, _ = dl19
+    enc = load_encoder("sentence-transformers/all-MiniLM-L6-v2", precision="auto", device="cpu",
+                       calibration_texts=[d["text"] for d in docs])
+    rec = enc.calibration
+    assert enc.precision == rec["chosen"] and rec["sample_passages"] == 128 and rec["packed"]
+    assert rec["candidates"]["fp32"]["faithful"] and rec["candidates"][enc.precision]["faithful"]
+    assert rec["candidates"][enc.precision]["min_cosine"] >= 0.999
+
+
+def test_a_1_mib_passage_costs_a_bounded_cut(dl19):
+    """issue 14 item 8: a huge passage is cut to max_seq_length * CHARS_PER_TOKEN characters before
+    tokenization, keeping exactly the tokens the model sees (its first max_seq_length)."""
+    docs, _ = dl19
+    enc = load_encoder("sentence-transformers/all-MiniLM-L6-v2", precision="fp32", device="cpu")
+    text = " ".join(d["text"] for d in docs)
+    huge = (text * (2 ** 20 // len(text) + 1))[:2 ** 20]
+    ids, _ = enc.tokenize([huge])
+    full = enc.model.tokenizer([huge], truncation=True, max_length=enc.max_seq_length)["input_ids"][0]
+    assert ids[0] == full and len(full) == enc.max_seq_length == 256
+    head = huge[:enc.max_seq_length * CHARS_PER_TOKEN]
+    np.testing.assert_allclose(enc.encode([huge]), enc.encode([head]), atol=1e-6)
