@@ -50,6 +50,8 @@ RECUT_FACTOR = 16
 CALIBRATION_PASSAGES = 128
 MIN_SAMPLE_OVERLAP = 0.98  # mean top-10 neighbour overlap of the sample passages among themselves
 MIN_SAMPLE_COSINE = 0.999  # every sample vector against its fp32 vector
+# a first call with fewer texts (one query) is no sample: the unmeasured default is used instead
+MIN_CALIBRATION_TEXTS = 32
 
 
 def resolve_model_path(model: str) -> str:
@@ -301,13 +303,24 @@ class Encoder:
 
         Memory is one batch of activations per lane plus the (n, dim) output and the token ids; pass
         chunks of a few thousand texts to bound it further. The first call of an ``auto`` encoder
-        measures the precision on a sample of its texts first (:meth:`calibrate`).
+        measures the precision on a sample of its texts first (:meth:`calibrate`), if it holds at least
+        ``MIN_CALIBRATION_TEXTS`` (else, e.g. one query, it takes :func:`pick_precision`'s default).
         """
         if not len(texts):
             return np.empty((0, self.dim), dtype=np.float32)
         if self._runner is None:
-            self.calibrate(texts)
+            if len(texts) >= MIN_CALIBRATION_TEXTS:
+                self.calibrate(texts)
+            else:
+                self._unmeasured_default(len(texts))
         return self._encode_with(self._runner, texts)
+
+    def _unmeasured_default(self, n: int) -> None:
+        chosen = pick_precision("auto", self.device)
+        self.precision, self._runner = chosen, self._make_runner(chosen)
+        self.calibration = {"chosen": chosen, "measured": False,
+                            "reason": f"the first call held {n} texts, fewer than {MIN_CALIBRATION_TEXTS}: "
+                                      "the unmeasured default (pick_precision)"}
 
     def _encode_with(self, runner, texts: Sequence[str]) -> np.ndarray:
         """On CPU, batches run in ``lanes`` threads (torch's thread count at the call) with one torch
@@ -363,7 +376,7 @@ class Encoder:
         for name, runner in runners.items():
             self._encode_with(runner, texts[:4])  # warm-up: kernels, caches
             vectors[name], seconds[name] = _timed(lambda r=runner: self._encode_with(r, texts))
-        record = {"sample_passages": len(texts), "device": self.device, "packed": self.packed,
+        record = {"measured": True, "sample_passages": len(texts), "device": self.device, "packed": self.packed,
                   "min_cosine_required": MIN_SAMPLE_COSINE, "min_overlap_required": MIN_SAMPLE_OVERLAP,
                   "candidates": {}}
         chosen = "fp32"

@@ -187,3 +187,11 @@ def test_the_padded_attention_of_gpus_equals_the_grouped_one(tiny_cos_model, mod
     assert _min_cos(grouped, padded) >= (0.99999 if mode == "fp32" else 0.999)
     ref = st.encode(texts, convert_to_numpy=True)[order]
     assert _min_cos(padded, ref) >= (0.99999 if mode == "fp32" else 0.999)
+
+
+def test_auto_with_a_lone_query_takes_the_unmeasured_default(tiny_cos_model):
+    from densebeam.index_store.encoder import pick_precision
+
+    enc = load_encoder(tiny_cos_model, precision="auto", device="cpu", token_budget=555)
+    enc.encode(["river music"])
+    assert enc.calibration["measured"] is False and enc.precision == pick_precision("auto", "cpu")
