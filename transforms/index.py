@@ -224,13 +224,14 @@ class _CalibrationQueriesFn(beam.DoFn):
 
     def setup(self):
         if not self._plan.calibration_queries.endswith(".npy"):
-            from densebeam.index_store.encoder import load_encoder, pick_device, pick_precision
+            from densebeam.index_store.encoder import load_encoder, pick_device
+            from densebeam.index_store.query.search import query_precision
 
             # Device and precision by the query side's rule (query.search.load_query_encoder), so these
             # vectors are the ones searches will use.
             facts, device = self._plan.facts, pick_device("auto")
             self._encoder = load_encoder(facts.model, similarity=facts.similarity, device=device,
-                                         precision=pick_precision("auto", device),
+                                         precision=query_precision("auto", device),
                                          max_seq_length=facts.max_seq_length)
 
     def process(self, path: str):

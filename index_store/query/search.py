@@ -38,6 +38,13 @@ log = logging.getLogger(__name__)
 FIRST_STAGES = ("dense", "exact", "bm25")
 
 
+def query_precision(precision: str, device: str) -> str:
+    """The precision queries are encoded in: ``auto`` is fp32 on CPU (by rule, see
+    :func:`load_query_encoder`), :func:`encoder.pick_precision`'s choice elsewhere. The index build's
+    calibration queries use it too, so its recall curves are what searches will measure."""
+    return "fp32" if precision == "auto" and device == "cpu" else pick_precision(precision, device)
+
+
 def load_query_encoder(bundle: Bundle, model: Optional[str] = None, *, device: str = "auto",
                        precision: str = "auto") -> Encoder:
     """The bundle's bi-encoder, or ``model`` if it agrees with the bundle on dimension and similarity.
@@ -50,7 +57,7 @@ def load_query_encoder(bundle: Bundle, model: Optional[str] = None, *, device: s
     being exact.
     """
     device = pick_device(device)
-    precision = "fp32" if precision == "auto" and device == "cpu" else pick_precision(precision, device)
+    precision = query_precision(precision, device)
     facts = bundle.facts
     if model is None or model == facts.model:
         return load_encoder(facts.model, similarity=facts.similarity, device=device, precision=precision,
