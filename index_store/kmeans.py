@@ -8,9 +8,9 @@ every centroid (n x nlist x d flops). Two levels cut that:
 2. **fine**: each coarse cluster's vectors are clustered into its share of the nlist centroids, shares
    proportional to its size (:func:`allocate`, :func:`train_fine`): n x nlist/k1 x d per iteration, and
    the clusters are independent, so they run on threads (:func:`train_fine_clusters`) or Beam workers;
-3. **refine**: a few Lloyd iterations over all nlist centroids in which each vector is compared only
-   with the centroids under its m best coarse centroids (:func:`refine`): n x m*nlist/k1 x d per
-   iteration. They repair the seams that step 2 leaves between coarse clusters (without them the
+3. **refine**: a few Lloyd iterations over all nlist centroids in which the vectors of a coarse cluster
+   are compared only with the centroids under the m coarse clusters nearest it (:func:`refine`): n x
+   m*nlist/k1 x d per iteration. They repair the seams that step 2 leaves between coarse clusters (without them the
    k-means objective and the recall at a given nprobe are measurably lower than flat k-means').
 
 Like FAISS for an inner-product IVF, the k-means is *spherical*: centroids are unit-norm, vectors are
@@ -36,7 +36,6 @@ import faiss
 import numpy as np
 
 TWO_LEVEL_MIN_NLIST = 1024  # below this, flat k-means costs seconds and two levels buy nothing
-CHUNK_ROWS = 16384  # training vectors per parallel task in the refine step
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,7 +49,7 @@ class TwoLevelParams:
     coarse_points_per_centroid: int = 256  # the coarse k-means' subsample (:func:`coarse_rows`)
     fine_niter: int = 10  # FAISS's IVF default
     refine_niter: int = 6
-    refine_neighbours: int = 8  # m: a vector's best coarse clusters whose fine centroids it is compared with
+    refine_neighbours: int = 8  # m: coarse clusters whose fine centroids a cluster's vectors are compared with
 
     def __post_init__(self):
         if not 1 <= self.coarse <= self.nlist:
@@ -186,53 +185,38 @@ def train_fine_clusters(clusters: Iterable[tuple[int, np.ndarray, int]], params:
     return {c: cents for (c, _, _), cents in zip(work, done)}
 
 
-def pruned_assign(x: np.ndarray, centroids: np.ndarray, coarse: np.ndarray, children: Sequence[np.ndarray],
-                  m: int) -> np.ndarray:
-    """Each vector's best centroid among the children of its ``m`` best coarse centroids (n x (k1 + m *
-    nlist / k1) x d flops instead of n x nlist x d). On the benchmark's vectors, m = 8 of 64 coarse
-    clusters agrees with the exact assignment for 99.3% of vectors (m = 4: 97.5%)."""
-    x = np.ascontiguousarray(x, dtype=np.float32)
-    m = min(m, len(coarse))
-    top = faiss.knn(x, coarse, m, metric=faiss.METRIC_INNER_PRODUCT)[1].ravel()
-    rows_of = np.repeat(np.arange(len(x)), m)
-    order = np.argsort(top, kind="stable")
-    bounds = np.searchsorted(top[order], np.arange(len(coarse) + 1))
-    best_s = np.full(len(x), -np.inf, dtype=np.float32)
-    best_i = np.zeros(len(x), dtype=np.int64)
-    for c in np.flatnonzero(np.diff(bounds)):  # ascending: a tie goes to the smaller coarse cluster
-        if len(children[c]) == 0:
-            continue
-        rows = rows_of[order[bounds[c]:bounds[c + 1]]]  # distinct: a vector's top m are distinct
-        s, i = faiss.knn(x[rows], centroids[children[c]], 1, metric=faiss.METRIC_INNER_PRODUCT)
-        better = s[:, 0] > best_s[rows]
-        best_s[rows[better]] = s[better, 0]
-        best_i[rows[better]] = children[c][i[better, 0]]
-    return best_i
+def neighbours(coarse: np.ndarray, m: int) -> np.ndarray:
+    """(k1, m): the m coarse centroids nearest each coarse centroid (itself first)."""
+    return faiss.knn(coarse, coarse, min(m, len(coarse)), metric=faiss.METRIC_INNER_PRODUCT)[1]
 
 
-def refine(chunks: Callable[[], Iterable[np.ndarray]], centroids: np.ndarray, parent: np.ndarray,
+def refine(clusters: Callable[[], Iterable[tuple[int, np.ndarray]]], centroids: np.ndarray, parent: np.ndarray,
            coarse: np.ndarray, params: TwoLevelParams, threads: Optional[int] = None) -> np.ndarray:
-    """Step 3: ``refine_niter`` Lloyd iterations over all centroids, each vector compared only with the
-    fine centroids under its ``refine_neighbours`` best coarse centroids (:func:`pruned_assign`).
-    ``chunks()`` yields the training vectors in chunks once per iteration, from memory or from files;
-    chunks are assigned in parallel and their sums added in chunk order. Memory: the chunks in flight
-    plus a float64 (nlist, d) table of sums. A centroid left without vectors keeps its place."""
+    """Step 3: ``refine_niter`` Lloyd iterations over all centroids, where the vectors of coarse cluster c
+    are compared only with the fine centroids whose ``parent`` is among the ``refine_neighbours`` coarse
+    centroids nearest c's: one matrix product per coarse cluster (a per-vector choice of candidates
+    measured slower than comparing with all centroids: many small products). ``clusters()`` yields
+    (coarse cluster, its vectors) in cluster order once per iteration, from memory or from files;
+    clusters are assigned in parallel and their sums added in cluster order. Memory: the clusters in
+    flight plus a float64 (nlist, d) table of sums. A centroid left without vectors keeps its place."""
     centroids = np.array(centroids, dtype=np.float32)
-    children = [np.flatnonzero(parent == c) for c in range(len(coarse))]
+    candidates = [np.flatnonzero(np.isin(parent, row)) for row in neighbours(coarse, params.refine_neighbours)]
     width = 4 * (threads or os.cpu_count() or 1)
     for _ in range(params.refine_niter):
         sums = np.zeros(centroids.shape, dtype=np.float64)
         counts = np.zeros(len(centroids), dtype=np.int64)
         current = centroids
 
-        def partial(x):
-            best = pruned_assign(x, current, coarse, children, params.refine_neighbours)
+        def partial(item):
+            c, x = item
+            cand = candidates[c]
+            best = cand[faiss.knn(x, current[cand], 1, metric=faiss.METRIC_INNER_PRODUCT)[1].ravel()]
             order = np.argsort(best, kind="stable")
             ids, starts = np.unique(best[order], return_index=True)
             return ids, np.add.reduceat(x[order], starts, axis=0, dtype=np.float64), \
                 np.diff(np.append(starts, len(order)))
 
-        for batch in _batched((x for x in chunks() if len(x)), width):
+        for batch in _batched((item for item in clusters() if len(item[1])), width):
             for ids, part, n in parallel_map(partial, batch, threads):
                 sums[ids] += part
                 counts[ids] += n
@@ -263,30 +247,12 @@ def two_level_kmeans(x: np.ndarray, params: TwoLevelParams, threads: Optional[in
     share = allocate(np.bincount(labels, minlength=params.coarse), params.nlist)
     members = [np.flatnonzero(labels == c) for c in range(params.coarse)]
     fine = train_fine_clusters(((c, x[rows], int(share[c])) for c, rows in enumerate(members)), params, threads)
-    return finish(fine, share, coarse, lambda: rechunk([x]), params, threads)
-
-
-def rechunk(arrays: Iterable[np.ndarray], rows: int = CHUNK_ROWS) -> Iterable[np.ndarray]:
-    """The rows of ``arrays`` (one after the other) in chunks of exactly ``rows`` (the last one shorter):
-    the refine step sums chunk by chunk, so the same chunks from memory or from several files give the
-    same float sums."""
-    pending: list[np.ndarray] = []
-    have = 0
-    for a in arrays:
-        while len(a):
-            take = a[: rows - have]
-            pending.append(take)
-            have += len(take)
-            a = a[len(take):]
-            if have == rows:
-                yield pending[0] if len(pending) == 1 else np.concatenate(pending)
-                pending, have = [], 0
-    if pending:
-        yield np.concatenate(pending)
+    return finish(fine, share, coarse, lambda: ((c, x[rows]) for c, rows in enumerate(members)), params,
+                  threads)
 
 
 def finish(fine: dict[int, np.ndarray], share: np.ndarray, coarse: np.ndarray,
-           chunks: Callable[[], Iterable[np.ndarray]], params: TwoLevelParams,
+           clusters: Callable[[], Iterable[tuple[int, np.ndarray]]], params: TwoLevelParams,
            threads: Optional[int] = None) -> np.ndarray:
     """The fine centroids in coarse-cluster order, refined (step 3)."""
     order = [c for c in range(params.coarse) if share[c] > 0]
@@ -294,4 +260,4 @@ def finish(fine: dict[int, np.ndarray], share: np.ndarray, coarse: np.ndarray,
     parent = np.repeat(order, share[order])
     if len(centroids) != params.nlist:
         raise ValueError(f"the fine k-means gave {len(centroids)} centroids, expected {params.nlist}")
-    return refine(chunks, centroids, parent, coarse, params, threads)
+    return refine(clusters, centroids, parent, coarse, params, threads)

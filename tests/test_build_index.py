@@ -70,6 +70,11 @@ def test_sharded_build_equals_single_faiss_index_with_same_quantizer(built):
     m = manifests["shards"]
     assert m["counts"] == {"vectors": N, "shards": 4, "training_vectors": m["counts"]["training_vectors"]}
     assert m["factory"] == "IVF64,Flat" and m["metric"] == "inner_product"
+    timings = m["timings"]  # worker-seconds per stage, parts = shards (or groups) that ran it
+    assert set(timings) == {"sample", "kmeans", "add", "exact_topk", "write_shard", "recall_curves"}
+    assert [timings[s]["parts"] for s in ("sample", "kmeans", "add")] == [4, 1, 4]
+    assert all(0 <= t["max_part"] <= t["seconds"] for t in timings.values())
+    assert "merge" in manifests["merged"]["timings"]
     trained = (tmp / "shards" / "trained.faiss").read_bytes()
     single = ivf.add_to_empty(trained, np.arange(N, dtype=np.int64), vecs)  # ids = global row numbers
     queries = clustered(50, seed=9)
@@ -390,5 +395,6 @@ def test_two_level_kmeans_over_workers_equals_in_process(built, tmp_path):
         m = build_index.run(args + ["--output", str(tmp_path / workers), "--runner", "local", "--workers", workers])
         assert (tmp_path / workers / "trained.faiss").read_bytes() == want, workers
         assert m["training"]["kmeans"] == "two-level" and m["training"]["coarse"] == 8
+        assert [m["timings"][s]["parts"] for s in ("kmeans_coarse", "kmeans_fine", "kmeans_refine")] == [1, 8, 1]
         assert not (tmp_path / workers / "_build").exists()  # the group files went with the temp dir
     assert m["nprobe_by_k"]["10"]["recall"] >= 0.95

@@ -49,25 +49,34 @@ def test_two_level_params():
         kmeans.TwoLevelParams(nlist=8, coarse=9)
 
 
-def test_rechunk_cuts_the_same_chunks_from_any_files():
-    x = np.arange(50, dtype=np.float32).reshape(25, 2)
-    want = [c.tolist() for c in kmeans.rechunk([x], rows=4)]
-    for cuts in ([3, 10, 11], [24], [1, 2, 3, 4, 5, 6, 7]):
-        parts = np.split(x, cuts)
-        assert [c.tolist() for c in kmeans.rechunk(parts, rows=4)] == want
-    assert [len(c) for c in kmeans.rechunk([x], rows=4)] == [4] * 6 + [1]
-
-
-def test_pruned_assignment_agrees_with_exact():
+def test_refine_with_every_neighbour_is_lloyd():
+    """With all coarse clusters as neighbours, a refine iteration is an exact spherical Lloyd iteration;
+    with 2 of 16 it still raises the k-means objective at every iteration."""
     x = clustered(8000, seed=1)
-    cent = kmeans.spherical_kmeans(x, 256, seed=3, niter=10)
-    coarse = kmeans.spherical_kmeans(cent, 16, seed=3, niter=20)
-    parent = kmeans.assign(cent, coarse)
-    children = [np.flatnonzero(parent == c) for c in range(16)]
-    exact = kmeans.assign(x, cent)
-    np.testing.assert_array_equal(kmeans.pruned_assign(x, cent, coarse, children, 16), exact)  # all: exact
-    agree = {m: np.mean(kmeans.pruned_assign(x, cent, coarse, children, m) == exact) for m in (1, 4)}
-    assert 0.5 < agree[1] < agree[4] and agree[4] > 0.95, agree
+    params = dataclasses.replace(kmeans.two_level_params(256, seed=3), coarse=16, refine_niter=1)
+    coarse = kmeans.train_coarse(x, params)
+    labels = kmeans.assign(x, coarse)
+    members = [np.flatnonzero(labels == c) for c in range(16)]
+    share = kmeans.allocate([len(m) for m in members], 256)
+    fine = kmeans.train_fine_clusters(((c, x[m], int(share[c])) for c, m in enumerate(members)), params)
+    cent = np.concatenate([fine[c] for c in range(16) if share[c]])
+    parent = np.repeat(np.arange(16), share)
+
+    def clusters():
+        return ((c, x[m]) for c, m in enumerate(members))
+
+    got = kmeans.refine(clusters, cent, parent, coarse, dataclasses.replace(params, refine_neighbours=16))
+    best = kmeans.assign(x, cent)
+    sums = np.zeros(cent.shape)
+    np.add.at(sums, best, x)
+    want = np.where(np.bincount(best, minlength=256)[:, None] > 0, sums / np.linalg.norm(sums, axis=1,
+                                                                                          keepdims=True), cent)
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    objective, c = [_objective(x, cent)], cent
+    for _ in range(3):
+        c = kmeans.refine(clusters, c, parent, coarse, dataclasses.replace(params, refine_neighbours=2))
+        objective.append(_objective(x, c))
+    assert all(b > a for a, b in zip(objective, objective[1:])), objective
 
 
 def _ivf_recall(xb, xq, centroids, nprobe, k=10):

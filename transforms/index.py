@@ -72,6 +72,7 @@ class _SampleShardFn(beam.DoFn):
         self._plan, self._root = plan, root
 
     def process(self, shard: ShardSpec):
+        start = time.monotonic()
         train_rows, query_rows = self._plan.sample_rows(shard)
         dim = self._plan.facts.dim
         queries = np.empty((len(query_rows), dim), dtype=np.float32)
@@ -87,6 +88,7 @@ class _SampleShardFn(beam.DoFn):
                 q0, q1 = np.searchsorted(query_rows, [offset, offset + len(vecs)])
                 queries[q0:q1] = vecs[query_rows[q0:q1] - offset]
         yield beam.pvalue.TaggedOutput("train", (shard.index, path, len(train_rows)))
+        yield beam.pvalue.TaggedOutput("timing", ("sample", time.monotonic() - start))
         yield shard.index, shard.base + query_rows.astype(np.int64), queries
 
 
@@ -117,19 +119,24 @@ def _gather_rows(parts, rows: np.ndarray, dim: int) -> np.ndarray:
     return out
 
 
-def _train(parts, plan: BuildPlan) -> bytes:
+class _TrainFn(beam.DoFn):
     """FAISS's flat k-means on the whole sample, in memory (small nlist: seconds)."""
-    sample = np.concatenate(list(_sample_files(parts)))
-    start = time.monotonic()
-    trained = ivf.train_empty_index(sample, plan.factory, seed=plan.seed, method="flat")
-    log.info("trained %s on %d vectors in %.1f s", plan.factory, len(sample), time.monotonic() - start)
-    return trained
+
+    def __init__(self, plan: BuildPlan):
+        self._plan = plan
+
+    def process(self, parts):
+        plan, start = self._plan, time.monotonic()
+        sample = np.concatenate(list(_sample_files(parts)))
+        yield ivf.train_empty_index(sample, plan.factory, seed=plan.seed, method="flat")
+        log.info("trained %s on %d vectors in %.1f s", plan.factory, len(sample), time.monotonic() - start)
+        yield beam.pvalue.TaggedOutput("timing", ("kmeans", time.monotonic() - start))
 
 
 # ---------------------------------------------------------------- two-level k-means over workers
 # The steps of index_store.kmeans.two_level_kmeans, with the sample in files: the coarse step writes each
-# coarse cluster group's vectors to a file, fine k-means runs per group on any worker, the refine step
-# streams the sample again. Same centroids as the in-memory function, whatever the worker count.
+# group of coarse clusters' vectors to a file, fine k-means runs per group on any worker, the refine step
+# streams the group files again. Same centroids as the in-memory function, whatever the worker count.
 
 TRAIN_GROUPS = 16  # elements of the fine step (coarse clusters c * TRAIN_GROUPS // k1 go together)
 
@@ -167,6 +174,7 @@ class _CoarseFn(beam.DoFn):
         log.info("coarse k-means: %d clusters of %d sample vectors in %.1f s", params.coarse, n,
                  time.monotonic() - start)
         yield beam.pvalue.TaggedOutput("coarse", (coarse, share))
+        yield beam.pvalue.TaggedOutput("timing", ("kmeans_coarse", time.monotonic() - start))
         for g in range(groups):
             lab = np.concatenate(labels[g]) if labels[g] else np.zeros(0, np.int32)
             yield {"group": g, "path": paths[g], "labels": lab, "share": share}
@@ -180,27 +188,46 @@ class _FineFn(beam.DoFn):
         self._plan = plan
 
     def process(self, group: dict):
-        plan = self._plan
+        plan, start = self._plan, time.monotonic()
         params = kmeans.two_level_params(plan.nlist, plan.seed)
-        with fsspec.open(group["path"], "rb") as f:
-            x = np.frombuffer(f.read(), dtype=np.float32).reshape(-1, plan.facts.dim)
-        labels, share = group["labels"], group["share"]
-        yield kmeans.train_fine_clusters(((int(c), x[labels == c], int(share[c])) for c in np.unique(labels)),
+        share = group["share"]
+        yield kmeans.train_fine_clusters(((c, x, int(share[c])) for c, x in _clusters([group], plan.facts.dim)),
                                          params)
+        yield beam.pvalue.TaggedOutput("timing", ("kmeans_fine", time.monotonic() - start))
 
 
-def _refine(fine_parts, parts, coarse, plan: BuildPlan) -> bytes:
-    """Step 3 in one place, streaming the sample files; then the empty trained index."""
-    start = time.monotonic()
-    params = kmeans.two_level_params(plan.nlist, plan.seed)
-    coarse_centroids, share = coarse
-    fine = {c: cents for part in fine_parts for c, cents in part.items()}
-    centroids = kmeans.finish(fine, share, coarse_centroids, lambda: kmeans.rechunk(_sample_files(parts)), params)
-    n = sum(p[2] for p in parts)
-    trained = ivf.trained_from_centroids(centroids, plan.factory,
+def _read_group(group: dict, dim: int) -> np.ndarray:
+    with fsspec.open(group["path"], "rb") as f:
+        return np.frombuffer(f.read(), dtype=np.float32).reshape(-1, dim)
+
+
+def _clusters(groups: list, dim: int) -> Iterator[tuple[int, np.ndarray]]:
+    """(coarse cluster, its sample vectors in sample order), in cluster order, one group file at a time."""
+    for group in groups:
+        x, labels = _read_group(group, dim), group["labels"]
+        for c in np.unique(labels):
+            yield int(c), x[labels == c]
+
+
+class _RefineFn(beam.DoFn):
+    """Step 3 in one place, streaming the group files (one in memory at a time); then the empty trained
+    index (its SQ8/PQ codec trained on a seeded subsample read from the sample files)."""
+
+    def __init__(self, plan: BuildPlan):
+        self._plan = plan
+
+    def process(self, fine_parts, parts, coarse, groups):
+        plan, start = self._plan, time.monotonic()
+        params = kmeans.two_level_params(plan.nlist, plan.seed)
+        coarse_centroids, share = coarse
+        fine = {c: cents for part in fine_parts for c, cents in part.items()}
+        groups = sorted(groups, key=lambda g: g["group"])
+        centroids = kmeans.finish(fine, share, coarse_centroids, lambda: _clusters(groups, plan.facts.dim), params)
+        n = sum(p[2] for p in parts)
+        yield ivf.trained_from_centroids(centroids, plan.factory,
                                          _gather_rows(parts, ivf.codec_rows(n, plan.seed), plan.facts.dim))
-    log.info("fine centroids refined and %s built in %.1f s", plan.factory, time.monotonic() - start)
-    return trained
+        log.info("fine centroids refined and %s built in %.1f s", plan.factory, time.monotonic() - start)
+        yield beam.pvalue.TaggedOutput("timing", ("kmeans_refine", time.monotonic() - start))
 
 
 def _held_out_queries(parts) -> dict:
@@ -293,6 +320,7 @@ class _AddShardFn(beam.DoFn):
 
     def process(self, shard: ShardSpec, trained: bytes, queries: dict):
         plan, qids, qvecs = self._plan, queries["ids"], queries["vectors"]
+        seconds = {"add": 0.0, "exact_topk": 0.0}
         layout = bundle_lib.layout_paths(len(plan.shards))
         index = ivf.index_from_bytes(trained)
         assigner = ivf.coarse_assigner(index)
@@ -302,16 +330,23 @@ class _AddShardFn(beam.DoFn):
         writer = DocstoreWriter(join(self._root, layout.docstore[shard.index]), base_row=shard.base)
         try:
             for offset, ids, vecs, texts, titles in iter_shard_rows(shard):
+                t0 = time.monotonic()
                 gids = np.arange(shard.base + offset, shard.base + offset + len(vecs), dtype=np.int64)
                 lists[offset:offset + len(vecs)] = ivf.add_assigned(index, gids, vecs, assigner)
                 writer.write(ids, texts, titles)
                 self._added.inc(len(vecs))
+                t1 = time.monotonic()
                 _add_exact(heap, qids, qvecs, gids, vecs)
+                seconds["add"] += t1 - t0
+                seconds["exact_topk"] += time.monotonic() - t1
             docstore = writer.close()
         except BaseException:
             writer.abort()
             raise
+        t0 = time.monotonic()
         ivf.write_index(index, join(self._root, layout.shards[shard.index]))
+        seconds["write_shard"] = time.monotonic() - t0
+        t0 = time.monotonic()
         heap.finalize()
         found = heap.I >= 0
         exact = (heap.D, heap.I, np.where(found, lists[np.where(found, heap.I - shard.base, 0)], -1))
@@ -322,7 +357,10 @@ class _AddShardFn(beam.DoFn):
                 s, i = searcher.search(qvecs, k + 1, nprobe)
                 own = i == qids[:, None]
                 approx[nprobe] = merge_topk(np.where(own, ivf.MISSING_SCORE, s), np.where(own, -1, i), k)
+        seconds["exact_topk"] += time.monotonic() - t0  # the searched curves of SQ8/PQ included
         yield beam.pvalue.TaggedOutput("topk", {"exact": exact, "approx": approx})
+        for stage, secs in seconds.items():
+            yield beam.pvalue.TaggedOutput("timing", (stage, secs))
         yield {"shard": shard.index, "rows": int(index.ntotal), "docstore": docstore}
 
 
@@ -373,6 +411,20 @@ def _recall_curves(plan: BuildPlan, trained: bytes, qvecs: np.ndarray, topk: dic
     return {k: [{"nprobe": p, "recall": round(r, 4)} for p, r in zip(nprobes, recalls[k])] for k in plan.ks}
 
 
+def _timings_record(timings) -> dict:
+    """``{stage: {"seconds", "parts", "max_part"}}``: worker-seconds summed over a stage's parts (shards,
+    groups). Stages: sample, kmeans (flat) or kmeans_coarse/_fine/_refine, add, exact_topk, write_shard,
+    recall_curves, merge. Hashing the files for the manifest comes after and is not in it."""
+    out: dict[str, dict] = {}
+    for stage, secs in timings:
+        rec = out.setdefault(stage, {"seconds": 0.0, "parts": 0, "max_part": 0.0})
+        rec["seconds"] += secs
+        rec["parts"] += 1
+        rec["max_part"] = max(rec["max_part"], secs)
+    return {stage: {k: round(v, 3) if isinstance(v, float) else v for k, v in rec.items()}
+            for stage, rec in out.items()}
+
+
 def _training_record(plan: BuildPlan) -> dict:
     out = {"kmeans": plan.kmeans, "sample": plan.train_size, "seed": plan.seed}
     if plan.kmeans == "two-level":
@@ -393,7 +445,7 @@ class _PublishFn(beam.DoFn):
     def __init__(self, plan: BuildPlan, root: str, extra: dict):
         self._plan, self._root, self._extra = plan, root, extra
 
-    def process(self, _, trained: bytes, queries: dict, results: list, topk: dict):
+    def process(self, _, trained: bytes, queries: dict, results: list, topk: dict, timings: list):
         plan, root = self._plan, self._root
         results = sorted(results, key=lambda r: r["shard"])
         if [r["shard"] for r in results] != list(range(len(plan.shards))):
@@ -401,8 +453,10 @@ class _PublishFn(beam.DoFn):
         n = sum(r["rows"] for r in results)
         if n != plan.n_vectors:
             raise RuntimeError(f"indexed {n} vectors but the embeddings hold {plan.n_vectors}")
+        t0 = time.monotonic()
         curves = _recall_curves(plan, trained, queries["vectors"], topk)
         chosen = nprobe_by_k(curves, plan.target_recall)
+        timings = list(timings) + [("recall_curves", time.monotonic() - t0)]
         k = plan.k
         layout = bundle_lib.layout_paths(len(plan.shards))
         fs, _ = fsspec.core.url_to_fs(root)
@@ -411,10 +465,12 @@ class _PublishFn(beam.DoFn):
         fs.rm(join(root, TEMP_DIR), recursive=True)
         files = [layout.trained] + layout.docstore
         if plan.layout == "merged":
+            t0 = time.monotonic()
             ivf.merge_on_disk(trained, [join(root, s) for s in layout.shards],
                               join(root, layout.merged_index), join(root, layout.merged_ivfdata))
             fs.rm(join(root, "shards"), recursive=True)
             files += [layout.merged_index, layout.merged_ivfdata]
+            timings.append(("merge", time.monotonic() - t0))
         else:
             files += layout.shards
         fields = {
@@ -431,6 +487,7 @@ class _PublishFn(beam.DoFn):
             "recall_measured_on": _measured_on(queries["calibration"]),
             "counts": {"vectors": n, "shards": len(plan.shards), "training_vectors": plan.train_size},
             "training": _training_record(plan),
+            "timings": _timings_record(timings),
             "shards": [{"rows": r["rows"], "base": plan.shards[r["shard"]].base,
                         "source": plan.shards[r["shard"]].path} for r in results],
             **self._extra,
@@ -454,19 +511,26 @@ class BuildIndex(beam.PTransform):
                   | "SpreadShards" >> beam.Reshuffle())
         # 1. One pass over each shard for its seeded share of the training and held-out query samples.
         sampled = shards | "Sample" >> beam.ParDo(_SampleShardFn(plan, self._root)).with_outputs(
-            "train", main="queries")
+            "train", "timing", main="queries")
+        timings = [sampled.timing]
         # 2. Train once; the empty trained index travels as bytes. Large nlist: two-level k-means, its
         #    fine step spread over workers by groups of coarse clusters.
         sample = sampled.train | "GatherSample" >> beam.combiners.ToList()
         if plan.kmeans == "flat":
-            trained = sample | "Train" >> beam.Map(_train, plan)
+            train = sample | "Train" >> beam.ParDo(_TrainFn(plan)).with_outputs("timing", main="index")
+            trained, timings = train.index, timings + [train.timing]
         else:
             groups = sample | "CoarseKMeans" >> beam.ParDo(_CoarseFn(plan, self._root)).with_outputs(
-                "coarse", main="groups")
+                "coarse", "timing", main="groups")
             fine = (groups.groups | "SpreadGroups" >> beam.Reshuffle()
-                    | "FineKMeans" >> beam.ParDo(_FineFn(plan)) | "GatherFine" >> beam.combiners.ToList())
-            trained = fine | "RefineKMeans" >> beam.Map(_refine, parts=beam.pvalue.AsSingleton(sample),
-                                                        coarse=beam.pvalue.AsSingleton(groups.coarse), plan=plan)
+                    | "FineKMeans" >> beam.ParDo(_FineFn(plan)).with_outputs("timing", main="centroids"))
+            refined = (fine.centroids | "GatherFine" >> beam.combiners.ToList()
+                       | "RefineKMeans" >> beam.ParDo(_RefineFn(plan), parts=beam.pvalue.AsSingleton(sample),
+                                                      coarse=beam.pvalue.AsSingleton(groups.coarse),
+                                                      groups=beam.pvalue.AsList(groups.groups))
+                       .with_outputs("timing", main="index"))
+            trained = refined.index
+            timings += [groups.timing, fine.timing, refined.timing]
         # Recall is measured with the held-out vectors, or with real queries when the plan names a file.
         if plan.calibration_queries is None:
             queries = (sampled.queries | "GatherQueries" >> beam.combiners.ToList()
@@ -477,7 +541,8 @@ class BuildIndex(beam.PTransform):
         # 3. Add per shard, in parallel; each worker holds one shard and the queries' top-k on it.
         added = shards | "AddShards" >> beam.ParDo(
             _AddShardFn(plan, self._root), trained=beam.pvalue.AsSingleton(trained),
-            queries=beam.pvalue.AsSingleton(queries)).with_outputs("topk", main="shards")
+            queries=beam.pvalue.AsSingleton(queries)).with_outputs("topk", "timing", main="shards")
+        timings = (timings + [added.timing]) | "Timings" >> beam.Flatten() | "GatherTimings" >> beam.combiners.ToList()
         topk = added.topk | "MergeTopK" >> beam.CombineGlobally(_MergeTopK(plan.ks[-1]))
         # 4. Measure, merge or keep, manifest last.
         return (pbegin | "PublishTrigger" >> beam.Create([None])
@@ -485,4 +550,5 @@ class BuildIndex(beam.PTransform):
                                           trained=beam.pvalue.AsSingleton(trained),
                                           queries=beam.pvalue.AsSingleton(queries),
                                           results=beam.pvalue.AsList(added.shards),
-                                          topk=beam.pvalue.AsSingleton(topk)))
+                                          topk=beam.pvalue.AsSingleton(topk),
+                                          timings=beam.pvalue.AsSingleton(timings)))
