@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from densebeam.index_store import ivf
+from densebeam.index_store.ivf_search import merge_topk
 
 DIM, N, NLIST, K = 32, 6000, 64, 10
 
@@ -54,6 +55,28 @@ def test_sharded_search_equals_one_index(data):
     assert got_scores.dtype == np.float32 and got_ids.dtype == np.int64
     # descending scores per query
     assert np.all(np.diff(got_scores, axis=1) <= 1e-7)
+
+
+def test_shards_share_one_quantizer_search(data):
+    """Shards of one trained index are searched with one quantizer search (search_preassigned): the same
+    hits as searching each shard on its own; shards of different trainings are searched one by one."""
+    xb, xq, ids, trained, shards = data
+    searcher = ivf.ShardedSearcher(shards)
+    assert searcher._shared is not None
+    for nprobe in (1, 5, NLIST, 10 * NLIST):
+        want = merge_topk(*(np.concatenate(x, axis=1) for x in zip(
+            *[s.search(xq, K, params=faiss.SearchParametersIVF(nprobe=min(nprobe, NLIST))) for s in shards])), K)
+        got = searcher.search(xq, K, nprobe)
+        np.testing.assert_array_equal(got[1], want[1])
+        np.testing.assert_allclose(got[0], want[0], atol=1e-6)
+    other = ivf.add_to_empty(ivf.train_empty_index(xb[:3000], ivf.factory_string(NLIST, "Flat"), seed=99),
+                             ids[:100], xb[:100])
+    mixed = ivf.ShardedSearcher([shards[0], other])
+    assert mixed._shared is None
+    want = merge_topk(*(np.concatenate(x, axis=1) for x in zip(
+        shards[0].search(xq, K, params=faiss.SearchParametersIVF(nprobe=4)),
+        other.search(xq, K, params=faiss.SearchParametersIVF(nprobe=4)))), K)
+    np.testing.assert_array_equal(mixed.search(xq, K, 4)[1], want[1])
 
 
 def test_add_to_empty_matches_add_batches(data):
