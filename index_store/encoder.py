@@ -27,6 +27,7 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
+from densebeam.index_store.model_files import BertFiles, read_bert_directory
 from densebeam.index_store.packed_bert import PackedBert, packed_support
 from densebeam.index_store.types import ModelFacts
 
@@ -190,9 +191,8 @@ def _columns(extra: list[dict]) -> dict:
 class _PackedRunner:
     packed = True
 
-    def __init__(self, st, precision: str, device: str):
-        self.precision, self.device = precision, device
-        self.bert = PackedBert(st, precision, device)
+    def __init__(self, bert: PackedBert, precision: str, device: str):
+        self.precision, self.device, self.bert = precision, device, bert
 
     def __call__(self, batch: list[list[int]], extra: list[dict]):
         lengths = np.fromiter((len(ids) for ids in batch), dtype=np.int64, count=len(batch))
@@ -203,13 +203,19 @@ class _PackedRunner:
 class Encoder:
     """A loaded bi-encoder. Build with :func:`load_encoder`; call :meth:`encode` on lists of texts.
 
-    ``precision`` is the one in use; it reads ``auto`` only until the first :meth:`encode` (or
-    :meth:`calibrate`) call has measured and fixed it.
+    Built from a loaded ``SentenceTransformer`` or, for the common BERT directory layout, from the
+    model's files (:class:`index_store.model_files.BertFiles`: no sentence-transformers import; then
+    :attr:`model` loads the ``SentenceTransformer`` only if asked for). ``precision`` is the one in
+    use; it reads ``auto`` only until the first :meth:`encode` (or :meth:`calibrate`) call has measured
+    and fixed it.
     """
 
     def __init__(self, model, name: str, similarity: str, device: str, precision: str,
-                 token_budget: int = DEFAULT_TOKEN_BUDGET, max_batch: int = 1 << 16):
-        self.model = model
+                 token_budget: int = DEFAULT_TOKEN_BUDGET, max_batch: int = 1 << 16,
+                 files: Optional[BertFiles] = None):
+        if (model is None) == (files is None):
+            raise ValueError("an Encoder is built from a SentenceTransformer or from BertFiles (one of them)")
+        self._st, self.files = model, files
         self.name = name
         self.similarity = similarity
         self.device = device
@@ -217,29 +223,45 @@ class Encoder:
             token_budget = CUDA_TOKEN_BUDGET
         self.token_budget = int(token_budget)
         self.max_batch = int(max_batch)
-        self.dim = int(_embedding_dim(model))
-        self.packed_unsupported = packed_support(model)  # None when the model runs packed
+        self.dim = files.dim if files is not None else int(_embedding_dim(model))
+        # None when the model runs packed, else why not
+        self.packed_unsupported = None if files is not None else packed_support(model)
+        self._tokenizer = None
         self.calibration: Optional[dict] = None
         self.precision = check_precision(precision, device)
         self._runner = self._make_runner(self.precision) if self.precision != "auto" else None
 
     @property
+    def model(self):
+        """The ``SentenceTransformer`` (loaded now if the encoder was built from files)."""
+        if self._st is None:
+            from sentence_transformers import SentenceTransformer
+
+            self._st = SentenceTransformer(self.files.path, device=self.device)
+            self._st.max_seq_length = self.files.max_seq_length
+        return self._st
+
+    @property
     def max_seq_length(self) -> int:
-        return int(self.model.max_seq_length)
+        return int(self.files.max_seq_length if self.files is not None else self._st.max_seq_length)
 
     @property
     def packed(self) -> bool:
         return self.packed_unsupported is None
 
     def facts(self, dtype: str = "float32") -> ModelFacts:
-        return ModelFacts(model=self.name, revision=_model_revision(self.model), dim=self.dim,
+        revision = None if self.files is not None else _model_revision(self._st)
+        return ModelFacts(model=self.name, revision=revision, dim=self.dim,
                           similarity=self.similarity, dtype=dtype, max_seq_length=self.max_seq_length,
                           precision=self.precision)
 
     def _make_runner(self, precision: str):
+        if self.files is not None:
+            return _PackedRunner(PackedBert.from_files(self.files, precision, self.device), precision, self.device)
         if self.packed:
-            return _PackedRunner(self.model, precision, self.device)
-        return _PaddedRunner(self.model, precision, self.device)
+            return _PackedRunner(PackedBert.from_sentence_transformer(self._st, precision, self.device),
+                                 precision, self.device)
+        return _PaddedRunner(self._st, precision, self.device)
 
     # -- tokens ---------------------------------------------------------------------------------
     def tokenize(self, texts: Sequence[str]) -> tuple[list[list[int]], list[dict]]:
@@ -251,26 +273,34 @@ class Encoder:
         whitespace between it and the cut), that text is tokenized again from a 16x longer cut.
         Returns the ids and, for models that run padded, the tokenizer's other per-token columns.
         """
-        tok = self.model.tokenizer
         msl = self.max_seq_length
         clipped = [clip_text(t, msl) for t in texts]
+        ids, offsets, extra = self._tokenize(clipped)
+        if offsets is not None:
+            redo = [i for i, (full, cut) in enumerate(zip(texts, clipped))
+                    if len(cut) < len(full) and not _cut_is_safe(cut, offsets[i], msl)]
+            if redo:
+                again, _, again_extra = self._tokenize([clip_text(texts[i], msl, RECUT_FACTOR) for i in redo])
+                for j, i in enumerate(redo):
+                    ids[i] = again[j]
+                    if extra:
+                        extra[i] = again_extra[j]
+        return ids, extra
+
+    def _tokenize(self, texts: list[str]):
+        """(ids, character offsets or None for a slow tokenizer, other per-token columns or [])."""
+        if self.files is not None:
+            if self._tokenizer is None:
+                self._tokenizer = self.files.tokenizer(self.max_seq_length)
+            encs = self._tokenizer.encode_batch(texts)
+            return [e.ids for e in encs], [e.offsets for e in encs], []
+        tok = self._st.tokenizer
         fast = bool(getattr(tok, "is_fast", False))
         want_types = not self.packed and "token_type_ids" in getattr(tok, "model_input_names", ())
-        kwargs = dict(truncation=True, max_length=msl, add_special_tokens=True, return_attention_mask=False,
-                      return_token_type_ids=want_types)
-        enc = tok(clipped, return_offsets_mapping=fast, **kwargs)
-        ids = enc["input_ids"]
+        enc = tok(texts, truncation=True, max_length=self.max_seq_length, add_special_tokens=True,
+                  return_attention_mask=False, return_token_type_ids=want_types, return_offsets_mapping=fast)
         extra = [{"token_type_ids": t} for t in enc["token_type_ids"]] if want_types else []
-        if fast:
-            redo = [i for i, (full, cut) in enumerate(zip(texts, clipped))
-                    if len(cut) < len(full) and not _cut_is_safe(cut, enc["offset_mapping"][i], msl)]
-            if redo:
-                again = tok([clip_text(texts[i], msl, RECUT_FACTOR) for i in redo], **kwargs)
-                for j, i in enumerate(redo):
-                    ids[i] = again["input_ids"][j]
-                    if want_types:
-                        extra[i] = {"token_type_ids": again["token_type_ids"][j]}
-        return ids, extra
+        return enc["input_ids"], (enc["offset_mapping"] if fast else None), extra
 
     def plan_batches(self, lengths: np.ndarray, packed: Optional[bool] = None, parts: int = 1) -> list[np.ndarray]:
         """Indices ordered longest first, cut into batches under the token budget: packed batches hold
@@ -485,12 +515,36 @@ def load_encoder(model: str, *, similarity: str = "auto", device: str = "auto", 
 
 
 def _load_encoder(model, similarity, device, precision, max_seq_length, token_budget) -> Encoder:
+    device = pick_device(device)
+    precision = check_precision(precision, device)
+    if similarity not in ("auto", "cos", "dot"):
+        raise ValueError(f"similarity must be auto, cos or dot, got {similarity!r}")
+    path = resolve_model_path(model)
+    files, why = read_bert_directory(path) if os.path.isdir(path) else (None, "not a local directory")
+    if files is not None:  # the common BERT layout: read directly, sentence-transformers is not imported
+        if max_seq_length:
+            files.max_seq_length = int(max_seq_length)
+        similarity = _chosen_similarity(similarity, _similarity_of_files(files, model), model)
+        enc = Encoder(None, model, similarity, device, precision, token_budget=token_budget, files=files)
+    else:
+        st = _load_sentence_transformer(model, path, device)
+        if max_seq_length:
+            st.max_seq_length = int(max_seq_length)
+        similarity = _chosen_similarity(similarity, infer_similarity(st, model), model)
+        enc = Encoder(st, model, similarity, device, precision, token_budget=token_budget)
+    log.info("loaded %s on %s, precision %s, similarity %s, dim %d, max_seq_length %d, %s", model, device,
+             precision, similarity, enc.dim, enc.max_seq_length,
+             "packed forward" + (" from the model files" if files is not None else "") if enc.packed
+             else f"padded forward ({enc.packed_unsupported})")
+    if files is None:
+        log.info("%s is loaded by sentence-transformers: %s", model, why)
+    return enc
+
+
+def _load_sentence_transformer(model: str, path: str, device: str):
     import torch
     from sentence_transformers import SentenceTransformer
 
-    device = pick_device(device)
-    precision = check_precision(precision, device)
-    path = resolve_model_path(model)
     try:
         st = SentenceTransformer(path, device=device)
     except Exception as err:
@@ -500,18 +554,23 @@ def _load_encoder(model, similarity, device, precision, max_seq_length, token_bu
     st.eval()
     if any(p.is_floating_point() and p.dtype != torch.float32 for p in st.parameters()):
         st.float()  # weights stored in fp16/bf16: fp32 means fp32 arithmetic; the precisions cast from here
-    if max_seq_length:
-        st.max_seq_length = int(max_seq_length)
-    inferred = infer_similarity(st, model)
-    if similarity == "auto":
-        similarity = inferred
-    elif similarity not in ("cos", "dot"):
-        raise ValueError(f"similarity must be auto, cos or dot, got {similarity!r}")
-    elif similarity != inferred:
+    return st
+
+
+def _similarity_of_files(files: BertFiles, name: str) -> str:
+    """As :func:`infer_similarity`, from the model's files."""
+    lowered = name.lower()
+    if files.normalize:
+        return "cos"
+    if files.similarity_fn == "dot" or "-dot-" in lowered or lowered.endswith("-dot") or "tas-b" in lowered:
+        return "dot"
+    return "cos"
+
+
+def _chosen_similarity(asked: str, inferred: str, model: str) -> str:
+    if asked == "auto":
+        return inferred
+    if asked != inferred:
         log.warning("model %s looks like a %s model but --similarity %s was given; using %s",
-                    model, inferred, similarity, similarity)
-    enc = Encoder(st, model, similarity, device, precision, token_budget=token_budget)
-    log.info("loaded %s on %s, precision %s, similarity %s, dim %d, max_seq_length %d, %s", model, device,
-             precision, similarity, enc.dim, st.max_seq_length,
-             "packed forward" if enc.packed else f"padded forward ({enc.packed_unsupported})")
-    return enc
+                    model, inferred, asked, asked)
+    return asked

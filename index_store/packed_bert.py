@@ -78,27 +78,28 @@ class PackedBert:
     their lengths; returns the pooled (n, hidden) float32 embeddings in the same order.
     """
 
-    def __init__(self, st, mode: str, device: str = "cpu", attention: str = "auto"):
+    def __init__(self, config: dict, weights: dict, pooling: str, mode: str, device: str = "cpu",
+                 attention: str = "auto"):
+        """``config``: a BERT config as a dict; ``weights``: tensors by ``BertModel`` state-dict names;
+        ``pooling``: ``mean`` or ``cls``. Built by :meth:`from_sentence_transformer` or
+        :meth:`from_files`."""
         import torch
 
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if attention not in ("auto", "groups", "padded"):
             raise ValueError(f"attention must be auto, groups or padded, got {attention!r}")
-        reason = packed_support(st)
-        if reason:
-            raise ValueError(f"model cannot run packed: {reason}")
-        bert = st[0].auto_model
-        cfg = bert.config
+        if pooling not in ("mean", "cls"):
+            raise ValueError(f"pooling must be mean or cls, got {pooling!r}")
         self.mode, self.device = mode, torch.device(device)
         # groups: one small attention batch per length, no mask (CPU: no kernel-launch cost); padded: one
         # masked call per layer for the whole batch (GPU: few launches)
         self.attention = attention if attention != "auto" else ("groups" if self.device.type == "cpu" else "padded")
-        self.pooling = _pooling_mode(st[1])
-        self.heads = int(cfg.num_attention_heads)
-        self.hidden = int(cfg.hidden_size)
-        self.eps = float(cfg.layer_norm_eps)
-        self.act = cfg.hidden_act
+        self.pooling = pooling
+        self.heads = int(config["num_attention_heads"])
+        self.hidden = int(config["hidden_size"])
+        self.eps = float(config.get("layer_norm_eps", 1e-12))
+        self.act = config.get("hidden_act", "gelu")
         self.mm_dtype = {"fp32": torch.float32, "bf16-mixed": torch.bfloat16, "bf16": torch.bfloat16,
                          "fp16": torch.float16}[mode]
         # the residual stream and layer norms: float32 except in the all-low-precision modes
@@ -108,50 +109,58 @@ class PackedBert:
         # repeat); rows are padded to a multiple of this so a run reuses a few dozen shapes (measured +2%
         # overall on calls of 500 passages, within the noise of a shared machine, at < 3% extra rows)
         self.row_multiple = ROW_MULTIPLE if self._pack else 1
-        emb = bert.embeddings
 
-        def f32(t):
-            return t.detach().to(self.device, torch.float32).contiguous()
+        def w(name, dtype=None):
+            t = weights[name].detach().to(torch.float32)
+            return t.to(self.device, dtype or torch.float32).contiguous()
 
-        self.word = f32(emb.word_embeddings.weight)
-        self.pos = f32(emb.position_embeddings.weight)
-        self.type0 = f32(emb.token_type_embeddings.weight[0])
-        self.emb_ln = (f32(emb.LayerNorm.weight), f32(emb.LayerNorm.bias))
+        self.word = w("embeddings.word_embeddings.weight")
+        self.pos = w("embeddings.position_embeddings.weight")
+        self.type0 = w("embeddings.token_type_embeddings.weight")[0].contiguous()
+        self.emb_ln = (w("embeddings.LayerNorm.weight"), w("embeddings.LayerNorm.bias"))
+        scale = (self.hidden // self.heads) ** -0.5
         self.layers = []
-        for layer in bert.encoder.layer:
-            att = layer.attention
+        for i in range(int(config["num_hidden_layers"])):
+            p = f"encoder.layer.{i}."
             # one (3 * hidden, hidden) product for q, k and v; the 1/sqrt(head dim) score scale is folded
             # into the query weights (no scaling pass over the scores)
-            scale = (self.hidden // self.heads) ** -0.5
-            qkv_w = torch.cat([att.self.query.weight.float() * scale, att.self.key.weight.float(),
-                               att.self.value.weight.float()])
-            qkv_b = torch.cat([att.self.query.bias.float() * scale, att.self.key.bias.float(),
-                               att.self.value.bias.float()])
+            qkv_w = torch.cat([w(p + "attention.self.query.weight") * scale, w(p + "attention.self.key.weight"),
+                               w(p + "attention.self.value.weight")])
+            qkv_b = torch.cat([w(p + "attention.self.query.bias") * scale, w(p + "attention.self.key.bias"),
+                               w(p + "attention.self.value.bias")])
             self.layers.append((
                 self._linear(qkv_w, qkv_b),
-                self._linear(att.output.dense.weight, att.output.dense.bias),
-                self._ln(att.output.LayerNorm),
-                self._linear(layer.intermediate.dense.weight, layer.intermediate.dense.bias),
-                self._linear(layer.output.dense.weight, layer.output.dense.bias),
-                self._ln(layer.output.LayerNorm),
+                self._linear(w(p + "attention.output.dense.weight"), w(p + "attention.output.dense.bias")),
+                (w(p + "attention.output.LayerNorm.weight", self.stream_dtype),
+                 w(p + "attention.output.LayerNorm.bias", self.stream_dtype)),
+                self._linear(w(p + "intermediate.dense.weight"), w(p + "intermediate.dense.bias")),
+                self._linear(w(p + "output.dense.weight"), w(p + "output.dense.bias")),
+                (w(p + "output.LayerNorm.weight", self.stream_dtype), w(p + "output.LayerNorm.bias", self.stream_dtype)),
             ))
+
+    @classmethod
+    def from_sentence_transformer(cls, st, mode: str, device: str = "cpu", attention: str = "auto") -> "PackedBert":
+        reason = packed_support(st)
+        if reason:
+            raise ValueError(f"model cannot run packed: {reason}")
+        bert = st[0].auto_model
+        return cls(bert.config.to_dict(), bert.state_dict(), _pooling_mode(st[1]), mode, device, attention)
+
+    @classmethod
+    def from_files(cls, files, mode: str, device: str = "cpu", attention: str = "auto") -> "PackedBert":
+        """From :class:`index_store.model_files.BertFiles` (no sentence-transformers import)."""
+        return cls(files.config, files.weights(), files.pooling, mode, device, attention)
 
     # -- weights --------------------------------------------------------------------------------
     def _linear(self, w, b):
         import torch
 
-        w = w.detach().to(self.device, self.mm_dtype).contiguous()
-        b = b.detach().to(self.device, self.mm_dtype).contiguous()
+        w = w.to(self.mm_dtype).contiguous()
+        b = b.to(self.mm_dtype).contiguous()
         if self._pack:
             # oneDNN's blocked layout, done once: a plain bf16 F.linear reorders the weight every call
             w = torch.ops.mkldnn._reorder_linear_weight(w, 4096)
         return w, b
-
-    def _ln(self, ln):
-        import torch
-
-        return (ln.weight.detach().to(self.device, self.stream_dtype).contiguous(),
-                ln.bias.detach().to(self.device, self.stream_dtype).contiguous())
 
     def _mm(self, x, wb, act: str = "none"):
         import torch

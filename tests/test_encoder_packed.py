@@ -153,11 +153,11 @@ def test_a_token_the_model_cannot_embed_raises(tmp_path):
 
 
 def test_packed_bert_checks_its_input(tiny_cos_model):
-    bert = PackedBert(_st(tiny_cos_model), "fp32")
+    bert = PackedBert.from_sentence_transformer(_st(tiny_cos_model), "fp32")
     with pytest.raises(ValueError, match="token ids"):
         bert(np.array([2, 5, 3], dtype=np.int64), [2, 2])
     with pytest.raises(ValueError, match="mode"):
-        PackedBert(_st(tiny_cos_model), "int4")
+        PackedBert.from_sentence_transformer(_st(tiny_cos_model), "int4")
 
 
 def test_encoder_keeps_its_public_surface(tiny_cos_model):
@@ -182,8 +182,8 @@ def test_the_padded_attention_of_gpus_equals_the_grouped_one(tiny_cos_model, mod
     lengths = np.array([len(ids[i]) for i in order])
     flat = np.array([t for i in order for t in ids[i]], dtype=np.int64)
     with torch.inference_mode():
-        grouped = PackedBert(st, mode, attention="groups")(flat, lengths).numpy()
-        padded = PackedBert(st, mode, attention="padded")(flat, lengths).numpy()
+        grouped = PackedBert.from_sentence_transformer(st, mode, attention="groups")(flat, lengths).numpy()
+        padded = PackedBert.from_sentence_transformer(st, mode, attention="padded")(flat, lengths).numpy()
     assert _min_cos(grouped, padded) >= (0.99999 if mode == "fp32" else 0.999)
     ref = st.encode(texts, convert_to_numpy=True)[order]
     assert _min_cos(padded, ref) >= (0.99999 if mode == "fp32" else 0.999)
@@ -195,3 +195,31 @@ def test_auto_with_a_lone_query_takes_the_unmeasured_default(tiny_cos_model):
     enc = load_encoder(tiny_cos_model, precision="auto", device="cpu", token_budget=555)
     enc.encode(["river music"])
     assert enc.calibration["measured"] is False and enc.precision == pick_precision("auto", "cpu")
+
+
+def test_a_bert_directory_is_read_without_importing_sentence_transformers(tiny_cos_model):
+    """The common layout is read from its files (start-up seconds saved); sentence-transformers and
+    transformers are not imported, and the vectors equal sentence-transformers' own."""
+    import subprocess
+    import sys
+
+    code = ("import sys, json; from densebeam.index_store.encoder import load_encoder; "
+            f"e = load_encoder({tiny_cos_model!r}, precision='fp32', device='cpu'); "
+            "v = e.encode(['river music', 'the city of water']); "
+            "print(json.dumps([e.files is not None, 'sentence_transformers' in sys.modules, "
+            "'transformers' in sys.modules, v.tolist()]))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    from_files, st_imported, tf_imported, vecs = __import__("json").loads(out.stdout.strip().splitlines()[-1])
+    assert from_files and not st_imported and not tf_imported
+    ref = _st(tiny_cos_model).encode(["river music", "the city of water"], convert_to_numpy=True)
+    assert _min_cos(np.array(vecs, dtype=np.float32), ref) >= 0.99999
+
+
+def test_the_files_tokenizer_gives_transformers_token_ids(tiny_cos_model):
+    enc = load_encoder(tiny_cos_model, precision="fp32", device="cpu")
+    assert enc.files is not None
+    texts = _texts(100, seed=9, hi=120) + ["", "  River,  MUSIC!! ", "café naïve Über", "水 river 音楽",
+                                          "a" * 300, "tab\tand\nnewline"]
+    ids, _ = enc.tokenize(texts)
+    ref = enc.model.tokenizer(texts, truncation=True, max_length=enc.max_seq_length)["input_ids"]
+    assert ids == ref

@@ -91,3 +91,14 @@ def test_a_1_mib_passage_costs_a_bounded_cut(dl19):
     assert ids[0] == full and len(full) == enc.max_seq_length == 256
     head = huge[:enc.max_seq_length * CHARS_PER_TOKEN]
     np.testing.assert_allclose(enc.encode([huge]), enc.encode([head]), atol=1e-6)
+
+
+def test_model_files_tokenizer_matches_transformers_on_real_text(dl19):
+    """The bundled model is read from its files (no sentence-transformers import): its tokenizer gives
+    transformers' ids for every passage and query."""
+    docs, queries = dl19
+    enc = load_encoder("sentence-transformers/all-MiniLM-L6-v2", precision="fp32", device="cpu")
+    assert enc.files is not None and enc.packed
+    texts = [d["text"] for d in docs] + queries
+    ids, _ = enc.tokenize(texts)
+    assert ids == enc.model.tokenizer(texts, truncation=True, max_length=enc.max_seq_length)["input_ids"]
