@@ -48,7 +48,7 @@ CUDA_TOKEN_BUDGET = 131072
 CHARS_PER_TOKEN = 16
 RECUT_FACTOR = 16
 # auto precision: sample size and what counts as faithful to fp32 on it
-CALIBRATION_PASSAGES = 128
+CALIBRATION_PASSAGES = 64
 MIN_SAMPLE_OVERLAP = 0.98  # mean top-10 neighbour overlap of the sample passages among themselves
 MIN_SAMPLE_COSINE = 0.999  # every sample vector against its fp32 vector
 # a first call with fewer texts (one query) is no sample: the unmeasured default is used instead
@@ -390,7 +390,7 @@ class Encoder:
         them) and keep the fastest faithful one: every vector's cosine to its fp32 vector at least
         ``MIN_SAMPLE_COSINE`` and the mean top-10 overlap of each sample passage's neighbours among the
         others at least ``MIN_SAMPLE_OVERLAP``; fp32 if none is. Costs one fp32 and one candidate
-        encode of the sample (about 1-3 s on 2 CPU cores for 128 passages). Returns the record, also
+        encode of the sample (about 1 s on 2 idle CPU cores for 64 passages). Returns the record, also
         kept as :attr:`calibration`; the chosen precision becomes :attr:`precision`."""
         if not len(texts):
             raise ValueError("calibration needs at least one text")

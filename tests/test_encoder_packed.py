@@ -9,7 +9,7 @@ import random
 import numpy as np
 import pytest
 
-from densebeam.index_store.encoder import (CHARS_PER_TOKEN, Encoder, clip_text, load_encoder)
+from densebeam.index_store.encoder import (CALIBRATION_PASSAGES, CHARS_PER_TOKEN, Encoder, clip_text, load_encoder)
 from densebeam.index_store.packed_bert import PackedBert, packed_support
 from conftest import _WORDS, build_tiny_bi_encoder
 
@@ -105,7 +105,7 @@ def test_auto_measures_the_precision_and_records_it(tiny_cos_model):
     got = enc.encode(texts)  # the first call measures on a sample of its texts, then encodes
     rec = enc.calibration
     assert rec is not None and enc.precision == rec["chosen"] in rec["candidates"]
-    assert rec["sample_passages"] == 128 and set(rec["candidates"]) >= {"fp32", "bf16"}
+    assert rec["sample_passages"] == CALIBRATION_PASSAGES and set(rec["candidates"]) >= {"fp32", "bf16"}
     chosen = rec["candidates"][rec["chosen"]]
     assert chosen["faithful"] and chosen["min_cosine"] >= rec["min_cosine_required"]
     for c in rec["candidates"].values():  # the choice is the fastest faithful candidate

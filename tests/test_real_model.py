@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from densebeam.index_store import embeddings as emb
-from densebeam.index_store.encoder import CHARS_PER_TOKEN, load_encoder, resolve_model_path
+from densebeam.index_store.encoder import CALIBRATION_PASSAGES, CHARS_PER_TOKEN, load_encoder, resolve_model_path
 from densebeam.pipelines import encode
 from conftest import SHARED_DATA, write_jsonl
 
@@ -74,7 +74,7 @@ def test_auto_precision_is_measured_on_the_corpus(dl19):
     enc = load_encoder("sentence-transformers/all-MiniLM-L6-v2", precision="auto", device="cpu",
                        calibration_texts=[d["text"] for d in docs])
     rec = enc.calibration
-    assert enc.precision == rec["chosen"] and rec["sample_passages"] == 128 and rec["packed"]
+    assert enc.precision == rec["chosen"] and rec["sample_passages"] == CALIBRATION_PASSAGES and rec["packed"]
     assert rec["candidates"]["fp32"]["faithful"] and rec["candidates"][enc.precision]["faithful"]
     assert rec["candidates"][enc.precision]["min_cosine"] >= 0.999
 
