@@ -358,7 +358,11 @@ class Encoder:
         operations, and each multi-threaded one ends at a barrier where every thread waits for the
         slowest. On a CPU shared with other processes a descheduled thread stalls every barrier
         (measured on 2 busy cores: 2 torch threads 13-20 passages/s, 1 thread 78-104, 2 lanes of 1
-        thread 87-93); on an idle CPU lanes use every core with no barrier at all."""
+        thread 87-93); on an idle CPU lanes use every core with no barrier at all. Every CPU batch runs
+        on one thread, lanes or not: fp32 matrix products split over n threads sum in another order, so
+        a lone query encoded in a 2-thread process differed in the last bits from the same query in a
+        1-thread one (14 of 40 sample queries, up to 1.3e-7), and a service's scores from the
+        library's."""
         import torch
 
         out = np.empty((len(texts), self.dim), dtype=np.float32)
@@ -375,11 +379,15 @@ class Encoder:
                     emb = torch.nn.functional.normalize(emb, p=2, dim=1)
                 out[idx] = emb.cpu().numpy()
 
-        if lanes <= 1:
+        if self.device != "cpu":
             for idx in batches:
                 run(idx)
             return out
         with _one_torch_thread_each() as pool_initializer:
+            if lanes <= 1:  # one thread here too: a vector's bits do not depend on the thread count
+                for idx in batches:
+                    run(idx)
+                return out
             with ThreadPoolExecutor(lanes, initializer=pool_initializer) as pool:
                 for _ in pool.map(run, batches):  # re-raises a lane's exception here
                     pass

@@ -34,6 +34,7 @@ import pyarrow.parquet as pq
 from apache_beam.metrics import Metrics
 
 from densebeam.index_store import embeddings as emb
+from densebeam.index_store import fsutil
 from densebeam.transforms.corpus_io import is_local_fs
 from densebeam.transforms.read import NAMESPACE
 
@@ -188,8 +189,8 @@ class _JournalFn(beam.DoFn):
             emb.FACTS_KEY: json.dumps(facts, sort_keys=True).encode(),
             IDENTITY_KEY: json.dumps(file_identity(self._identity, self._precision)).encode()})
         path = emb.join(self._out, JOURNAL_DIR, f"journal-{uuid.uuid4().hex}.parquet")
-        with fsspec.open(path, "wb") as f:
-            pq.write_table(table, f)
+        with fsutil.atomic_local_output(path) as tmp:  # never seen half-written (a kill mid-write)
+            pq.write_table(table, tmp)
         self._hashes, self._vecs = [], []
 
     def finish_bundle(self):
