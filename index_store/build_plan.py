@@ -1,5 +1,6 @@
 """Planning an index build from embeddings manifests alone (no vectors read): shards and their global
-row ids, nlist, codec, training and held-out query sample sizes, and which rows each shard samples.
+row ids, nlist, codec, training and held-out query sample sizes, and which rows each shard samples
+(a global sample of row ids, :mod:`index_store.global_sample`: the same rows whatever the shard layout).
 
 Pure functions, no Beam import; the Beam build (:mod:`transforms.index`) executes a plan.
 """
@@ -7,6 +8,7 @@ Pure functions, no Beam import; the Beam build (:mod:`transforms.index`) execute
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Optional, Sequence, Union
 
 import numpy as np
@@ -14,6 +16,7 @@ import numpy as np
 from densebeam.index_store import ivf
 from densebeam.index_store.nprobe import DEFAULT_KS
 from densebeam.index_store.embeddings import EmbeddingsDir
+from densebeam.index_store.global_sample import GlobalSample
 from densebeam.index_store.types import ModelFacts
 
 LAYOUTS = ("merged", "shards")
@@ -25,8 +28,8 @@ class ShardSpec:
     path: str  # embeddings Parquet shard
     base: int  # FAISS id of its first row: ids are base .. base + rows - 1, unique across the build
     rows: int
-    n_train: int  # rows of this shard in the training sample
-    n_queries: int  # rows of this shard used as held-out queries for the nprobe measurement
+    n_train: int  # rows of this shard in the (global) training sample
+    n_queries: int  # rows of this shard in the (global) held-out query sample for the nprobe measurement
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,11 +69,22 @@ class BuildPlan:
             c *= 2
         return out + [self.nlist]
 
+    @functools.cached_property
+    def sample(self) -> GlobalSample:
+        """The training and held-out query rows of the whole build, drawn over global row ids (computed
+        once per plan object, i.e. once per worker)."""
+        return GlobalSample(self.n_vectors, self.train_size, self.n_queries, self.seed)
+
     def sample_rows(self, shard: ShardSpec) -> tuple[np.ndarray, np.ndarray]:
-        """(training rows, query rows) of one shard: local row numbers, seeded, disjoint, sorted."""
-        rng = np.random.default_rng([self.seed, shard.index])
-        picked = rng.choice(shard.rows, shard.n_train + shard.n_queries, replace=False)
-        return np.sort(picked[:shard.n_train]), np.sort(picked[shard.n_train:])
+        """(training rows, query rows) of one shard: local row numbers, sorted; the global sample's rows
+        that fall in the shard, so any split of the same rows into shards samples the same rows. Cost:
+        proportional to the shard (see :mod:`index_store.global_sample`)."""
+        train, queries = self.sample.rows(shard.base, shard.base + shard.rows)
+        if (len(train), len(queries)) != (shard.n_train, shard.n_queries):
+            raise RuntimeError(f"shard {shard.index} ({shard.path}) samples {len(train)} training and "
+                               f"{len(queries)} query rows but its plan says {shard.n_train} and "
+                               f"{shard.n_queries}; plan the build again")
+        return train - shard.base, queries - shard.base
 
 
 def check_same_facts(dirs: Sequence[EmbeddingsDir]) -> ModelFacts:
@@ -79,16 +93,6 @@ def check_same_facts(dirs: Sequence[EmbeddingsDir]) -> ModelFacts:
     for d in dirs[1:]:
         first.check_compatible(d.facts, what=f"{dirs[0].root} and {d.root}")
     return first
-
-
-def _allocate(total: int, weights: Sequence[int]) -> list[int]:
-    """Split ``total`` over shards proportionally to ``weights`` (largest remainder; sums exactly)."""
-    w = np.asarray(weights, dtype=np.float64)
-    exact = total * w / w.sum()
-    out = np.floor(exact).astype(np.int64)
-    for i in np.argsort(-(exact - out), kind="stable")[: total - int(out.sum())]:
-        out[i] += 1
-    return [int(min(x, cap)) for x, cap in zip(out, weights)]
 
 
 def recall_ks(k: Union[int, Sequence[int]], n_vectors: int) -> tuple[int, ...]:
@@ -131,14 +135,15 @@ def plan_build(dirs: Sequence[EmbeddingsDir], *, nlist: Optional[int] = None, co
     codec = codec or ivf.choose_codec(n, facts.dim, memory_budget_bytes)
     train = min(ivf.training_sample_size(nlist, n, facts.dim, memory_budget_bytes), n - n_queries) \
         if n > n_queries else n
-    trains, queries = _allocate(train, rows), _allocate(n_queries, rows)
-    # A shard too small for both samples gives its queries back to the training sample's slack.
-    queries = [min(q, r - t) for q, r, t in zip(queries, rows, trains)]
-    bases = np.concatenate([[0], np.cumsum(rows)[:-1]]).astype(int)
-    shards = tuple(ShardSpec(i, p, int(b), r, t, q)
-                   for i, (p, b, r, t, q) in enumerate(zip(paths, bases, rows, trains, queries)))
+    n_queries = min(n_queries, n - train)  # a corpus too small for both samples trains on every row
+    # The samples are drawn over global row ids; each shard counts the sampled rows it holds.
+    sample = GlobalSample(n, train, n_queries, seed)
+    bounds = np.concatenate([[0], np.cumsum(rows)]).astype(int)
+    below = [sample.count_below(int(x)) for x in bounds]
+    shards = tuple(ShardSpec(i, p, int(bounds[i]), r, n_train=below[i + 1][0] - below[i][0],
+                             n_queries=below[i + 1][1] - below[i][1]) for i, (p, r) in enumerate(zip(paths, rows)))
     return BuildPlan(facts=facts, shards=shards, n_vectors=n, nlist=nlist, codec=codec,
-                     factory=ivf.factory_string(nlist, codec), train_size=sum(trains),
-                     n_queries=sum(queries), ks=recall_ks(k, n), target_recall=target_recall, layout=layout,
+                     factory=ivf.factory_string(nlist, codec), train_size=train,
+                     n_queries=n_queries, ks=recall_ks(k, n), target_recall=target_recall, layout=layout,
                      seed=seed, kmeans=ivf.kmeans_method(kmeans, nlist), calibration_queries=calibration_queries,
                      max_calibration_queries=asked_queries)

@@ -139,7 +139,7 @@ def held_out_recall_curve(bundle_dir, emb_dir, vecs, n_queries, nprobes, codec=N
 
 
 def test_trained_on_exactly_the_planned_sample(built):
-    """k-means ran on the seeded training rows of the plan, in shard then row order (seeded k-means:
+    """k-means ran on the seeded training rows of the plan, in global row order (seeded k-means:
     the same sample gives the same bytes), and none of them is a held-out query row."""
     from densebeam.index_store.build_plan import plan_build
 
@@ -383,18 +383,53 @@ def test_calibration_queries_measure_the_curves(built, tmp_path):
 def test_two_level_kmeans_over_workers_equals_in_process(built, tmp_path):
     """``--kmeans two-level``: the coarse step writes groups of coarse clusters to files, fine k-means runs
     per group on any worker, the refine step streams the sample again; the trained index is byte for byte
-    the in-process ``train_empty_index`` on the plan's sample, with one worker or two."""
+    the in-process ``train_empty_index`` on the plan's sample, with one worker or two, and from the same
+    rows split into other shards (the sample files hold other shares, concatenated in global row order)."""
     from densebeam.index_store.build_plan import plan_build
 
     tmp, vecs, _ = built
-    args = ["--embeddings", str(tmp / "emb"), "--nlist", "64", "--recall-queries", "300", "--kmeans", "two-level"]
+    args = ["--nlist", "64", "--recall-queries", "300", "--kmeans", "two-level"]
     plan = plan_build([emb.open_embeddings(str(tmp / "emb"))], nlist=64, n_queries=300, kmeans="two-level")
     train = np.concatenate([s.base + plan.sample_rows(s)[0] for s in plan.shards])
     want = ivf.train_empty_index(vecs[train], plan.factory, seed=plan.seed, method="two-level")
-    for workers in ("1", "2"):
-        m = build_index.run(args + ["--output", str(tmp_path / workers), "--runner", "local", "--workers", workers])
+    other = write_embeddings_dir(tmp_path / "emb1000", vecs, FACTS, shard_rows=1000)
+    for workers, emb_dir in (("1", tmp / "emb"), ("2", tmp / "emb"), ("2-other-shards", other)):
+        m = build_index.run(args + ["--embeddings", str(emb_dir), "--output", str(tmp_path / workers),
+                                    "--runner", "local", "--workers", workers[0]])
         assert (tmp_path / workers / "trained.faiss").read_bytes() == want, workers
         assert m["training"]["kmeans"] == "two-level" and m["training"]["coarse"] == 8
         assert [m["timings"][s]["parts"] for s in ("kmeans_coarse", "kmeans_fine", "kmeans_refine")] == [1, 8, 1]
         assert not (tmp_path / workers / "_build").exists()  # the group files went with the temp dir
     assert m["nprobe_by_k"]["10"]["recall"] >= 0.95
+
+
+def test_any_shard_layout_of_the_same_rows_gives_the_same_bundle(built, tmp_path):
+    """The training and held-out query samples are drawn over global row ids, not per written shard: the
+    same rows split into 6 shards or 1 (another worker count or runner writes other shard boundaries over
+    the same canonical row order), built with 1 or 2 workers, give byte-identical trained and merged
+    indexes, the same FAISS id per document, and the same measured curves and nprobe."""
+    from densebeam.index_store.build_plan import plan_build
+
+    tmp, vecs, manifests = built
+    want = manifests["merged"]
+    same = ("nprobe", "recall_at_k", "recall_curve", "nprobe_by_k", "recall_curves", "calibration", "training",
+            "factory")
+    plans = [plan_build([emb.open_embeddings(str(tmp / "emb"))], nlist=64, n_queries=300)]
+    for rows, workers in ((1000, "2"), (6000, "1")):
+        emb_dir = write_embeddings_dir(tmp_path / f"emb{rows}", vecs, FACTS, shard_rows=rows)
+        plans.append(plan_build([emb.open_embeddings(emb_dir)], nlist=64, n_queries=300))
+        out = tmp_path / f"i{rows}"
+        m = build_index.run(["--embeddings", emb_dir, "--output", str(out), "--nlist", "64", "--recall-queries",
+                             "300", "--runner", "local", "--workers", workers])
+        assert m["counts"]["shards"] == -(-N // rows) and m["counts"]["training_vectors"] == plans[0].train_size
+        assert {f: m[f] for f in same} == {f: want[f] for f in same}, rows
+        for name in ("trained.faiss", "index.faiss", "index.ivfdata"):
+            assert (out / name).read_bytes() == (tmp / "merged" / name).read_bytes(), (rows, name)
+        store = bundle_lib.open_bundle(str(out)).docstore
+        assert [d["id"] for d in store.get(list(range(N)))] == [f"v{i}" for i in range(N)]
+    # The plans agree on the global rows sampled; each shard's counts are the sample's rows it holds.
+    for i in (0, 1):
+        rows = [np.concatenate([s.base + p.sample_rows(s)[i] for s in p.shards]) for p in plans]
+        assert all(np.array_equal(r, rows[0]) for r in rows[1:]), i
+    for p in plans:
+        assert sum(s.n_train for s in p.shards) == p.train_size and sum(s.n_queries for s in p.shards) == 300

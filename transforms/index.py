@@ -64,9 +64,10 @@ TEMP_DIR = "_build"
 
 
 class _SampleShardFn(beam.DoFn):
-    """One pass over a shard: its seeded training rows, written to a temp ``.npy`` file whose path is
-    emitted (tag ``train``; the sample never travels through the runner, so it exists once in memory,
-    at training), and its held-out query rows (small; emitted as arrays)."""
+    """One pass over a shard: its rows of the build's seeded training sample (drawn over global row
+    ids, so the same rows whatever the shard layout: ``BuildPlan.sample_rows``), written to a temp
+    ``.npy`` file whose path is emitted (tag ``train``; the sample never travels through the runner, so
+    it exists once in memory, at training), and its held-out query rows (small; emitted as arrays)."""
 
     def __init__(self, plan: BuildPlan, root: str):
         self._plan, self._root = plan, root
@@ -93,7 +94,8 @@ class _SampleShardFn(beam.DoFn):
 
 
 def _concat_by_shard(parts):
-    """Deterministic concatenation whatever order the runner delivered the parts in."""
+    """Deterministic concatenation whatever order the runner delivered the parts in: shard order, which
+    is global row order (shards are numbered in row order and each part's rows are sorted)."""
     return sorted(parts, key=lambda p: p[0])
 
 
