@@ -7,6 +7,7 @@ samples, on synthetic clustered vectors.
     .venv/bin/python bench/index_bench.py --n 200000         # quicker
     .venv/bin/python bench/index_bench.py --repeat 3         # three interleaved rounds, median ratio
     .venv/bin/python bench/index_bench.py --variants plain,beam,beam-flat   # also densebeam's flat k-means
+    .venv/bin/python bench/index_bench.py --plot WORKDIR/bundle docs/img/index-1m.svg   # its picture
 
 Each build runs in a fresh process so its peak RSS is its own; the variants of a round run one after the
 other, in an order that rotates from round to round. Prints build seconds, the ratio to the first
@@ -191,97 +192,13 @@ def child_plain(emb_dir: str, work: str, n: int) -> dict:
     return res
 
 
-def _svg(width: int, height: int, body: list[str]) -> str:
-    return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
-            f'font-family="sans-serif" font-size="12">\n<rect width="100%" height="100%" fill="white"/>\n'
-            + "\n".join(body) + "\n</svg>\n")
-
-
-def recall_curves_svg(manifest: dict, width: int = 560, height: int = 340) -> str:
-    """recall@k against nprobe (log2 axis), one line per measured k, the chosen nprobe of each k marked:
-    a plain SVG, no plotting library."""
-    import math
-
-    curves = manifest.get("recall_curves") or {str(manifest.get("k", 10)): manifest["recall_curve"]}
-    chosen = manifest.get("nprobe_by_k", {})
-    left, right, top, bottom = 60, 110, 30, 45
-    nmax = max(c["nprobe"] for curve in curves.values() for c in curve)
-    lo = min(min(c["recall"] for c in curve) for curve in curves.values())
-    lo = math.floor(lo * 10) / 10
-
-    def xy(nprobe, recall):
-        x = left + (width - left - right) * math.log2(nprobe) / max(1, math.log2(nmax))
-        y = top + (height - top - bottom) * (1 - (recall - lo) / (1 - lo or 1))
-        return x, y
-
-    colours = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e"]
-    body = [f'<text x="{left}" y="18" font-size="14">{manifest["factory"]}, {manifest["counts"]["vectors"]:,} '
-            f'vectors: recall@k against exact search</text>']
-    for i in range(int(round((1 - lo) * 10)) + 1):
-        r = lo + i / 10
-        x0, y = xy(1, r)
-        body.append(f'<line x1="{left}" y1="{y:.1f}" x2="{width - right}" y2="{y:.1f}" stroke="#ddd"/>'
-                    f'<text x="{left - 8}" y="{y + 4:.1f}" text-anchor="end">{r:.1f}</text>')
-    p = 1
-    while p <= nmax:
-        x, _ = xy(p, lo)
-        body.append(f'<text x="{x:.1f}" y="{height - bottom + 16}" text-anchor="middle">{p}</text>')
-        p *= 4
-    body.append(f'<text x="{(left + width - right) / 2}" y="{height - 8}" text-anchor="middle">nprobe '
-                f'(of {manifest["nlist"]} lists)</text>')
-    target = manifest.get("target_recall")
-    if target:
-        _, y = xy(1, target)
-        body.append(f'<line x1="{left}" y1="{y:.1f}" x2="{width - right}" y2="{y:.1f}" stroke="#888" '
-                    f'stroke-dasharray="4 3"/><text x="{width - right + 4}" y="{y + 4:.1f}">target {target}</text>')
-    for i, (k, curve) in enumerate(sorted(curves.items(), key=lambda kv: int(kv[0]))):
-        colour = colours[i % len(colours)]
-        points = " ".join(f"{x:.1f},{y:.1f}" for x, y in (xy(c["nprobe"], c["recall"]) for c in curve))
-        body.append(f'<polyline points="{points}" fill="none" stroke="{colour}" stroke-width="2"/>')
-        if k in chosen:
-            x, y = xy(chosen[k]["nprobe"], chosen[k]["recall"])
-            body.append(f'<circle cx="{x:.1f}" cy="{y:.1f}" r="4" fill="{colour}"/>')
-        body.append(f'<text x="{width - right + 4}" y="{top + 16 * i + 30}" fill="{colour}">k = {k}'
-                    f'{", nprobe " + str(chosen[k]["nprobe"]) if k in chosen else ""}</text>')
-    return _svg(width, height, body)
-
-
-def timings_svg(manifest: dict, width: int = 560) -> str:
-    """The build's worker-seconds per stage (manifest ``timings``) as horizontal bars."""
-    timings = manifest["timings"]
-    order = ["sample", "kmeans", "kmeans_coarse", "kmeans_fine", "kmeans_refine", "add", "exact_topk",
-             "write_shard", "recall_curves", "merge"]
-    stages = [s for s in order if s in timings] + sorted(set(timings) - set(order))
-    most = max(t["seconds"] for t in timings.values()) or 1
-    left, bar = 110, 22
-    height = 40 + bar * len(stages) + 10
-    body = [f'<text x="10" y="18" font-size="14">{manifest["factory"]}, {manifest["counts"]["vectors"]:,} vectors: '
-            'worker-seconds per build stage</text>']
-    for i, stage in enumerate(stages):
-        t = timings[stage]
-        y = 32 + i * bar
-        w = (width - left - 120) * t["seconds"] / most
-        body.append(f'<text x="{left - 6}" y="{y + 15}" text-anchor="end">{stage}</text>'
-                    f'<rect x="{left}" y="{y + 3}" width="{w:.1f}" height="{bar - 6}" fill="#1f77b4"/>'
-                    f'<text x="{left + w + 6:.1f}" y="{y + 15}">{t["seconds"]:.1f} s'
-                    f'{" (" + str(t["parts"]) + " parts)" if t["parts"] > 1 else ""}</text>')
-    return _svg(width, height, body)
-
-
-def write_plots(bundle: str, out_dir: str) -> list[str]:
-    """recall-curves.svg and build-timings.svg of a bundle's manifest into ``out_dir``."""
+def write_plot(bundle: str, path: str) -> str:
+    """The bundle's recall curves per k above its build's worker-seconds per stage, as one SVG file: the
+    same picture as ``densebeam inspect BUNDLE --plot PATH``."""
     from densebeam.index_store.bundle import read_manifest
+    from densebeam.index_store.bundle_plot import write_bundle_svg
 
-    m = read_manifest(bundle)
-    os.makedirs(out_dir, exist_ok=True)
-    paths = [os.path.join(out_dir, "recall-curves.svg")]
-    with open(paths[0], "w") as f:
-        f.write(recall_curves_svg(m))
-    if "timings" in m:
-        paths.append(os.path.join(out_dir, "build-timings.svg"))
-        with open(paths[1], "w") as f:
-            f.write(timings_svg(m))
-    return paths
+    return f"{path}: {write_bundle_svg(read_manifest(bundle), path)}"
 
 
 VARIANTS = {"plain": "plain FAISS train+add (1 process)", "beam": "densebeam index",
@@ -298,13 +215,14 @@ def main() -> None:
                         "ratios are per round, the summary their median")
     p.add_argument("--variants", default="plain,beam",
                    help=f"comma-separated, from {', '.join(VARIANTS)}; the first is the baseline")
-    p.add_argument("--plot", nargs=2, metavar=("BUNDLE", "OUT_DIR"),
-                   help="only write the recall curves and the build's time breakdown of BUNDLE as SVG files")
+    p.add_argument("--plot", nargs=2, metavar=("BUNDLE", "FILE"),
+                   help="only write BUNDLE's recall curves and build time breakdown to the SVG FILE (as "
+                        "densebeam inspect BUNDLE --plot FILE does), e.g. the bundle under --workdir")
     p.add_argument("--_child", choices=tuple(VARIANTS), help=argparse.SUPPRESS)
     p.add_argument("--_args", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.plot:
-        print("\n".join(write_plots(*args.plot)))
+        print(write_plot(*args.plot))
         return
     if args._child:
         a = json.loads(args._args)

@@ -21,7 +21,7 @@ commands:
   encode    corpus shards -> Parquet embeddings dir (Beam pipeline)
   index     embeddings dir(s) -> FAISS IVF index bundle (Beam pipeline)
   build     encode + index in one command
-  inspect   print an index bundle's (or embeddings dir's) manifest in human form
+  inspect   print an index bundle's (or embeddings dir's) manifest in human form; --plot FILE: SVG
   search    query an index bundle (dense IVF, exact or BM25; optional cross-encoder re-rank)
   eval      retrieve for a query set and score it against qrels (nDCG@10, MRR@10, R@100, R@1000)
   serve     HTTP search service over an index bundle (FastAPI + uvicorn)
@@ -133,9 +133,16 @@ def _inspect(argv: Sequence[str]) -> int:
     p.add_argument("--json", action="store_true", help="print the raw manifest")
     p.add_argument("--verify", action="store_true",
                    help="also check every file's size and sha256 and validate the bundle's structure")
+    p.add_argument("--plot", metavar="FILE", default=None,
+                   help="also write an SVG picture of the bundle to the local FILE: recall@k against nprobe "
+                        "for every measured k (chosen nprobe marked, target dashed) above the build's "
+                        "worker-seconds per stage")
     args = p.parse_args(argv)
     fs, root = fsspec_url_to_fs(args.path)
     if fs.exists(emb.join(root, emb.MANIFEST)):
+        if args.plot:
+            raise ValueError(f"{args.path} is an embeddings dir; --plot draws an index bundle's recall curves "
+                             "and build timings: give it the bundle that `densebeam index` wrote")
         m = emb.open_embeddings(args.path).manifest
         print(json.dumps(m, indent=2) if args.json else format_encode_summary(m, args.path))
         return 0
@@ -147,12 +154,18 @@ def _inspect(argv: Sequence[str]) -> int:
         opened = bundle_lib.open_bundle(path, verify="full")
         m = opened.manifest
     if path != args.path:
-        print(f"versioned location {args.path}: current version {versions.current(args.path)}")
+        print(f"versioned location {args.path}: current version {versions.current(args.path)}",
+              file=sys.stderr if args.json else sys.stdout)
     print(json.dumps(m, indent=2) if args.json else format_index_summary(m, args.path))
     if args.verify:
         print(f"  verified: every file matches its size and sha256; structure validated ("
               f"{opened.searcher.ntotal} vectors in {opened.searcher.nlist} lists, ids = the "
               f"{len(opened.docstore)} docstore rows, Arrow data fully validated)")
+    if args.plot:
+        from densebeam.index_store.bundle_plot import write_bundle_svg
+
+        print(f"  plot: {args.plot}: {write_bundle_svg(m, args.plot)}",
+              file=sys.stderr if args.json else sys.stdout)  # --json's stdout stays one JSON document
     return 0
 
 

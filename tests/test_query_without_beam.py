@@ -57,15 +57,20 @@ def test_the_blocker_really_blocks_beam():
     assert r.returncode != 0 and "blocked: Beam-free install" in r.stderr
 
 
-def test_version_and_inspect_without_beam(bundle):
+def test_version_and_inspect_without_beam(bundle, tmp_path):
+    import xml.etree.ElementTree as ET
+
     import densebeam
+    from densebeam.index_store.bundle import read_manifest
 
     r = run_cli("--version")
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == f"densebeam {densebeam.__version__}"
-    r = run_cli("inspect", bundle, "--verify")
+    r = run_cli("inspect", bundle, "--verify", "--plot", str(tmp_path / "bundle.svg"))
     assert r.returncode == 0, r.stderr
-    assert "120 vectors" in r.stdout and "verified" in r.stdout
+    assert "120 vectors" in r.stdout and "verified" in r.stdout and "plot:" in r.stdout
+    curves = ET.parse(tmp_path / "bundle.svg").getroot().iter("{http://www.w3.org/2000/svg}polyline")
+    assert sorted(int(c.get("data-k")) for c in curves) == sorted(map(int, read_manifest(bundle)["recall_curves"]))
 
 
 def test_search_and_eval_cli_without_beam(bundle, tmp_path):
