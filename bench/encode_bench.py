@@ -113,6 +113,23 @@ def make_st_bf16():
     return _st_encoder(_st_model().to(torch.bfloat16))
 
 
+def make_st_bf16_b128():
+    """bf16 weights and batches of 128 instead of 32 (fewer, larger matrix products)."""
+    import torch
+
+    model = _st_model().to(torch.bfloat16)
+    return lambda texts: model.encode(texts, batch_size=128, convert_to_tensor=True).float().numpy()
+
+
+def make_st_bf16_t1():
+    """bf16 weights with one torch thread: no barriers between threads (on a CPU shared with other work
+    a multi-threaded operation waits for its slowest thread)."""
+    import torch
+
+    torch.set_num_threads(1)
+    return _st_encoder(_st_model().to(torch.bfloat16))
+
+
 def make_st_int8():
     """``torch.ao.quantization.quantize_dynamic`` of every Linear to int8 (VNNI kernels via fbgemm)."""
     import warnings
@@ -255,6 +272,8 @@ def make_densebeam_bf16():
 ALTERNATIVES = {
     "st-fp32": (make_st_fp32, "lib"),
     "st-bf16": (make_st_bf16, "lib"),
+    "st-bf16-b128": (make_st_bf16_b128, "lib"),
+    "st-bf16-1thread": (make_st_bf16_t1, "lib"),
     "st-int8": (make_st_int8, "lib"),
     "st-compile-bf16": (make_st_compile, "lib"),
     "ort-fp32": (make_ort_fp32, "lib"),

@@ -525,12 +525,19 @@ def warm_effect(index: str, n_queries: int = 200, budget_bytes: int = 2 << 30, r
     from densebeam.index_store.bundle import open_bundle
     from densebeam.index_store.query import reload as reload_lib
 
+    import gc
+
     rng = np.random.default_rng(7)
     rounds = {"cold": [], "warmed": [], "warm_seconds": []}
+    bundle = facts = None
     for _ in range(repeat):
         for mode in ("cold", "warmed"):
+            bundle = None  # unmapped first: the kernel keeps the pages of a file someone maps
+            gc.collect()
             _evict(index)
             bundle = open_bundle(index, verify="sizes")
+            facts = {"index_bytes": sum(e["size"] for e in bundle.manifest["files"]),
+                     "nprobe": bundle.default_nprobe, "nlist": bundle.searcher.nlist}
             if mode == "warmed":
                 rounds["warm_seconds"].append(reload_lib.warm(bundle, budget_bytes)["seconds"])
             q = rng.standard_normal((n_queries, bundle.searcher.d)).astype(np.float32)
@@ -539,8 +546,7 @@ def warm_effect(index: str, n_queries: int = 200, budget_bytes: int = 2 << 30, r
             for row in q:
                 bundle.searcher.search(row[None], 10, bundle.default_nprobe)
             rounds[mode].append(n_queries / (time.perf_counter() - t))
-    return {"index_bytes": sum(e["size"] for e in bundle.manifest["files"]), "nprobe": bundle.default_nprobe,
-            "nlist": bundle.searcher.nlist, "queries": n_queries, "repeat": repeat,
+    return {**facts, "queries": n_queries, "repeat": repeat,
             "cold_queries_per_s": round(statistics.median(rounds["cold"]), 1),
             "warmed_queries_per_s": round(statistics.median(rounds["warmed"]), 1),
             "warm_seconds": round(statistics.median(rounds["warm_seconds"]), 2),
