@@ -4,6 +4,7 @@ with the same command, give the same result as an uninterrupted run."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -78,7 +79,7 @@ def _build_cmd(src, out, model):
             "--nlist", "8", *LOCAL]
 
 
-def _run_killed_at(point, cmd, out, ref_seconds):
+def _run_killed_at(point, cmd, out, ref_seconds, attempts=3):
     """Start ``cmd`` and SIGKILL its whole process group (as an OOM killer or a preemption would) at a
     moment seen from outside, with no hook in the product: ``journal`` = as soon as the first journal
     file exists (mid-encoding), ``index`` = as soon as the index build's work dir exists, or a float =
@@ -92,7 +93,13 @@ def _run_killed_at(point, cmd, out, ref_seconds):
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
     while True:
         if proc.poll() is not None:
-            raise AssertionError(f"run ended before {point}: {proc.stderr.read().decode()[-2000:]}")
+            err = proc.stderr.read().decode()[-2000:]
+            if proc.returncode == 0 and not reached and attempts > 1:
+                # Ran faster than the reference (a busy machine slowed that one): aim at this run's time.
+                shutil.rmtree(out, ignore_errors=True)
+                shutil.rmtree(emb_dir, ignore_errors=True)
+                return _run_killed_at(point, cmd, out, time.monotonic() - start, attempts - 1)
+            raise AssertionError(f"run ended before {point} (exit {proc.returncode}): {err}")
         if (reached() if reached else time.monotonic() - start >= point * ref_seconds):
             break
         if time.monotonic() - start > 240:

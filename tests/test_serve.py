@@ -185,3 +185,27 @@ def test_many_concurrent_clients_all_correct(client, server, searcher):
     batches = after["batches"] - before["batches"]
     assert after["batched_queries"] - before["batched_queries"] == 160
     assert batches < 160, "concurrent requests should share batches"
+
+
+def test_service_defaults_for_nprobe_and_rerank_depth(searcher, client):
+    """``serve --nprobe N --rerank-depth D`` are the defaults of requests that give none (they were once
+    accepted and ignored), and an answer reports the nprobe its search started from."""
+    from densebeam.index_store.nprobe import nprobe_for_k
+
+    plain = client.post("/search", json={"query": QUERIES[2], "k": 7, "rerank": False}).json()
+    assert plain["nprobe"] == nprobe_for_k(searcher.bundle.manifest, 7)
+    srv = ServerThread(create_app(searcher, Limits(batch_window_ms=3.0), default_nprobe=1,
+                                  default_rerank_depth=12)).start()
+    try:
+        with httpx.Client(base_url=srv.url, timeout=60) as c:
+            got = c.post("/search", json={"query": QUERIES[2], "k": 7, "rerank": False}).json()
+            asked = c.post("/search", json={"query": QUERIES[2], "k": 7, "nprobe": 2, "rerank": False}).json()
+            rr = c.post("/search", json={"query": QUERIES[3], "k": 5}).json()
+    finally:
+        srv.stop()
+    assert got["nprobe"] == 1 and asked["nprobe"] == 2
+    _assert_same(got["results"][0]["hits"], searcher.search(QUERIES[2:3], k=7, nprobe=1)[0])
+    _assert_same(asked["results"][0]["hits"], searcher.search(QUERIES[2:3], k=7, nprobe=2)[0])
+    assert rr["reranked"] is True and rr["nprobe"] == 1
+    _assert_same(rr["results"][0]["hits"], searcher.retrieve(QUERIES[3:4], 5, nprobe=1, rerank=True,
+                                                             rerank_depth=12)[0])

@@ -29,6 +29,7 @@ import time
 from typing import Optional
 
 from densebeam.index_store.bundle import open_bundle
+from densebeam.index_store.nprobe import nprobe_for_k
 from densebeam.index_store.query import reload as reload_lib
 from densebeam.index_store.query.batcher import MicroBatcher, Overloaded, SearchJob
 from densebeam.index_store.query.http_limits import BodyLimit, h11_protocol
@@ -156,7 +157,8 @@ def _brief(text: object, limit: int = 300) -> str:
 
 def create_app(searcher: Searcher, limits: Limits = Limits(), reloading: Optional[Reloading] = None,
                admin_token: Optional[str] = None, expose_paths: bool = False,
-               version: Optional["reload_lib.VersionId"] = None):
+               version: Optional["reload_lib.VersionId"] = None, default_nprobe: Optional[int] = None,
+               default_rerank_depth: int = 100):
     """The FastAPI app; the micro-batcher (and the watch, if any) start and stop with its lifespan.
 
     ``reloading`` enables ``POST /admin/reload`` (with ``admin_token``) and the watch: the location's
@@ -164,6 +166,9 @@ def create_app(searcher: Searcher, limits: Limits = Limits(), reloading: Optiona
     keeps serving, and swapped in with one assignment between batches, so no request is dropped.
     ``version`` names what ``searcher`` holds (as :func:`reload.identify` would), so that an unchanged
     location is not reopened. ``expose_paths`` puts local paths into /health, /info and reload answers.
+    ``default_nprobe`` (``serve --nprobe``) is the nprobe of requests that give none (at most the serving
+    bundle's nlist; ``None``: the bundle's nprobe for the request's k); a request without
+    ``rerank_depth`` re-ranks ``max(k, default_rerank_depth)`` hits (``serve --rerank-depth``).
     """
     from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request
     from fastapi.exceptions import RequestValidationError
@@ -309,9 +314,11 @@ def create_app(searcher: Searcher, limits: Limits = Limits(), reloading: Optiona
             raise HTTPException(400, "rerank was asked for but this service has no cross-encoder; start it "
                                      "with --rerank-model NAME_OR_PATH")
         queries = [req.query] if req.query is not None else list(req.queries)
-        depth = req.rerank_depth or max(req.k, 100)
+        depth = req.rerank_depth or max(req.k, default_rerank_depth)
         if req.nprobe is not None and req.nprobe > max(searcher.nlist, 1):
             raise HTTPException(422, f"nprobe {req.nprobe} is more than the {searcher.nlist} lists of this bundle")
+        nprobe = req.nprobe if req.nprobe is not None else (
+            min(default_nprobe, max(searcher.nlist, 1)) if default_nprobe else None)
         if len(queries) * req.k > limits.max_hits:
             raise HTTPException(422, f"{len(queries)} queries x k {req.k} = {len(queries) * req.k} hits, more than "
                                      f"the {limits.max_hits} a request may ask for; send fewer queries or a smaller k")
@@ -319,10 +326,14 @@ def create_app(searcher: Searcher, limits: Limits = Limits(), reloading: Optiona
             raise HTTPException(422, f"{len(queries)} queries x rerank_depth {depth} = {len(queries) * depth} "
                                      f"cross-encoder pairs, more than the {limits.max_rerank_pairs} a request may "
                                      "ask for; send fewer queries or a smaller rerank_depth")
-        results = await batcher.submit(SearchJob(queries, req.k, req.nprobe, rerank, depth))
+        results = await batcher.submit(SearchJob(queries, req.k, nprobe, rerank, depth))
+        # The nprobe the search started from (a query whose probed lists held fewer than k vectors is
+        # searched again with more: ivf_search.search_filled).
+        started = nprobe if nprobe is not None else nprobe_for_k(searcher.bundle.manifest,
+                                                                 depth if rerank else req.k)
         answer = JSONResponse({"results": [{"query": q, "hits": [h.to_dict() for h in hits]}
                                            for q, hits in zip(queries, results)],
-                               "k": req.k, "nprobe": req.nprobe or searcher.default_nprobe, "reranked": rerank,
+                               "k": req.k, "nprobe": started, "reranked": rerank,
                                "took_ms": round((time.perf_counter() - start) * 1000, 3)})
         if len(answer.body) > limits.max_response_bytes:
             raise HTTPException(422, f"the answer would be {len(answer.body)} bytes, more than the "
