@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import resource
+from pathlib import Path
 import socket
 import threading
 import time
@@ -271,3 +272,86 @@ def test_connections_beyond_the_limit_are_answered_503(searcher):
             for s in idle:
                 s.close()
         assert first(200) == 200  # and serves again when they are gone
+
+
+def test_a_request_head_over_16_kib_is_refused_and_the_service_goes_on(served):
+    big = "x" * (20 << 10)
+    with socket.create_connection(("127.0.0.1", served.port), timeout=10) as s:
+        s.sendall(f"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: {big}\r\n\r\n".encode())
+        got = b""
+        while chunk := s.recv(65536):
+            got += chunk
+    status = int(got.split(b" ", 2)[1])
+    assert status == 431 and len(got) < 4096  # refused, closed, nothing echoed
+    ok = httpx.get(served.url + "/health", headers={"X-Fine": "y" * (8 << 10)}, timeout=10)
+    assert ok.status_code == 200 and ok.json()["refused"]["head_too_large"] >= 1
+
+
+@pytest.mark.parametrize("content, env, message", [
+    ("short-token", None, "shorter than 16"),
+    ("   \n", None, "is empty"),
+    (None, "short", "shorter than 16"),
+])
+def test_weak_or_empty_admin_tokens_are_refused(tmp_path, monkeypatch, content, env, message):
+    from densebeam.index_store.query.serve import ADMIN_TOKEN_ENV, read_admin_token
+
+    monkeypatch.delenv(ADMIN_TOKEN_ENV, raising=False)
+    path = None
+    if content is not None:
+        path = tmp_path / "token"
+        path.write_text(content)
+    if env is not None:
+        monkeypatch.setenv(ADMIN_TOKEN_ENV, env)
+    with pytest.raises(ValueError, match=message):
+        read_admin_token(str(path) if path else None)
+
+
+def test_admin_is_off_without_a_token_and_on_with_a_long_one(tmp_path, monkeypatch):
+    from densebeam.index_store.query.serve import ADMIN_TOKEN_ENV, read_admin_token
+
+    monkeypatch.delenv(ADMIN_TOKEN_ENV, raising=False)
+    assert read_admin_token(None) is None
+    (tmp_path / "token").write_text("  a-long-random-token-0123456789\n")
+    assert read_admin_token(str(tmp_path / "token")) == "a-long-random-token-0123456789"
+
+
+def test_serve_refuses_a_forged_bundle_at_start_with_a_message(searcher, tmp_path):
+    """``densebeam serve`` proves its first version as a reload does: a hash-consistent corrupt bundle
+    (one byte of index.faiss's list table changed, the manifest's hashes recomputed) ends the process
+    with exit 2 and a message naming the file, never a signal; and a weak admin token file ends it
+    with a message before anything is opened."""
+    import hashlib
+    import shutil
+    import subprocess
+    import sys
+
+    from densebeam.index_store.bundle import BundleError, open_bundle
+
+    root = tmp_path / "forged"
+    original = (Path(searcher.bundle.root) / "index.faiss").read_bytes()
+    for pos in range(len(original) - 1, len(original) - 200, -1):  # the list table at the file's end
+        shutil.rmtree(root, ignore_errors=True)
+        shutil.copytree(searcher.bundle.root, root)
+        data = bytearray(original)
+        data[pos] ^= 0x40
+        (root / "index.faiss").write_bytes(bytes(data))
+        manifest = json.loads((root / "manifest.json").read_text())
+        for entry in manifest["files"]:
+            if entry["path"] == "index.faiss":
+                entry.update(size=len(data), sha256=hashlib.sha256(bytes(data)).hexdigest())
+        (root / "manifest.json").write_text(json.dumps(manifest))
+        try:
+            open_bundle(str(root)).close()
+        except BundleError:
+            break  # a flip the reader refuses: now through the service's start
+    else:
+        raise AssertionError("no flip in the last 200 bytes of index.faiss was refused")
+    base = [sys.executable, "-m", "densebeam.pipelines.cli", "serve", "--host", "127.0.0.1",
+            "--port", str(free_port())]
+    done = subprocess.run(base + ["--index", str(root)], capture_output=True, text=True, timeout=180)
+    assert done.returncode == 2, done.stderr[-2000:]  # an error exit with a message, not a signal
+    assert "index.faiss" in done.stderr and "refused" in done.stderr and "Traceback" not in done.stderr
+    (tmp_path / "token").write_text("short")
+    weak = subprocess.run(base + ["--index", searcher.bundle.root, "--admin-token-file", str(tmp_path / "token")],
+                          capture_output=True, text=True, timeout=180)
+    assert weak.returncode != 0 and weak.returncode > 0 and "shorter than 16" in weak.stderr

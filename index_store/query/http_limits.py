@@ -13,6 +13,8 @@ validation runs, so these limits live beneath it:
   headers: a connection that has not sent a whole request head within ``header_timeout_s`` of opening
   (or of its previous answer) is answered 408 and closed; one that sent nothing is just closed.
   uvicorn's own keep-alive timeout only covers a connection that sends nothing at all.
+- A request head (path, query and headers) over ``MAX_HEAD_BYTES`` is answered 431 by
+  :class:`BodyLimit` before the app; h11 refuses one that is still incomplete past that size.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import logging
 from typing import Optional
 
 log = logging.getLogger(__name__)
+MAX_HEAD_BYTES = 16 * 1024  # request line + headers (also h11's bound on a head still arriving)
 
 
 def _error_response(status: int, detail: str, extra_headers: tuple = ()) -> tuple[dict, dict]:
@@ -37,15 +40,26 @@ class BodyLimit:
     """ASGI middleware: the request body in at most ``max_bytes`` and ``timeout_s``, whatever its
     transfer encoding; the app then receives it as one message."""
 
-    def __init__(self, app, max_bytes: int, timeout_s: float, counters: Optional[dict] = None):
+    def __init__(self, app, max_bytes: int, timeout_s: float, counters: Optional[dict] = None,
+                 max_head_bytes: int = MAX_HEAD_BYTES):
         if max_bytes < 1 or timeout_s <= 0:
             raise ValueError(f"max_bytes and timeout_s must be positive, got {max_bytes}, {timeout_s}")
         self.app, self.max_bytes, self.timeout_s = app, int(max_bytes), float(timeout_s)
+        self.max_head_bytes = int(max_head_bytes)
         self.refused = counters if counters is not None else {}  # "too_large"/"too_slow" counts, for /health
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        head = len(scope.get("raw_path") or b"") + len(scope.get("query_string") or b"") + sum(
+            len(k) + len(v) + 4 for k, v in scope["headers"])
+        if head > self.max_head_bytes:
+            # h11 bounds only a head still incomplete in its buffer; one that arrived in one read is
+            # parsed whatever its size, so the limit is enforced here, before the app.
+            self.refused["head_too_large"] = self.refused.get("head_too_large", 0) + 1
+            start, body = _error_response(431, f"request head larger than {self.max_head_bytes} bytes")
+            await send(start)
+            return await send(body)
         declared = [v for k, v in scope["headers"] if k == b"content-length"]
         if declared and (not declared[0].isdigit() or int(declared[0]) > self.max_bytes):
             return await self._refuse(send, 413, "too_large")

@@ -32,7 +32,7 @@ from densebeam.index_store.bundle import open_bundle
 from densebeam.index_store.nprobe import nprobe_for_k
 from densebeam.index_store.query import reload as reload_lib
 from densebeam.index_store.query.batcher import MicroBatcher, Overloaded, SearchJob
-from densebeam.index_store.query.http_limits import BodyLimit, h11_protocol
+from densebeam.index_store.query.http_limits import MAX_HEAD_BYTES, BodyLimit, h11_protocol
 from densebeam.index_store.query.search import Searcher
 
 log = logging.getLogger(__name__)
@@ -202,7 +202,7 @@ def create_app(searcher: Searcher, limits: Limits = Limits(), reloading: Optiona
     if version is None:
         version = reload_lib.VersionId(searcher.bundle.root, None, reload_lib.manifest_sha256(searcher.bundle))
     state = {"version": version, "reloads": 0, "failed": None}
-    body_refused = {"too_large": 0, "too_slow": 0}
+    body_refused = {"too_large": 0, "too_slow": 0, "head_too_large": 0}
     reload_lock = asyncio.Lock()
     admin_throttle = _Throttle(limits.admin_burst, limits.admin_per_s)
 
@@ -368,7 +368,8 @@ def create_app(searcher: Searcher, limits: Limits = Limits(), reloading: Optiona
         return {"status": "ok", "vectors": batcher.searcher.bundle.searcher.ntotal, **version_fields(),
                 "reloads": state["reloads"], "batches": batcher.batches, "batched_queries": batcher.batched_queries,
                 "pending_queries": batcher.pending_queries,
-                "refused": {**batcher.refused, **{f"body_{k}": v for k, v in body_refused.items()}}}
+                "refused": {**batcher.refused, **{k if k.startswith("head") else f"body_{k}": v
+                                                   for k, v in body_refused.items()}}}
 
     @app.get("/info")
     async def info():
@@ -389,7 +390,7 @@ def server_config(app, limits: Limits = Limits(), host: str = "127.0.0.1", port:
 
     return uvicorn.Config(app, host=host, port=port, log_level=log_level, workers=1,
                           http=h11_protocol(limits.header_timeout_s), limit_concurrency=limits.max_connections,
-                          timeout_keep_alive=5, h11_max_incomplete_event_size=16 * 1024)
+                          timeout_keep_alive=5, h11_max_incomplete_event_size=MAX_HEAD_BYTES)
 
 
 def serve(searcher: Searcher, host: str = "127.0.0.1", port: int = 8080, limits: Limits = Limits(),
