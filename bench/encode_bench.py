@@ -46,6 +46,16 @@ COLLECTIONS = ("adi", "cisi", "cranfield", "dl19-subset")
 ST_BATCH = 32  # SentenceTransformer.encode's default
 
 
+def _scratch_dir(prefix: str) -> str:
+    """A temp dir removed when this process exits (exported models are ~100 MB each)."""
+    import atexit
+    import shutil
+
+    path = tempfile.mkdtemp(prefix=prefix)
+    atexit.register(shutil.rmtree, path, True)
+    return path
+
+
 # -- corpora -------------------------------------------------------------------------------------
 def iter_docs(path: Path, n: int):
     """``n`` passages, streamed; the corpus is repeated with fresh ids when n is larger than the file."""
@@ -214,7 +224,7 @@ def make_ort_fp32():
     import onnxruntime as ort
 
     st = _st_model()
-    path = os.path.join(tempfile.mkdtemp(prefix="densebeam-onnx-"), "model.onnx")
+    path = os.path.join(_scratch_dir("densebeam-onnx-"), "model.onnx")
     _export_onnx(st, path)
     sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
     return _ExportedEncoder(st, lambda feats: sess.run(None, _named(feats))[0])
@@ -231,7 +241,7 @@ def make_ort_int8():
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     st = _st_model()
-    tmp = tempfile.mkdtemp(prefix="densebeam-onnx-")
+    tmp = _scratch_dir("densebeam-onnx-")
     _export_onnx(st, os.path.join(tmp, "model.onnx"))
     quantize_dynamic(os.path.join(tmp, "model.onnx"), os.path.join(tmp, "int8.onnx"), weight_type=QuantType.QInt8)
     sess = ort.InferenceSession(os.path.join(tmp, "int8.onnx"), providers=["CPUExecutionProvider"])
@@ -577,7 +587,7 @@ def memory(args) -> None:
         sys.path.insert(0, str(REPO / "tests"))
         from conftest import build_tiny_bi_encoder
 
-        model = str(build_tiny_bi_encoder(Path(tempfile.mkdtemp(prefix="densebeam-tiny-")), normalize=True))
+        model = str(build_tiny_bi_encoder(Path(_scratch_dir("densebeam-tiny-")), normalize=True))
     rows = []
     for n in [int(x) for x in args.memory.split(",")]:
         with tempfile.TemporaryDirectory() as tmp:
