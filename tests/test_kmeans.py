@@ -166,3 +166,28 @@ def test_hnsw_quantizer_assigns_vectors_to_their_nearest_list():
     queries = x[::7]
     exact = (queries @ cent.T).argmax(axis=1)
     assert (quantizer.assign(queries, 1).ravel() == exact).mean() >= 0.985
+
+
+def test_searches_probe_as_many_lists_as_asked_through_an_hnsw_quantizer():
+    """FAISS's HNSW returns at most about efSearch results, so an IVF search with nprobe above it probed
+    fewer lists than asked (at 8.8M vectors nprobe 8,192 probed ~588 of 65,536 lists). The searcher and
+    the recall curves raise ef to nprobe: probing every list finds exactly the brute-force top 10."""
+    import sys
+    from pathlib import Path
+
+    from densebeam.index_store.ivf_search import ShardedSearcher, quantizer_params
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    from index_bench import clustered_batches
+
+    x = next(clustered_batches(20_000, 384, seed=4, batch=20_000))
+    cent = x[np.random.default_rng(1).choice(len(x), 4096, replace=False)]
+    index = ivf.index_from_bytes(ivf.trained_from_centroids(cent, "IVF4096_HNSW32,Flat", x[:100]))
+    index.add_with_ids(x, np.arange(len(x), dtype=np.int64))
+    quantizer = faiss.extract_index_ivf(index).quantizer
+    queries = next(clustered_batches(50, 384, seed=98))
+    lists = quantizer.search(queries, 2048, params=quantizer_params(quantizer, 2048))[1]
+    assert (lists >= 0).all()  # 2,048 lists each (FAISS's own call returns fewer)
+    _, exact = faiss.knn(queries, x, 10, metric=faiss.METRIC_INNER_PRODUCT)
+    _, got = ShardedSearcher([index]).search(queries, 10, 4096)
+    np.testing.assert_array_equal(np.sort(got, axis=1), np.sort(exact, axis=1))
