@@ -21,6 +21,7 @@ import copy
 import functools
 import logging
 import os
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Optional, Sequence
@@ -227,6 +228,7 @@ class Encoder:
         # None when the model runs packed, else why not
         self.packed_unsupported = None if files is not None else packed_support(model)
         self._tokenizer = None
+        self._calibrating = threading.Lock()  # encode() may be called from several threads at once
         self.calibration: Optional[dict] = None
         self.precision = check_precision(precision, device)
         self._runner = self._make_runner(self.precision) if self.precision != "auto" else None
@@ -339,11 +341,43 @@ class Encoder:
         if not len(texts):
             return np.empty((0, self.dim), dtype=np.float32)
         if self._runner is None:
+            self.calibrate_once(texts)
+        return self._encode_with(self._runner, texts)
+
+    def calibrate_once(self, texts: Sequence[str]) -> tuple[dict, bool]:
+        """The ``auto`` precision resolved once per encoder, by whichever caller comes first (Beam workers
+        that are threads of one process share the encoder): measured on ``texts`` when they are at
+        least ``MIN_CALIBRATION_TEXTS``, else the unmeasured default. Returns (the record, whether this
+        call made it); the resolved encoder is also kept under its resolved precision (:func:`load_encoder`
+        with that precision returns it)."""
+        with self._calibrating:
+            if self._runner is not None:
+                return self.calibration or {"chosen": self.precision, "measured": False}, False
             if len(texts) >= MIN_CALIBRATION_TEXTS:
                 self.calibrate(texts)
             else:
                 self._unmeasured_default(len(texts))
-        return self._encode_with(self._runner, texts)
+            _remember_resolved(self)
+            return self.calibration, True
+
+    def calibration_rules(self) -> dict:
+        """What a measurement's outcome depends on besides the model, machine and sample."""
+        return {"candidates": list(candidate_precisions(self.device)), "sample": CALIBRATION_PASSAGES,
+                "min_cosine": MIN_SAMPLE_COSINE, "min_overlap": MIN_SAMPLE_OVERLAP, "packed": self.packed}
+
+    def adopt(self, record: dict) -> bool:
+        """Resolve ``auto`` to the precision an earlier measurement chose (``record["chosen"]``) without
+        measuring; False (nothing changed) when that precision is not a candidate here or the encoder is
+        already resolved to another one."""
+        chosen = record.get("chosen")
+        with self._calibrating:
+            if self._runner is not None:
+                return self.precision == chosen
+            if chosen not in ("fp32", *candidate_precisions(self.device)):
+                return False
+            self._runner, self.precision, self.calibration = self._make_runner(chosen), chosen, record
+            _remember_resolved(self)
+            return True
 
     def _unmeasured_default(self, n: int) -> None:
         chosen = pick_precision("auto", self.device)
@@ -353,24 +387,25 @@ class Encoder:
                                       "the unmeasured default (pick_precision)"}
 
     def _encode_with(self, runner, texts: Sequence[str]) -> np.ndarray:
-        """On CPU, batches run in ``lanes`` threads (torch's thread count at the call) with one torch
-        thread each, instead of one batch at a time on all threads: the packed forward is many small
-        operations, and each multi-threaded one ends at a barrier where every thread waits for the
-        slowest. On a CPU shared with other processes a descheduled thread stalls every barrier
-        (measured on 2 busy cores: 2 torch threads 13-20 passages/s, 1 thread 78-104, 2 lanes of 1
-        thread 87-93); on an idle CPU lanes use every core with no barrier at all. Every CPU batch runs
-        on one thread, lanes or not: fp32 matrix products split over n threads sum in another order, so
-        a lone query encoded in a 2-thread process differed in the last bits from the same query in a
-        1-thread one (14 of 40 sample queries, up to 1.3e-7), and a service's scores from the
-        library's."""
+        """On CPU, batches run in the process's lanes (:func:`cpu_lanes`: one thread per core torch
+        would use, each running one batch on one torch thread) instead of one batch at a time on all
+        threads: the packed forward is many small operations, and each multi-threaded one ends at a
+        barrier where every thread waits for the slowest. On a CPU shared with other processes a
+        descheduled thread stalls every barrier (measured on 2 busy cores: 2 torch threads 13-20
+        passages/s, 1 thread 78-104, 2 lanes of 1 thread 87-93); on an idle CPU lanes use every core
+        with no barrier at all. Every CPU batch runs on one thread: fp32 matrix products split over n
+        threads sum in another order, so a lone query encoded in a 2-thread process differed in the
+        last bits from the same query in a 1-thread one (14 of 40 sample queries, up to 1.3e-7), and a
+        service's scores from the library's. The lanes are shared by every caller in the process, so
+        Beam workers that are threads of one process (the local runner's ``--workers N``) keep the
+        cores busy without oversubscribing them."""
         import torch
 
         out = np.empty((len(texts), self.dim), dtype=np.float32)
         ids, extra = self.tokenize(texts)
         lengths = np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids))
-        lanes = torch.get_num_threads() if self.device == "cpu" else 1
-        batches = self.plan_batches(lengths, runner.packed, parts=lanes)
-        lanes = min(lanes, len(batches))
+        lanes = cpu_lanes() if self.device == "cpu" else None
+        batches = self.plan_batches(lengths, runner.packed, parts=lanes._max_workers if lanes else 1)
 
         def run(idx):
             with torch.inference_mode():
@@ -379,18 +414,12 @@ class Encoder:
                     emb = torch.nn.functional.normalize(emb, p=2, dim=1)
                 out[idx] = emb.cpu().numpy()
 
-        if self.device != "cpu":
+        if lanes is None:
             for idx in batches:
                 run(idx)
             return out
-        with _one_torch_thread_each() as pool_initializer:
-            if lanes <= 1:  # one thread here too: a vector's bits do not depend on the thread count
-                for idx in batches:
-                    run(idx)
-                return out
-            with ThreadPoolExecutor(lanes, initializer=pool_initializer) as pool:
-                for _ in pool.map(run, batches):  # re-raises a lane's exception here
-                    pass
+        for _ in lanes.map(run, batches):  # re-raises a lane's exception here
+            pass
         return out
 
     def calibrate(self, texts: Sequence[str], sample: int = CALIBRATION_PASSAGES) -> dict:
@@ -436,19 +465,22 @@ class Encoder:
         return record
 
 
-@contextlib.contextmanager
-def _one_torch_thread_each():
-    """torch's intra-op threads set to 1 for the duration (a process-wide setting: a lane thread that
-    ran an operation on n threads would start n - 1 more), restored after; yields the initializer
-    that lane threads run first (OpenMP's thread count is per calling thread)."""
-    import torch
+_LANES: Optional[ThreadPoolExecutor] = None
+_LANES_LOCK = threading.Lock()
 
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield lambda: torch.set_num_threads(1)
-    finally:
-        torch.set_num_threads(before)
+
+def cpu_lanes() -> ThreadPoolExecutor:
+    """The process's CPU lanes: as many threads as torch's thread count when first asked (the cores, or
+    ``OMP_NUM_THREADS``), each set to one torch thread (OpenMP's thread count is per calling thread,
+    so the callers' own torch settings are never touched)."""
+    global _LANES
+    with _LANES_LOCK:
+        if _LANES is None:
+            import torch
+
+            _LANES = ThreadPoolExecutor(max(1, torch.get_num_threads()), thread_name_prefix="densebeam-lane",
+                                        initializer=lambda: torch.set_num_threads(1))
+        return _LANES
 
 
 def _timed(fn: Callable):
@@ -501,6 +533,7 @@ def _model_revision(model) -> Optional[str]:
 
 
 _LOADED: dict = {}
+_LOADED_LOCK = threading.Lock()
 
 
 def load_encoder(model: str, *, similarity: str = "auto", device: str = "auto", precision: str = "auto",
@@ -514,15 +547,27 @@ def load_encoder(model: str, *, similarity: str = "auto", device: str = "auto", 
     worker's load in the same process (the local in-memory runner) share one model, and one measurement.
     """
     key = (model, similarity, device, precision, max_seq_length, token_budget)
-    if key not in _LOADED:
-        if any(k[0] != model for k in _LOADED):
-            _LOADED.clear()  # one model per process at a time
-        enc = _load_encoder(model, similarity, device, precision, max_seq_length, token_budget)
-        _LOADED[key] = _LOADED[(model, enc.similarity) + key[2:]] = enc
-    enc = _LOADED[key]
-    if calibration_texts is not None and enc.calibration is None and precision == "auto":
-        enc.calibrate(calibration_texts)
+    with _LOADED_LOCK:  # Beam workers that are threads of one process load at the same moment
+        if key not in _LOADED:
+            if any(k[0] != model for k in _LOADED):
+                _LOADED.clear()  # one model per process at a time
+            enc = _load_encoder(model, similarity, device, precision, max_seq_length, token_budget)
+            enc._load_keys = [key, (model, enc.similarity) + key[2:]]
+            for k in enc._load_keys:
+                _LOADED[k] = enc
+        enc = _LOADED[key]
+    if calibration_texts is not None and precision == "auto":
+        enc.calibrate_once(calibration_texts)
     return enc
+
+
+def _remember_resolved(enc: Encoder) -> None:
+    """An ``auto`` encoder once resolved is also the encoder of its chosen precision: a worker in the
+    same process told that precision (the launcher measured it) gets this one, not a second model."""
+    with _LOADED_LOCK:
+        for k in getattr(enc, "_load_keys", ()):
+            if _LOADED.get(k) is enc:
+                _LOADED.setdefault(k[:3] + (enc.precision,) + k[4:], enc)
 
 
 def _load_encoder(model, similarity, device, precision, max_seq_length, token_budget) -> Encoder:

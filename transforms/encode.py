@@ -9,6 +9,7 @@ import logging
 import os
 import socket
 import time
+import uuid
 from typing import Any, Iterable, Optional, Sequence
 
 import apache_beam as beam
@@ -76,13 +77,14 @@ def _duration(seconds: float) -> str:
 WORKER_LOG_ENV = "DENSEBEAM_WORKER_LOG_DIR"
 
 
-def _log_worker_batch(n: int) -> None:
+def _log_worker_batch(worker: str, n: int) -> None:
     """Diagnostics for load balance across workers: with ``DENSEBEAM_WORKER_LOG_DIR`` set (a local dir
-    on each worker), every encoding process appends the size of each batch it encodes to its own file
-    ``encode-<host>-<pid>.log`` there."""
+    on each worker), every encoding worker appends the size of each batch it encodes to its own file
+    ``encode-<host>-<pid>-<worker>.log`` there (``worker`` tells apart Beam workers that are threads of
+    one process: each has its own copy of the encode step)."""
     out = os.environ.get(WORKER_LOG_ENV)
     if out:
-        with open(os.path.join(out, f"encode-{socket.gethostname()}-{os.getpid()}.log"), "a") as f:
+        with open(os.path.join(out, f"encode-{socket.gethostname()}-{os.getpid()}-{worker}.log"), "a") as f:
             f.write(f"{n}\n")
 
 
@@ -121,6 +123,7 @@ class SentenceTransformerModelHandler(ModelHandler[Passage, PredictionResult, En
         super().__init__(min_batch_size=opts.batch_size, max_batch_size=opts.batch_size)
         self._opts = opts
         self._progress: Optional[_Progress] = None
+        self._worker: Optional[str] = None  # set on the worker: this copy of the step's own name
         self._encode_msec = Metrics.counter(NAMESPACE, "encode_msec")
 
     def load_model(self) -> Encoder:
@@ -138,7 +141,9 @@ class SentenceTransformerModelHandler(ModelHandler[Passage, PredictionResult, En
             self._progress = _Progress(self._opts.progress_every_s, self._opts.expected_passages,
                                        self._opts.workers)
         self._progress.add(len(batch))
-        _log_worker_batch(len(batch))
+        if self._worker is None:
+            self._worker = uuid.uuid4().hex[:8]
+        _log_worker_batch(self._worker, len(batch))
         tag = f"{model.precision}"  # the precision really used on this worker travels with each result
         return [PredictionResult(p, vectors[i], tag) for i, p in enumerate(batch)]
 
