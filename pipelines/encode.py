@@ -16,7 +16,8 @@ import apache_beam as beam
 import fsspec
 
 from densebeam.index_store import embeddings as emb
-from densebeam.index_store.encoder import load_encoder, resolve_model_path
+from densebeam.index_store import precision_memo
+from densebeam.index_store.encoder import MIN_CALIBRATION_TEXTS, load_encoder, resolve_model_path
 from densebeam.index_store.model_id import weights_revision
 from densebeam.pipelines.argparsing import ArgumentParser, parse_pipeline_args
 from densebeam.pipelines.errors import RunFailed
@@ -25,7 +26,7 @@ from densebeam.pipelines.options import (add_encode_args, add_output_args, add_r
 from densebeam.runners.presets import pipeline_options
 from densebeam.transforms.cache import JournalEncoded, ReuseEmbeddings, cache_files
 from densebeam.transforms.corpus_io import ReadOptions, detect_format, expand_patterns
-from densebeam.transforms.estimate import estimate_records
+from densebeam.transforms.estimate import estimate_records, sample_texts
 from densebeam.transforms.encode import EncodeOptions, EncodePassages
 from densebeam.transforms.read import ReadCorpus
 from densebeam.transforms.write import FAILED_REPORT, InSourceOrder, WriteEmbeddings, describe_failure
@@ -66,8 +67,11 @@ def encode_identity(facts, enc_opts: EncodeOptions) -> dict:
 
 
 def encode_stage(p: beam.Pipeline, files, read_opts: ReadOptions, enc_opts: EncodeOptions, facts,
-                 output: str, args, cache: Sequence[str] = ()) -> beam.PCollection:
-    """The labelled steps of the encode pipeline; returns the one-element manifest PCollection."""
+                 output: str, args, cache: Sequence[str] = (), precision_measurement: Optional[dict] = None,
+                 requested: Optional[EncodeOptions] = None) -> beam.PCollection:
+    """The labelled steps of the encode pipeline; returns the one-element manifest PCollection.
+    ``requested`` are the options as the user gave them (recorded in the manifest; ``enc_opts`` may hold
+    the precision ``auto`` resolved to at launch) and ``precision_measurement`` how it was chosen."""
     identity = encode_identity(facts, enc_opts)
     corpus = p | "ReadCorpus" >> ReadCorpus(files, read_opts, dedup=not args.no_dedup, workers=args.workers)
     passages, reused = corpus["passages"], None
@@ -83,13 +87,54 @@ def encode_stage(p: beam.Pipeline, files, read_opts: ReadOptions, enc_opts: Enco
                 | "InSourceOrder" >> InSourceOrder([f for f, _ in files]))
     rejected = (corpus["rejected"], encoded["rejected"]) | "Rejected" >> beam.Flatten()
     extra = {"inputs": [{"path": f, "bytes": s} for f, s in files], "encode_identity": identity,
-             "options": {"read": dataclasses.asdict(read_opts), "encode": dataclasses.asdict(enc_opts)}}
+             "options": {"read": dataclasses.asdict(read_opts), "encode": dataclasses.asdict(requested or enc_opts)},
+             "precision_measurement": precision_measurement or _measured_on_workers(enc_opts.precision)}
     return ({"encoded": rows, "rejected": rejected, "read_counts": corpus["read_counts"]}
             | "Write" >> WriteEmbeddings(output, facts, keep_text=not args.no_text,
                                          rows_per_shard=args.rows_per_shard, manifest_extra=extra,
                                          identity=identity, join_title=enc_opts.join_title,
                                          max_rejected_share=max_rejected_share(args.max_rejected_share),
                                          files=[f for f, _ in files]))
+
+
+def _measured_on_workers(precision: str) -> dict:
+    if precision != "auto":
+        return {"measured": False, "chosen": precision, "reason": "--precision given"}
+    return {"measured": "on each worker, on a sample of the first batch it encodes",
+            "chosen": "see model_facts.precision (each shard file records its own)"}
+
+
+def resolve_precision_at_launch(encoder, files, read_opts: ReadOptions, runner: str, join_title: bool,
+                                model_id: dict) -> Optional[dict]:
+    """``--precision auto`` on the local runner: the workers run on this machine, in this process, so the
+    precision is measured once here, on a deterministic sample of the corpus (the start of its first
+    files), and every worker encodes in the one chosen (the same bits whatever the worker count). The
+    outcome is remembered per machine (:mod:`densebeam.index_store.precision_memo`): a re-run with the
+    same model, sample and machine encodes in the same precision without measuring. Other runners'
+    workers may have other hardware: they measure on their own. Returns the record for the manifest
+    (None when not measured here)."""
+    if encoder.precision != "auto" or runner != "local":
+        return None
+    sample = sample_texts(files, read_opts, join_title=join_title)
+    if len(sample) < MIN_CALIBRATION_TEXTS:
+        return None
+    memo_key = precision_memo.key(model_id, encoder.device, sample, encoder.calibration_rules())
+    remembered = precision_memo.load(memo_key)
+    if remembered is not None and encoder.adopt(remembered):
+        log.info("precision auto -> %s, as measured by an earlier run on this machine (%s) on the same "
+                 "sample of this corpus", encoder.precision, remembered.get("measured_at", "?"))
+        return {**remembered, "reused": f"remembered on this machine, key {memo_key[:16]}; delete "
+                                        f"{precision_memo._path(memo_key)} to measure again"}
+    record, now = encoder.calibrate_once(sample)
+    if not now:  # a library caller's earlier run in this process measured it
+        return {**record, "where": "earlier in this process (the encoder is kept per process)"}
+    record = {**record, "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    precision_memo.save(memo_key, record)
+    log.info("precision auto -> %s, measured on %d passages from the start of the corpus (%s)",
+             encoder.precision, record.get("sample_passages", 0),
+             ", ".join(f"{k} {v.get('passages_per_s', 0):.0f}/s" for k, v in record.get("candidates", {}).items()))
+    return {**record, "where": "at launch, on the machine that runs the local workers",
+            "sample": "the start of the first input files"}
 
 
 def _failure_report(output: str, since: float) -> Optional[str]:
@@ -121,6 +166,7 @@ def _mtime(fs, path: str) -> float:
 def run_pipeline(argv: Optional[Sequence[str]] = None):
     """Parse options and run the encode pipeline to completion; returns (manifest, Beam result)."""
     args, beam_args = parse_pipeline_args(build_parser(), argv)
+    start, start_wall = time.monotonic(), time.time()  # end to end: planning, model load and measurement too
     read_opts, enc_opts = read_options(args), encode_options(args)
     check_output(args.output, args.overwrite)
     files = expand_patterns(args.input)
@@ -134,15 +180,21 @@ def run_pipeline(argv: Optional[Sequence[str]] = None):
                            token_budget=enc_opts.token_budget)
     # A model from a local directory has no hub revision: its files' digest identifies the weights, so
     # retrained weights at the same path are never taken for the old ones.
-    facts = encoder.facts(dtype=args.dtype)
-    facts = dataclasses.replace(facts, revision=weights_revision(facts.revision, resolve_model_path(args.model)))
+    revision = weights_revision(encoder.facts().revision, resolve_model_path(args.model))
+    model_id = {"model": args.model, "revision": revision, "similarity": encoder.similarity,
+                "max_seq_length": encoder.max_seq_length}
+    measurement = resolve_precision_at_launch(encoder, files, read_opts, args.runner, enc_opts.join_title,
+                                              model_id)
+    requested = enc_opts
+    if measurement is not None:  # the workers (this process) encode in the precision measured here
+        enc_opts = dataclasses.replace(enc_opts, precision=encoder.precision)
+    facts = dataclasses.replace(encoder.facts(dtype=args.dtype), revision=revision)
     cache = [] if args.no_reuse else cache_files([args.output] + list(args.reuse or []))
     if cache:
         log.info("reusing vectors from %d cache file(s) where model, settings and text match", len(cache))
     max_rejected_share(args.max_rejected_share)  # a bad value fails before the run starts
-    start, start_wall = time.monotonic(), time.time()
     p = beam.Pipeline(options=pipeline_options(args.runner, beam_args, workers=args.workers))
-    encode_stage(p, files, read_opts, enc_opts, facts, args.output, args, cache)
+    encode_stage(p, files, read_opts, enc_opts, facts, args.output, args, cache, measurement, requested)
     try:
         result = p.run()
         result.wait_until_finish()

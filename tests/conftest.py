@@ -12,6 +12,13 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if "DENSEBEAM_CACHE_DIR" not in os.environ:  # remembered precision choices etc. stay out of ~/.cache
+    import atexit
+    import shutil
+    import tempfile
+
+    os.environ["DENSEBEAM_CACHE_DIR"] = tempfile.mkdtemp(prefix="densebeam-test-cache-")
+    atexit.register(shutil.rmtree, os.environ["DENSEBEAM_CACHE_DIR"], True)
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 REPO = Path(__file__).resolve().parents[1]

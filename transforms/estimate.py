@@ -81,3 +81,34 @@ def _gunzip_prefix(path: str, sample_bytes: int, chunk: int = 16 << 10) -> tuple
             if d.unconsumed_tail or d.eof:
                 break
     return bytes(out[:sample_bytes]), consumed
+
+
+def sample_texts(files: Sequence[tuple[str, int]], opts, n: int = 512, max_files: int = 8,
+                 join_title: bool = True) -> list[str]:
+    """Up to ``n`` passage texts from the start of the first ``max_files`` files (an equal share of
+    each), as the encoder sees them: a deterministic sample for measuring ``--precision auto`` once at
+    launch. Unreadable files are skipped (the read pass names them)."""
+    from densebeam.index_store.types import Passage
+    from densebeam.transforms import corpus_io
+
+    chosen = list(files)[:max_files]
+    out: list[str] = []
+    for i, (path, size) in enumerate(chosen):
+        want = (n - len(out)) // (len(chosen) - i)
+        if want <= 0:
+            continue
+        try:
+            piece = corpus_io.plan_pieces(path, size, opts, piece_bytes=max(size, 1))[0]
+            records = corpus_io.read_piece(piece, opts)
+            try:
+                for rec in records:
+                    if isinstance(rec, Passage):
+                        out.append(rec.joined_text(join_title))
+                        if len(out) >= n or want <= 1:
+                            break
+                        want -= 1
+            finally:
+                records.close()
+        except (OSError, ValueError, EOFError, zlib.error, IndexError) as err:
+            log.debug("cannot sample %s for the precision measurement: %s", path, err)
+    return out
