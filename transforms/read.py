@@ -136,8 +136,14 @@ class ReadCorpus(beam.PTransform):
 
     def expand(self, pbegin):
         # 1. Plan: every file -> pieces (byte ranges / row groups), then spread the pieces over workers.
+        #    The files are planned where they were created (no reshuffle: planning reads only metadata,
+        #    as the launcher's own listing did), so SpreadPieces is the pipeline's first redistribution.
+        #    That matters on Flink: its batch optimizer drops a rebalance downstream of another rebalance
+        #    (Create's own) as already met, and every piece then stays with the worker that planned its
+        #    file. A single planner also makes Flink's round-robin rebalance exact: piece counts per
+        #    worker differ by at most one.
         pieces = (pbegin
-                  | "Files" >> beam.Create(self._files)
+                  | "Files" >> beam.Create(self._files, reshuffle=False)
                   | "PlanPieces" >> beam.ParDo(_PlanPiecesFn(self._opts, self._piece_bytes))
                   | "SpreadPieces" >> beam.Reshuffle())
         # 2. Duplicate ids: shuffle only (id, source) keys; the later occurrences become a side input.
