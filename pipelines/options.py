@@ -74,7 +74,8 @@ def add_runner_args(p: argparse.ArgumentParser) -> None:
                         "fetched by Maven, no Docker), 'dataflow' (needs --project, --region, "
                         "--temp_location gs://...); or any Beam runner name. See docs/scale.md")
     g.add_argument("--workers", type=int, default=1,
-                   help="local: worker processes; flink: parallelism; dataflow: max workers")
+                   help="local: Beam workers (threads sharing one model); flink: parallelism; "
+                        "dataflow: max workers")
 
 
 def max_rejected_share(values: Sequence[str]) -> dict:
