@@ -387,25 +387,27 @@ class Encoder:
                                       "the unmeasured default (pick_precision)"}
 
     def _encode_with(self, runner, texts: Sequence[str]) -> np.ndarray:
-        """On CPU, batches run in the process's lanes (:func:`cpu_lanes`: one thread per core torch
-        would use, each running one batch on one torch thread) instead of one batch at a time on all
-        threads: the packed forward is many small operations, and each multi-threaded one ends at a
+        """On CPU, batches run in lanes (threads of this call, each running one batch on one torch
+        thread; at most :func:`cpu_lanes` batches at once in the whole process) instead of one batch at
+        a time on all threads: the packed forward is many small operations, and each multi-threaded one ends at a
         barrier where every thread waits for the slowest. On a CPU shared with other processes a
         descheduled thread stalls every barrier (measured on 2 busy cores: 2 torch threads 13-20
         passages/s, 1 thread 78-104, 2 lanes of 1 thread 87-93); on an idle CPU lanes use every core
         with no barrier at all. Every CPU batch runs on one thread: fp32 matrix products split over n
         threads sum in another order, so a lone query encoded in a 2-thread process differed in the
         last bits from the same query in a 1-thread one (14 of 40 sample queries, up to 1.3e-7), and a
-        service's scores from the library's. The lanes are shared by every caller in the process, so
+        service's scores from the library's. The lane count is shared by every caller in the process, so
         Beam workers that are threads of one process (the local runner's ``--workers N``) keep the
-        cores busy without oversubscribing them."""
+        cores busy without oversubscribing them. The lane threads end with the call: oneDNN keeps
+        per-thread caches of kernels by shape (packed batches have many shapes), and lanes that lived
+        for the whole run grew peak RSS from 2.4 to 3.9 GB over 50,000 passages."""
         import torch
 
         out = np.empty((len(texts), self.dim), dtype=np.float32)
         ids, extra = self.tokenize(texts)
         lengths = np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids))
-        lanes = cpu_lanes() if self.device == "cpu" else None
-        batches = self.plan_batches(lengths, runner.packed, parts=lanes._max_workers if lanes else 1)
+        lanes = cpu_lanes() if self.device == "cpu" else 1
+        batches = self.plan_batches(lengths, runner.packed, parts=lanes)
 
         def run(idx):
             with torch.inference_mode():
@@ -414,12 +416,19 @@ class Encoder:
                     emb = torch.nn.functional.normalize(emb, p=2, dim=1)
                 out[idx] = emb.cpu().numpy()
 
-        if lanes is None:
+        if self.device != "cpu":
             for idx in batches:
                 run(idx)
             return out
-        for _ in lanes.map(run, batches):  # re-raises a lane's exception here
-            pass
+
+        def lane(idx):
+            with _LANE_PERMITS:  # at most cpu_lanes() forward passes at once in this process
+                run(idx)
+
+        with ThreadPoolExecutor(min(lanes, len(batches)), thread_name_prefix="densebeam-lane",
+                                initializer=lambda: torch.set_num_threads(1)) as pool:
+            for _ in pool.map(lane, batches):  # re-raises a lane's exception here
+                pass
         return out
 
     def calibrate(self, texts: Sequence[str], sample: int = CALIBRATION_PASSAGES) -> dict:
@@ -465,21 +474,23 @@ class Encoder:
         return record
 
 
-_LANES: Optional[ThreadPoolExecutor] = None
+_LANES: Optional[int] = None
+_LANE_PERMITS = threading.BoundedSemaphore(1)  # replaced by cpu_lanes() on first use
 _LANES_LOCK = threading.Lock()
 
 
-def cpu_lanes() -> ThreadPoolExecutor:
-    """The process's CPU lanes: as many threads as torch's thread count when first asked (the cores, or
-    ``OMP_NUM_THREADS``), each set to one torch thread (OpenMP's thread count is per calling thread,
-    so the callers' own torch settings are never touched)."""
-    global _LANES
+def cpu_lanes() -> int:
+    """The process's CPU lane count: torch's thread count when first asked (the cores, or
+    ``OMP_NUM_THREADS``); every lane thread runs on one torch thread (OpenMP's thread count is per
+    calling thread, so the callers' own torch settings are never touched), and at most this many run a
+    forward pass at once, whoever calls."""
+    global _LANES, _LANE_PERMITS
     with _LANES_LOCK:
         if _LANES is None:
             import torch
 
-            _LANES = ThreadPoolExecutor(max(1, torch.get_num_threads()), thread_name_prefix="densebeam-lane",
-                                        initializer=lambda: torch.set_num_threads(1))
+            _LANES = max(1, torch.get_num_threads())
+            _LANE_PERMITS = threading.BoundedSemaphore(_LANES)
         return _LANES
 
 
