@@ -46,12 +46,14 @@ def poisoned_model(tmp_path_factory):
     return build_poisoned_model(tmp_path_factory.mktemp("poison"))
 
 
-def test_one_bad_passage_does_not_take_its_batch_down(tmp_path, poisoned_model):
+@pytest.mark.parametrize("workers", ["1", "2"])  # 2: Beam workers as threads sharing one model
+def test_one_bad_passage_does_not_take_its_batch_down(tmp_path, poisoned_model, workers):
     recs = make_passages(300, seed=3)
     recs[17]["text"] += POISON  # the model raises on any batch holding this passage
     src = write_jsonl(tmp_path / "c.jsonl", recs)
     manifest, _ = encode.run_pipeline(["--input", str(src), "--output", str(tmp_path / "emb"),
-                                       "--model", poisoned_model, *LOCAL])
+                                       "--model", poisoned_model, *LOCAL, "--workers", workers,
+                                       "--batch-size", "64"])
     c = manifest["counts"]
     assert (c["read"], c["encoded"], c["rejected"]) == (300, 299, 1)  # 1/300 < 1%: the run succeeds
     (rej_file,) = (tmp_path / "emb" / "rejected").glob("*.jsonl")
@@ -60,11 +62,13 @@ def test_one_bad_passage_does_not_take_its_batch_down(tmp_path, poisoned_model):
     assert "alone" in rec["detail"] and "IndexError" in rec["detail"]
 
 
-def test_too_many_failures_fail_the_run_and_publish_nothing(tmp_path, poisoned_model, capsys):
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_too_many_failures_fail_the_run_and_publish_nothing(tmp_path, poisoned_model, capsys, workers):
     recs = make_passages(200, seed=4)
     src = write_jsonl(tmp_path / "c.jsonl", recs)
     out = tmp_path / "emb"
-    base = ["encode", "--input", str(src), "--output", str(out), "--model", poisoned_model, *LOCAL]
+    base = ["encode", "--input", str(src), "--output", str(out), "--model", poisoned_model, *LOCAL,
+            "--workers", workers]
     assert cli.main(base) == 0  # last night's good output
     good = emb.open_embeddings(str(out)).manifest
     for r in recs[:5]:
