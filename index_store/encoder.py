@@ -389,8 +389,8 @@ class Encoder:
     def _encode_with(self, runner, texts: Sequence[str]) -> np.ndarray:
         """On CPU, batches run in lanes (threads of this call, each running one batch on one torch
         thread; at most :func:`cpu_lanes` batches at once in the whole process) instead of one batch at
-        a time on all threads: the packed forward is many small operations, and each multi-threaded one ends at a
-        barrier where every thread waits for the slowest. On a CPU shared with other processes a
+        a time on all threads: the packed forward is many small operations, and each multi-threaded one
+        ends at a barrier where every thread waits for the slowest. On a CPU shared with other processes a
         descheduled thread stalls every barrier (measured on 2 busy cores: 2 torch threads 13-20
         passages/s, 1 thread 78-104, 2 lanes of 1 thread 87-93); on an idle CPU lanes use every core
         with no barrier at all. Every CPU batch runs on one thread: fp32 matrix products split over n

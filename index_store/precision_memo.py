@@ -41,10 +41,9 @@ def machine() -> dict:
         pass
     import torch
 
-    out = {"cpu": cpu.get("model name") or platform.processor() or platform.machine(),
-           "cpu_flags": hashlib.sha256(cpu.get("flags", "").encode()).hexdigest()[:16],
-           "cores": os.cpu_count(), "torch": torch.__version__}
-    return out
+    return {"cpu": cpu.get("model name") or platform.processor() or platform.machine(),
+            "cpu_flags": hashlib.sha256(cpu.get("flags", "").encode()).hexdigest()[:16],
+            "cores": os.cpu_count(), "torch": torch.__version__}
 
 
 def key(model: dict, device: str, sample: Sequence[str], rules: dict) -> str:
@@ -58,14 +57,15 @@ def key(model: dict, device: str, sample: Sequence[str], rules: dict) -> str:
     return h.hexdigest()
 
 
-def _path(k: str) -> str:
+def path(k: str) -> str:
+    """Where the record of key ``k`` is kept."""
     return os.path.join(cache_root(), "precision", f"{k}.json")
 
 
 def load(k: str) -> Optional[dict]:
     """The remembered record for key ``k``, or None (missing or unreadable: measure again)."""
     try:
-        with open(_path(k), encoding="utf-8") as f:
+        with open(path(k), encoding="utf-8") as f:
             record = json.load(f)
     except (OSError, ValueError):
         return None
@@ -74,12 +74,12 @@ def load(k: str) -> Optional[dict]:
 
 def save(k: str, record: dict) -> None:
     """Remember ``record`` under ``k`` (atomically; a failure to write is logged, never fatal)."""
-    path = _path(k)
+    where = path(k)
     try:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-")
+        os.makedirs(os.path.dirname(where), exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(where), prefix=".tmp-")
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             json.dump(record, f, sort_keys=True)
-        os.replace(tmp, path)
+        os.replace(tmp, where)
     except OSError as err:
-        log.warning("could not remember the precision measurement in %s: %s", path, err)
+        log.warning("could not remember the precision measurement in %s: %s", where, err)

@@ -87,7 +87,8 @@ def encode_stage(p: beam.Pipeline, files, read_opts: ReadOptions, enc_opts: Enco
                 | "InSourceOrder" >> InSourceOrder([f for f, _ in files]))
     rejected = (corpus["rejected"], encoded["rejected"]) | "Rejected" >> beam.Flatten()
     extra = {"inputs": [{"path": f, "bytes": s} for f, s in files], "encode_identity": identity,
-             "options": {"read": dataclasses.asdict(read_opts), "encode": dataclasses.asdict(requested or enc_opts)},
+             "options": {"read": dataclasses.asdict(read_opts),
+                         "encode": dataclasses.asdict(requested or enc_opts)},
              "precision_measurement": precision_measurement or _measured_on_workers(enc_opts.precision)}
     return ({"encoded": rows, "rejected": rejected, "read_counts": corpus["read_counts"]}
             | "Write" >> WriteEmbeddings(output, facts, keep_text=not args.no_text,
@@ -124,7 +125,7 @@ def resolve_precision_at_launch(encoder, files, read_opts: ReadOptions, runner: 
         log.info("precision auto -> %s, as measured by an earlier run on this machine (%s) on the same "
                  "sample of this corpus", encoder.precision, remembered.get("measured_at", "?"))
         return {**remembered, "reused": f"remembered on this machine, key {memo_key[:16]}; delete "
-                                        f"{precision_memo._path(memo_key)} to measure again"}
+                                        f"{precision_memo.path(memo_key)} to measure again"}
     record, now = encoder.calibrate_once(sample)
     if not now:  # a library caller's earlier run in this process measured it
         return {**record, "where": "earlier in this process (the encoder is kept per process)"}

@@ -9,6 +9,7 @@ the sampled ones. No Beam import.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import zlib
 from typing import Optional, Sequence
@@ -101,12 +102,8 @@ def sample_texts(files: Sequence[tuple[str, int]], opts, n: int = 512, max_files
             piece = corpus_io.plan_pieces(path, size, opts, piece_bytes=max(size, 1))[0]
             records = corpus_io.read_piece(piece, opts)
             try:
-                for rec in records:
-                    if isinstance(rec, Passage):
-                        out.append(rec.joined_text(join_title))
-                        if len(out) >= n or want <= 1:
-                            break
-                        want -= 1
+                passages = (r for r in records if isinstance(r, Passage))
+                out += [p.joined_text(join_title) for p in itertools.islice(passages, want)]
             finally:
                 records.close()
         except (OSError, ValueError, EOFError, zlib.error, IndexError) as err:
