@@ -75,7 +75,7 @@ setup(
     python_requires=">=3.10",
     packages=["densebeam"] + [f"densebeam.{name}" for name in SUBPACKAGES],
     package_dir={"densebeam": ".", **{f"densebeam.{name}": path for name, path in SUBPACKAGES.items()}},
-    package_data={"densebeam.runners": ["*.yaml", "Dockerfile"]},
+    package_data={"densebeam.runners": ["*.yaml", "Dockerfile"], "densebeam.index_store": ["*.c"]},
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS_REQUIRE,
     entry_points={"console_scripts": ["densebeam=densebeam.pipelines.cli:main"]},

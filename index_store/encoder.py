@@ -363,7 +363,18 @@ class Encoder:
     def calibration_rules(self) -> dict:
         """What a measurement's outcome depends on besides the model, machine and sample."""
         return {"candidates": list(candidate_precisions(self.device)), "sample": CALIBRATION_PASSAGES,
-                "min_cosine": MIN_SAMPLE_COSINE, "min_overlap": MIN_SAMPLE_OVERLAP, "packed": self.packed}
+                "min_cosine": MIN_SAMPLE_COSINE, "min_overlap": MIN_SAMPLE_OVERLAP, "packed": self.packed,
+                "attention": self.attention_kernel()}
+
+    def attention_kernel(self) -> str:
+        """Which attention the packed bf16 forward runs here: the native kernel's name
+        (:mod:`index_store.native`) or ``torch``."""
+        if not self.packed or self.device != "cpu":
+            return "torch"
+        from densebeam.index_store import native
+
+        kernel = native.attention_kernel()
+        return kernel.name if kernel else "torch"
 
     def adopt(self, record: dict) -> bool:
         """Resolve ``auto`` to the precision an earlier measurement chose (``record["chosen"]``) without
@@ -456,6 +467,8 @@ class Encoder:
             self._encode_with(runner, texts if self.device.startswith("cuda") else texts[:4])
             vectors[name], seconds[name] = _timed(lambda r=runner: self._encode_with(r, texts))
         record = {"measured": True, "sample_passages": len(texts), "device": self.device, "packed": self.packed,
+                  "attention": {name: getattr(getattr(r, "bert", None), "attention", "torch")
+                                for name, r in runners.items()},
                   "min_cosine_required": MIN_SAMPLE_COSINE, "min_overlap_required": MIN_SAMPLE_OVERLAP,
                   "candidates": {}}
         chosen = "fp32"

@@ -1,0 +1,209 @@
+"""The native attention kernel of the packed bf16 forward (index_store/native.py, attention_avx512.c):
+against a float64 reference and PyTorch's attention, bitwise deterministic and independent of its batch,
+safe on bad arguments, and the PyTorch fallback wherever it cannot be built. Runs the real kernel, built
+by the machine's C compiler; skipped (with the reason) on a CPU without AVX-512 BF16."""
+
+from __future__ import annotations
+
+import random
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from densebeam.index_store import native
+from densebeam.index_store.encoder import load_encoder
+from densebeam.index_store.packed_bert import PackedBert, _length_groups
+from conftest import _WORDS, build_tiny_bi_encoder
+
+
+@pytest.fixture(scope="module")
+def kernel():
+    k = native.attention_kernel()
+    if k is None:
+        pytest.skip(f"native attention unavailable here: {native.why_not()}")
+    return k
+
+
+def _layer(lengths, heads, hd, seed=0, scale=0.6):
+    """A random packed layer: qkv rows of passages ordered by length, and its attention groups."""
+    lengths = np.asarray(sorted(lengths, reverse=True), dtype=np.int64)
+    gen = torch.Generator().manual_seed(seed)
+    qkv = (torch.randn(int(lengths.sum()), 3 * heads * hd, generator=gen) * scale).to(torch.bfloat16)
+    return qkv, _length_groups(lengths)
+
+
+def _torch_attention(qkv, groups, heads, hd):
+    """PyTorch's path (PackedBert._attend_groups): bf16 score products, float32 softmax, bf16 weights."""
+    ctx = torch.zeros(qkv.shape[0], heads * hd, dtype=torch.bfloat16)
+    for row, n, length in groups:
+        q, k, v = qkv[row:row + n * length].view(n, length, 3, heads, hd).permute(2, 0, 3, 1, 4)
+        probs = torch.softmax(torch.matmul(q, k.transpose(-1, -2)).float(), dim=-1).to(torch.bfloat16)
+        ctx[row:row + n * length] = torch.matmul(probs, v).transpose(1, 2).reshape(n * length, heads * hd)
+    return ctx
+
+
+def _run(kernel, qkv, groups, heads, hd):
+    ctx = torch.full((qkv.shape[0], heads * hd), float("nan"), dtype=torch.bfloat16)
+    kernel.attend(qkv, ctx, groups, heads, hd)
+    return ctx
+
+
+@pytest.mark.parametrize("heads,hd", [(1, 32), (3, 32), (12, 32), (2, 64)])
+def test_kernel_matches_float64_and_is_closer_than_pytorch(kernel, heads, hd):
+    # lengths around every 16-key block edge, odd and even, one token, a long passage; several per length
+    lengths = [1, 2, 5, 15, 16, 16, 17, 31, 32, 33, 47, 64, 65, 81, 81, 81, 100, 127, 200]
+    qkv, groups = _layer(lengths, heads, hd, seed=heads + hd, scale=1.5)
+    ref = native.reference_attention(qkv.float().numpy(), groups, heads, hd)
+    got = _run(kernel, qkv, groups, heads, hd).float().numpy()
+    assert np.isfinite(got).all()  # every row written
+    err = np.abs(got - ref)
+    # the output is rounded to bf16 (8 significant bits), and so are the weights of the values: within
+    # one rounding step of the exact value plus one of the largest value
+    vmax = float(qkv[:, 2 * heads * hd:].float().abs().max())
+    assert np.all(err <= (np.abs(ref) + vmax) * 2.0 ** -8), float(err.max())
+    torch_err = np.abs(_torch_attention(qkv, groups, heads, hd).float().numpy() - ref)
+    assert err.max() <= torch_err.max()  # scores kept in float32: at least as close as PyTorch's bf16 scores
+    assert err.mean() < torch_err.mean()
+
+
+def test_large_scores_stay_finite_and_exact(kernel):
+    """Scores far from zero (a peaked softmax, exp of very negative numbers) and a tie."""
+    qkv, groups = _layer([40, 40, 7], 2, 32, seed=3, scale=6.0)
+    ref = native.reference_attention(qkv.float().numpy(), groups, 2, 32)
+    got = _run(kernel, qkv, groups, 2, 32).float().numpy()
+    vmax = float(qkv[:, 128:].float().abs().max())
+    assert np.all(np.abs(got - ref) <= (np.abs(ref) + vmax) * 2.0 ** -8)
+    tie = torch.zeros(4, 3 * 32, dtype=torch.bfloat16)  # one head; every score equal: the mean of the values
+    tie[:, 64:] = torch.arange(4, dtype=torch.bfloat16)[:, None]
+    out = _run(kernel, tie, [(0, 1, 4)], 1, 32)
+    assert torch.equal(out, torch.full((4, 32), 1.5, dtype=torch.bfloat16))
+
+
+def test_a_passage_gets_the_same_bits_whatever_its_batch_and_thread(kernel):
+    qkv, groups = _layer([81] * 6 + [50] * 3 + [9], 12, 32, seed=5)
+    whole = _run(kernel, qkv, groups, 12, 32)
+    assert torch.equal(whole, _run(kernel, qkv, groups, 12, 32))
+    # each passage alone (a batch of one) gives exactly its rows of the batched call
+    row = 0
+    for _, n, length in groups:
+        for _ in range(n):
+            alone = _run(kernel, qkv[row:row + length].contiguous(), [(0, 1, length)], 12, 32)
+            assert torch.equal(alone, whole[row:row + length])
+            row += length
+    results = [None] * 4
+
+    def work(i):
+        results[i] = _run(kernel, qkv, groups, 12, 32)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all(torch.equal(r, whole) for r in results)
+
+
+def test_bad_arguments_raise_instead_of_reading_out_of_bounds(kernel):
+    qkv, groups = _layer([10, 10], 2, 32)
+    ctx = torch.zeros(20, 64, dtype=torch.bfloat16)
+    with pytest.raises(TypeError):
+        kernel.attend(qkv.float(), ctx, groups, 2, 32)
+    with pytest.raises(ValueError, match="groups reach row"):
+        kernel.attend(qkv[:15].contiguous(), ctx, groups, 2, 32)
+    with pytest.raises(ValueError):
+        kernel.attend(qkv, torch.zeros(20, 96, dtype=torch.bfloat16), groups, 2, 32)
+    with pytest.raises(ValueError, match="contiguous"):
+        kernel.attend(torch.zeros(192, 20, dtype=torch.bfloat16).T, ctx, groups, 2, 32)
+    with pytest.raises(RuntimeError, match="code -2"):  # a head size the kernel does not handle
+        kernel.attend(torch.zeros(20, 3 * 4 * 16, dtype=torch.bfloat16), ctx, groups, 4, 16)
+
+
+def _texts(n, seed=0):
+    rng = random.Random(seed)
+    return [" ".join(rng.choices(_WORDS, k=rng.randint(1, 60))) for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def hd32_model(tmp_path_factory):
+    """A tiny BERT whose head size (64 / 2 heads = 32) the kernel runs."""
+    return str(build_tiny_bi_encoder(tmp_path_factory.mktemp("tiny-hd32"), normalize=True, hidden=64, seed=4))
+
+
+@pytest.mark.parametrize("mode", ["bf16", "bf16-mixed"])
+def test_packed_forward_runs_native_by_default_and_agrees_with_pytorch(kernel, hd32_model, mode):
+    from sentence_transformers import SentenceTransformer
+
+    st = SentenceTransformer(hd32_model, device="cpu")
+    texts = _texts(120, seed=2)
+    ids = [st.tokenizer(t, truncation=True, max_length=64)["input_ids"] for t in texts]
+    order = np.argsort([-len(x) for x in ids], kind="stable")
+    lengths = np.array([len(ids[i]) for i in order])
+    flat = np.array([t for i in order for t in ids[i]], dtype=np.int64)
+    auto = PackedBert.from_sentence_transformer(st, mode)
+    assert auto.attention == "native"
+    grouped = PackedBert.from_sentence_transformer(st, mode, attention="groups")
+    fp32 = PackedBert.from_sentence_transformer(st, "fp32")
+    with torch.inference_mode():
+        a, g, f = (m(flat, lengths).numpy() for m in (auto, grouped, fp32))
+    unit = lambda v: v / np.linalg.norm(v, axis=1, keepdims=True)  # noqa: E731
+    cos_native = np.sum(unit(a) * unit(f), axis=1)
+    cos_torch = np.sum(unit(g) * unit(f), axis=1)
+    assert cos_native.min() > 0.999
+    assert cos_native.mean() >= cos_torch.mean() - 1e-5  # no less faithful to fp32 than PyTorch's attention
+
+
+def test_encoder_records_the_attention_it_measured(kernel, hd32_model):
+    enc = load_encoder(hd32_model, precision="auto", device="cpu")
+    enc.encode(_texts(80, seed=3))
+    record = enc.calibration
+    assert record["attention"]["fp32"] == "groups"  # fp32 stays PyTorch's exact path
+    assert record["attention"]["bf16"] == "native"
+    assert enc.calibration_rules()["attention"] == native.NAME
+
+
+@pytest.fixture
+def fresh_native(monkeypatch, tmp_path):
+    """The kernel decided again in this test (a fresh cache, a changed environment), and again after."""
+    monkeypatch.setenv("DENSEBEAM_CACHE_DIR", str(tmp_path / "cache"))
+    native.reset()
+    yield tmp_path / "cache" / "native"
+    monkeypatch.undo()
+    native.reset()
+
+
+def test_disabled_by_environment_falls_back_to_pytorch(fresh_native, monkeypatch, hd32_model):
+    monkeypatch.setenv("DENSEBEAM_NATIVE", "0")
+    assert native.attention_kernel() is None
+    assert "DENSEBEAM_NATIVE=0" in native.why_not()
+    from sentence_transformers import SentenceTransformer
+
+    model = PackedBert.from_sentence_transformer(SentenceTransformer(hd32_model, device="cpu"), "bf16")
+    assert model.attention == "groups"
+    with pytest.raises(ValueError, match="native attention unavailable"):
+        PackedBert.from_sentence_transformer(SentenceTransformer(hd32_model, device="cpu"), "bf16", attention="native")
+    enc = load_encoder(hd32_model, precision="bf16", device="cpu", token_budget=4000)  # not a cached encoder
+    assert enc.attention_kernel() == "torch" and enc._make_runner("bf16").bert.attention == "groups"
+    assert enc.encode(_texts(5)).shape == (5, 64)
+
+
+def test_a_compiler_that_fails_falls_back_with_its_reason(fresh_native, monkeypatch, tmp_path, kernel):
+    broken = tmp_path / "broken-cc"
+    broken.write_text("#!/bin/sh\necho 'cc: fatal error: no space left on device' >&2\nexit 1\n")
+    broken.chmod(0o755)
+    monkeypatch.setenv("CC", str(broken))
+    assert native.attention_kernel() is None
+    assert "could not build" in native.why_not() and "no space left" in native.why_not()
+    assert not list(fresh_native.glob("*.so"))  # nothing half-built left to load
+
+
+def test_the_build_is_cached_and_reused(fresh_native, kernel):
+    first = native.attention_kernel()
+    assert first is not None and first.path.startswith(str(fresh_native))
+    built = list(fresh_native.glob("attention-*.so"))
+    assert len(built) == 1 and not list(fresh_native.glob(".attention-*"))
+    stamp = built[0].stat().st_mtime_ns
+    native.reset()
+    again = native.attention_kernel()
+    assert again.path == first.path and built[0].stat().st_mtime_ns == stamp  # loaded, not rebuilt
