@@ -7,6 +7,7 @@ real collections, a profile of one encode run and peak memory.
     .venv/bin/python bench/encode_bench.py --n 50000 --rounds 2 --alternatives st-fp32,st-bf16,ov,densebeam
     .venv/bin/python bench/encode_bench.py --fidelity                    # top-10 overlap, NDCG@10 vs fp32
     .venv/bin/python bench/encode_bench.py --profile                     # where one encode run's time goes
+    .venv/bin/python bench/encode_bench.py --attention --n 2000 --rounds 5  # native vs PyTorch attention
     python3 bench/encode_bench.py --gpu --n 50000 --model DIR            # on a CUDA GPU, no Beam needed
     .venv/bin/python bench/encode_bench.py --memory 5000,50000           # peak RSS, each size in a fresh process
 
@@ -598,6 +599,71 @@ def _child_peak_rss(corpus: str, model: str) -> None:
     print(json.dumps({"seconds": secs, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 
 
+# -- attention -----------------------------------------------------------------------------------
+def attention(args) -> None:
+    """The packed bf16 forward's attention, PyTorch's operations against the native kernel, on the real
+    batches of ``--n`` passages (one lane: one thread, as each lane runs): the attention of one layer
+    alone, and the whole forward pass with each; repeats interleaved, median and range."""
+    import numpy as np
+    import torch
+
+    from densebeam.index_store import native
+    from densebeam.index_store.encoder import load_encoder
+    from densebeam.index_store.packed_bert import _length_groups
+
+    torch.set_num_threads(1)
+    if native.kernels() is None:
+        raise SystemExit(f"the native attention cannot run here: {native.why_not()}")
+    texts = [joined(d) for d in iter_docs(Path(args.corpus), args.n)]
+    enc = load_encoder(MODEL, precision="bf16", device="cpu")
+    ids, _ = enc.tokenize(texts)
+    lengths = np.array([len(x) for x in ids])
+    batches = enc.plan_batches(lengths, True)
+    runners = {"pytorch": enc._make_runner("bf16"), "native": enc._make_runner("bf16")}
+    runners["pytorch"].bert.attention = "groups"
+    assert runners["native"].bert.attention == "native"
+    bert = runners["native"].bert
+    hidden, heads = bert.hidden, bert.heads
+    layer_inputs = []  # (qkv, groups) of a layer of every batch (random values: the time does not depend on them)
+    for idx in batches:
+        lens = lengths[idx]  # longest first, as plan_batches orders them
+        groups = _length_groups(lens)
+        qkv = (torch.randn(int(lens.sum()), 3 * hidden) * 0.5).to(torch.bfloat16)
+        layer_inputs.append((qkv, groups))
+
+    def attend_all(kind):
+        for qkv, groups in layer_inputs:
+            if kind == "native":
+                bert._attend_native(qkv, groups)
+            else:
+                bert._attend_groups(qkv, groups)
+
+    def forward_all(kind):
+        for idx in batches:
+            runners[kind]([ids[j] for j in idx], [])
+
+    secs = {(part, kind): [] for part in ("attention", "forward") for kind in runners}
+    with torch.inference_mode():
+        attend_all("pytorch"), attend_all("native"), forward_all("pytorch"), forward_all("native")  # warm-up
+        for _ in range(args.rounds):
+            for part, fn in (("attention", attend_all), ("forward", forward_all)):
+                for kind in runners:
+                    start = time.perf_counter()
+                    fn(kind)
+                    secs[(part, kind)].append(time.perf_counter() - start)
+    tokens = int(lengths.sum())
+    print(f"{args.n} passages ({tokens} tokens, {len(batches)} batches), one thread, {args.rounds} rounds; "
+          f"{heads} heads of {hidden // heads}")
+    for part in ("attention", "forward"):
+        med = {k: statistics.median(secs[(part, k)]) for k in runners}
+        for kind in runners:
+            s = secs[(part, kind)]
+            unit = (f"{tokens / med[kind]:9.0f} tokens/s per layer" if part == "attention" else
+                    f"{args.n / med[kind]:9.1f} passages/s")
+            print(f"  {part:9s} {kind:8s} {unit}  (median {med[kind]:.3f} s, range {min(s):.3f}-{max(s):.3f})")
+        print(f"  {part:9s} native / pytorch speed: {med['pytorch'] / med['native']:.2f}x")
+
+
 def memory(args) -> None:
     model = args.model
     if model == "tiny":  # the tests' 2-layer model: isolates the pipeline's memory from the model's
@@ -630,6 +696,8 @@ def main() -> None:
     p.add_argument("--collections", default=",".join(COLLECTIONS))
     p.add_argument("--profile", action="store_true", help="where the time of one densebeam encode goes")
     p.add_argument("--gpu", action="store_true", help="encoder vs plain sentence-transformers on a CUDA GPU")
+    p.add_argument("--attention", action="store_true",
+                   help="the packed forward's attention: PyTorch's operations vs the native kernel")
     p.add_argument("--precision", default="auto", help="--profile: the precision to profile")
     p.add_argument("--memory", help="comma-separated passage counts for the peak-memory comparison")
     p.add_argument("--model", default=MODEL,
@@ -656,6 +724,8 @@ def main() -> None:
         profile(args)
     elif args.gpu:
         gpu(args)
+    elif args.attention:
+        attention(args)
     else:
         speed(args)
 

@@ -364,17 +364,16 @@ class Encoder:
         """What a measurement's outcome depends on besides the model, machine and sample."""
         return {"candidates": list(candidate_precisions(self.device)), "sample": CALIBRATION_PASSAGES,
                 "min_cosine": MIN_SAMPLE_COSINE, "min_overlap": MIN_SAMPLE_OVERLAP, "packed": self.packed,
-                "attention": self.attention_kernel()}
+                "kernels": self.native_kernels()}
 
-    def attention_kernel(self) -> str:
-        """Which attention the packed bf16 forward runs here: the native kernel's name
-        (:mod:`index_store.native`) or ``torch``."""
+    def native_kernels(self) -> str:
+        """What the packed bf16 forward runs here: the native kernels' name (:mod:`index_store.native`)
+        or ``torch``."""
         if not self.packed or self.device != "cpu":
             return "torch"
         from densebeam.index_store import native
 
-        kernel = native.attention_kernel()
-        return kernel.name if kernel else "torch"
+        return native.NAME if native.kernels() else "torch"
 
     def adopt(self, record: dict) -> bool:
         """Resolve ``auto`` to the precision an earlier measurement chose (``record["chosen"]``) without
@@ -467,8 +466,7 @@ class Encoder:
             self._encode_with(runner, texts if self.device.startswith("cuda") else texts[:4])
             vectors[name], seconds[name] = _timed(lambda r=runner: self._encode_with(r, texts))
         record = {"measured": True, "sample_passages": len(texts), "device": self.device, "packed": self.packed,
-                  "attention": {name: getattr(getattr(r, "bert", None), "attention", "torch")
-                                for name, r in runners.items()},
+                  "kernels": {name: getattr(getattr(r, "bert", None), "kernels", "torch") for name, r in runners.items()},
                   "min_cosine_required": MIN_SAMPLE_COSINE, "min_overlap_required": MIN_SAMPLE_OVERLAP,
                   "candidates": {}}
         chosen = "fp32"
@@ -599,6 +597,10 @@ def _load_encoder(model, similarity, device, precision, max_seq_length, token_bu
     precision = check_precision(precision, device)
     if similarity not in ("auto", "cos", "dot"):
         raise ValueError(f"similarity must be auto, cos or dot, got {similarity!r}")
+    if device == "cpu" and precision != "fp32":
+        from densebeam.index_store import native
+
+        native.prepare()  # a first run on a machine builds the attention kernel while the model loads
     path = resolve_model_path(model)
     files, why = read_bert_directory(path) if os.path.isdir(path) else (None, "not a local directory")
     if files is not None:  # the common BERT layout: read directly, sentence-transformers is not imported

@@ -1,19 +1,21 @@
-"""The packed forward's attention as native code (``attention_avx512.c``), built on first use. No Beam import.
+"""Native kernels of the packed bf16 forward (``kernels_avx512.c``), built on first use. No Beam import.
 
 PyTorch runs a packed layer's attention as a few small operations per group of equal-length passages
 (score products, a float32 softmax, conversions, copies): 22% of the bf16 forward pass of
-all-MiniLM-L6-v2 on a 2-core AVX-512 CPU, though its arithmetic is under 1% of the layer's. The C
-kernel does all of it in one call per layer, keeps the scores in float32 and runs 2.0-2.5x faster than
-the PyTorch path on the same batch (``bench/encode_bench.py --attention``).
+all-MiniLM-L6-v2 on a 2-core AVX-512 CPU, though its arithmetic is under 1% of the layer's; and each
+residual connection as an add and a layer norm, two passes over the activations. The C kernels do a
+layer's attention in one call (scores kept in float32) and each residual add with its layer norm in one
+pass (the sum kept in float32): ``bench/encode_bench.py --attention`` measures them against the PyTorch
+operations they replace.
 
-It is compiled once per machine with the C compiler found (``$CC``, else ``cc``, ``gcc`` or ``clang``)
+They are compiled once per machine with the C compiler found (``$CC``, else ``cc``, ``gcc`` or ``clang``)
 into ``$DENSEBEAM_CACHE_DIR/native`` (default ``~/.cache/densebeam/native``), named by a hash of the
 source, the flags and the compiler's version; the file is written under a temporary name and renamed, so
-concurrent workers never load half a library. The compiled kernel is checked against a float64
-reference before its first use. It is used only where it can run: an x86-64 CPU with AVX-512 F, BW and
-BF16, bf16 matrix products, a head size that is a multiple of 32. Anywhere else (another CPU, no
-compiler, a failed build or check, ``DENSEBEAM_NATIVE=0``) the PyTorch attention runs, and the log
-says why once per process. Which one ran is recorded in the ``auto`` precision measurement.
+concurrent workers never load half a library. The build is checked against float64 references before
+its first use. The kernels run only where they can: an x86-64 CPU with AVX-512 F, BW and BF16, bf16
+products, a head size that is a multiple of 32. Anywhere else (another CPU, no compiler, a failed build
+or check, ``DENSEBEAM_NATIVE=0``) the PyTorch operations run, and the log says why once per process.
+Which ran is recorded in the ``auto`` precision measurement.
 """
 
 from __future__ import annotations
@@ -34,21 +36,21 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("attention_avx512.c")
+SOURCE = Path(__file__).with_name("kernels_avx512.c")
 FLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512bf16", "-mfma", "-ffp-contract=off", "-fPIC", "-shared")
 CPU_FLAGS = ("avx512f", "avx512bw", "avx512_bf16")
 NAME = "avx512-bf16"  # what the measurement record calls this kernel
 
 _LOCK = threading.Lock()
-_KERNEL: Optional["AttentionKernel"] = None
+_KERNEL: Optional["NativeKernels"] = None
 _WHY_NOT: Optional[str] = None  # why the kernel is not available, once known
 _TRIED = False
+_STARTED = False  # prepare() has started a build thread
 
 
-class AttentionKernel:
-    """``attend(qkv, ctx, groups, heads, head_dim)``: ``qkv`` (rows, 3 * heads * head_dim) and ``ctx``
-    (rows, heads * head_dim) contiguous bf16 CPU tensors, ``groups`` (first row, passages, length)
-    triples. Thread-safe (ctypes releases the GIL for the call; the kernel keeps no state)."""
+class NativeKernels:
+    """The loaded library. Thread-safe: ctypes releases the GIL for each call and the kernels keep no
+    state."""
 
     name = NAME
 
@@ -59,26 +61,47 @@ class AttentionKernel:
         self._attend.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
                                  ctypes.c_int64, ctypes.c_int64]
         self._attend.restype = ctypes.c_int
+        self._add_ln = lib.densebeam_add_layernorm_bf16
+        self._add_ln.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64, ctypes.c_int64, ctypes.c_float]
+        self._add_ln.restype = ctypes.c_int
         self._transpose = lib.densebeam_transpose16
         self._transpose.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
         self._transpose.restype = None
 
     def attend(self, qkv, ctx, groups, heads: int, head_dim: int) -> None:
-        import torch
-
-        if qkv.dtype != torch.bfloat16 or ctx.dtype != torch.bfloat16:
-            raise TypeError("the native attention takes bf16 tensors")
-        if not (qkv.is_contiguous() and ctx.is_contiguous()) or qkv.device.type != "cpu":
-            raise ValueError("the native attention takes contiguous CPU tensors")
+        """``ctx`` <- the attention of ``qkv`` (rows, 3 * heads * head_dim; each row q | k | v) over
+        ``groups`` ((first row, passages, length) triples), both contiguous bf16 CPU tensors."""
+        _check_bf16(qkv, ctx)
         g = np.ascontiguousarray(np.asarray(groups, dtype=np.int64).reshape(-1, 3))
+        if qkv.shape[1] != 3 * heads * head_dim or ctx.shape[1] != heads * head_dim:
+            raise ValueError(f"qkv {tuple(qkv.shape)} and ctx {tuple(ctx.shape)} do not hold {heads} heads "
+                             f"of {head_dim}")
         if len(g):
-            last = int(g[-1, 0] + g[-1, 1] * g[-1, 2])
-            if last > qkv.shape[0] or last > ctx.shape[0] or qkv.shape[1] != 3 * heads * head_dim \
-                    or ctx.shape[1] != heads * head_dim:
-                raise ValueError(f"groups reach row {last}; qkv {tuple(qkv.shape)}, ctx {tuple(ctx.shape)}")
+            ends = g[:, 0] + g[:, 1] * g[:, 2]
+            if (g < 0).any() or (g[:, 1:] < 1).any() or int(ends.max()) > min(qkv.shape[0], ctx.shape[0]):
+                raise ValueError(f"groups reach row {int(ends.max())} (or are empty); qkv {tuple(qkv.shape)}, "
+                                 f"ctx {tuple(ctx.shape)}")
         rc = self._attend(qkv.data_ptr(), ctx.data_ptr(), g.ctypes.data, len(g), heads, head_dim)
         if rc:
             raise RuntimeError(f"native attention failed ({'out of memory' if rc == -1 else f'code {rc}'})")
+
+    def add_layernorm(self, a, h, gamma, beta, eps: float):
+        """LayerNorm(a + h) * gamma + beta, a new bf16 tensor: ``a`` and ``h`` (rows, cols) contiguous
+        bf16, ``gamma`` and ``beta`` (cols,) contiguous float32."""
+        import torch
+
+        _check_bf16(a, h)
+        if a.shape != h.shape or a.dim() != 2 or gamma.shape != (a.shape[1],) or beta.shape != gamma.shape:
+            raise ValueError(f"shapes {tuple(a.shape)}, {tuple(h.shape)}, {tuple(gamma.shape)}, {tuple(beta.shape)}")
+        if gamma.dtype != torch.float32 or beta.dtype != torch.float32 or not (gamma.is_contiguous()
+                                                                              and beta.is_contiguous()):
+            raise TypeError("gamma and beta must be contiguous float32")
+        out = torch.empty_like(a)
+        rc = self._add_ln(a.data_ptr(), h.data_ptr(), gamma.data_ptr(), beta.data_ptr(), out.data_ptr(),
+                          a.shape[0], a.shape[1], float(eps))
+        if rc:
+            raise RuntimeError(f"native layer norm failed (code {rc})")
+        return out
 
     def transpose16(self, a: np.ndarray) -> np.ndarray:
         a = np.ascontiguousarray(a, dtype=np.int32).reshape(16, 16)
@@ -87,9 +110,19 @@ class AttentionKernel:
         return out
 
 
-def attention_kernel() -> Optional[AttentionKernel]:
-    """The native attention kernel, built and checked on the first call of the process; None where it
-    cannot run (:func:`why_not` says why)."""
+def _check_bf16(*tensors) -> None:
+    import torch
+
+    for t in tensors:
+        if t.dtype != torch.bfloat16:
+            raise TypeError(f"the native kernels take bf16 tensors, not {t.dtype}")
+        if not t.is_contiguous() or t.device.type != "cpu":
+            raise ValueError("the native kernels take contiguous CPU tensors")
+
+
+def kernels() -> Optional[NativeKernels]:
+    """The native kernels, built and checked on the first call of the process; None where they cannot
+    run (:func:`why_not` says why)."""
     global _KERNEL, _WHY_NOT, _TRIED
     with _LOCK:
         if not _TRIED:
@@ -98,31 +131,42 @@ def attention_kernel() -> Optional[AttentionKernel]:
                 _KERNEL = _load()
             except _Unavailable as err:
                 _WHY_NOT = str(err)
-                log.info("native attention not used: %s; PyTorch's attention runs instead", err)
+                log.info("native kernels not used: %s; PyTorch's operations run instead", err)
             except Exception as err:  # noqa: BLE001 - an optional fast path: any failure falls back
                 _WHY_NOT = f"{type(err).__name__}: {err}"
-                log.warning("native attention not used (%s); PyTorch's attention runs instead", _WHY_NOT)
+                log.warning("native kernels not used (%s); PyTorch's operations run instead", _WHY_NOT)
         return _KERNEL
 
 
+def prepare() -> None:
+    """Start deciding (and, the first time on a machine, building) the kernel in a background thread, so
+    the compiler runs while the model loads; :func:`kernels` waits for it."""
+    global _STARTED
+    with _LOCK:
+        if _TRIED or _STARTED:
+            return
+        _STARTED = True
+    threading.Thread(target=kernels, name="densebeam-native-build", daemon=True).start()
+
+
 def why_not() -> Optional[str]:
-    """Why :func:`attention_kernel` returned None (None before the first call or when it is available)."""
+    """Why :func:`kernels` returned None (None before the first call or when it is available)."""
     return _WHY_NOT
 
 
 def reset() -> None:
-    """Forget the outcome, so the next :func:`attention_kernel` call tries again (tests; a changed
+    """Forget the outcome, so the next :func:`kernels` call tries again (tests; a changed
     environment)."""
-    global _KERNEL, _WHY_NOT, _TRIED
+    global _KERNEL, _WHY_NOT, _TRIED, _STARTED
     with _LOCK:
-        _KERNEL, _WHY_NOT, _TRIED = None, None, False
+        _KERNEL, _WHY_NOT, _TRIED, _STARTED = None, None, False, False
 
 
 class _Unavailable(Exception):
     pass
 
 
-def _load() -> AttentionKernel:
+def _load() -> NativeKernels:
     if os.environ.get("DENSEBEAM_NATIVE", "1").strip().lower() in ("0", "false", "no", "off"):
         raise _Unavailable("DENSEBEAM_NATIVE=0")
     if platform.machine().lower() not in ("x86_64", "amd64"):
@@ -133,7 +177,7 @@ def _load() -> AttentionKernel:
     cc = _compiler()
     if cc is None:
         raise _Unavailable("no C compiler ($CC, cc, gcc or clang) on PATH")
-    kernel = AttentionKernel(_build(cc))
+    kernel = NativeKernels(_build(cc))
     _self_check(kernel)
     return kernel
 
@@ -171,11 +215,11 @@ def _build(cc: str) -> str:
         raise _Unavailable(f"the C compiler {cc} does not run: {err}") from err
     key = hashlib.sha256(source + repr((FLAGS, cc, version)).encode()).hexdigest()[:16]
     out_dir = cache_dir()
-    target = out_dir / f"attention-{key}.so"
+    target = out_dir / f"kernels-{key}.so"
     if target.exists():
         return str(target)
     out_dir.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".attention-", suffix=".so", dir=out_dir)
+    fd, tmp = tempfile.mkstemp(prefix=".kernels-", suffix=".so", dir=out_dir)
     os.close(fd)
     try:
         done = subprocess.run([cc, *FLAGS, "-o", tmp, str(SOURCE)], capture_output=True, text=True, timeout=120)
@@ -186,7 +230,7 @@ def _build(cc: str) -> str:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-    log.info("built the native attention kernel: %s", target)
+    log.info("built the native kernels: %s", target)
     return str(target)
 
 
@@ -203,15 +247,22 @@ def reference_attention(qkv: np.ndarray, groups, heads: int, head_dim: int) -> n
     return out
 
 
-def _self_check(kernel: AttentionKernel) -> None:
-    """The built kernel against :func:`reference_attention` on a small random layer (lengths that are
-    and are not multiples of 16, an odd one, a single token): a miscompiled or misbehaving kernel is
+def reference_add_layernorm(a: np.ndarray, h: np.ndarray, gamma, beta, eps: float) -> np.ndarray:
+    """Float64 LayerNorm(a + h) * gamma + beta."""
+    x = np.asarray(a, dtype=np.float64) + np.asarray(h, dtype=np.float64)
+    x = (x - x.mean(1, keepdims=True)) / np.sqrt(x.var(1, keepdims=True) + eps)
+    return x * np.asarray(gamma, dtype=np.float64) + np.asarray(beta, dtype=np.float64)
+
+
+def _self_check(kernel: NativeKernels) -> None:
+    """The built kernels against the float64 references on small random inputs (attention lengths that
+    are and are not multiples of 16, an odd one, a single token): a miscompiled or misbehaving build is
     never used."""
     import torch
 
     a = np.arange(256, dtype=np.int32).reshape(16, 16)
     if not np.array_equal(kernel.transpose16(a), a.T):
-        raise RuntimeError("the native attention kernel failed its self-check (transpose)")
+        raise RuntimeError("the native kernels failed their self-check (transpose)")
     gen = torch.Generator().manual_seed(0)
     heads, hd = 2, 32
     groups = [(0, 2, 37), (74, 1, 16), (90, 3, 5), (105, 1, 1)]
@@ -223,3 +274,9 @@ def _self_check(kernel: AttentionKernel) -> None:
     err = float(np.max(np.abs(ctx.float().numpy() - ref)))
     if not err < 2e-2:
         raise RuntimeError(f"the native attention kernel failed its self-check (max error {err:.3g})")
+    a, h = (torch.randn(5, 48, generator=gen).to(torch.bfloat16) for _ in range(2))
+    gamma, beta = torch.rand(48, generator=gen) + 0.5, torch.randn(48, generator=gen)
+    got = kernel.add_layernorm(a, h, gamma, beta, 1e-12).float().numpy()
+    err = float(np.max(np.abs(got - reference_add_layernorm(a.float(), h.float(), gamma, beta, 1e-12))))
+    if not err < 3e-2:
+        raise RuntimeError(f"the native layer norm failed its self-check (max error {err:.3g})")

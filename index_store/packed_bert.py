@@ -5,8 +5,8 @@ every linear layer, layer norm and activation runs on real tokens only, as one l
 Attention is the only step that needs the sequences apart: passages are ordered by length, so the
 passages of one length are consecutive rows and ``rows.view(n, length, ...)`` gives them to
 ``scaled_dot_product_attention`` with no mask and no padding. On CPUs with AVX-512 BF16, the bf16
-modes run attention in one native call per layer instead (:mod:`index_store.native`: float32 scores,
-2.0-2.5x faster than the PyTorch operations it replaces). The result equals the padded forward of
+modes run attention in one native call per layer instead, and ``bf16`` each residual add with its layer
+norm in one native pass (:mod:`index_store.native`). The result equals the padded forward of
 ``transformers``' ``BertModel`` followed by sentence-transformers' mean or CLS pooling (padding never
 changes a real token's output), to float rounding: tested against ``SentenceTransformer.encode``.
 
@@ -106,6 +106,10 @@ class PackedBert:
         self.stream_dtype = torch.float32 if mode in ("fp32", "bf16-mixed") else self.mm_dtype
         self._native = None
         self.attention = self._choose_attention(attention)
+        # bf16 mode (bf16 residual stream) with the native kernels: each residual add and its layer norm
+        # in one native pass, the sum in float32
+        self.fused_layernorm = self.attention == "native" and mode == "bf16" and self.hidden % 16 == 0
+        self._ln32: list = []
         self._pack = self.device.type == "cpu" and self.mm_dtype == torch.bfloat16 and _onednn_ok()
         # oneDNN builds a kernel per new row count (a batch of a new shape measured ~10% slower than a
         # repeat); rows are padded to a multiple of this so a run reuses a few dozen shapes (measured +2%
@@ -139,6 +143,9 @@ class PackedBert:
                 self._linear(w(p + "output.dense.weight"), w(p + "output.dense.bias")),
                 (w(p + "output.LayerNorm.weight", self.stream_dtype), w(p + "output.LayerNorm.bias", self.stream_dtype)),
             ))
+            if self.fused_layernorm:  # the native add + layer norm takes float32 weights (not rounded to bf16)
+                self._ln32.append(((w(p + "attention.output.LayerNorm.weight"), w(p + "attention.output.LayerNorm.bias")),
+                                   (w(p + "output.LayerNorm.weight"), w(p + "output.LayerNorm.bias"))))
 
     def _choose_attention(self, asked: str) -> str:
         """native: the C kernel (:mod:`index_store.native`), CPU bf16 only; groups: one small PyTorch
@@ -156,7 +163,7 @@ class PackedBert:
             else:
                 from densebeam.index_store import native
 
-                self._native = native.attention_kernel()
+                self._native = native.kernels()
                 why = None if self._native else native.why_not()
             if why is None:
                 return "native"
@@ -232,13 +239,25 @@ class PackedBert:
         ln = torch.nn.functional.layer_norm
         h = self.word.index_select(0, ids_t) + self.pos.index_select(0, pos_t) + self.type0
         h = ln(h, (self.hidden,), *self.emb_ln, self.eps).to(self.stream_dtype)
-        for qkv_wb, out_wb, ln1, up_wb, down_wb, ln2 in self.layers:
+        for i, (qkv_wb, out_wb, ln1, up_wb, down_wb, ln2) in enumerate(self.layers):
             ctx = attend(self._mm(h.to(self.mm_dtype), qkv_wb), groups)
             a = self._mm(ctx, out_wb)
-            h = ln(a.to(self.stream_dtype) + h, (self.hidden,), *ln1, self.eps)
+            if self.fused_layernorm:
+                h = self._native.add_layernorm(a, h, *self._ln32[i][0], self.eps)
+            else:
+                h = ln(a.to(self.stream_dtype) + h, (self.hidden,), *ln1, self.eps)
             f = self._mm(self._mm(h.to(self.mm_dtype), up_wb, act="gelu"), down_wb)
-            h = ln(f.to(self.stream_dtype) + h, (self.hidden,), *ln2, self.eps)
+            if self.fused_layernorm:
+                h = self._native.add_layernorm(f, h, *self._ln32[i][1], self.eps)
+            else:
+                h = ln(f.to(self.stream_dtype) + h, (self.hidden,), *ln2, self.eps)
         return self._pool(h, lengths)
+
+    @property
+    def kernels(self) -> str:
+        """``native`` when the native kernels (:mod:`index_store.native`) run in this forward, else
+        ``torch``."""
+        return "native" if self.attention == "native" else "torch"
 
     def _attend_native(self, qkv, groups):
         """CPU, bf16: every group and head in one call of the C kernel (:mod:`index_store.native`)."""

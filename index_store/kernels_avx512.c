@@ -6,8 +6,8 @@
  * Numerics: scores are float32 sums of exact bf16 x bf16 products (the PyTorch path rounds the scores to
  * bf16 before the softmax), softmax in float32 with a polynomial exp (relative error < 2e-7), the
  * weights rounded to bf16 for the value products (as the PyTorch path does), float32 sums, the output
- * rounded to bf16 to nearest even. The order of every sum is fixed by this code: the same input gives the
- * same bits on every CPU that runs it. */
+ * rounded to bf16 to nearest even. The order of every sum is fixed by this code (no compiler reassociation,
+ * no contraction): the same input gives the same bits on every CPU that runs it. */
 #include <stdint.h>
 #include <stdlib.h>
 #include <math.h>
@@ -15,12 +15,25 @@
 
 #define RB 4 /* query rows per block */
 
+static inline __m512 load_bf16(const uint16_t *p) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
+}
+
 static inline __m256i to_bf16(__m512 x) { /* round to nearest even, NaN kept: as torch's float -> bfloat16 */
     __m512i u = _mm512_castps_si512(x);
     __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(_mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1)),
                                                      _mm512_set1_epi32(0x7fff)));
     r = _mm512_mask_or_epi32(r, _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), u, _mm512_set1_epi32(0x400000));
     return _mm512_cvtepi32_epi16(_mm512_srli_epi32(r, 16));
+}
+
+/* the sum of the 16 lanes in a fixed order (halves, then halves of those): the same bits from every compiler */
+static inline float hsum(__m512 v) {
+    __m256 a = _mm256_add_ps(_mm512_castps512_ps256(v), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
+    __m128 b = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    b = _mm_add_ps(b, _mm_movehl_ps(b, b));
+    b = _mm_add_ss(b, _mm_movehdup_ps(b));
+    return _mm_cvtss_f32(b);
 }
 
 /* exp(x) for x <= 0, clamped at -87: 2^n * p(r), |r| <= ln2 / 2, relative error < 2e-7 */
@@ -111,7 +124,7 @@ static void head(const uint16_t *q, int64_t W, const uint32_t *kp, const uint32_
                 _mm256_storeu_si256((__m256i *)(sb + r * Lp + b * 16), to_bf16(e));
                 sum = _mm512_add_ps(sum, e);
             }
-            inv[r] = 1.0f / _mm512_reduce_add_ps(sum);
+            inv[r] = 1.0f / hsum(sum);
         }
         for (int64_t c = 0; c < D; c += 32) { /* weighted sums of values, 32 columns at a time, pairs of keys */
             __m512 o0 = _mm512_setzero_ps(), o1 = o0, o2 = o0, o3 = o0, p0 = o0, p1 = o0, p2 = o0, p3 = o0;
@@ -184,5 +197,38 @@ int densebeam_attend_bf16(const uint16_t *qkv, uint16_t *ctx, const int64_t *gro
         }
     }
     free(kp); free(vp); free(s); free(sb);
+    return 0;
+}
+
+/* out = LayerNorm(a + h) * gamma + beta over rows of `cols` values (cols % 16 == 0): a and h bf16, their sum
+ * and the statistics in float32 (PyTorch's path rounds the sum to bf16 first), gamma and beta float32, out
+ * bf16 (may be h). Returns 0, or -2 (cols not a multiple of 16, or more than 4096). */
+int densebeam_add_layernorm_bf16(const uint16_t *a, const uint16_t *h, const float *gamma, const float *beta,
+                                 uint16_t *out, int64_t rows, int64_t cols, float eps) {
+    if (cols % 16 || cols <= 0 || cols > 4096) return -2;
+    float x[4096] __attribute__((aligned(64)));
+    const float inv_n = 1.0f / (float)cols;
+    for (int64_t i = 0; i < rows; i++) {
+        const uint16_t *ar = a + i * cols, *hr = h + i * cols;
+        __m512 sum = _mm512_setzero_ps();
+        for (int64_t c = 0; c < cols; c += 16) {
+            __m512 v = _mm512_add_ps(load_bf16(ar + c), load_bf16(hr + c));
+            _mm512_store_ps(x + c, v);
+            sum = _mm512_add_ps(sum, v);
+        }
+        const __m512 mean = _mm512_set1_ps(hsum(sum) * inv_n);
+        __m512 sq = _mm512_setzero_ps();
+        for (int64_t c = 0; c < cols; c += 16) {
+            __m512 d = _mm512_sub_ps(_mm512_load_ps(x + c), mean);
+            sq = _mm512_add_ps(sq, _mm512_mul_ps(d, d));
+        }
+        const __m512 rstd = _mm512_set1_ps(1.0f / sqrtf(hsum(sq) * inv_n + eps));
+        uint16_t *o = out + i * cols;
+        for (int64_t c = 0; c < cols; c += 16) {
+            __m512 y = _mm512_mul_ps(_mm512_sub_ps(_mm512_load_ps(x + c), mean), rstd);
+            y = _mm512_add_ps(_mm512_mul_ps(y, _mm512_loadu_ps(gamma + c)), _mm512_loadu_ps(beta + c));
+            _mm256_storeu_si256((__m256i *)(o + c), to_bf16(y));
+        }
+    }
     return 0;
 }

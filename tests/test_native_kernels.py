@@ -1,7 +1,8 @@
-"""The native attention kernel of the packed bf16 forward (index_store/native.py, attention_avx512.c):
-against a float64 reference and PyTorch's attention, bitwise deterministic and independent of its batch,
-safe on bad arguments, and the PyTorch fallback wherever it cannot be built. Runs the real kernel, built
-by the machine's C compiler; skipped (with the reason) on a CPU without AVX-512 BF16."""
+"""The native kernels of the packed bf16 forward (index_store/native.py, kernels_avx512.c): attention and
+residual add + layer norm against float64 references and the PyTorch operations they replace, bitwise
+deterministic and independent of the batch, safe on bad arguments, and the PyTorch fallback wherever they
+cannot be built. Runs the real kernels, built by the machine's C compiler; skipped (with the reason) on a
+CPU without AVX-512 BF16."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from conftest import _WORDS, build_tiny_bi_encoder
 
 @pytest.fixture(scope="module")
 def kernel():
-    k = native.attention_kernel()
+    k = native.kernels()
     if k is None:
         pytest.skip(f"native attention unavailable here: {native.why_not()}")
     return k
@@ -120,6 +121,31 @@ def test_bad_arguments_raise_instead_of_reading_out_of_bounds(kernel):
         kernel.attend(torch.zeros(20, 3 * 4 * 16, dtype=torch.bfloat16), ctx, groups, 4, 16)
 
 
+@pytest.mark.parametrize("cols", [16, 384, 768])
+def test_add_layernorm_matches_float64_and_is_closer_than_pytorch(kernel, cols):
+    gen = torch.Generator().manual_seed(cols)
+    a = (torch.randn(300, cols, generator=gen) * 3).to(torch.bfloat16)
+    h = (torch.randn(300, cols, generator=gen) * 0.5 + 2).to(torch.bfloat16)  # an offset: the mean matters
+    a[7] = 0
+    h[7] = 1  # a constant row: variance 0, eps alone keeps it finite
+    gamma, beta = torch.rand(cols, generator=gen) + 0.5, torch.randn(cols, generator=gen)
+    got = kernel.add_layernorm(a, h, gamma, beta, 1e-12)
+    assert got.dtype == torch.bfloat16 and got.shape == a.shape
+    ref = native.reference_add_layernorm(a.float().numpy(), h.float().numpy(), gamma.numpy(), beta.numpy(), 1e-12)
+    err = np.abs(got.float().numpy() - ref)
+    assert np.all(err <= np.abs(ref) * 2.0 ** -8 + 1e-6), float(err.max())  # one bf16 rounding of the exact value
+    # PyTorch's bf16 path: the sum rounded to bf16, bf16 weights
+    torch_out = torch.nn.functional.layer_norm(a + h, (cols,), gamma.to(torch.bfloat16), beta.to(torch.bfloat16), 1e-12)
+    assert err.mean() < np.abs(torch_out.float().numpy() - ref).mean()
+    assert torch.equal(got, kernel.add_layernorm(a, h, gamma, beta, 1e-12))  # the same bits again
+    with pytest.raises(RuntimeError, match="code -2"):
+        kernel.add_layernorm(a[:, :8].contiguous(), h[:, :8].contiguous(), gamma[:8], beta[:8], 1e-12)
+    with pytest.raises(TypeError):
+        kernel.add_layernorm(a, h, gamma.double(), beta, 1e-12)
+    with pytest.raises(ValueError):
+        kernel.add_layernorm(a, h[:10].contiguous(), gamma, beta, 1e-12)
+
+
 def _texts(n, seed=0):
     rng = random.Random(seed)
     return [" ".join(rng.choices(_WORDS, k=rng.randint(1, 60))) for _ in range(n)]
@@ -142,7 +168,8 @@ def test_packed_forward_runs_native_by_default_and_agrees_with_pytorch(kernel, h
     lengths = np.array([len(ids[i]) for i in order])
     flat = np.array([t for i in order for t in ids[i]], dtype=np.int64)
     auto = PackedBert.from_sentence_transformer(st, mode)
-    assert auto.attention == "native"
+    assert auto.attention == "native" and auto.kernels == "native"
+    assert auto.fused_layernorm == (mode == "bf16")  # bf16-mixed keeps a float32 residual stream in PyTorch
     grouped = PackedBert.from_sentence_transformer(st, mode, attention="groups")
     fp32 = PackedBert.from_sentence_transformer(st, "fp32")
     with torch.inference_mode():
@@ -158,9 +185,9 @@ def test_encoder_records_the_attention_it_measured(kernel, hd32_model):
     enc = load_encoder(hd32_model, precision="auto", device="cpu")
     enc.encode(_texts(80, seed=3))
     record = enc.calibration
-    assert record["attention"]["fp32"] == "groups"  # fp32 stays PyTorch's exact path
-    assert record["attention"]["bf16"] == "native"
-    assert enc.calibration_rules()["attention"] == native.NAME
+    assert record["kernels"]["fp32"] == "torch"  # fp32 stays PyTorch's exact path
+    assert record["kernels"]["bf16"] == "native"
+    assert enc.calibration_rules()["kernels"] == native.NAME
 
 
 @pytest.fixture
@@ -175,7 +202,7 @@ def fresh_native(monkeypatch, tmp_path):
 
 def test_disabled_by_environment_falls_back_to_pytorch(fresh_native, monkeypatch, hd32_model):
     monkeypatch.setenv("DENSEBEAM_NATIVE", "0")
-    assert native.attention_kernel() is None
+    assert native.kernels() is None
     assert "DENSEBEAM_NATIVE=0" in native.why_not()
     from sentence_transformers import SentenceTransformer
 
@@ -184,7 +211,7 @@ def test_disabled_by_environment_falls_back_to_pytorch(fresh_native, monkeypatch
     with pytest.raises(ValueError, match="native attention unavailable"):
         PackedBert.from_sentence_transformer(SentenceTransformer(hd32_model, device="cpu"), "bf16", attention="native")
     enc = load_encoder(hd32_model, precision="bf16", device="cpu", token_budget=4000)  # not a cached encoder
-    assert enc.attention_kernel() == "torch" and enc._make_runner("bf16").bert.attention == "groups"
+    assert enc.native_kernels() == "torch" and enc._make_runner("bf16").bert.attention == "groups"
     assert enc.encode(_texts(5)).shape == (5, 64)
 
 
@@ -193,17 +220,26 @@ def test_a_compiler_that_fails_falls_back_with_its_reason(fresh_native, monkeypa
     broken.write_text("#!/bin/sh\necho 'cc: fatal error: no space left on device' >&2\nexit 1\n")
     broken.chmod(0o755)
     monkeypatch.setenv("CC", str(broken))
-    assert native.attention_kernel() is None
+    assert native.kernels() is None
     assert "could not build" in native.why_not() and "no space left" in native.why_not()
     assert not list(fresh_native.glob("*.so"))  # nothing half-built left to load
 
 
 def test_the_build_is_cached_and_reused(fresh_native, kernel):
-    first = native.attention_kernel()
+    first = native.kernels()
     assert first is not None and first.path.startswith(str(fresh_native))
-    built = list(fresh_native.glob("attention-*.so"))
-    assert len(built) == 1 and not list(fresh_native.glob(".attention-*"))
+    built = list(fresh_native.glob("kernels-*.so"))
+    assert len(built) == 1 and not list(fresh_native.glob(".kernels-*"))
     stamp = built[0].stat().st_mtime_ns
     native.reset()
-    again = native.attention_kernel()
+    again = native.kernels()
     assert again.path == first.path and built[0].stat().st_mtime_ns == stamp  # loaded, not rebuilt
+
+
+def test_prepare_builds_in_the_background_and_the_kernel_waits_for_it(fresh_native, kernel):
+    native.prepare()
+    native.prepare()  # a second call starts nothing more
+    got = native.kernels()  # waits for the build thread
+    assert got is not None and len(list(fresh_native.glob("kernels-*.so"))) == 1
+    qkv, groups = _layer([20, 9], 2, 32, seed=9)
+    assert torch.equal(_run(got, qkv, groups, 2, 32), _run(kernel, qkv, groups, 2, 32))
