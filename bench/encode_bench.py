@@ -7,7 +7,7 @@ real collections, a profile of one encode run and peak memory.
     .venv/bin/python bench/encode_bench.py --n 50000 --rounds 2 --alternatives st-fp32,st-bf16,ov,densebeam
     .venv/bin/python bench/encode_bench.py --fidelity                    # top-10 overlap, NDCG@10 vs fp32
     .venv/bin/python bench/encode_bench.py --profile                     # where one encode run's time goes
-    .venv/bin/python bench/encode_bench.py --attention --n 2000 --rounds 5  # native vs PyTorch attention
+    .venv/bin/python bench/encode_bench.py --attention --n 2000 --rounds 5  # native kernels vs PyTorch ops
     python3 bench/encode_bench.py --gpu --n 50000 --model DIR            # on a CUDA GPU, no Beam needed
     .venv/bin/python bench/encode_bench.py --memory 5000,50000           # peak RSS, each size in a fresh process
 
@@ -601,9 +601,10 @@ def _child_peak_rss(corpus: str, model: str) -> None:
 
 # -- attention -----------------------------------------------------------------------------------
 def attention(args) -> None:
-    """The packed bf16 forward's attention, PyTorch's operations against the native kernel, on the real
-    batches of ``--n`` passages (one lane: one thread, as each lane runs): the attention of one layer
-    alone, and the whole forward pass with each; repeats interleaved, median and range."""
+    """The packed bf16 forward with PyTorch's operations against the native kernels, on the real batches
+    of ``--n`` passages (one lane: one thread, as each lane runs): the attention of one layer alone, and
+    the whole forward pass (attention and the residual add + layer norms); repeats interleaved, median
+    and range."""
     import numpy as np
     import torch
 
@@ -620,8 +621,8 @@ def attention(args) -> None:
     lengths = np.array([len(x) for x in ids])
     batches = enc.plan_batches(lengths, True)
     runners = {"pytorch": enc._make_runner("bf16"), "native": enc._make_runner("bf16")}
-    runners["pytorch"].bert.attention = "groups"
-    assert runners["native"].bert.attention == "native"
+    runners["pytorch"].bert.attention, runners["pytorch"].bert.fused_layernorm = "groups", False
+    assert runners["native"].bert.attention == "native" and runners["native"].bert.fused_layernorm
     bert = runners["native"].bert
     hidden, heads = bert.hidden, bert.heads
     layer_inputs = []  # (qkv, groups) of a layer of every batch (random values: the time does not depend on them)
@@ -697,7 +698,7 @@ def main() -> None:
     p.add_argument("--profile", action="store_true", help="where the time of one densebeam encode goes")
     p.add_argument("--gpu", action="store_true", help="encoder vs plain sentence-transformers on a CUDA GPU")
     p.add_argument("--attention", action="store_true",
-                   help="the packed forward's attention: PyTorch's operations vs the native kernel")
+                   help="the packed bf16 forward: PyTorch's operations vs the native kernels")
     p.add_argument("--precision", default="auto", help="--profile: the precision to profile")
     p.add_argument("--memory", help="comma-separated passage counts for the peak-memory comparison")
     p.add_argument("--model", default=MODEL,
