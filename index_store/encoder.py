@@ -277,10 +277,10 @@ class Encoder:
         """
         msl = self.max_seq_length
         clipped = [clip_text(t, msl) for t in texts]
-        ids, offsets, extra = self._tokenize(clipped)
+        cut_ones = [i for i, (full, cut) in enumerate(zip(texts, clipped)) if len(cut) < len(full)]
+        ids, offsets, extra = self._tokenize(clipped, cut_ones)
         if offsets is not None:
-            redo = [i for i, (full, cut) in enumerate(zip(texts, clipped))
-                    if len(cut) < len(full) and not _cut_is_safe(cut, offsets[i], msl)]
+            redo = [i for i in cut_ones if not _cut_is_safe(clipped[i], offsets[i], msl)]
             if redo:
                 again, _, again_extra = self._tokenize([clip_text(texts[i], msl, RECUT_FACTOR) for i in redo])
                 for j, i in enumerate(redo):
@@ -289,13 +289,26 @@ class Encoder:
                         extra[i] = again_extra[j]
         return ids, extra
 
-    def _tokenize(self, texts: list[str]):
-        """(ids, character offsets or None for a slow tokenizer, other per-token columns or [])."""
+    def _encode_batch(self, texts: list[str]):
+        """``tokenizers``' ``encode_batch``, on CPU split over the lanes' threads for large calls: it
+        releases the GIL, and the forward pass's lanes are idle while a call's texts are tokenized."""
+        lanes = cpu_lanes() if self.device == "cpu" else 1
+        if lanes < 2 or len(texts) < 512:
+            return self._tokenizer.encode_batch(texts)
+        step = -(-len(texts) // lanes)
+        parts = [texts[i:i + step] for i in range(0, len(texts), step)]
+        with ThreadPoolExecutor(len(parts), thread_name_prefix="densebeam-tokenize") as pool:
+            return [e for part in pool.map(self._tokenizer.encode_batch, parts) for e in part]
+
+    def _tokenize(self, texts: list[str], want_offsets: Sequence[int] = ()):
+        """(ids, character offsets or None for a slow tokenizer, other per-token columns or []). With
+        the model's own tokenizer (model files) only the offsets of ``want_offsets`` are read: turning
+        every token's offsets into Python tuples cost more than the tokenization itself."""
         if self.files is not None:
             if self._tokenizer is None:
                 self._tokenizer = self.files.tokenizer(self.max_seq_length)
-            encs = self._tokenizer.encode_batch(texts)
-            return [e.ids for e in encs], [e.offsets for e in encs], []
+            encs = self._encode_batch(texts)
+            return [e.ids for e in encs], {i: encs[i].offsets for i in want_offsets}, []
         tok = self._st.tokenizer
         fast = bool(getattr(tok, "is_fast", False))
         want_types = not self.packed and "token_type_ids" in getattr(tok, "model_input_names", ())
@@ -364,15 +377,18 @@ class Encoder:
         """What a measurement's outcome depends on besides the model, machine and sample."""
         return {"candidates": list(candidate_precisions(self.device)), "sample": CALIBRATION_PASSAGES,
                 "min_cosine": MIN_SAMPLE_COSINE, "min_overlap": MIN_SAMPLE_OVERLAP, "packed": self.packed,
-                "kernels": self.native_kernels()}
+                "kernels": self.native_kernels(planned=True)}
 
-    def native_kernels(self) -> str:
+    def native_kernels(self, planned: bool = False) -> str:
         """What the packed bf16 forward runs here: the native kernels' name (:mod:`index_store.native`)
-        or ``torch``."""
+        or ``torch``. ``planned``: what this machine is set up to run (CPU, compiler), without waiting
+        for a first build to finish."""
         if not self.packed or self.device != "cpu":
             return "torch"
         from densebeam.index_store import native
 
+        if planned:
+            return native.planned()
         return native.NAME if native.kernels() else "torch"
 
     def adopt(self, record: dict) -> bool:
@@ -452,14 +468,17 @@ class Encoder:
             raise ValueError("calibration needs at least one text")
         picks = np.unique(np.linspace(0, len(texts) - 1, num=min(sample, len(texts))).astype(int))
         texts = [texts[i] for i in picks]
-        runners = {"fp32": self._make_runner("fp32")}
-        for cand in candidate_precisions(self.device):
+        runners, vectors, seconds = {}, {}, {}
+        # fp32 first: its runner needs no native kernel, so a first run on a machine encodes the fp32
+        # reference while the kernels are still being built (index_store.native.prepare)
+        for name in ("fp32", *candidate_precisions(self.device)):
             try:
-                runners[cand] = self._make_runner(cand)
+                runner = runners[name] = self._make_runner(name)
             except Exception as err:  # noqa: BLE001 - a candidate this machine cannot run is skipped
-                log.info("precision %s not available here: %s", cand, err)
-        vectors, seconds = {}, {}
-        for name, runner in runners.items():
+                if name == "fp32":
+                    raise
+                log.info("precision %s not available here: %s", name, err)
+                continue
             # Warm-up: kernels, caches. On a GPU the whole sample (a few ms there): an H100 run that
             # warmed up on 4 texts timed fp16 at 531 passages/s against fp32's 2,327 (its first
             # fp16/bf16 calls still chose kernels) and kept fp32, which ran 9,144/s on 50,000.

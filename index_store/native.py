@@ -42,10 +42,12 @@ CPU_FLAGS = ("avx512f", "avx512bw", "avx512_bf16")
 NAME = "avx512-bf16"  # what the measurement record calls this kernel
 
 _LOCK = threading.Lock()
+_START_LOCK = threading.Lock()
 _KERNEL: Optional["NativeKernels"] = None
 _WHY_NOT: Optional[str] = None  # why the kernel is not available, once known
 _TRIED = False
 _STARTED = False  # prepare() has started a build thread
+_DONE = False  # the outcome is known
 
 
 class NativeKernels:
@@ -123,7 +125,7 @@ def _check_bf16(*tensors) -> None:
 def kernels() -> Optional[NativeKernels]:
     """The native kernels, built and checked on the first call of the process; None where they cannot
     run (:func:`why_not` says why)."""
-    global _KERNEL, _WHY_NOT, _TRIED
+    global _KERNEL, _WHY_NOT, _TRIED, _DONE
     with _LOCK:
         if not _TRIED:
             _TRIED = True
@@ -135,6 +137,7 @@ def kernels() -> Optional[NativeKernels]:
             except Exception as err:  # noqa: BLE001 - an optional fast path: any failure falls back
                 _WHY_NOT = f"{type(err).__name__}: {err}"
                 log.warning("native kernels not used (%s); PyTorch's operations run instead", _WHY_NOT)
+            _DONE = True
         return _KERNEL
 
 
@@ -142,11 +145,23 @@ def prepare() -> None:
     """Start deciding (and, the first time on a machine, building) the kernel in a background thread, so
     the compiler runs while the model loads; :func:`kernels` waits for it."""
     global _STARTED
-    with _LOCK:
+    with _START_LOCK:  # not _LOCK: a build in progress holds that one
         if _TRIED or _STARTED:
             return
         _STARTED = True
     threading.Thread(target=kernels, name="densebeam-native-build", daemon=True).start()
+
+
+def planned() -> str:
+    """:data:`NAME` where this machine is set up to run the kernels (the CPU, a compiler, not turned
+    off), else ``torch``; the outcome of the build once it is known. Does not wait for a build."""
+    if _DONE:  # no lock: a build in progress holds it
+        return NAME if _KERNEL is not None else "torch"
+    try:
+        _environment_allows()
+    except _Unavailable:
+        return "torch"
+    return NAME
 
 
 def why_not() -> Optional[str]:
@@ -157,9 +172,9 @@ def why_not() -> Optional[str]:
 def reset() -> None:
     """Forget the outcome, so the next :func:`kernels` call tries again (tests; a changed
     environment)."""
-    global _KERNEL, _WHY_NOT, _TRIED, _STARTED
+    global _KERNEL, _WHY_NOT, _TRIED, _STARTED, _DONE
     with _LOCK:
-        _KERNEL, _WHY_NOT, _TRIED, _STARTED = None, None, False, False
+        _KERNEL, _WHY_NOT, _TRIED, _STARTED, _DONE = None, None, False, False, False
 
 
 class _Unavailable(Exception):
@@ -167,6 +182,13 @@ class _Unavailable(Exception):
 
 
 def _load() -> NativeKernels:
+    kernel = NativeKernels(_build(_environment_allows()))
+    _self_check(kernel)
+    return kernel
+
+
+def _environment_allows() -> str:
+    """The C compiler to build with; raises :class:`_Unavailable` when the kernels cannot run here."""
     if os.environ.get("DENSEBEAM_NATIVE", "1").strip().lower() in ("0", "false", "no", "off"):
         raise _Unavailable("DENSEBEAM_NATIVE=0")
     if platform.machine().lower() not in ("x86_64", "amd64"):
@@ -177,9 +199,7 @@ def _load() -> NativeKernels:
     cc = _compiler()
     if cc is None:
         raise _Unavailable("no C compiler ($CC, cc, gcc or clang) on PATH")
-    kernel = NativeKernels(_build(cc))
-    _self_check(kernel)
-    return kernel
+    return cc
 
 
 def _cpu_flags() -> set[str]:

@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 MODES = ("fp32", "bf16-mixed", "bf16", "fp16")
 ATTENTIONS = ("auto", "native", "groups", "padded")
 ROW_MULTIPLE = 256
+SMALL_ROW_MULTIPLE = 16  # for calls of at most ROW_MULTIPLE rows (a query): little padding, few shapes
 
 
 def packed_support(st) -> Optional[str]:
@@ -118,7 +119,8 @@ class PackedBert:
                       and _onednn_ok(str(self.mm_dtype).replace("torch.", "")))
         # oneDNN builds a kernel per new row count (a batch of a new shape measured ~10% slower than a
         # repeat); rows are padded to a multiple of this so a run reuses a few dozen shapes (measured +2%
-        # overall on calls of 500 passages, within the noise of a shared machine, at < 3% extra rows)
+        # overall on calls of 500 passages, within the noise of a shared machine, at < 3% extra rows); a
+        # call of at most that many rows (one query) is padded to a multiple of SMALL_ROW_MULTIPLE only
         self.row_multiple = ROW_MULTIPLE if self._pack else 1
 
         def w(name, dtype=None):
@@ -234,7 +236,9 @@ class PackedBert:
         groups = _length_groups(lengths)  # (first row, passages, length) of each run of equal lengths
         positions = np.concatenate([np.tile(np.arange(length), n) for _, n, length in groups])
         dev = self.device
-        spare = (-len(ids)) % self.row_multiple  # rows no passage owns: computed, never read
+        # rows no passage owns: computed, never read
+        spare = (-len(ids)) % (self.row_multiple if len(ids) > self.row_multiple else
+                               min(self.row_multiple, SMALL_ROW_MULTIPLE))
         if spare and self.attention != "padded":
             ids, positions = np.pad(ids, (0, spare)), np.pad(positions, (0, spare))
         ids_t = torch.from_numpy(ids).to(dev)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import random
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -243,3 +244,19 @@ def test_prepare_builds_in_the_background_and_the_kernel_waits_for_it(fresh_nati
     assert got is not None and len(list(fresh_native.glob("kernels-*.so"))) == 1
     qkv, groups = _layer([20, 9], 2, 32, seed=9)
     assert torch.equal(_run(got, qkv, groups, 2, 32), _run(kernel, qkv, groups, 2, 32))
+
+
+def test_planned_answers_while_a_build_runs_and_follows_its_outcome(fresh_native, monkeypatch, tmp_path, kernel):
+    assert native.planned() == native.NAME  # this machine can: no build has run in this test yet
+    slow = tmp_path / "slow-cc"  # a compiler that takes its time, then fails
+    slow.write_text("#!/bin/sh\ncase \"$*\" in *--version*) echo slow-cc 1.0; exit 0;; esac\nsleep 2\nexit 1\n")
+    slow.chmod(0o755)
+    monkeypatch.setenv("CC", str(slow))
+    native.prepare()
+    start = time.monotonic()
+    assert native.planned() == native.NAME and time.monotonic() - start < 1  # not blocked by the build
+    assert native.kernels() is None  # waits for the build, which fails
+    assert native.planned() == "torch"  # the outcome, once known
+    monkeypatch.setenv("DENSEBEAM_NATIVE", "off")
+    native.reset()
+    assert native.planned() == "torch"
