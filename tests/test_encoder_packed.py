@@ -108,8 +108,12 @@ def test_auto_measures_the_precision_and_records_it(tiny_cos_model):
     assert rec["sample_passages"] == CALIBRATION_PASSAGES and set(rec["candidates"]) >= {"fp32", "bf16"}
     chosen = rec["candidates"][rec["chosen"]]
     assert chosen["faithful"] and chosen["min_cosine"] >= rec["min_cosine_required"]
-    for c in rec["candidates"].values():  # the choice is the fastest faithful candidate
-        assert not c["faithful"] or c["passages_per_s"] <= chosen["passages_per_s"]
+    # the fastest faithful candidate, in order (fp32 first), a later one winning only by the tie margin
+    best, cands = "fp32", rec["candidates"]
+    for name, c in cands.items():
+        if c["faithful"] and c["passages_per_s"] > cands[best]["passages_per_s"] * (1 + rec["tie_margin"]):
+            best = name
+    assert best == rec["chosen"]
     fp32 = load_encoder(tiny_cos_model, precision="fp32", device="cpu").encode(texts)
     assert _min_cos(got, fp32) >= 0.999
     assert enc.facts().precision == enc.precision
