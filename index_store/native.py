@@ -15,7 +15,8 @@ concurrent workers never load half a library. The build is checked against float
 its first use. The kernels run only where they can: an x86-64 CPU with AVX-512 F, BW and BF16, bf16
 products, a head size that is a multiple of 32. Anywhere else (another CPU, no compiler, a failed build
 or check, ``DENSEBEAM_NATIVE=0``) the PyTorch operations run, and the log says why once per process.
-Which ran is recorded in the ``auto`` precision measurement.
+Which ran is recorded in the ``auto`` precision measurement. The add + layer norm kernel runs only when
+asked (``PackedBert(..., fused_layernorm=True)``): by default the residual connections stay PyTorch's.
 """
 
 from __future__ import annotations

@@ -5,8 +5,8 @@ every linear layer, layer norm and activation runs on real tokens only, as one l
 Attention is the only step that needs the sequences apart: passages are ordered by length, so the
 passages of one length are consecutive rows and ``rows.view(n, length, ...)`` gives them to
 ``scaled_dot_product_attention`` with no mask and no padding. On CPUs with AVX-512 BF16, the bf16
-modes run attention in one native call per layer instead, and ``bf16`` each residual add with its layer
-norm in one native pass (:mod:`index_store.native`). The result equals the padded forward of
+modes run attention in one native call per layer instead (:mod:`index_store.native`; a native residual
+add + layer norm for ``bf16`` exists too, off by default). The result equals the padded forward of
 ``transformers``' ``BertModel`` followed by sentence-transformers' mean or CLS pooling (padding never
 changes a real token's output), to float rounding: tested against ``SentenceTransformer.encode``.
 
@@ -84,7 +84,7 @@ class PackedBert:
     """
 
     def __init__(self, config: dict, weights: dict, pooling: str, mode: str, device: str = "cpu",
-                 attention: str = "auto"):
+                 attention: str = "auto", fused_layernorm: bool = False):
         """``config``: a BERT config as a dict; ``weights``: tensors by ``BertModel`` state-dict names;
         ``pooling``: ``mean`` or ``cls``. Built by :meth:`from_sentence_transformer` or
         :meth:`from_files`."""
@@ -108,9 +108,12 @@ class PackedBert:
         self.stream_dtype = torch.float32 if mode in ("fp32", "bf16-mixed") else self.mm_dtype
         self._native = None
         self.attention = self._choose_attention(attention)
-        # bf16 mode (bf16 residual stream) with the native kernels: each residual add and its layer norm
-        # in one native pass, the sum in float32
-        self.fused_layernorm = self.attention == "native" and mode == "bf16" and self.hidden % 16 == 0
+        # bf16 mode (bf16 residual stream) with the native kernels, when asked: each residual add and its
+        # layer norm in one native pass, the sum in float32 (forward +3% on one thread). Off by default:
+        # with it, adi's NDCG@10 moved -0.0081 from fp32 (35 queries; over the 0.005 bar), without it
+        # -0.0010 (docs/benchmarks.md, session 6)
+        self.fused_layernorm = (fused_layernorm and self.attention == "native" and mode == "bf16"
+                                and self.hidden % 16 == 0)
         self._ln32: list = []
         # oneDNN with weights pre-packed in its blocked layout (no per-call weight reorder): bf16, and fp32,
         # where it measured 2.2x the MKL products F.linear runs on an AMD AVX-512 CPU (232 vs 108 GFLOP/s
@@ -180,12 +183,14 @@ class PackedBert:
         return asked
 
     @classmethod
-    def from_sentence_transformer(cls, st, mode: str, device: str = "cpu", attention: str = "auto") -> "PackedBert":
+    def from_sentence_transformer(cls, st, mode: str, device: str = "cpu", attention: str = "auto",
+                                  fused_layernorm: bool = False) -> "PackedBert":
         reason = packed_support(st)
         if reason:
             raise ValueError(f"model cannot run packed: {reason}")
         bert = st[0].auto_model
-        return cls(bert.config.to_dict(), bert.state_dict(), _pooling_mode(st[1]), mode, device, attention)
+        return cls(bert.config.to_dict(), bert.state_dict(), _pooling_mode(st[1]), mode, device, attention,
+                   fused_layernorm)
 
     @classmethod
     def from_files(cls, files, mode: str, device: str = "cpu", attention: str = "auto") -> "PackedBert":

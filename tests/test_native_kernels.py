@@ -169,17 +169,20 @@ def test_packed_forward_runs_native_by_default_and_agrees_with_pytorch(kernel, h
     lengths = np.array([len(ids[i]) for i in order])
     flat = np.array([t for i in order for t in ids[i]], dtype=np.int64)
     auto = PackedBert.from_sentence_transformer(st, mode)
-    assert auto.attention == "native" and auto.kernels == "native"
-    assert auto.fused_layernorm == (mode == "bf16")  # bf16-mixed keeps a float32 residual stream in PyTorch
+    assert auto.attention == "native" and auto.kernels == "native" and not auto.fused_layernorm
+    fused = PackedBert.from_sentence_transformer(st, mode, fused_layernorm=True)
+    assert fused.fused_layernorm == (mode == "bf16")  # bf16-mixed keeps a float32 residual stream in PyTorch
     grouped = PackedBert.from_sentence_transformer(st, mode, attention="groups")
     fp32 = PackedBert.from_sentence_transformer(st, "fp32")
     with torch.inference_mode():
-        a, g, f = (m(flat, lengths).numpy() for m in (auto, grouped, fp32))
+        a, g, f, u = (m(flat, lengths).numpy() for m in (auto, grouped, fp32, fused))
     unit = lambda v: v / np.linalg.norm(v, axis=1, keepdims=True)  # noqa: E731
     cos_native = np.sum(unit(a) * unit(f), axis=1)
     cos_torch = np.sum(unit(g) * unit(f), axis=1)
     assert cos_native.min() > 0.999
     assert cos_native.mean() >= cos_torch.mean() - 1e-5  # no less faithful to fp32 than PyTorch's attention
+    cos_fused = np.sum(unit(u) * unit(f), axis=1)
+    assert cos_fused.min() > 0.999 and cos_fused.mean() >= cos_native.mean() - 1e-5
 
 
 def test_encoder_records_the_attention_it_measured(kernel, hd32_model):
