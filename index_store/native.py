@@ -55,8 +55,6 @@ class NativeKernels:
     """The loaded library. Thread-safe: ctypes releases the GIL for each call and the kernels keep no
     state."""
 
-    name = NAME
-
     def __init__(self, path: str):
         self.path = path
         lib = ctypes.CDLL(path)

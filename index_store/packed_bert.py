@@ -119,7 +119,7 @@ class PackedBert:
         # where it measured 2.2x the MKL products F.linear runs on an AMD AVX-512 CPU (232 vs 108 GFLOP/s
         # per core on the model's shapes), same float32 arithmetic in another summation order
         self._pack = (self.device.type == "cpu" and self.mm_dtype in (torch.bfloat16, torch.float32)
-                      and _onednn_ok(str(self.mm_dtype).replace("torch.", "")))
+                      and _onednn_ok(self.mm_dtype))
         # oneDNN builds a kernel per new row count (a batch of a new shape measured ~10% slower than a
         # repeat); rows are padded to a multiple of this so a run reuses a few dozen shapes (measured +2%
         # overall on calls of 500 passages, within the noise of a shared machine, at < 3% extra rows); a
@@ -348,12 +348,11 @@ def _length_groups(lengths: np.ndarray) -> list[tuple[int, int, int]]:
 
 
 @functools.lru_cache(maxsize=None)
-def _onednn_ok(dtype_name: str = "bfloat16") -> bool:
-    """oneDNN's packed linear is there and works on this CPU for this dtype (checked once on a tiny
-    product)."""
+def _onednn_ok(dtype) -> bool:
+    """oneDNN's packed linear is there and works on this CPU for this torch dtype (checked once on a
+    tiny product)."""
     import torch
 
-    dtype = getattr(torch, dtype_name)
     try:
         w = torch.ones(8, 4, dtype=dtype)
         packed = torch.ops.mkldnn._reorder_linear_weight(w, 2)
