@@ -8,6 +8,7 @@ samples, on synthetic clustered vectors.
     .venv/bin/python bench/index_bench.py --repeat 3         # three interleaved rounds, median ratio
     .venv/bin/python bench/index_bench.py --variants plain,beam,beam-flat   # also densebeam's flat k-means
     .venv/bin/python bench/index_bench.py --plot WORKDIR/bundle docs/img/index-1m.svg   # its picture
+    python bench/index_bench.py --n 2000000 --variants plain,beam-cpu,beam   # a GPU machine: GPU vs not
 
 Each build runs in a fresh process so its peak RSS is its own; the variants of a round run one after the
 other, in an order that rotates from round to round. Prints build seconds, the ratio to the first
@@ -158,6 +159,7 @@ def child_beam(emb_dir: str, out: str, work: str, n: int, kmeans: str = "auto") 
     recalls = recall_at(lambda x, p: b.searcher.search(x, 10, p)[1], q, truth)
     return {"seconds": secs, "peak_rss_mb": rss_peak, "peak_anon_mb": anon_peak,
             "factory": m["factory"], "nprobe": m["nprobe"], "kmeans": m["training"]["kmeans"],
+            "devices": m["devices"], "timings": {k: v["seconds"] for k, v in m["timings"].items()},
             "recall_at_10": m["recall_at_k"], "train": m["counts"]["training_vectors"], "qps": qps,
             "recall_fresh": recalls}
 
@@ -202,7 +204,7 @@ def write_plot(bundle: str, path: str) -> str:
 
 
 VARIANTS = {"plain": "plain FAISS train+add (1 process)", "beam": "densebeam index",
-            "beam-flat": "densebeam index --kmeans flat"}
+            "beam-flat": "densebeam index --kmeans flat", "beam-cpu": "densebeam index, DENSEBEAM_GPU=0"}
 
 
 def main() -> None:
@@ -250,8 +252,9 @@ def main() -> None:
         if kind != "plain":
             kw["out"] = os.path.join(work, "bundle")
             shutil.rmtree(kw["out"], ignore_errors=True)
+        env = dict(os.environ, **({"DENSEBEAM_GPU": "0"} if kind == "beam-cpu" else {}))
         proc = subprocess.run([sys.executable, __file__, "--_child", kind, "--_args", json.dumps(kw)],
-                              capture_output=True, text=True)
+                              capture_output=True, text=True, env=env)
         if proc.returncode != 0:
             sys.exit(f"the {kind} build failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
         return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -289,7 +292,9 @@ def main() -> None:
         if kind != "plain":
             res = rounds[-1][kind]
             print(f"{VARIANTS[kind]}: default nprobe {res['nprobe']}, recall@10 {res['recall_at_10']:.3f} "
-                  f"(held-out vectors vs exact), {res['qps']:.0f} queries/s (batch of 2,000)")
+                  f"(held-out vectors vs exact), {res['qps']:.0f} queries/s (batch of 2,000); "
+                  f"{res['kmeans']} k-means on {res['devices']['kmeans']}, adding on {res['devices']['add']}; "
+                  f"stage seconds {res['timings']}")
         if "train_seconds" in rounds[-1][kind]:
             res = rounds[-1][kind]
             print(f"{VARIANTS[kind]}: train {res['train_seconds']:.1f} s, add {res['add_seconds']:.1f} s")

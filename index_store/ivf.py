@@ -16,7 +16,7 @@ from typing import Iterable, Optional
 import faiss
 import numpy as np
 
-from densebeam.index_store import kmeans
+from densebeam.index_store import gpu, kmeans
 
 # Files (bytes, shards, the on-disk merge) live in ivf_files; re-exported like the search side.
 from densebeam.index_store.ivf_files import (ID_BYTES, index_from_bytes, index_to_bytes, merge_on_disk,  # noqa: F401
@@ -112,9 +112,7 @@ def _as_vectors(x: np.ndarray, what: str, dim: Optional[int] = None) -> np.ndarr
     return x
 
 
-def gpu_count() -> int:
-    """GPUs faiss can use: 0 with faiss-cpu (no GPU support compiled in) or no device."""
-    return faiss.get_num_gpus() if hasattr(faiss, "StandardGpuResources") else 0
+FLAT_KMEANS_NITER = 10  # FAISS's IVF training default (Level1Quantizer's ClusteringParameters)
 
 
 KMEANS = ("auto", "flat", "two-level")
@@ -122,11 +120,14 @@ CODEC_TRAIN_ROWS = 65536  # SQ8/PQ codec training: FAISS's PQ uses at most 256 p
 
 
 def kmeans_method(method: str, nlist: int) -> str:
-    """``auto``: two-level k-means (:mod:`index_store.kmeans`) from 1024 lists up, FAISS's flat
-    k-means below (seconds either way)."""
+    """``auto``: flat k-means where a GPU runs it (:mod:`index_store.gpu`: exact, and minutes for MS
+    MARCO's 65,536 lists); on CPUs two-level k-means (:mod:`index_store.kmeans`) from 1024 lists up and
+    FAISS's flat k-means below (seconds either way)."""
     if method not in KMEANS:
         raise ValueError(f"k-means method must be one of {KMEANS}, got {method!r}")
     if method == "auto":
+        if gpu.backend() is not None:
+            return "flat"
         return "two-level" if kmeans.use_two_level(nlist) else "flat"
     return method
 
@@ -185,16 +186,32 @@ def train_empty_index(sample: np.ndarray, factory: str, seed: int = 1234, method
     if kmeans_method(method, ivf.nlist) == "two-level":
         centroids = kmeans.two_level_kmeans(sample, kmeans.two_level_params(ivf.nlist, seed))
         return trained_from_centroids(centroids, factory, sample[codec_rows(len(sample), seed)])
+    if gpu.backend() == "torch":
+        return train_flat_torch(lambda: (sample,), len(sample), factory, seed)
     ivf.cp.seed = seed
     gpu_clustering = None  # keep a Python reference: the IVF index does not own its clustering index
-    if gpu_count() > 0:
-        log.info("training %s on %d GPU(s)", factory, faiss.get_num_gpus())
+    if gpu.backend() == "faiss":
+        log.info("training %s on %s", factory, gpu.describe())
         gpu_clustering = faiss.index_cpu_to_all_gpus(faiss.IndexFlatIP(sample.shape[1]))
         ivf.clustering_index = gpu_clustering
     index.train(sample)
     if gpu_clustering is not None:
         ivf.clustering_index = None  # never serialize a pointer to a GPU index
     return index_to_bytes(index)
+
+
+def train_flat_torch(chunks, n: int, factory: str, seed: int = 1234) -> bytes:
+    """The serialized empty index of ``factory`` with its coarse centroids from PyTorch's flat spherical
+    k-means (:func:`gpu.spherical_kmeans`) over the ``n`` vectors that ``chunks()`` yields (re-iterable,
+    pieces of any size; the host holds one piece at a time)."""
+    first = next(iter(chunks()))
+    d = first.shape[1]
+    nlist = faiss.extract_index_ivf(faiss.index_factory(d, factory, faiss.METRIC_INNER_PRODUCT)).nlist
+    if n < nlist:
+        raise ValueError(f"{n} training vectors cannot train {nlist} lists; sample more vectors or lower nlist")
+    log.info("training %s: flat k-means of %d vectors on %s", factory, n, gpu.describe())
+    centroids = gpu.spherical_kmeans(chunks, n, d, nlist, seed=seed, niter=FLAT_KMEANS_NITER)
+    return trained_from_centroids(centroids, factory, gpu._gather(chunks(), codec_rows(n, seed), d))
 
 
 def add_to_empty(trained: bytes, ids: np.ndarray, vectors: np.ndarray) -> faiss.Index:
@@ -222,14 +239,23 @@ def add_batches(trained: bytes, batches: Iterable[tuple[np.ndarray, np.ndarray]]
 
 def coarse_assigner(index: faiss.Index) -> faiss.Index:
     """What assigns vectors to inverted lists when adding (the costly part of an IVF add: one search of
-    the nlist centroids per vector): a copy of a flat coarse quantizer on all GPUs when faiss has GPU
-    support and a GPU is present, else the index's own quantizer (CPU threads). Same lists either
-    way, up to float ties."""
+    the nlist centroids per vector): for a flat coarse quantizer on a GPU (:mod:`index_store.gpu`), a
+    copy on all GPUs (faiss-gpu) or PyTorch products against its centroids; else the index's own
+    quantizer (CPU threads). Same lists either way, up to float ties. (An HNSW quantizer stays on the
+    CPU: its graph decides the lists, and a search probes by the same graph.)"""
     quantizer = faiss.extract_index_ivf(index).quantizer
-    if gpu_count() > 0 and isinstance(faiss.downcast_index(quantizer), faiss.IndexFlat):
-        log.info("assigning vectors to lists on %d GPU(s)", gpu_count())
-        return faiss.index_cpu_to_all_gpus(quantizer)
+    if assigns_on_gpu(index):
+        log.info("assigning vectors to lists on %s", gpu.describe())
+        if gpu.backend() == "faiss":
+            return faiss.index_cpu_to_all_gpus(quantizer)
+        return gpu.InnerProductAssigner(quantizer.reconstruct_n(0, quantizer.ntotal))
     return quantizer
+
+
+def assigns_on_gpu(index: faiss.Index) -> bool:
+    """Whether :func:`coarse_assigner` puts this index's list assignment on a GPU."""
+    return gpu.backend() is not None and isinstance(
+        faiss.downcast_index(faiss.extract_index_ivf(index).quantizer), faiss.IndexFlat)
 
 
 def add_assigned(index: faiss.Index, ids: np.ndarray, vectors: np.ndarray,

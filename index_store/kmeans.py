@@ -35,6 +35,8 @@ from typing import Callable, Iterable, Optional, Sequence
 import faiss
 import numpy as np
 
+from densebeam.index_store import gpu as accel
+
 TWO_LEVEL_MIN_NLIST = 1024  # below this, flat k-means costs seconds and two levels buy nothing
 
 
@@ -93,7 +95,7 @@ def clustering_index(d: int) -> faiss.Index:
     """Where k-means assigns vectors: flat inner product, on all GPUs when faiss has GPU support and a
     GPU is present."""
     index = faiss.IndexFlatIP(d)
-    if hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0:
+    if accel.backend() == "faiss":
         return faiss.index_cpu_to_all_gpus(index)
     return index
 

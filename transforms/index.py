@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 from apache_beam.metrics import Metrics
 
 from densebeam.index_store import bundle as bundle_lib
-from densebeam.index_store import ivf, kmeans
+from densebeam.index_store import gpu, ivf, kmeans
 from densebeam.index_store.build_plan import BuildPlan, ShardSpec
 from densebeam.index_store.docstore import DocstoreWriter
 from densebeam.index_store.embeddings import join
@@ -122,17 +122,25 @@ def _gather_rows(parts, rows: np.ndarray, dim: int) -> np.ndarray:
 
 
 class _TrainFn(beam.DoFn):
-    """FAISS's flat k-means on the whole sample, in memory (small nlist: seconds)."""
+    """Flat k-means on the whole sample: with PyTorch on a GPU (:mod:`index_store.gpu`), streamed from the
+    sample files (the host holds one shard's share; the GPU the sample when it fits); else FAISS's, in
+    memory (on CPUs: small nlist, seconds; faiss-gpu: all GPUs)."""
 
     def __init__(self, plan: BuildPlan):
         self._plan = plan
 
     def process(self, parts):
         plan, start = self._plan, time.monotonic()
-        sample = np.concatenate(list(_sample_files(parts)))
-        yield ivf.train_empty_index(sample, plan.factory, seed=plan.seed, method="flat")
-        log.info("trained %s on %d vectors in %.1f s", plan.factory, len(sample), time.monotonic() - start)
+        n = sum(p[2] for p in parts)
+        if gpu.backend() == "torch":
+            yield ivf.train_flat_torch(lambda: _sample_files(parts), n, plan.factory, seed=plan.seed)
+        else:
+            sample = np.concatenate(list(_sample_files(parts)))
+            yield ivf.train_empty_index(sample, plan.factory, seed=plan.seed, method="flat")
+        log.info("trained %s on %d vectors on %s in %.1f s", plan.factory, n, gpu.describe(),
+                 time.monotonic() - start)
         yield beam.pvalue.TaggedOutput("timing", ("kmeans", time.monotonic() - start))
+        yield beam.pvalue.TaggedOutput("timing", (DEVICE_PREFIX + "kmeans", gpu.describe()))
 
 
 # ---------------------------------------------------------------- two-level k-means over workers
@@ -140,6 +148,7 @@ class _TrainFn(beam.DoFn):
 # group of coarse clusters' vectors to a file, fine k-means runs per group on any worker, the refine step
 # streams the group files again. Same centroids as the in-memory function, whatever the worker count.
 
+DEVICE_PREFIX = "device:"  # ("device:<stage>", where it ran) ride along the timings to the manifest
 TRAIN_GROUPS = 16  # elements of the fine step (coarse clusters c * TRAIN_GROUPS // k1 go together)
 
 
@@ -363,6 +372,8 @@ class _AddShardFn(beam.DoFn):
         yield beam.pvalue.TaggedOutput("topk", {"exact": exact, "approx": approx})
         for stage, secs in seconds.items():
             yield beam.pvalue.TaggedOutput("timing", (stage, secs))
+        yield beam.pvalue.TaggedOutput("timing", (DEVICE_PREFIX + "add",
+                                                  gpu.describe() if ivf.assigns_on_gpu(index) else "cpu"))
         yield {"shard": shard.index, "rows": int(index.ntotal), "docstore": docstore}
 
 
@@ -419,6 +430,8 @@ def _timings_record(timings) -> dict:
     recall_curves, merge. Hashing the files for the manifest comes after and is not in it."""
     out: dict[str, dict] = {}
     for stage, secs in timings:
+        if stage.startswith(DEVICE_PREFIX):
+            continue
         rec = out.setdefault(stage, {"seconds": 0.0, "parts": 0, "max_part": 0.0})
         rec["seconds"] += secs
         rec["parts"] += 1
@@ -459,6 +472,10 @@ class _PublishFn(beam.DoFn):
         curves = _recall_curves(plan, trained, queries["vectors"], topk)
         chosen = nprobe_by_k(curves, plan.target_recall)
         timings = list(timings) + [("recall_curves", time.monotonic() - t0)]
+        devices: dict[str, set] = {"kmeans": set(), "add": set()}
+        for stage, where in timings:
+            if stage.startswith(DEVICE_PREFIX):
+                devices.setdefault(stage[len(DEVICE_PREFIX):], set()).add(where)
         k = plan.k
         layout = bundle_lib.layout_paths(len(plan.shards))
         fs, _ = fsspec.core.url_to_fs(root)
@@ -489,6 +506,8 @@ class _PublishFn(beam.DoFn):
             "recall_measured_on": _measured_on(queries["calibration"]),
             "counts": {"vectors": n, "shards": len(plan.shards), "training_vectors": plan.train_size},
             "training": _training_record(plan),
+            # where the flat k-means (two-level runs on CPUs) and the list assignment of adding ran
+            "devices": {stage: " + ".join(sorted(where)) or "cpu" for stage, where in devices.items()},
             "timings": _timings_record(timings),
             "shards": [{"rows": r["rows"], "base": plan.shards[r["shard"]].base,
                         "source": plan.shards[r["shard"]].path} for r in results],
