@@ -3,13 +3,14 @@ and the PyTorch implementation of both. No Beam import.
 
 Two ways to a GPU, in this order:
 
-- ``faiss``: faiss built with GPU support (``faiss-gpu``) and a GPU it can see: FAISS's own k-means and
-  list assignment on all GPUs (``faiss.index_cpu_to_all_gpus``).
-- ``torch``: PyTorch sees a CUDA device (``torch.cuda.is_available()``). pip's faiss-gpu wheels are built
-  for one CUDA major version (12) and need its runtime and cuBLAS beside them, while a machine that encodes
-  on a GPU already has a CUDA build of PyTorch; so an index build on such a machine runs its exact flat
-  k-means and list assignment as PyTorch matrix products (:func:`spherical_kmeans`,
-  :class:`InnerProductAssigner`), with faiss-cpu for everything else.
+- ``torch``: PyTorch sees a CUDA device (``torch.cuda.is_available()``): exact flat k-means and list
+  assignment as PyTorch matrix products (:func:`spherical_kmeans`, :class:`InnerProductAssigner`), with
+  faiss (CPU or GPU build) for everything else. pip's faiss-gpu wheels are built for one CUDA major
+  version (12) and need its runtime and cuBLAS beside them, while a machine that encodes on a GPU already
+  has a CUDA build of PyTorch; and one implementation everywhere gives the same bytes on every such
+  machine, with or without faiss-gpu. (Run on an H100: tests/test_gpu_index.py, docs/benchmarks.md.)
+- ``faiss``: faiss built with GPU support (``faiss-gpu``) and a GPU it can see, where PyTorch has no
+  CUDA: FAISS's own k-means and list assignment on all GPUs (``faiss.index_cpu_to_all_gpus``).
 
 ``DENSEBEAM_GPU=0`` keeps every build on the CPU; ``DENSEBEAM_GPU=torch-cpu`` runs the PyTorch path on the
 CPU (how the tests check that code on machines without a GPU). PyTorch is imported only where an NVIDIA
@@ -61,13 +62,12 @@ def _backend_for(setting: str) -> Optional[str]:
         return "torch" if _torch() is not None else None
     if setting not in ("auto", "1", "on", "true", "yes"):
         raise ValueError(f"DENSEBEAM_GPU must be auto, 0 or torch-cpu, got {setting!r}")
+    if os.path.exists("/dev/nvidiactl"):  # else no NVIDIA driver: do not import torch to find out
+        torch = _torch()
+        if torch is not None and torch.cuda.is_available():
+            return "torch"
     if hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0:
         return "faiss"
-    if not os.path.exists("/dev/nvidiactl"):
-        return None  # no NVIDIA driver: do not import torch to find out
-    torch = _torch()
-    if torch is not None and torch.cuda.is_available():
-        return "torch"
     return None
 
 
