@@ -294,6 +294,7 @@ ALTERNATIVES = {
     "ort-fp32": (make_ort_fp32, "lib"),
     "ort-int8": (make_ort_int8, "lib"),
     "ov": (make_ov, "lib"),
+    "densebeam-lib": (make_densebeam_bf16, "lib"),  # the Encoder as a library call, bf16: the pipeline's ceiling
     # Pipelines: (precision, extra flags, where the auto measurement is remembered). "fresh": an empty
     # cache per run, so every run measures (a first run on a machine); "kept": one cache for the whole
     # benchmark, so runs after the first adopt the remembered choice (a re-run, the nightly job).

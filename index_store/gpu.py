@@ -177,7 +177,7 @@ def _split_empty(centroids: np.ndarray, counts: np.ndarray, rng: np.random.Gener
     return len(empty)
 
 
-def _gather(chunks: Iterable[np.ndarray], rows: np.ndarray, d: int) -> np.ndarray:
+def gather_rows(chunks: Iterable[np.ndarray], rows: np.ndarray, d: int) -> np.ndarray:
     """Rows (sorted global row numbers) of the concatenated chunks."""
     out = np.empty((len(rows), d), dtype=np.float32)
     start = 0
@@ -207,7 +207,7 @@ def spherical_kmeans(chunks: Callable[[], Iterable[np.ndarray]], n: int, d: int,
     rng = np.random.default_rng([seed, 3])
     init_order = rng.choice(n, k, replace=False)
     rows = np.sort(init_order)
-    init = _gather(chunks(), rows, d)[np.searchsorted(rows, init_order)]
+    init = gather_rows(chunks(), rows, d)[np.searchsorted(rows, init_order)]
     resident = None
     if device != "cpu" and n * d * 4 <= RESIDENT_FRACTION * torch.cuda.mem_get_info(device)[0]:
         resident = torch.empty((n, d), dtype=torch.float32, device=device)
@@ -261,5 +261,7 @@ def spherical_kmeans(chunks: Callable[[], Iterable[np.ndarray]], n: int, d: int,
             if progress is not None:
                 progress(it, float(objective))
     out = centroids.cpu().numpy()
-    del resident
+    del resident, centroids
+    if device != "cpu":
+        torch.cuda.empty_cache()  # give the sample's GPU memory back (an encoder may share the GPU)
     return np.ascontiguousarray(out, dtype=np.float32)

@@ -187,7 +187,7 @@ def train_empty_index(sample: np.ndarray, factory: str, seed: int = 1234, method
         centroids = kmeans.two_level_kmeans(sample, kmeans.two_level_params(ivf.nlist, seed))
         return trained_from_centroids(centroids, factory, sample[codec_rows(len(sample), seed)])
     if gpu.backend() == "torch":
-        return train_flat_torch(lambda: (sample,), len(sample), factory, seed)
+        return train_flat_torch(lambda: (sample,), len(sample), sample.shape[1], factory, seed)
     ivf.cp.seed = seed
     gpu_clustering = None  # keep a Python reference: the IVF index does not own its clustering index
     if gpu.backend() == "faiss":
@@ -200,18 +200,22 @@ def train_empty_index(sample: np.ndarray, factory: str, seed: int = 1234, method
     return index_to_bytes(index)
 
 
-def train_flat_torch(chunks, n: int, factory: str, seed: int = 1234) -> bytes:
+def train_flat_torch(chunks, n: int, dim: int, factory: str, seed: int = 1234) -> bytes:
     """The serialized empty index of ``factory`` with its coarse centroids from PyTorch's flat spherical
-    k-means (:func:`gpu.spherical_kmeans`) over the ``n`` vectors that ``chunks()`` yields (re-iterable,
-    pieces of any size; the host holds one piece at a time)."""
-    first = next(iter(chunks()))
-    d = first.shape[1]
-    nlist = faiss.extract_index_ivf(faiss.index_factory(d, factory, faiss.METRIC_INNER_PRODUCT)).nlist
+    k-means (:func:`gpu.spherical_kmeans`) over the ``n`` ``dim``-dimensional vectors that ``chunks()``
+    yields (re-iterable, pieces of any size; the host holds one piece at a time). Logs each iteration."""
+    nlist = faiss.extract_index_ivf(faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)).nlist
     if n < nlist:
         raise ValueError(f"{n} training vectors cannot train {nlist} lists; sample more vectors or lower nlist")
-    log.info("training %s: flat k-means of %d vectors on %s", factory, n, gpu.describe())
-    centroids = gpu.spherical_kmeans(chunks, n, d, nlist, seed=seed, niter=FLAT_KMEANS_NITER)
-    return trained_from_centroids(centroids, factory, gpu._gather(chunks(), codec_rows(n, seed), d))
+    where = gpu.describe()
+    log.info("training %s: flat k-means of %d vectors on %s", factory, n, where)
+
+    def progress(it: int, objective: float) -> None:
+        log.info("k-means on %s: iteration %d/%d, mean best inner product %.5f", where, it + 1,
+                 FLAT_KMEANS_NITER, objective / n)
+
+    centroids = gpu.spherical_kmeans(chunks, n, dim, nlist, seed=seed, niter=FLAT_KMEANS_NITER, progress=progress)
+    return trained_from_centroids(centroids, factory, gpu.gather_rows(chunks(), codec_rows(n, seed), dim))
 
 
 def add_to_empty(trained: bytes, ids: np.ndarray, vectors: np.ndarray) -> faiss.Index:

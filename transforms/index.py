@@ -133,7 +133,7 @@ class _TrainFn(beam.DoFn):
         plan, start = self._plan, time.monotonic()
         n = sum(p[2] for p in parts)
         if gpu.backend() == "torch":
-            yield ivf.train_flat_torch(lambda: _sample_files(parts), n, plan.factory, seed=plan.seed)
+            yield ivf.train_flat_torch(lambda: _sample_files(parts), n, plan.facts.dim, plan.factory, seed=plan.seed)
         else:
             sample = np.concatenate(list(_sample_files(parts)))
             yield ivf.train_empty_index(sample, plan.factory, seed=plan.seed, method="flat")
