@@ -147,10 +147,16 @@ HNSW_EF_CONSTRUCTION = 200
 HNSW_EF_SEARCH = 64
 
 
-def trained_from_centroids(centroids: np.ndarray, factory: str, codec_sample: np.ndarray) -> bytes:
+def codec_trains(factory: str) -> bool:
+    """Whether ``factory``'s codec learns from data (SQ8, PQ): a ``Flat`` codec stores vectors as they are."""
+    return factory.rsplit(",", 1)[-1].strip() != "Flat"
+
+
+def trained_from_centroids(centroids: np.ndarray, factory: str, codec_sample: Optional[np.ndarray]) -> bytes:
     """The serialized empty index of ``factory`` with these coarse centroids (the quantizer is set, not
     trained; an HNSW quantizer builds its graph over them), its codec (SQ8, PQ) trained on
-    ``codec_sample`` (see :func:`codec_rows`)."""
+    ``codec_sample`` (see :func:`codec_rows`); None for a codec that does not train (:func:`codec_trains`:
+    the same bytes as training it, without reading a sample)."""
     centroids = _as_vectors(centroids, "centroids")
     index = faiss.index_factory(centroids.shape[1], factory, faiss.METRIC_INNER_PRODUCT)
     ivf = faiss.extract_index_ivf(index)
@@ -164,7 +170,12 @@ def trained_from_centroids(centroids: np.ndarray, factory: str, codec_sample: np
     if hnsw is not None:
         hnsw.efSearch = HNSW_EF_SEARCH  # stored in the file: adding assigns with it; searches use max(it, nprobe)
     ivf.quantizer.is_trained = True
-    index.train(_as_vectors(codec_sample, "codec sample", centroids.shape[1]))  # quantizer kept: codec only
+    if codec_sample is None:
+        if codec_trains(factory) or not isinstance(faiss.downcast_index(index), faiss.IndexIVFFlat):
+            raise ValueError(f"{factory} trains its codec: pass a codec sample")
+        index.is_trained = True  # what IndexIVFFlat.train does once its quantizer is trained
+    else:  # quantizer kept: codec only
+        index.train(_as_vectors(codec_sample, "codec sample", centroids.shape[1]))
     return index_to_bytes(index)
 
 
@@ -185,7 +196,8 @@ def train_empty_index(sample: np.ndarray, factory: str, seed: int = 1234, method
                          "vectors or lower nlist")
     if kmeans_method(method, ivf.nlist) == "two-level":
         centroids = kmeans.two_level_kmeans(sample, kmeans.two_level_params(ivf.nlist, seed))
-        return trained_from_centroids(centroids, factory, sample[codec_rows(len(sample), seed)])
+        return trained_from_centroids(centroids, factory,
+                                      sample[codec_rows(len(sample), seed)] if codec_trains(factory) else None)
     if gpu.backend() == "torch":
         return train_flat_torch(lambda: (sample,), len(sample), sample.shape[1], factory, seed)
     ivf.cp.seed = seed
@@ -215,7 +227,8 @@ def train_flat_torch(chunks, n: int, dim: int, factory: str, seed: int = 1234) -
                  FLAT_KMEANS_NITER, objective / n)
 
     centroids = gpu.spherical_kmeans(chunks, n, dim, nlist, seed=seed, niter=FLAT_KMEANS_NITER, progress=progress)
-    return trained_from_centroids(centroids, factory, gpu.gather_rows(chunks(), codec_rows(n, seed), dim))
+    codec = gpu.gather_rows(chunks(), codec_rows(n, seed), dim) if codec_trains(factory) else None
+    return trained_from_centroids(centroids, factory, codec)
 
 
 def add_to_empty(trained: bytes, ids: np.ndarray, vectors: np.ndarray) -> faiss.Index:

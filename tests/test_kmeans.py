@@ -146,6 +146,20 @@ def test_hnsw_quantizer_from_centroids():
         ivf.trained_from_centroids(cent[:10], "IVF64,Flat", x[:100])
 
 
+def test_flat_codec_needs_no_sample_and_others_do():
+    """A Flat codec learns nothing: without a codec sample the trained index is the same bytes (so the
+    build reads no sample files for it); SQ8/PQ refuse to go without one."""
+    x = clustered(3000, seed=7)
+    cent = kmeans.spherical_kmeans(x, 32, seed=1, niter=5)
+    for factory in ("IVF32,Flat", "IVF32_HNSW32,Flat"):
+        assert not ivf.codec_trains(factory)
+        assert ivf.trained_from_centroids(cent, factory, None) == ivf.trained_from_centroids(cent, factory, x[:500])
+    for factory in ("IVF32,SQ8", "IVF32,PQ8"):
+        assert ivf.codec_trains(factory)
+        with pytest.raises(ValueError, match="trains its codec"):
+            ivf.trained_from_centroids(cent, factory, None)
+
+
 def test_hnsw_quantizer_assigns_vectors_to_their_nearest_list():
     """At 8.8M vectors FAISS's HNSW defaults (efConstruction 40, efSearch 16) put 7.75% of the vectors
     into a list other than their nearest centroid's, some beyond the 512 nearest, and recall@10 stopped

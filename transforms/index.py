@@ -222,7 +222,8 @@ def _clusters(groups: list, dim: int) -> Iterator[tuple[int, np.ndarray]]:
 
 class _RefineFn(beam.DoFn):
     """Step 3 in one place, streaming the group files (one in memory at a time); then the empty trained
-    index (its SQ8/PQ codec trained on a seeded subsample read from the sample files)."""
+    index (an SQ8/PQ codec trained on a seeded subsample read from the sample files; a Flat one reads
+    nothing)."""
 
     def __init__(self, plan: BuildPlan):
         self._plan = plan
@@ -235,8 +236,9 @@ class _RefineFn(beam.DoFn):
         groups = sorted(groups, key=lambda g: g["group"])
         centroids = kmeans.finish(fine, share, coarse_centroids, lambda: _clusters(groups, plan.facts.dim), params)
         n = sum(p[2] for p in parts)
-        yield ivf.trained_from_centroids(centroids, plan.factory,
-                                         _gather_rows(parts, ivf.codec_rows(n, plan.seed), plan.facts.dim))
+        codec = (_gather_rows(parts, ivf.codec_rows(n, plan.seed), plan.facts.dim)
+                 if ivf.codec_trains(plan.factory) else None)  # a Flat codec needs no pass over the sample
+        yield ivf.trained_from_centroids(centroids, plan.factory, codec)
         log.info("fine centroids refined and %s built in %.1f s", plan.factory, time.monotonic() - start)
         yield beam.pvalue.TaggedOutput("timing", ("kmeans_refine", time.monotonic() - start))
 
