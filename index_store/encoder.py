@@ -294,9 +294,12 @@ class Encoder:
         return ids, extra
 
     def _encode_batch(self, texts: list[str]):
-        """``tokenizers``' ``encode_batch``, on CPU split over the lanes' threads for large calls: it
-        releases the GIL, and the forward pass's lanes are idle while a call's texts are tokenized."""
-        lanes = cpu_lanes() if self.device == "cpu" else 1
+        """``tokenizers``' ``encode_batch``, split over threads for large calls (it releases the GIL): on
+        CPU the lanes' (idle while a call's texts are tokenized), on a GPU every core this process may
+        use. (``densebeam`` turns the tokenizers' own parallelism off, as forked Beam workers need; a
+        GPU pipeline that tokenized on one core encoded 2,450 passages/s against the encoder's 10,340
+        on an H100.)"""
+        lanes = cpu_lanes() if self.device == "cpu" else _usable_cores()
         if lanes < 2 or len(texts) < 512:
             return self._tokenizer.encode_batch(texts)
         step = -(-len(texts) // lanes)
@@ -532,6 +535,14 @@ def cpu_lanes() -> int:
             _LANES = max(1, torch.get_num_threads())
             _LANE_PERMITS = threading.BoundedSemaphore(_LANES)
         return _LANES
+
+
+def _usable_cores() -> int:
+    """CPU cores this process may run on (its affinity mask where the platform has one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
 
 
 def _timed(fn: Callable):

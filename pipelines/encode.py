@@ -22,7 +22,7 @@ from densebeam.index_store.model_id import weights_revision
 from densebeam.pipelines.argparsing import ArgumentParser, parse_pipeline_args
 from densebeam.pipelines.errors import RunFailed
 from densebeam.pipelines.options import (add_encode_args, add_output_args, add_read_args, add_runner_args,
-                                         max_rejected_share, read_options)
+                                         default_batch_size, max_rejected_share, read_options)
 from densebeam.runners.presets import pipeline_options
 from densebeam.transforms.cache import JournalEncoded, ReuseEmbeddings, cache_files
 from densebeam.transforms.corpus_io import ReadOptions, detect_format, expand_patterns
@@ -49,7 +49,9 @@ def encode_options(args) -> EncodeOptions:
     return EncodeOptions(model=args.model, similarity=args.similarity, device=args.device,
                          precision=args.precision, max_seq_length=args.max_seq_length,
                          token_budget=args.token_budget, join_title=not args.no_join_title,
-                         batch_size=args.batch_size, progress_every_s=args.progress_seconds)
+                         batch_size=(default_batch_size(args.device) if args.batch_size is None
+                                     else args.batch_size),
+                         progress_every_s=args.progress_seconds)
 
 
 def check_output(path: str, overwrite: bool) -> None:

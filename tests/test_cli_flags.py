@@ -45,3 +45,18 @@ def test_beam_and_runner_flags_pass_through():
 def test_version(capsys):
     assert cli.main(["--version"]) == 0
     assert capsys.readouterr().out.strip() == f"densebeam {densebeam.__version__}"
+
+
+def test_inference_batch_size_defaults_by_device():
+    """``--batch-size`` unset: 512 passages per inference call on CPU, 8,192 on a CUDA GPU (where a call's
+    tokenization and transfers are paid per call); an explicit value is kept."""
+    import torch
+
+    def batch(*argv):
+        args, _ = parse_pipeline_args(encode.build_parser(), ["--input", "x", "--output", "o", *argv])
+        return encode.encode_options(args).batch_size
+
+    assert batch("--device", "cpu") == 512
+    assert batch("--device", "cuda") == 8192  # a launcher without a GPU may plan for GPU workers
+    assert batch("--device", "auto") == (8192 if torch.cuda.is_available() else 512)
+    assert batch("--device", "cuda", "--batch-size", "64") == 64

@@ -227,3 +227,25 @@ def test_the_files_tokenizer_gives_transformers_token_ids(tiny_cos_model):
     ids, _ = enc.tokenize(texts)
     ref = enc.model.tokenizer(texts, truncation=True, max_length=enc.max_seq_length)["input_ids"]
     assert ids == ref
+
+
+@pytest.mark.parametrize("device, cores", [("cpu", None), ("cuda", 3)])
+def test_large_calls_tokenize_split_over_threads_in_order(tiny_cos_model, monkeypatch, device, cores):
+    """A call of >= 512 texts is tokenized in parts on threads (CPU: the lanes; GPU: every usable core,
+    3 here so the parts are uneven), and the ids come back in the texts' order, equal to one call of the
+    tokenizer. (Only the tokenization runs: the encoder's device is set, no forward pass is made.)"""
+    from densebeam.index_store import encoder as encoder_module
+
+    enc = load_encoder(tiny_cos_model, precision="fp32", device="cpu")
+    texts = _texts(1000, seed=11, hi=60)
+    enc.tokenize(texts[:10])  # loads the tokenizer
+    want = [e.ids for e in enc._tokenizer.encode_batch(texts)]
+    if cores is not None:
+        monkeypatch.setattr(encoder_module, "_usable_cores", lambda: cores)
+    monkeypatch.setattr(enc, "device", device)
+    calls = []
+    real = enc._tokenizer.encode_batch
+    counting = type("Counting", (), {"encode_batch": lambda self, t: calls.append(len(t)) or real(t)})
+    monkeypatch.setattr(enc, "_tokenizer", counting())
+    assert [e.ids for e in enc._encode_batch(texts)] == want
+    assert sum(calls) == 1000 and len(calls) == (cores or encoder_module.cpu_lanes())
