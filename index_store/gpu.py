@@ -178,7 +178,8 @@ def _split_empty(centroids: np.ndarray, counts: np.ndarray, rng: np.random.Gener
 
 
 def gather_rows(chunks: Iterable[np.ndarray], rows: np.ndarray, d: int) -> np.ndarray:
-    """Rows (sorted global row numbers) of the concatenated chunks."""
+    """Rows (sorted global row numbers) of the concatenated chunks, holding one chunk at a time (used on
+    every build path, GPU or not)."""
     out = np.empty((len(rows), d), dtype=np.float32)
     start = 0
     for x in chunks:

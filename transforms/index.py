@@ -112,13 +112,7 @@ def _sample_files(parts) -> Iterator[np.ndarray]:
 
 def _gather_rows(parts, rows: np.ndarray, dim: int) -> np.ndarray:
     """Rows (sorted, numbered across the whole sample) of the sample, reading one share at a time."""
-    out = np.empty((len(rows), dim), dtype=np.float32)
-    start = 0
-    for x in _sample_files(parts):
-        a, b = np.searchsorted(rows, [start, start + len(x)])
-        out[a:b] = x[rows[a:b] - start]
-        start += len(x)
-    return out
+    return gpu.gather_rows(_sample_files(parts), rows, dim)
 
 
 class _TrainFn(beam.DoFn):
