@@ -189,6 +189,12 @@ def gather_rows(chunks: Iterable[np.ndarray], rows: np.ndarray, d: int) -> np.nd
     return out
 
 
+def _fits(device: str, nbytes: int) -> bool:
+    """Whether ``nbytes`` of vectors stay on ``device`` for the whole k-means (a CUDA device with
+    :data:`RESIDENT_FRACTION` of its free memory to spare; on the CPU they are streamed)."""
+    return device != "cpu" and nbytes <= RESIDENT_FRACTION * _torch().cuda.mem_get_info(device)[0]
+
+
 def spherical_kmeans(chunks: Callable[[], Iterable[np.ndarray]], n: int, d: int, k: int, *, seed: int,
                      niter: int = 10, device: Optional[str] = None,
                      progress: Optional[Callable[[int, float], None]] = None) -> np.ndarray:
@@ -205,19 +211,23 @@ def spherical_kmeans(chunks: Callable[[], Iterable[np.ndarray]], n: int, d: int,
     device = device or torch_device()
     if not 1 <= k <= n:
         raise ValueError(f"cannot cluster {n} vectors into {k} centroids")
-    rng = np.random.default_rng([seed, 3])
-    init_order = rng.choice(n, k, replace=False)
-    rows = np.sort(init_order)
-    init = gather_rows(chunks(), rows, d)[np.searchsorted(rows, init_order)]
     resident = None
-    if device != "cpu" and n * d * 4 <= RESIDENT_FRACTION * torch.cuda.mem_get_info(device)[0]:
+    if _fits(device, n * d * 4):
         resident = torch.empty((n, d), dtype=torch.float32, device=device)
         at = 0
         for x in chunks():
+            if at + len(x) > n:
+                raise ValueError(f"the vectors hold more than {n} rows, expected {n}")
             resident[at:at + len(x)] = _to_device(x, device)
             at += len(x)
         if at != n:
             raise ValueError(f"the vectors hold {at} rows, expected {n}")
+    init_order = np.random.default_rng([seed, 3]).choice(n, k, replace=False)
+    if resident is not None:  # the initial centroids from the copy on the device: no second pass over the input
+        init = resident[torch.from_numpy(init_order).to(device)].cpu().numpy()
+    else:
+        rows = np.sort(init_order)
+        init = gather_rows(chunks(), rows, d)[np.searchsorted(rows, init_order)]
 
     def device_blocks():
         if resident is not None:

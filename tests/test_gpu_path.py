@@ -59,6 +59,20 @@ def test_torch_kmeans_matches_faiss_quality_and_ignores_how_input_arrives():
     assert gpu.spherical_kmeans(lambda: (x,), len(x), x.shape[1], k, seed=8, device="cpu").tobytes() != whole.tobytes()
 
 
+def test_resident_and_streamed_vectors_give_the_same_centroids(monkeypatch):
+    """The vectors copied to the device once (as on a GPU with room: the initial centroids then come
+    from that copy) or streamed every iteration: the same bytes."""
+    x = clustered(4000, seed=4)
+    streamed = gpu.spherical_kmeans(pieces(x, 999), len(x), x.shape[1], 32, seed=2, niter=4, device="cpu")
+    monkeypatch.setattr(gpu, "_fits", lambda device, nbytes: True)
+    resident = gpu.spherical_kmeans(pieces(x, 999), len(x), x.shape[1], 32, seed=2, niter=4, device="cpu")
+    assert np.array_equal(resident, streamed)
+    with pytest.raises(ValueError, match="hold more than 3000 rows"):
+        gpu.spherical_kmeans(pieces(x, 999), 3000, x.shape[1], 32, seed=2, device="cpu")
+    with pytest.raises(ValueError, match="hold 4000 rows, expected 5000"):
+        gpu.spherical_kmeans(pieces(x, 999), 5000, x.shape[1], 32, seed=2, device="cpu")
+
+
 def test_torch_kmeans_splits_empty_clusters_and_checks_its_input():
     x = np.repeat(clustered(5, seed=1), 40, axis=0)  # 5 distinct vectors, 10 centroids: clusters empty out
     c = gpu.spherical_kmeans(lambda: (x,), len(x), x.shape[1], 10, seed=0, niter=5, device="cpu")
