@@ -82,3 +82,14 @@ def parse_pipeline_args(parser: ArgumentParser, argv: Optional[Sequence[str]]):
     if unknown:
         parser.fail_unknown(unknown, parser.flags() + beam_flags())
     return args, rest
+
+
+def positive_int(text: str) -> int:
+    """argparse ``type`` for counts that must be at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value

@@ -6,6 +6,7 @@ import argparse
 from typing import Sequence
 
 from densebeam.index_store.encoder import DEFAULT_MODEL, DEFAULT_TOKEN_BUDGET, DEVICES, PRECISIONS
+from densebeam.pipelines.argparsing import positive_int
 from densebeam.runners.presets import LOCAL
 from densebeam.transforms.corpus_io import DEFAULT_SPLIT_BYTES, FORMATS, ReadOptions
 
@@ -56,7 +57,7 @@ def add_encode_args(p: argparse.ArgumentParser) -> None:
                         "of the corpus (README)")
     g.add_argument("--max-seq-length", type=int, default=None, help="truncate passages to this many tokens")
     g.add_argument("--no-join-title", action="store_true", help="encode the text only, not title + text")
-    g.add_argument("--batch-size", type=int, default=None,
+    g.add_argument("--batch-size", type=positive_int, default=None,
                    help=f"passages per inference call (re-batched by tokens inside); default {CPU_BATCH_SIZE} on CPU, "
                         f"{GPU_BATCH_SIZE} on a CUDA GPU (--device cuda, or auto on a launching machine with one)")
     g.add_argument("--token-budget", type=int, default=DEFAULT_TOKEN_BUDGET,

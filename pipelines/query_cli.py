@@ -17,7 +17,7 @@ import time
 from typing import Sequence
 
 from densebeam.index_store.encoder import DEVICES, PRECISIONS
-from densebeam.pipelines.argparsing import ArgumentParser
+from densebeam.pipelines.argparsing import ArgumentParser, positive_int
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -29,23 +29,13 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--verify", default="full", choices=("full", "sizes", "none"),
                    help="bundle check at open: full hashes every file (default: a flipped byte is caught "
                         "before any result is served), sizes only stats them")
-    p.add_argument("--nprobe", type=_positive, default=None,
+    p.add_argument("--nprobe", type=positive_int, default=None,
                    help="IVF lists probed (default: the bundle's measured nprobe for the search's k)")
     p.add_argument("--rerank-model", default=None,
                    help="cross-encoder name or path, e.g. cross-encoder/ms-marco-MiniLM-L6-v2")
-    p.add_argument("--rerank-depth", type=_positive, default=100,
+    p.add_argument("--rerank-depth", type=positive_int, default=100,
                    help="hits per query the cross-encoder re-scores (serve: a request's default, at least its k)")
     p.add_argument("--rerank-batch-size", type=int, default=64)
-
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
 
 
 def _open(args, lazy_encoder: bool = False, index: str | None = None):

@@ -60,3 +60,6 @@ def test_inference_batch_size_defaults_by_device():
     assert batch("--device", "cuda") == 8192  # a launcher without a GPU may plan for GPU workers
     assert batch("--device", "auto") == (8192 if torch.cuda.is_available() else 512)
     assert batch("--device", "cuda", "--batch-size", "64") == 64
+    with pytest.raises(SystemExit) as exc:
+        batch("--batch-size", "0")
+    assert exc.value.code == 2
