@@ -232,3 +232,40 @@ int densebeam_add_layernorm_bf16(const uint16_t *a, const uint16_t *h, const flo
     }
     return 0;
 }
+
+/* The bf16-mixed residual connection: h <- LayerNorm(float(a) + h) * gamma + beta, and hb <- h rounded to
+ * bf16 (the next matrix product's input), in one pass. a bf16; h, gamma, beta float32; everything as
+ * PyTorch's float32 path computes it (the same sum a + h; mean and variance as float32 sums, two passes)
+ * but for the order of the statistics' sums. Rows of `cols` values (cols % 16 == 0, at most 4096); h may
+ * be updated in place. Returns 0, or -2 (bad cols). */
+int densebeam_add_layernorm_mixed(const uint16_t *a, float *h, const float *gamma, const float *beta,
+                                  uint16_t *hb, int64_t rows, int64_t cols, float eps) {
+    if (cols % 16 || cols <= 0 || cols > 4096) return -2;
+    float x[4096] __attribute__((aligned(64)));
+    const float inv_n = 1.0f / (float)cols;
+    for (int64_t i = 0; i < rows; i++) {
+        const uint16_t *ar = a + i * cols;
+        float *hr = h + i * cols;
+        __m512 sum = _mm512_setzero_ps();
+        for (int64_t c = 0; c < cols; c += 16) {
+            __m512 v = _mm512_add_ps(load_bf16(ar + c), _mm512_loadu_ps(hr + c));
+            _mm512_store_ps(x + c, v);
+            sum = _mm512_add_ps(sum, v);
+        }
+        const __m512 mean = _mm512_set1_ps(hsum(sum) * inv_n);
+        __m512 sq = _mm512_setzero_ps();
+        for (int64_t c = 0; c < cols; c += 16) {
+            __m512 d = _mm512_sub_ps(_mm512_load_ps(x + c), mean);
+            sq = _mm512_add_ps(sq, _mm512_mul_ps(d, d));
+        }
+        const __m512 rstd = _mm512_set1_ps(1.0f / sqrtf(hsum(sq) * inv_n + eps));
+        uint16_t *o = hb + i * cols;
+        for (int64_t c = 0; c < cols; c += 16) {
+            __m512 y = _mm512_mul_ps(_mm512_sub_ps(_mm512_load_ps(x + c), mean), rstd);
+            y = _mm512_add_ps(_mm512_mul_ps(y, _mm512_loadu_ps(gamma + c)), _mm512_loadu_ps(beta + c));
+            _mm512_storeu_ps(hr + c, y);
+            _mm256_storeu_si256((__m256i *)(o + c), to_bf16(y));
+        }
+    }
+    return 0;
+}

@@ -65,6 +65,9 @@ class NativeKernels:
         self._add_ln = lib.densebeam_add_layernorm_bf16
         self._add_ln.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64, ctypes.c_int64, ctypes.c_float]
         self._add_ln.restype = ctypes.c_int
+        self._add_ln_mixed = lib.densebeam_add_layernorm_mixed
+        self._add_ln_mixed.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64, ctypes.c_int64, ctypes.c_float]
+        self._add_ln_mixed.restype = ctypes.c_int
         self._transpose = lib.densebeam_transpose16
         self._transpose.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
         self._transpose.restype = None
@@ -103,6 +106,30 @@ class NativeKernels:
         if rc:
             raise RuntimeError(f"native layer norm failed (code {rc})")
         return out
+
+    def add_layernorm_mixed(self, a, h, gamma, beta, eps: float, hb=None):
+        """The bf16-mixed residual connection in one pass: ``h`` <- LayerNorm(float(a) + h) * gamma + beta
+        (in place) and ``hb`` <- ``h`` rounded to bf16 (allocated when None); returns ``hb``. ``a``
+        (rows, cols) contiguous bf16; ``h`` the same shape, ``gamma`` and ``beta`` (cols,), contiguous
+        float32."""
+        import torch
+
+        _check_bf16(a)
+        if a.dim() != 2 or h.shape != a.shape or gamma.shape != (a.shape[1],) or beta.shape != gamma.shape:
+            raise ValueError(f"shapes {tuple(a.shape)}, {tuple(h.shape)}, {tuple(gamma.shape)}, {tuple(beta.shape)}")
+        for t in (h, gamma, beta):
+            if t.dtype != torch.float32 or not t.is_contiguous() or t.device.type != "cpu":
+                raise TypeError("h, gamma and beta must be contiguous float32 CPU tensors")
+        if hb is None:
+            hb = torch.empty_like(a)
+        elif hb.shape != a.shape:
+            raise ValueError(f"hb {tuple(hb.shape)} is not {tuple(a.shape)}")
+        _check_bf16(hb)
+        rc = self._add_ln_mixed(a.data_ptr(), h.data_ptr(), gamma.data_ptr(), beta.data_ptr(), hb.data_ptr(),
+                                a.shape[0], a.shape[1], float(eps))
+        if rc:
+            raise RuntimeError(f"native layer norm failed (code {rc})")
+        return hb
 
     def transpose16(self, a: np.ndarray) -> np.ndarray:
         a = np.ascontiguousarray(a, dtype=np.int32).reshape(16, 16)
@@ -299,3 +326,10 @@ def _self_check(kernel: NativeKernels) -> None:
     err = float(np.max(np.abs(got - reference_add_layernorm(a.float(), h.float(), gamma, beta, 1e-12))))
     if not err < 3e-2:
         raise RuntimeError(f"the native layer norm failed its self-check (max error {err:.3g})")
+    h32 = h.float() + 1.5
+    ref = reference_add_layernorm(a.float(), h32, gamma, beta, 1e-12)
+    hb = kernel.add_layernorm_mixed(a, h32, gamma, beta, 1e-12)
+    err = float(np.max(np.abs(h32.numpy() - ref)))
+    rounded = np.abs(hb.float().numpy() - ref) <= np.abs(ref) * 2.0 ** -8 + 1e-5  # one bf16 rounding
+    if not (err < 1e-4 and rounded.all()):
+        raise RuntimeError(f"the native bf16-mixed layer norm failed its self-check (max error {err:.3g})")

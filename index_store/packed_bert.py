@@ -84,7 +84,7 @@ class PackedBert:
     """
 
     def __init__(self, config: dict, weights: dict, pooling: str, mode: str, device: str = "cpu",
-                 attention: str = "auto", fused_layernorm: bool = False):
+                 attention: str = "auto", fused_layernorm: Optional[bool] = None):
         """``config``: a BERT config as a dict; ``weights``: tensors by ``BertModel`` state-dict names;
         ``pooling``: ``mean`` or ``cls``. Built by :meth:`from_sentence_transformer` or
         :meth:`from_files`."""
@@ -108,12 +108,17 @@ class PackedBert:
         self.stream_dtype = torch.float32 if mode in ("fp32", "bf16-mixed") else self.mm_dtype
         self._native = None
         self.attention = self._choose_attention(attention)
-        # bf16 mode (bf16 residual stream) with the native kernels, when asked: each residual add and its
-        # layer norm in one native pass, the sum in float32 (forward +3% on one thread). Off by default:
-        # with it, adi's NDCG@10 moved -0.0081 from fp32 (35 queries; over the 0.005 bar), without it
+        # Each residual add and its layer norm in one native pass (with the native attention only).
+        # bf16-mixed: on by default: the float32 arithmetic of PyTorch's path (float(a) + h, float32
+        # statistics) but for the order of the statistics' sums, and the bf16 copy of the result that the
+        # next product takes written in the same pass (PyTorch: a conversion, an add, a layer norm and
+        # another conversion, four passes). bf16 (a bf16 residual stream): off unless asked: the kernel
+        # keeps the sum in float32 where PyTorch rounds it to bf16 first (forward +3% on one thread), and
+        # with it adi's NDCG@10 moved -0.0081 from fp32 (35 queries; over the 0.005 bar), without it
         # -0.0010 (docs/benchmarks.md, session 6)
-        self.fused_layernorm = (fused_layernorm and self.attention == "native" and mode == "bf16"
-                                and self.hidden % 16 == 0)
+        if fused_layernorm is None:
+            fused_layernorm = mode == "bf16-mixed"
+        self.fused_layernorm = bool(fused_layernorm) and self.attention == "native" and mode in ("bf16", "bf16-mixed")
         self._ln32: list = []
         # oneDNN with weights pre-packed in its blocked layout (no per-call weight reorder): bf16, and fp32,
         # where it measured 2.2x the MKL products F.linear runs on an AMD AVX-512 CPU (232 vs 108 GFLOP/s
@@ -153,7 +158,7 @@ class PackedBert:
                 self._linear(w(p + "output.dense.weight"), w(p + "output.dense.bias")),
                 (w(p + "output.LayerNorm.weight", self.stream_dtype), w(p + "output.LayerNorm.bias", self.stream_dtype)),
             ))
-            if self.fused_layernorm:  # the native add + layer norm takes float32 weights (not rounded to bf16)
+            if self.fused_layernorm and mode == "bf16":  # its native add + layer norm takes float32 weights
                 self._ln32.append(((w(p + "attention.output.LayerNorm.weight"), w(p + "attention.output.LayerNorm.bias")),
                                    (w(p + "output.LayerNorm.weight"), w(p + "output.LayerNorm.bias"))))
 
@@ -168,8 +173,8 @@ class PackedBert:
             why = None
             if self.device.type != "cpu" or self.mm_dtype != torch.bfloat16:
                 why = "it runs bf16 products on a CPU only"
-            elif (self.hidden // self.heads) % 32:
-                why = f"head size {self.hidden // self.heads} is not a multiple of 32"
+            elif native_shape_problem(self.hidden, self.heads):
+                why = native_shape_problem(self.hidden, self.heads)
             else:
                 from densebeam.index_store import native
 
@@ -184,7 +189,7 @@ class PackedBert:
 
     @classmethod
     def from_sentence_transformer(cls, st, mode: str, device: str = "cpu", attention: str = "auto",
-                                  fused_layernorm: bool = False) -> "PackedBert":
+                                  fused_layernorm: Optional[bool] = None) -> "PackedBert":
         reason = packed_support(st)
         if reason:
             raise ValueError(f"model cannot run packed: {reason}")
@@ -253,18 +258,28 @@ class PackedBert:
         ln = torch.nn.functional.layer_norm
         h = self.word.index_select(0, ids_t) + self.pos.index_select(0, pos_t) + self.type0
         h = ln(h, (self.hidden,), *self.emb_ln, self.eps).to(self.stream_dtype)
+        # bf16-mixed with the fused residual connections: hb is the bf16 copy of the float32 stream h that
+        # the products take, written by the same pass as h (both updated in place, layer after layer)
+        mixed = self.fused_layernorm and self.mode == "bf16-mixed"
+        hb = h.to(self.mm_dtype)
         for i, (qkv_wb, out_wb, ln1, up_wb, down_wb, ln2) in enumerate(self.layers):
-            ctx = attend(self._mm(h.to(self.mm_dtype), qkv_wb), groups)
+            ctx = attend(self._mm(hb, qkv_wb), groups)
             a = self._mm(ctx, out_wb)
-            if self.fused_layernorm:
-                h = self._native.add_layernorm(a, h, *self._ln32[i][0], self.eps)
+            if mixed:
+                self._native.add_layernorm_mixed(a, h, *ln1, self.eps, hb)
+            elif self.fused_layernorm:
+                h = hb = self._native.add_layernorm(a, h, *self._ln32[i][0], self.eps)
             else:
                 h = ln(a.to(self.stream_dtype) + h, (self.hidden,), *ln1, self.eps)
-            f = self._mm(self._mm(h.to(self.mm_dtype), up_wb, act="gelu"), down_wb)
-            if self.fused_layernorm:
-                h = self._native.add_layernorm(f, h, *self._ln32[i][1], self.eps)
+                hb = h.to(self.mm_dtype)
+            f = self._mm(self._mm(hb, up_wb, act="gelu"), down_wb)
+            if mixed:
+                self._native.add_layernorm_mixed(f, h, *ln2, self.eps, hb)
+            elif self.fused_layernorm:
+                h = hb = self._native.add_layernorm(f, h, *self._ln32[i][1], self.eps)
             else:
                 h = ln(f.to(self.stream_dtype) + h, (self.hidden,), *ln2, self.eps)
+                hb = h.to(self.mm_dtype)
         return self._pool(h, lengths)
 
     @property
@@ -334,6 +349,17 @@ class PackedBert:
         sums = torch.zeros((len(lengths), self.hidden), dtype=torch.float32, device=h.device)
         sums.index_add_(0, seq, h[:len(seq)].float())
         return sums / torch.from_numpy(lengths).to(h.device, torch.float32)[:, None]
+
+
+def native_shape_problem(hidden: int, heads: int) -> Optional[str]:
+    """Why the native kernels cannot run a model of this width and head count (None: they can): the
+    attention takes head sizes that are multiples of 32, the add + layer norm rows of a multiple of 16
+    values, at most 4,096."""
+    if heads <= 0 or hidden % heads or (hidden // heads) % 32:
+        return f"head size {hidden}/{heads} is not a multiple of 32"
+    if hidden % 16 or hidden > 4096:
+        return f"hidden size {hidden} is not a multiple of 16 up to 4096"
+    return None
 
 
 def _length_groups(lengths: np.ndarray) -> list[tuple[int, int, int]]:

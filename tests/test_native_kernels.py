@@ -147,6 +147,40 @@ def test_add_layernorm_matches_float64_and_is_closer_than_pytorch(kernel, cols):
         kernel.add_layernorm(a, h[:10].contiguous(), gamma, beta, 1e-12)
 
 
+@pytest.mark.parametrize("cols", [16, 384, 768])
+def test_add_layernorm_mixed_is_pytorchs_float32_path_in_one_pass(kernel, cols):
+    """bf16-mixed's residual connection: h <- LayerNorm(float(a) + h) in place, hb <- h rounded to bf16,
+    equal to PyTorch's float32 path but for the order of the statistics' sums."""
+    gen = torch.Generator().manual_seed(cols + 1)
+    a = (torch.randn(300, cols, generator=gen) * 3).to(torch.bfloat16)
+    h = torch.randn(300, cols, generator=gen) * 0.5 + 2  # float32, an offset: the mean matters
+    a[7] = 0
+    h[7] = 1  # a constant row: variance 0, eps alone keeps it finite
+    gamma, beta = torch.rand(cols, generator=gen) + 0.5, torch.randn(cols, generator=gen)
+    expected = torch.nn.functional.layer_norm(a.float() + h, (cols,), gamma, beta, 1e-12)  # PackedBert's PyTorch path
+    ref = native.reference_add_layernorm(a.float().numpy(), h.numpy(), gamma.numpy(), beta.numpy(), 1e-12)
+    h2 = h.clone()
+    hb = kernel.add_layernorm_mixed(a, h2, gamma, beta, 1e-12)
+    assert hb.dtype == torch.bfloat16 and hb.shape == a.shape
+    assert torch.equal(hb, h2.to(torch.bfloat16))  # the bf16 copy is the float32 result rounded to nearest even
+    err = np.abs(h2.numpy() - ref)
+    assert np.all(err <= np.abs(ref) * 1e-5 + 1e-5), float(err.max())
+    assert float((h2 - expected).abs().max()) < 1e-4  # PyTorch's float32 arithmetic, other summation order
+    assert torch.isfinite(h2[7]).all() and torch.allclose(h2[7], beta, atol=1e-6)
+    out = torch.empty_like(a)  # an output buffer given: written, returned, the same bits again
+    h3 = h.clone()
+    assert kernel.add_layernorm_mixed(a, h3, gamma, beta, 1e-12, out) is out
+    assert torch.equal(h3, h2) and torch.equal(out, hb)
+    with pytest.raises(RuntimeError, match="code -2"):
+        kernel.add_layernorm_mixed(a[:, :8].contiguous(), h[:, :8].contiguous(), gamma[:8], beta[:8], 1e-12)
+    with pytest.raises(TypeError):
+        kernel.add_layernorm_mixed(a, h.to(torch.bfloat16), gamma, beta, 1e-12)  # h must be float32
+    with pytest.raises(ValueError):
+        kernel.add_layernorm_mixed(a, h[:10].contiguous(), gamma, beta, 1e-12)
+    with pytest.raises(ValueError):
+        kernel.add_layernorm_mixed(a, h.clone(), gamma, beta, 1e-12, out[:10])
+
+
 def _texts(n, seed=0):
     rng = random.Random(seed)
     return [" ".join(rng.choices(_WORDS, k=rng.randint(1, 60))) for _ in range(n)]
@@ -169,20 +203,26 @@ def test_packed_forward_runs_native_by_default_and_agrees_with_pytorch(kernel, h
     lengths = np.array([len(ids[i]) for i in order])
     flat = np.array([t for i in order for t in ids[i]], dtype=np.int64)
     auto = PackedBert.from_sentence_transformer(st, mode)
-    assert auto.attention == "native" and auto.kernels == "native" and not auto.fused_layernorm
+    # by default the residual connections are fused in bf16-mixed (PyTorch's float32 arithmetic), not in
+    # bf16 (the kernel would keep a sum in float32 that PyTorch's bf16 path rounds)
+    assert auto.attention == "native" and auto.kernels == "native"
+    assert auto.fused_layernorm == (mode == "bf16-mixed")
     fused = PackedBert.from_sentence_transformer(st, mode, fused_layernorm=True)
-    assert fused.fused_layernorm == (mode == "bf16")  # bf16-mixed keeps a float32 residual stream in PyTorch
-    grouped = PackedBert.from_sentence_transformer(st, mode, attention="groups")
+    unfused = PackedBert.from_sentence_transformer(st, mode, fused_layernorm=False)
+    assert fused.fused_layernorm and not unfused.fused_layernorm
+    grouped = PackedBert.from_sentence_transformer(st, mode, attention="groups", fused_layernorm=False)
     fp32 = PackedBert.from_sentence_transformer(st, "fp32")
     with torch.inference_mode():
-        a, g, f, u = (m(flat, lengths).numpy() for m in (auto, grouped, fp32, fused))
+        a, g, f, u, p = (m(flat, lengths).numpy() for m in (auto, grouped, fp32, fused, unfused))
     unit = lambda v: v / np.linalg.norm(v, axis=1, keepdims=True)  # noqa: E731
-    cos_native = np.sum(unit(a) * unit(f), axis=1)
+    cos_native = np.sum(unit(p) * unit(f), axis=1)
     cos_torch = np.sum(unit(g) * unit(f), axis=1)
     assert cos_native.min() > 0.999
     assert cos_native.mean() >= cos_torch.mean() - 1e-5  # no less faithful to fp32 than PyTorch's attention
     cos_fused = np.sum(unit(u) * unit(f), axis=1)
     assert cos_fused.min() > 0.999 and cos_fused.mean() >= cos_native.mean() - 1e-5
+    if mode == "bf16-mixed":  # the fused residual connections are PyTorch's float32 path to rounding
+        assert np.sum(unit(a) * unit(p), axis=1).min() > 0.99999
 
 
 def test_encoder_records_the_attention_it_measured(kernel, hd32_model):
@@ -190,7 +230,9 @@ def test_encoder_records_the_attention_it_measured(kernel, hd32_model):
     enc.encode(_texts(80, seed=3))
     record = enc.calibration
     assert record["kernels"]["fp32"] == "torch"  # fp32 stays PyTorch's exact path
-    assert record["kernels"]["bf16"] == "native"
+    assert record["kernels"]["bf16-mixed"] == "native"
+    # bf16-mixed's residual connections run natively too: bf16 is not measured (candidate_precisions)
+    assert set(record["candidates"]) == {"fp32", "bf16-mixed"} == {"fp32", *enc.candidates()}
     assert enc.calibration_rules()["kernels"] == native.NAME
 
 
