@@ -53,8 +53,8 @@ CALIBRATION_PASSAGES = 64
 MIN_SAMPLE_OVERLAP = 0.98  # mean top-10 neighbour overlap of the sample passages among themselves
 MIN_SAMPLE_COSINE = 0.999  # every sample vector against its fp32 vector
 # A faithful candidate displaces an earlier one (fp32, then candidate_precisions' order) only when timed
-# more than this much faster on the sample: bf16 and bf16-mixed timed 5% apart over a whole run here,
-# while their 64-passage timings varied +-8% between runs
+# more than this much faster on the sample: bf16 and bf16-mixed (with PyTorch's residual connections)
+# timed 5% apart over a whole run here, while their 64-passage timings varied +-8% between runs
 TIE_MARGIN = 0.05
 # a first call with fewer texts (one query) is no sample: the unmeasured default is used instead
 MIN_CALIBRATION_TEXTS = 32

@@ -15,8 +15,11 @@ concurrent workers never load half a library. The build is checked against float
 its first use. The kernels run only where they can: an x86-64 CPU with AVX-512 F, BW and BF16, bf16
 products, a head size that is a multiple of 32. Anywhere else (another CPU, no compiler, a failed build
 or check, ``DENSEBEAM_NATIVE=0``) the PyTorch operations run, and the log says why once per process.
-Which ran is recorded in the ``auto`` precision measurement. The add + layer norm kernel runs only when
-asked (``PackedBert(..., fused_layernorm=True)``): by default the residual connections stay PyTorch's.
+Which ran is recorded in the ``auto`` precision measurement. The residual add + layer norm kernels: in
+``bf16-mixed`` (a float32 residual stream) one pass computes PyTorch's float32 arithmetic and also writes
+the bf16 copy the next product takes (where PyTorch makes four passes), on by default; in ``bf16`` (a bf16
+stream) the kernel keeps a sum in float32 that PyTorch rounds to bf16, so it runs only when asked
+(``PackedBert(..., fused_layernorm=True)``).
 """
 
 from __future__ import annotations

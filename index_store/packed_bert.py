@@ -13,7 +13,7 @@ changes a real token's output), to float rounding: tested against ``SentenceTran
 Modes: ``fp32`` everywhere; ``bf16``: bf16 weights (cast once and, on CPU, pre-packed in oneDNN's
 blocked layout, so no per-call weight reorder) and activations, with attention softmax and pooling in
 float32; ``bf16-mixed``: bf16 matrix products but the residual stream and layer norms in float32 (more
-faithful, ~10% slower on CPU); ``fp16``: as ``bf16`` in float16 (GPUs). Which one runs by default is not
+faithful; ~10% slower on CPU with PyTorch's residual connections, as fast with the native ones); ``fp16``: as ``bf16`` in float16 (GPUs). Which one runs by default is not
 decided here: :mod:`index_store.encoder` measures it on the corpus.
 """
 
