@@ -5,8 +5,9 @@
  *
  * Numerics: scores are float32 sums of exact bf16 x bf16 products (the PyTorch path rounds the scores to
  * bf16 before the softmax), softmax in float32 with a polynomial exp (relative error < 2e-7), the
- * weights rounded to bf16 for the value products (as the PyTorch path does), float32 sums, the output
- * rounded to bf16 to nearest even. The order of every sum is fixed by this code (no compiler reassociation,
+ * weights rounded to bf16 for the value products (as the PyTorch path does; to nearest even by the CPU's
+ * own conversion, which flushes weights below 2^-126, exp of scores 87 below the row's maximum, to
+ * zero), float32 sums, the output rounded to bf16 to nearest even. The order of every sum is fixed by this code (no compiler reassociation,
  * no contraction): the same input gives the same bits on every CPU that runs it. */
 #include <stdint.h>
 #include <stdlib.h>
@@ -95,6 +96,7 @@ static void head(const uint16_t *q, int64_t W, const uint32_t *kp, const uint32_
     for (int64_t i0 = 0; i0 < L; i0 += RB) {
         const int64_t R = (L - i0) < RB ? (L - i0) : RB;
         const uint32_t *q0 = (const uint32_t *)(q + i0 * W);
+        __m512 m0 = _mm512_set1_ps(-INFINITY), m1 = m0, m2 = m0, m3 = m0; /* running maxima of each row's scores */
         for (int64_t b = 0; b < nb; b++) { /* scores of RB rows against 16 keys: fp32 sums of exact products */
             __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
             const uint32_t *k = kp + b * 16;
@@ -105,23 +107,24 @@ static void head(const uint16_t *q, int64_t W, const uint32_t *kp, const uint32_
                 if (R > 2) a2 = _mm512_dpbf16_ps(a2, (__m512bh)_mm512_set1_epi32((int)q0[2 * WP + d]), kv);
                 if (R > 3) a3 = _mm512_dpbf16_ps(a3, (__m512bh)_mm512_set1_epi32((int)q0[3 * WP + d]), kv);
             }
+            const __mmask16 keep = b == nb - 1 ? last : 0xffff;
+            m0 = _mm512_mask_max_ps(m0, keep, m0, a0); m1 = _mm512_mask_max_ps(m1, keep, m1, a1);
+            m2 = _mm512_mask_max_ps(m2, keep, m2, a2); m3 = _mm512_mask_max_ps(m3, keep, m3, a3);
             _mm512_storeu_ps(s + b * 16, a0);
             if (R > 1) _mm512_storeu_ps(s + Lp + b * 16, a1);
             if (R > 2) _mm512_storeu_ps(s + 2 * Lp + b * 16, a2);
             if (R > 3) _mm512_storeu_ps(s + 3 * Lp + b * 16, a3);
         }
+        const __m512 mm[RB] = {m0, m1, m2, m3};
         float inv[RB];
         for (int64_t r = 0; r < R; r++) { /* softmax numerators in place, 1 / their sum */
             float *sr = s + r * Lp;
-            __m512 m = _mm512_set1_ps(-INFINITY);
-            for (int64_t b = 0; b < nb; b++)
-                m = _mm512_mask_max_ps(m, b == nb - 1 ? last : 0xffff, m, _mm512_loadu_ps(sr + b * 16));
-            const __m512 mx = _mm512_set1_ps(_mm512_reduce_max_ps(m));
+            const __m512 mx = _mm512_set1_ps(_mm512_reduce_max_ps(mm[r]));
             __m512 sum = _mm512_setzero_ps();
             for (int64_t b = 0; b < nb; b++) {
                 __m512 e = _mm512_maskz_mov_ps(b == nb - 1 ? last : 0xffff,
                                                exp_neg(_mm512_sub_ps(_mm512_loadu_ps(sr + b * 16), mx)));
-                _mm256_storeu_si256((__m256i *)(sb + r * Lp + b * 16), to_bf16(e));
+                _mm256_storeu_si256((__m256i *)(sb + r * Lp + b * 16), (__m256i)_mm512_cvtneps_pbh(e));
                 sum = _mm512_add_ps(sum, e);
             }
             inv[r] = 1.0f / hsum(sum);

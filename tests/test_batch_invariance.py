@@ -34,14 +34,14 @@ def _check(enc, texts):
     np.testing.assert_allclose(alone, base[::4], rtol=0, atol=BOUND)
 
 
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "bf16-mixed"])
 def test_tiny_model_vectors_are_batch_invariant(tiny_cos_model, precision):
     texts = [r["title"] + " " + r["text"] for r in make_passages(80, seed=12)]
     _check(load_encoder(tiny_cos_model, precision=precision, device="cpu"), texts)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "bf16-mixed"])
 def test_real_model_vectors_are_batch_invariant(precision):
     if not (SHARED_DATA / "dl19-subset").exists():
         pytest.skip("../shared/data/dl19-subset is not here")
