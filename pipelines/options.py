@@ -36,8 +36,8 @@ def add_read_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--title-field", default="title", help="JSONL/Parquet title field ('' for none)")
     g.add_argument("--tsv-columns", default="id,text",
                    help="TSV column names, comma separated: id,text (MS MARCO) or id,title,text")
-    g.add_argument("--max-id-bytes", type=int, default=256, help="longer ids are rejected")
-    g.add_argument("--max-text-bytes", type=int, default=1 << 20, help="longer texts are rejected")
+    g.add_argument("--max-id-bytes", type=positive_int, default=256, help="longer ids are rejected")
+    g.add_argument("--max-text-bytes", type=positive_int, default=1 << 20, help="longer texts are rejected")
     g.add_argument("--split-bytes", type=int, default=DEFAULT_SPLIT_BYTES,
                    help="uncompressed files larger than this are read in parallel pieces")
     g.add_argument("--no-dedup", action="store_true",
@@ -55,12 +55,12 @@ def add_encode_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--precision", default="auto", choices=PRECISIONS,
                    help="compute precision; auto = the fastest precision faithful to fp32, measured on a sample "
                         "of the corpus (README)")
-    g.add_argument("--max-seq-length", type=int, default=None, help="truncate passages to this many tokens")
+    g.add_argument("--max-seq-length", type=positive_int, default=None, help="truncate passages to this many tokens")
     g.add_argument("--no-join-title", action="store_true", help="encode the text only, not title + text")
     g.add_argument("--batch-size", type=positive_int, default=None,
                    help=f"passages per inference call (re-batched by tokens inside); default {CPU_BATCH_SIZE} on CPU, "
                         f"{GPU_BATCH_SIZE} on a CUDA GPU (--device cuda, or auto on a launching machine with one)")
-    g.add_argument("--token-budget", type=int, default=DEFAULT_TOKEN_BUDGET,
+    g.add_argument("--token-budget", type=positive_int, default=DEFAULT_TOKEN_BUDGET,
                    help="max padded tokens per forward pass (length-sorted batches)")
     g.add_argument("--progress-seconds", type=float, default=30.0,
                    help="each worker logs passages done, rate, the run's share done and an ETA this often")
@@ -70,14 +70,14 @@ def add_output_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("output")
     g.add_argument("--dtype", default="float32", choices=("float32", "float16"), help="stored vector dtype")
     g.add_argument("--no-text", action="store_true", help="do not store text/title beside the vectors")
-    g.add_argument("--rows-per-shard", type=int, default=200_000)
+    g.add_argument("--rows-per-shard", type=positive_int, default=200_000)
     g.add_argument("--overwrite", action="store_true",
                    help="replace an existing output (its vectors are reused for unchanged passages)")
     g.add_argument("--reuse", action="append", metavar="EMB_DIR",
                    help="also reuse vectors from this embeddings dir (same model and settings; repeatable)")
     g.add_argument("--no-reuse", action="store_true",
                    help="re-encode everything: ignore the output's previous vectors and journal")
-    g.add_argument("--journal-rows", type=int, default=10_000,
+    g.add_argument("--journal-rows", type=positive_int, default=10_000,
                    help="encoded vectors per journal file (what a killed run can resume from)")
     g.add_argument("--max-rejected-share", action="append", default=[], metavar="REASON=SHARE",
                    help="fail the run (publishing nothing) when dead letters of REASON exceed SHARE of the "
@@ -91,7 +91,7 @@ def add_runner_args(p: argparse.ArgumentParser) -> None:
                    help="preset: 'local' (FnApiRunner, no downloads), 'flink' (portable Flink, job server "
                         "fetched by Maven, no Docker), 'dataflow' (needs --project, --region, "
                         "--temp_location gs://...); or any Beam runner name. See docs/scale.md")
-    g.add_argument("--workers", type=int, default=1,
+    g.add_argument("--workers", type=positive_int, default=1,
                    help="local: Beam workers (threads sharing one model); flink: parallelism; "
                         "dataflow: max workers")
 

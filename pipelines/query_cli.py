@@ -35,7 +35,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                    help="cross-encoder name or path, e.g. cross-encoder/ms-marco-MiniLM-L6-v2")
     p.add_argument("--rerank-depth", type=positive_int, default=100,
                    help="hits per query the cross-encoder re-scores (serve: a request's default, at least its k)")
-    p.add_argument("--rerank-batch-size", type=int, default=64)
+    p.add_argument("--rerank-batch-size", type=positive_int, default=64)
 
 
 def _open(args, lazy_encoder: bool = False, index: str | None = None):
@@ -50,7 +50,7 @@ def search_main(argv: Sequence[str]) -> int:
     p = ArgumentParser(prog="densebeam search", description="search an index bundle")
     _add_common(p)
     p.add_argument("--query", action="append", required=True, help="query text (repeatable)")
-    p.add_argument("--k", type=int, default=10)
+    p.add_argument("--k", type=positive_int, default=10)
     p.add_argument("--first-stage", default="dense", choices=("dense", "exact", "bm25"))
     p.add_argument("--json", action="store_true", help="print JSON: [{query, hits: [...]}]")
     args = p.parse_args(argv)
@@ -80,12 +80,12 @@ def eval_main(argv: Sequence[str]) -> int:
     p.add_argument("--queries", required=True, help="BEIR queries.jsonl or MS MARCO qid<TAB>text TSV")
     p.add_argument("--qrels", required=True, help="BEIR qrels TSV (with header) or TREC qrels")
     p.add_argument("--first-stage", default="dense", choices=("dense", "exact", "bm25"))
-    p.add_argument("--bi-encoder-rerank-depth", type=int, default=None, metavar="N",
+    p.add_argument("--bi-encoder-rerank-depth", type=positive_int, default=None, metavar="N",
                    help="re-score the first stage's top N by the bi-encoder (e.g. BM25 + dense re-rank)")
-    p.add_argument("--k", type=int, default=1000, help="hits kept per query (R@1000 needs 1000)")
+    p.add_argument("--k", type=positive_int, default=1000, help="hits kept per query (R@1000 needs 1000)")
     p.add_argument("--relevance-level", type=int, default=1,
                    help="grade from which RR and R count a document relevant (TREC DL: 2)")
-    p.add_argument("--batch-size", type=int, default=64, help="queries per retrieval call")
+    p.add_argument("--batch-size", type=positive_int, default=64, help="queries per retrieval call")
     p.add_argument("--run-out", default=None, help="also write the run in TREC format here")
     p.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
     args = p.parse_args(argv)

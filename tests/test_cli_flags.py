@@ -63,3 +63,27 @@ def test_inference_batch_size_defaults_by_device():
     with pytest.raises(SystemExit) as exc:
         batch("--batch-size", "0")
     assert exc.value.code == 2
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (["encode", "--input", "x", "--output", "o", "--token-budget", "0"], "--token-budget"),  # was: every passage a dead letter
+    (["encode", "--input", "x", "--output", "o", "--max-seq-length", "0"], "--max-seq-length"),  # was: silently the model's
+    (["encode", "--input", "x", "--output", "o", "--journal-rows", "0"], "--journal-rows"),  # was: a journal file per row
+    (["encode", "--input", "x", "--output", "o", "--max-text-bytes", "0"], "--max-text-bytes"),
+    (["encode", "--input", "x", "--output", "o", "--max-id-bytes", "-3"], "--max-id-bytes"),
+    (["build", "--input", "x", "--output", "o", "--rows-per-shard", "0"], "--rows-per-shard"),
+    (["encode", "--input", "x", "--output", "o", "--workers", "0"], "--workers"),
+    (["search", "--index", "i", "--query", "q", "--k", "0"], "--k"),
+    (["eval", "--index", "i", "--queries", "q", "--qrels", "r", "--batch-size", "0"], "--batch-size"),
+    (["eval", "--index", "i", "--queries", "q", "--qrels", "r", "--bi-encoder-rerank-depth", "0"],
+     "--bi-encoder-rerank-depth"),
+    (["search", "--index", "i", "--query", "q", "--rerank-batch-size", "-1"], "--rerank-batch-size"),
+])
+def test_counts_below_one_fail_at_parse_time_naming_the_flag(argv, flag, capsys):
+    """A count that must be at least 1 is refused before anything loads (exit 2, the flag named), not
+    accepted and turned into dead letters, an ignored setting or a file per row later."""
+    with pytest.raises(SystemExit) as exc:
+        cli.main(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert flag in err and "expected a positive integer" in err
