@@ -190,7 +190,8 @@ class _JournalFn(beam.DoFn):
             IDENTITY_KEY: json.dumps(file_identity(self._identity, self._precision)).encode()})
         path = emb.join(self._out, JOURNAL_DIR, f"journal-{uuid.uuid4().hex}.parquet")
         with fsutil.atomic_local_output(path) as tmp:  # never seen half-written (a kill mid-write)
-            pq.write_table(table, tmp)
+            # hashes and floats: neither dictionaries nor compression shrink them (5,000 rows: 29 -> 14 ms)
+            pq.write_table(table, tmp, compression="none", use_dictionary=False)
         self._hashes, self._vecs = [], []
 
     def finish_bundle(self):

