@@ -203,6 +203,27 @@ int densebeam_attend_bf16(const uint16_t *qkv, uint16_t *ctx, const int64_t *gro
     return 0;
 }
 
+/* One row of a residual add + layer norm: x (cols floats, 64-byte aligned) holds the sum and `sum` its
+ * lanes' total; y = (x - mean) * rstd * gamma + beta goes to f32 (when not NULL) and, rounded to bf16, to
+ * b. Mean and variance are float32 sums, two passes. */
+static inline void norm_row(const float *x, __m512 sum, const float *gamma, const float *beta, int64_t cols,
+                            float eps, float *f32, uint16_t *b) {
+    const float inv_n = 1.0f / (float)cols;
+    const __m512 mean = _mm512_set1_ps(hsum(sum) * inv_n);
+    __m512 sq = _mm512_setzero_ps();
+    for (int64_t c = 0; c < cols; c += 16) {
+        __m512 d = _mm512_sub_ps(_mm512_load_ps(x + c), mean);
+        sq = _mm512_add_ps(sq, _mm512_mul_ps(d, d));
+    }
+    const __m512 rstd = _mm512_set1_ps(1.0f / sqrtf(hsum(sq) * inv_n + eps));
+    for (int64_t c = 0; c < cols; c += 16) {
+        __m512 y = _mm512_mul_ps(_mm512_sub_ps(_mm512_load_ps(x + c), mean), rstd);
+        y = _mm512_add_ps(_mm512_mul_ps(y, _mm512_loadu_ps(gamma + c)), _mm512_loadu_ps(beta + c));
+        if (f32) _mm512_storeu_ps(f32 + c, y);
+        _mm256_storeu_si256((__m256i *)(b + c), to_bf16(y));
+    }
+}
+
 /* out = LayerNorm(a + h) * gamma + beta over rows of `cols` values (cols % 16 == 0): a and h bf16, their sum
  * and the statistics in float32 (PyTorch's path rounds the sum to bf16 first), gamma and beta float32, out
  * bf16 (may be h). Returns 0, or -2 (cols not a multiple of 16, or more than 4096). */
@@ -210,7 +231,6 @@ int densebeam_add_layernorm_bf16(const uint16_t *a, const uint16_t *h, const flo
                                  uint16_t *out, int64_t rows, int64_t cols, float eps) {
     if (cols % 16 || cols <= 0 || cols > 4096) return -2;
     float x[4096] __attribute__((aligned(64)));
-    const float inv_n = 1.0f / (float)cols;
     for (int64_t i = 0; i < rows; i++) {
         const uint16_t *ar = a + i * cols, *hr = h + i * cols;
         __m512 sum = _mm512_setzero_ps();
@@ -219,19 +239,7 @@ int densebeam_add_layernorm_bf16(const uint16_t *a, const uint16_t *h, const flo
             _mm512_store_ps(x + c, v);
             sum = _mm512_add_ps(sum, v);
         }
-        const __m512 mean = _mm512_set1_ps(hsum(sum) * inv_n);
-        __m512 sq = _mm512_setzero_ps();
-        for (int64_t c = 0; c < cols; c += 16) {
-            __m512 d = _mm512_sub_ps(_mm512_load_ps(x + c), mean);
-            sq = _mm512_add_ps(sq, _mm512_mul_ps(d, d));
-        }
-        const __m512 rstd = _mm512_set1_ps(1.0f / sqrtf(hsum(sq) * inv_n + eps));
-        uint16_t *o = out + i * cols;
-        for (int64_t c = 0; c < cols; c += 16) {
-            __m512 y = _mm512_mul_ps(_mm512_sub_ps(_mm512_load_ps(x + c), mean), rstd);
-            y = _mm512_add_ps(_mm512_mul_ps(y, _mm512_loadu_ps(gamma + c)), _mm512_loadu_ps(beta + c));
-            _mm256_storeu_si256((__m256i *)(o + c), to_bf16(y));
-        }
+        norm_row(x, sum, gamma, beta, cols, eps, NULL, out + i * cols);
     }
     return 0;
 }
@@ -245,7 +253,6 @@ int densebeam_add_layernorm_mixed(const uint16_t *a, float *h, const float *gamm
                                   uint16_t *hb, int64_t rows, int64_t cols, float eps) {
     if (cols % 16 || cols <= 0 || cols > 4096) return -2;
     float x[4096] __attribute__((aligned(64)));
-    const float inv_n = 1.0f / (float)cols;
     for (int64_t i = 0; i < rows; i++) {
         const uint16_t *ar = a + i * cols;
         float *hr = h + i * cols;
@@ -255,20 +262,7 @@ int densebeam_add_layernorm_mixed(const uint16_t *a, float *h, const float *gamm
             _mm512_store_ps(x + c, v);
             sum = _mm512_add_ps(sum, v);
         }
-        const __m512 mean = _mm512_set1_ps(hsum(sum) * inv_n);
-        __m512 sq = _mm512_setzero_ps();
-        for (int64_t c = 0; c < cols; c += 16) {
-            __m512 d = _mm512_sub_ps(_mm512_load_ps(x + c), mean);
-            sq = _mm512_add_ps(sq, _mm512_mul_ps(d, d));
-        }
-        const __m512 rstd = _mm512_set1_ps(1.0f / sqrtf(hsum(sq) * inv_n + eps));
-        uint16_t *o = hb + i * cols;
-        for (int64_t c = 0; c < cols; c += 16) {
-            __m512 y = _mm512_mul_ps(_mm512_sub_ps(_mm512_load_ps(x + c), mean), rstd);
-            y = _mm512_add_ps(_mm512_mul_ps(y, _mm512_loadu_ps(gamma + c)), _mm512_loadu_ps(beta + c));
-            _mm512_storeu_ps(hr + c, y);
-            _mm256_storeu_si256((__m256i *)(o + c), to_bf16(y));
-        }
+        norm_row(x, sum, gamma, beta, cols, eps, hr, hb + i * cols);
     }
     return 0;
 }
