@@ -89,8 +89,13 @@ def _run_killed_at(point, cmd, out, ref_seconds, attempts=5):
         "journal": lambda: any((emb_dir / "_cache").glob("journal-*.parquet")),
         "index": lambda: (out / "_build").exists(),
     }.get(point)
+    # a SIGKILLed process cannot remove its temporary folders (Beam's beam-pipeline-temp*): they go under
+    # the test's own folder, not the machine's /tmp
+    scratch = out.parent / "process-tmp"
+    scratch.mkdir(exist_ok=True)
     start = time.monotonic()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
+                            env={**os.environ, "TMPDIR": str(scratch)})
     while True:
         if proc.poll() is not None:
             err = proc.stderr.read().decode()[-2000:]
