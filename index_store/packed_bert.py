@@ -173,8 +173,8 @@ class PackedBert:
             why = None
             if self.device.type != "cpu" or self.mm_dtype != torch.bfloat16:
                 why = "it runs bf16 products on a CPU only"
-            elif native_shape_problem(self.hidden, self.heads):
-                why = native_shape_problem(self.hidden, self.heads)
+            elif (shape := native_shape_problem(self.hidden, self.heads)) is not None:
+                why = shape
             else:
                 from densebeam.index_store import native
 
@@ -255,32 +255,30 @@ class PackedBert:
         pos_t = torch.from_numpy(positions).to(dev)
         attend = {"native": self._attend_native, "groups": self._attend_groups}.get(self.attention) \
             or self._attend_padded(lengths, positions)
-        ln = torch.nn.functional.layer_norm
         h = self.word.index_select(0, ids_t) + self.pos.index_select(0, pos_t) + self.type0
-        h = ln(h, (self.hidden,), *self.emb_ln, self.eps).to(self.stream_dtype)
-        # bf16-mixed with the fused residual connections: hb is the bf16 copy of the float32 stream h that
-        # the products take, written by the same pass as h (both updated in place, layer after layer)
-        mixed = self.fused_layernorm and self.mode == "bf16-mixed"
-        hb = h.to(self.mm_dtype)
+        h = torch.nn.functional.layer_norm(h, (self.hidden,), *self.emb_ln, self.eps).to(self.stream_dtype)
+        hb = h.to(self.mm_dtype)  # the products' input: h itself unless the stream is float32
         for i, (qkv_wb, out_wb, ln1, up_wb, down_wb, ln2) in enumerate(self.layers):
+            ln32 = self._ln32[i] if self._ln32 else (None, None)
             ctx = attend(self._mm(hb, qkv_wb), groups)
-            a = self._mm(ctx, out_wb)
-            if mixed:
-                self._native.add_layernorm_mixed(a, h, *ln1, self.eps, hb)
-            elif self.fused_layernorm:
-                h = hb = self._native.add_layernorm(a, h, *self._ln32[i][0], self.eps)
-            else:
-                h = ln(a.to(self.stream_dtype) + h, (self.hidden,), *ln1, self.eps)
-                hb = h.to(self.mm_dtype)
-            f = self._mm(self._mm(hb, up_wb, act="gelu"), down_wb)
-            if mixed:
-                self._native.add_layernorm_mixed(f, h, *ln2, self.eps, hb)
-            elif self.fused_layernorm:
-                h = hb = self._native.add_layernorm(f, h, *self._ln32[i][1], self.eps)
-            else:
-                h = ln(f.to(self.stream_dtype) + h, (self.hidden,), *ln2, self.eps)
-                hb = h.to(self.mm_dtype)
+            h, hb = self._residual(self._mm(ctx, out_wb), h, hb, ln1, ln32[0])
+            h, hb = self._residual(self._mm(self._mm(hb, up_wb, act="gelu"), down_wb), h, hb, ln2, ln32[1])
         return self._pool(h, lengths)
+
+    def _residual(self, x, h, hb, norm, norm32):
+        """One residual connection, h <- LayerNorm(x + h): returns (h, hb), hb the next product's input.
+        bf16-mixed with the native kernels: one pass writes the float32 h and its bf16 copy hb, both in
+        place; bf16 fused: the native kernel with float32 weights ``norm32``; else PyTorch's operations."""
+        import torch
+
+        if self.fused_layernorm and self.mode == "bf16-mixed":
+            self._native.add_layernorm_mixed(x, h, *norm, self.eps, hb)
+            return h, hb
+        if self.fused_layernorm:
+            h = self._native.add_layernorm(x, h, *norm32, self.eps)
+            return h, h
+        h = torch.nn.functional.layer_norm(x.to(self.stream_dtype) + h, (self.hidden,), *norm, self.eps)
+        return h, h.to(self.mm_dtype)
 
     @property
     def kernels(self) -> str:
