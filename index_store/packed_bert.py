@@ -25,6 +25,8 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from densebeam.index_store import bert_family
+
 log = logging.getLogger(__name__)
 
 MODES = ("fp32", "bf16-mixed", "bf16", "fp16")
@@ -35,7 +37,8 @@ SMALL_ROW_MULTIPLE = 16  # for calls of at most ROW_MULTIPLE rows (a query): lit
 
 def packed_support(st) -> Optional[str]:
     """Why ``st`` cannot run packed (a short reason), or None when it can: a sentence-transformers model
-    of exactly [Transformer(BertModel with absolute positions), Pooling(mean or cls), optional Normalize]."""
+    of exactly [Transformer(a BERT-family encoder with absolute positions, :mod:`index_store.bert_family`),
+    Pooling(mean or cls), optional Normalize]."""
     from sentence_transformers import models as st_models
 
     mods = list(st)
@@ -46,14 +49,11 @@ def packed_support(st) -> Optional[str]:
         return "modules are not [Transformer, Pooling, Normalize?]"
     auto = getattr(mods[0], "auto_model", None)
     cfg = getattr(auto, "config", None)
-    if cfg is None or type(auto).__name__ != "BertModel" or getattr(cfg, "model_type", None) != "bert":
-        return f"the transformer is {type(auto).__name__}, not BertModel"
-    if getattr(cfg, "position_embedding_type", "absolute") not in (None, "absolute"):
-        return "relative position embeddings"
-    if getattr(cfg, "is_decoder", False) or getattr(cfg, "add_cross_attention", False):
-        return "a decoder"
-    if cfg.hidden_act not in ("gelu", "gelu_new", "gelu_pytorch_tanh", "relu"):
-        return f"activation {cfg.hidden_act}"
+    if cfg is None:
+        return f"the transformer is {type(auto).__name__}, without a config"
+    why = bert_family.unsupported(cfg.to_dict())
+    if why:
+        return why
     if _pooling_mode(mods[1]) is None:
         return "pooling is neither mean nor cls"
     if getattr(mods[0], "do_lower_case", False) and not mods[0].tokenizer.is_fast:
@@ -84,10 +84,12 @@ class PackedBert:
     """
 
     def __init__(self, config: dict, weights: dict, pooling: str, mode: str, device: str = "cpu",
-                 attention: str = "auto", fused_layernorm: Optional[bool] = None):
-        """``config``: a BERT config as a dict; ``weights``: tensors by ``BertModel`` state-dict names;
-        ``pooling``: ``mean`` or ``cls``. Built by :meth:`from_sentence_transformer` or
-        :meth:`from_files`."""
+                 attention: str = "auto", fused_layernorm: Optional[bool] = None, position_offset: int = 0):
+        """``config``: a BERT config as a dict; ``weights``: tensors by ``BertModel`` state-dict names
+        (token-type embeddings optional); ``pooling``: ``mean`` or ``cls``; ``position_offset``: added to
+        each token's index to give its position id (2 for RoBERTa). Built by
+        :meth:`from_sentence_transformer` or :meth:`from_files`, which map the other BERT-family
+        architectures to this layout (:mod:`index_store.bert_family`)."""
         import torch
 
         if mode not in MODES:
@@ -117,8 +119,8 @@ class PackedBert:
         # with it adi's NDCG@10 moved -0.0081 from fp32 (35 queries; over the 0.005 bar), without it
         # -0.0010 (docs/benchmarks.md, session 6)
         if fused_layernorm is None:
-            fused_layernorm = mode == "bf16-mixed"
-        self.fused_layernorm = bool(fused_layernorm) and self.attention == "native" and mode in ("bf16", "bf16-mixed")
+            fused_layernorm = mode in ("fp32", "bf16-mixed")
+        self.fused_layernorm = bool(fused_layernorm) and self.attention == "native"
         self._ln32: list = []
         # oneDNN with weights pre-packed in its blocked layout (no per-call weight reorder): bf16, and fp32,
         # where it measured 2.2x the MKL products F.linear runs on an AMD AVX-512 CPU (232 vs 108 GFLOP/s
@@ -137,7 +139,10 @@ class PackedBert:
 
         self.word = w("embeddings.word_embeddings.weight")
         self.pos = w("embeddings.position_embeddings.weight")
-        self.type0 = w("embeddings.token_type_embeddings.weight")[0].contiguous()
+        self.position_offset = int(position_offset)
+        types = weights.get("embeddings.token_type_embeddings.weight")
+        self.type0 = (w("embeddings.token_type_embeddings.weight")[0].contiguous() if types is not None
+                      else torch.zeros(self.hidden, device=self.device))
         self.emb_ln = (w("embeddings.LayerNorm.weight"), w("embeddings.LayerNorm.bias"))
         scale = (self.hidden // self.heads) ** -0.5
         self.layers = []
@@ -163,23 +168,14 @@ class PackedBert:
                                    (w(p + "output.LayerNorm.weight"), w(p + "output.LayerNorm.bias"))))
 
     def _choose_attention(self, asked: str) -> str:
-        """native: the C kernel (:mod:`index_store.native`), CPU bf16 only; groups: one small PyTorch
-        attention batch per length, no mask (CPU: no kernel-launch cost); padded: one masked call per
-        layer for the whole batch (GPU: few launches). ``auto``: native where it can run, else groups
-        on a CPU and padded on a GPU."""
+        """native: the C kernels (:mod:`index_store.native`) on a CPU, float32 or bf16 products; groups:
+        one small PyTorch attention batch per length, no mask (CPU: no kernel-launch cost); padded: one
+        masked call per layer for the whole batch (GPU: few launches). ``auto``: native where it can
+        run, else groups on a CPU and padded on a GPU."""
         import torch
 
         if asked in ("auto", "native"):
-            why = None
-            if self.device.type != "cpu" or self.mm_dtype != torch.bfloat16:
-                why = "it runs bf16 products on a CPU only"
-            elif (shape := native_shape_problem(self.hidden, self.heads)) is not None:
-                why = shape
-            else:
-                from densebeam.index_store import native
-
-                self._native = native.kernels()
-                why = None if self._native else native.why_not()
+            why = self._native_problem()
             if why is None:
                 return "native"
             if asked == "native":
@@ -187,20 +183,42 @@ class PackedBert:
             return "groups" if self.device.type == "cpu" else "padded"
         return asked
 
+    def _native_problem(self) -> Optional[str]:
+        """Why the native kernels cannot run this forward (None: they can, and ``self._native`` is set)."""
+        import torch
+
+        from densebeam.index_store import native
+
+        if self.device.type != "cpu" or self.mm_dtype not in (torch.bfloat16, torch.float32):
+            return "they run float32 or bf16 products on a CPU only"
+        kind = "fp32" if self.mm_dtype == torch.float32 else "bf16"
+        if kind == "bf16" and (shape := native_shape_problem(self.hidden, self.heads)) is not None:
+            return shape
+        kernel = native.kernels(kind)
+        if kernel is None:
+            return native.why_not(kind)
+        if kind == "fp32" and (shape := kernel.shape_problem(self.hidden, self.heads)) is not None:
+            return shape
+        self._native = kernel
+        return None
+
     @classmethod
     def from_sentence_transformer(cls, st, mode: str, device: str = "cpu", attention: str = "auto",
                                   fused_layernorm: Optional[bool] = None) -> "PackedBert":
         reason = packed_support(st)
         if reason:
             raise ValueError(f"model cannot run packed: {reason}")
-        bert = st[0].auto_model
-        return cls(bert.config.to_dict(), bert.state_dict(), _pooling_mode(st[1]), mode, device, attention,
-                   fused_layernorm)
+        encoder = st[0].auto_model
+        lay = bert_family.layout(encoder.config.to_dict())
+        return cls(lay.config, bert_family.bert_weights(lay.model_type, encoder.state_dict()), _pooling_mode(st[1]),
+                   mode, device, attention, fused_layernorm, lay.position_offset)
 
     @classmethod
     def from_files(cls, files, mode: str, device: str = "cpu", attention: str = "auto") -> "PackedBert":
         """From :class:`index_store.model_files.BertFiles` (no sentence-transformers import)."""
-        return cls(files.config, files.weights(), files.pooling, mode, device, attention)
+        lay = bert_family.layout(files.config)
+        return cls(lay.config, bert_family.bert_weights(lay.model_type, files.weights()), files.pooling, mode,
+                   device, attention, position_offset=lay.position_offset)
 
     # -- weights --------------------------------------------------------------------------------
     def _linear(self, w, b):
@@ -252,7 +270,7 @@ class PackedBert:
         if spare and self.attention != "padded":
             ids, positions = np.pad(ids, (0, spare)), np.pad(positions, (0, spare))
         ids_t = torch.from_numpy(ids).to(dev)
-        pos_t = torch.from_numpy(positions).to(dev)
+        pos_t = torch.from_numpy(positions + self.position_offset).to(dev)
         attend = {"native": self._attend_native, "groups": self._attend_groups}.get(self.attention) \
             or self._attend_padded(lengths, positions)
         h = self.word.index_select(0, ids_t) + self.pos.index_select(0, pos_t) + self.type0
@@ -274,6 +292,9 @@ class PackedBert:
         if self.fused_layernorm and self.mode == "bf16-mixed":
             self._native.add_layernorm_mixed(x, h, *norm, self.eps, hb)
             return h, hb
+        if self.fused_layernorm and self.mode == "fp32":
+            self._native.add_layernorm(x, h, *norm, self.eps)
+            return h, h
         if self.fused_layernorm:
             h = self._native.add_layernorm(x, h, *norm32, self.eps)
             return h, h
@@ -287,7 +308,7 @@ class PackedBert:
         return "native" if self.attention == "native" else "torch"
 
     def _attend_native(self, qkv, groups):
-        """CPU, bf16: every group and head in one call of the C kernel (:mod:`index_store.native`)."""
+        """CPU: every group and head in one call of the C kernel (:mod:`index_store.native`)."""
         import torch
 
         ctx = torch.empty((qkv.shape[0], self.hidden), dtype=qkv.dtype, device=qkv.device)

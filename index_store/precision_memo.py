@@ -1,8 +1,7 @@
-"""The ``--precision auto`` measurement, remembered per machine: the same model, the same corpus sample and
-the same hardware and software get the same precision on every run, so a re-run (after a crash, or the
-next night on a grown corpus that starts the same) encodes in the precision the first run chose, and the
-measurement's seconds are spent once. The choice is timed, and two precisions can be close (bf16 and
-bf16-mixed within 10% on an AVX-512 CPU): measured afresh, runs would not always agree.
+"""The ``--precision auto`` measurement, remembered per machine and model: the first run of a model on a
+machine measures, and every later run of that model there (a re-run after a crash, the next night on a
+grown corpus, another corpus) encodes in the precision that run chose without measuring again. Measured
+afresh, runs would not always agree: two precisions can time close together.
 
 Kept under ``$DENSEBEAM_CACHE_DIR/precision`` (default ``~/.cache/densebeam``), one small JSON file per
 key; delete it (or pass ``--precision`` explicitly) to measure again. No Beam import.
@@ -14,47 +13,33 @@ import hashlib
 import json
 import logging
 import os
-import platform
 import tempfile
-from typing import Optional, Sequence
+from typing import Optional
 
 from densebeam.index_store.fsutil import cache_root
 
 log = logging.getLogger(__name__)
 
-VERSION = 1  # bump when the measurement itself changes: older records are not reused
+VERSION = 2  # bump when the measurement itself changes: older records are not reused
 
 
 def machine() -> dict:
-    """What the timing depends on besides the model: CPU model and flags, torch, the device."""
-    cpu = {}
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-            for line in f:
-                name, _, value = line.partition(":")
-                name = name.strip()
-                if name in ("model name", "flags") and name not in cpu:
-                    cpu[name] = value.strip()
-                if len(cpu) == 2:
-                    break
-    except OSError:
-        pass
+    """What the timing depends on besides the model: CPU model, family and flags (after any ISA cap,
+    :mod:`index_store.cpu`), cores, torch."""
     import torch
 
-    return {"cpu": cpu.get("model name") or platform.processor() or platform.machine(),
-            "cpu_flags": hashlib.sha256(cpu.get("flags", "").encode()).hexdigest()[:16],
+    from densebeam.index_store import cpu
+
+    return {"cpu": cpu.describe()["model"], "family": cpu.family(),
+            "cpu_flags": hashlib.sha256(" ".join(sorted(cpu.flags())).encode()).hexdigest()[:16],
             "cores": os.cpu_count(), "torch": torch.__version__}
 
 
-def key(model: dict, device: str, sample: Sequence[str], rules: dict) -> str:
-    """sha256 over everything the measurement depends on: model identity (name, revision or weights
-    digest, settings), device, machine, the sample's texts and the acceptance rules."""
-    h = hashlib.sha256()
+def key(model: dict, device: str, rules: dict) -> str:
+    """sha256 over everything the measurement depends on but the corpus: model identity (name, revision
+    or weights digest, settings), device, machine and the acceptance rules."""
     head = {"version": VERSION, "model": model, "device": device, "machine": machine(), "rules": rules}
-    h.update(json.dumps(head, sort_keys=True).encode())
-    for text in sample:
-        h.update(hashlib.sha256(text.encode("utf-8", "surrogatepass")).digest())
-    return h.hexdigest()
+    return hashlib.sha256(json.dumps(head, sort_keys=True).encode()).hexdigest()
 
 
 def path(k: str) -> str:

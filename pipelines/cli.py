@@ -56,24 +56,46 @@ def format_encode_summary(manifest: dict, output: str) -> str:
         lines.append(f"    rejected {reason}: {n}")
     if c["rejected"]:
         lines.append(f"  rejected records (with reason and source): {output.rstrip('/')}/rejected/")
+    auto = manifest.get("precision_measurement") or {}
+    line = precision_line(auto)
+    if line:
+        lines.append(line)
     if secs:
         lines.append(f"  wall time {secs:.1f} s, {c['encoded'] / secs:.1f} passages/s end to end")
-        lines += time_breakdown(secs, manifest.get("_workers", 1), manifest.get("_worker_msec") or {})
+        lines += time_breakdown(secs, manifest.get("_workers", 1), manifest.get("_worker_msec") or {},
+                                auto.get("seconds") or 0.0)
     return "\n".join(lines)
 
 
-def time_breakdown(wall_s: float, workers: int, worker_msec: dict) -> list[str]:
-    """Where the worker time went: the model's forward passes, Parquet writing, and the rest (reading,
-    parsing, the duplicate-id pass, Beam, start-up, idle workers) as wall time x workers minus both."""
+def precision_line(record: dict) -> Optional[str]:
+    """How ``--precision auto`` was decided at launch, and what it cost (None when it was not)."""
+    if "seconds" not in record:
+        return None
+    took = f"{record['seconds']:.1f} s"
+    if record.get("reused"):
+        how = "remembered for this model on this machine"
+    elif record.get("measured") is True:
+        rates = ", ".join(f"{k} {v.get('passages_per_s', 0):.0f}/s" for k, v in record.get("candidates", {}).items())
+        how = f"measured on {record.get('sample_passages')} passages ({rates})"
+    else:
+        how = record.get("reason") or "not measured"
+    return f"  precision auto -> {record.get('chosen')} in {took}: {how}"
+
+
+def time_breakdown(wall_s: float, workers: int, worker_msec: dict, auto_s: float = 0.0) -> list[str]:
+    """Where the worker time went: the model's forward passes, Parquet writing, the ``auto`` precision
+    decision at launch, and the rest (reading, parsing, the duplicate-id pass, Beam, start-up, idle
+    workers) as wall time x workers minus those."""
     encode_s, write_s = worker_msec.get("encode_msec", 0) / 1000, worker_msec.get("write_msec", 0) / 1000
     if not encode_s:
         return []
-    total = max(wall_s * max(1, workers), encode_s + write_s)
-    rest = total - encode_s - write_s
+    total = max(wall_s * max(1, workers), encode_s + write_s + auto_s)
+    rest = total - encode_s - write_s - auto_s
     pct = lambda x: 100 * x / total  # noqa: E731
+    auto = f", precision auto {auto_s:.1f} s ({pct(auto_s):.0f}%)" if auto_s else ""
     return [f"  time over {workers} worker(s), {total:.1f} worker-s: encode {encode_s:.1f} s "
-            f"({pct(encode_s):.0f}%), write {write_s:.1f} s ({pct(write_s):.0f}%), read/parse/dedup/Beam/"
-            f"start-up {rest:.1f} s ({pct(rest):.0f}%)"]
+            f"({pct(encode_s):.0f}%), write {write_s:.1f} s ({pct(write_s):.0f}%){auto}, read/parse/dedup/"
+            f"Beam/start-up {rest:.1f} s ({pct(rest):.0f}%)"]
 
 
 def _encode(argv: Sequence[str]) -> int:

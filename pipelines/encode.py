@@ -110,24 +110,34 @@ def _measured_on_workers(precision: str) -> dict:
 def resolve_precision_at_launch(encoder, files, read_opts: ReadOptions, runner: str, join_title: bool,
                                 model_id: dict) -> Optional[dict]:
     """``--precision auto`` on the local runner: the workers run on this machine, in this process, so the
-    precision is measured once here, on a deterministic sample of the corpus (the start of its first
-    files), and every worker encodes in the one chosen (the same bits whatever the worker count). The
-    outcome is remembered per machine (:mod:`densebeam.index_store.precision_memo`): a re-run with the
-    same model, sample and machine encodes in the same precision without measuring. Other runners'
-    workers may have other hardware: they measure on their own. Returns the record for the manifest
-    (None when not measured here)."""
+    precision is decided once here and every worker encodes in the one chosen (the same bits whatever
+    the worker count). On a CPU without bf16 arithmetic it is fp32, measuring nothing. Elsewhere it is
+    measured on a deterministic sample of the corpus (the start of its first files) the first time a
+    model runs on a machine, and remembered (:mod:`densebeam.index_store.precision_memo`): later runs with
+    the same model on the same machine, on this corpus grown or on another one, adopt it without
+    measuring. Other runners' workers may have other hardware: they decide on their own. Returns the
+    record for the manifest, with the seconds it took (None when not decided here)."""
     if encoder.precision != "auto" or runner != "local":
         return None
+    start = time.monotonic()
+    record = _decide_precision(encoder, files, read_opts, join_title, model_id)
+    return None if record is None else {**record, "seconds": round(time.monotonic() - start, 3)}
+
+
+def _decide_precision(encoder, files, read_opts: ReadOptions, join_title: bool, model_id: dict) -> Optional[dict]:
+    if not encoder.candidates():  # nothing to measure: fp32 by rule
+        record, _ = encoder.calibrate_once([])
+        return {**record, "where": "at launch, on the machine that runs the local workers"}
+    memo_key = precision_memo.key(model_id, encoder.device, encoder.calibration_rules())
+    remembered = precision_memo.load(memo_key)
+    if remembered is not None and encoder.adopt(remembered):
+        log.info("precision auto -> %s, as measured for this model on this machine by an earlier run (%s)",
+                 encoder.precision, remembered.get("measured_at", "?"))
+        return {**remembered, "reused": f"remembered on this machine, key {memo_key[:16]}; delete "
+                                        f"{precision_memo.path(memo_key)} to measure again"}
     sample = sample_texts(files, read_opts, join_title=join_title)
     if len(sample) < MIN_CALIBRATION_TEXTS:
         return None
-    memo_key = precision_memo.key(model_id, encoder.device, sample, encoder.calibration_rules())
-    remembered = precision_memo.load(memo_key)
-    if remembered is not None and encoder.adopt(remembered):
-        log.info("precision auto -> %s, as measured by an earlier run on this machine (%s) on the same "
-                 "sample of this corpus", encoder.precision, remembered.get("measured_at", "?"))
-        return {**remembered, "reused": f"remembered on this machine, key {memo_key[:16]}; delete "
-                                        f"{precision_memo.path(memo_key)} to measure again"}
     record, now = encoder.calibrate_once(sample)
     if not now:  # a library caller's earlier run in this process measured it
         return {**record, "where": "earlier in this process (the encoder is kept per process)"}

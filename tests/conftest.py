@@ -31,18 +31,48 @@ _WORDS = ("the of and to in is was for on that with as by at from his her it an 
 
 def build_tiny_bi_encoder(path: Path, *, normalize: bool, similarity_fn: str | None = None,
                           seed: int = 0, hidden: int = 32, max_seq_length: int = 64,
-                          unembedded_word: str | None = None) -> Path:
-    """A 2-layer BERT with a ~150-token vocabulary, mean pooling, optional Normalize; saved to ``path``.
+                          unembedded_word: str | None = None, arch: str = "bert", pooling: str = "mean") -> Path:
+    """A 2-layer encoder of family ``arch`` (``bert``, ``distilbert``: BERT's WordPiece vocabulary of ~150
+    tokens; ``roberta``: a byte-level BPE vocabulary of 400 trained here), random weights, ``pooling``
+    (mean or cls), optional Normalize; saved to ``path``.
 
-    ``unembedded_word`` is added to the tokenizer's vocabulary but not to the model's embedding table (a
-    tokenizer/model mismatch): any batch holding it makes the forward pass raise."""
+    ``unembedded_word`` (BERT only) is added to the tokenizer's vocabulary but not to the model's
+    embedding table (a tokenizer/model mismatch): any batch holding it makes the forward pass raise."""
     import torch
     from sentence_transformers import SentenceTransformer, models
-    from transformers import BertConfig, BertModel, BertTokenizerFast
 
     path.mkdir(parents=True, exist_ok=True)
     hf_dir = path / "hf"
     hf_dir.mkdir(exist_ok=True)
+    tok = _tiny_tokenizer(hf_dir, arch, unembedded_word)
+    torch.manual_seed(seed)
+    _tiny_transformer(arch, len(tok.get_vocab()) - bool(unembedded_word), hidden).save_pretrained(hf_dir)
+    tok.save_pretrained(hf_dir)
+    word = models.Transformer(str(hf_dir), max_seq_length=max_seq_length)
+    modules = [word, models.Pooling(word.get_word_embedding_dimension(), pooling_mode=pooling)]
+    if normalize:
+        modules.append(models.Normalize())
+    kwargs = {"similarity_fn_name": similarity_fn} if similarity_fn else {}
+    SentenceTransformer(modules=modules, device="cpu", **kwargs).save(str(path / "st"))
+    return path / "st"
+
+
+def _tiny_tokenizer(hf_dir: Path, arch: str, unembedded_word: str | None):
+    if arch == "roberta":
+        from tokenizers import ByteLevelBPETokenizer
+        from transformers import RobertaTokenizerFast
+
+        corpus = [" ".join(_WORDS)] * 3 + list(_WORDS) + [string.ascii_lowercase, string.digits, ".,;:!?'\"()-"]
+        bpe = ByteLevelBPETokenizer()
+        bpe.train_from_iterator(corpus, vocab_size=400, min_frequency=1,
+                                special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"])
+        vocab, merges = json.loads(bpe.to_str())["model"]["vocab"], json.loads(bpe.to_str())["model"]["merges"]
+        tok = RobertaTokenizerFast(vocab=vocab, merges=[tuple(m) if isinstance(m, list) else tuple(m.split(" "))
+                                                       for m in merges])
+        assert len(tok("river music")["input_ids"]) <= 5, "the tiny tokenizer lost its vocabulary"
+        return tok
+    from transformers import BertTokenizerFast
+
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + list(string.ascii_lowercase + string.digits)
     vocab += ["##" + c for c in string.ascii_lowercase + string.digits] + list(".,;:!?'\"()-") + list(_WORDS)
     vocab = list(dict.fromkeys(vocab)) + ([unembedded_word] if unembedded_word else [])
@@ -50,18 +80,26 @@ def build_tiny_bi_encoder(path: Path, *, normalize: bool, similarity_fn: str | N
     tok = BertTokenizerFast(vocab=str(hf_dir / "vocab.txt"), do_lower_case=True)
     # transformers 5 ignores vocab_file=; a tokenizer without its vocabulary maps every word to [UNK]
     assert tok.tokenize("river music") == ["river", "music"], "the tiny tokenizer lost its vocabulary"
-    torch.manual_seed(seed)
-    config = BertConfig(vocab_size=len(tok.get_vocab()) - bool(unembedded_word), hidden_size=hidden, num_hidden_layers=2,
-                        num_attention_heads=2, intermediate_size=2 * hidden, max_position_embeddings=128)
-    BertModel(config).save_pretrained(hf_dir)
-    tok.save_pretrained(hf_dir)
-    word = models.Transformer(str(hf_dir), max_seq_length=max_seq_length)
-    modules = [word, models.Pooling(word.get_word_embedding_dimension(), pooling_mode="mean")]
-    if normalize:
-        modules.append(models.Normalize())
-    kwargs = {"similarity_fn_name": similarity_fn} if similarity_fn else {}
-    SentenceTransformer(modules=modules, device="cpu", **kwargs).save(str(path / "st"))
-    return path / "st"
+    return tok
+
+
+def _tiny_transformer(arch: str, vocab_size: int, hidden: int):
+    if arch == "distilbert":
+        from transformers import DistilBertConfig, DistilBertModel
+
+        return DistilBertModel(DistilBertConfig(vocab_size=vocab_size, dim=hidden, n_layers=2, n_heads=2,
+                                                hidden_dim=2 * hidden, max_position_embeddings=128))
+    if arch == "roberta":
+        from transformers import RobertaConfig, RobertaModel
+
+        return RobertaModel(RobertaConfig(vocab_size=vocab_size, hidden_size=hidden, num_hidden_layers=2,
+                                          num_attention_heads=2, intermediate_size=2 * hidden,
+                                          max_position_embeddings=130, pad_token_id=1, type_vocab_size=1,
+                                          layer_norm_eps=1e-5))
+    from transformers import BertConfig, BertModel
+
+    return BertModel(BertConfig(vocab_size=vocab_size, hidden_size=hidden, num_hidden_layers=2,
+                                num_attention_heads=2, intermediate_size=2 * hidden, max_position_embeddings=128))
 
 
 @pytest.fixture(scope="session")

@@ -1,7 +1,7 @@
 """A passage's vector does not depend on which passages share its batch beyond float rounding: the packed
 (padding-free) forward computes each passage on its own tokens, so encoding it alone, in any subset or in
-any order gives the same vector to within BOUND (1e-6 absolute; on the real model, fp32 and bf16 alike,
-the very same bits here). This is what makes a resumed run, another worker count or another runner
+any order gives the same vector to within BOUND (1e-6 absolute; on the real model, in every precision
+this CPU runs, the very same bits here), in the default precision of every CPU family. This is what makes a resumed run, another worker count or another runner
 produce the same embeddings, and so the same index."""
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import random
 import numpy as np
 import pytest
 
+from densebeam.index_store import cpu
 from densebeam.index_store.encoder import load_encoder
 from conftest import SHARED_DATA, make_passages
 
@@ -34,10 +35,22 @@ def _check(enc, texts):
     np.testing.assert_allclose(alone, base[::4], rtol=0, atol=BOUND)
 
 
+def _load(model, precision):
+    """The encoder, or None where this CPU refuses the precision (bf16 without bf16 arithmetic: what
+    the precision promises there is the refusal, before any work)."""
+    if precision != "fp32" and not cpu.native_bf16():
+        with pytest.raises(ValueError, match=f"--precision {precision} needs bf16 arithmetic"):
+            load_encoder(model, precision=precision, device="cpu")
+        return None
+    return load_encoder(model, precision=precision, device="cpu")
+
+
 @pytest.mark.parametrize("precision", ["fp32", "bf16", "bf16-mixed"])
 def test_tiny_model_vectors_are_batch_invariant(tiny_cos_model, precision):
     texts = [r["title"] + " " + r["text"] for r in make_passages(80, seed=12)]
-    _check(load_encoder(tiny_cos_model, precision=precision, device="cpu"), texts)
+    enc = _load(tiny_cos_model, precision)
+    if enc is not None:
+        _check(enc, texts)
 
 
 @pytest.mark.slow
@@ -45,12 +58,61 @@ def test_tiny_model_vectors_are_batch_invariant(tiny_cos_model, precision):
 def test_real_model_vectors_are_batch_invariant(precision):
     if not (SHARED_DATA / "dl19-subset").exists():
         pytest.skip("../shared/data/dl19-subset is not here")
-    _check(load_encoder("sentence-transformers/all-MiniLM-L6-v2", precision=precision, device="cpu"),
-           _texts_real(48))
+    enc = _load("sentence-transformers/all-MiniLM-L6-v2", precision)
+    if enc is not None:
+        _check(enc, _texts_real(48))
+
+
+_FAMILY_SCRIPT = """
+import json, random, sys
+import numpy as np
+from densebeam.index_store import cpu
+from densebeam.index_store import cpu
+from densebeam.index_store.encoder import load_encoder
+texts = [line.rstrip("\\n") for line in open(sys.argv[1], encoding="utf-8")]
+enc = load_encoder("bundled", precision="auto", device="cpu")
+base = enc.encode(texts)  # the first call decides auto
+rng = random.Random(7)
+worst = 0.0
+for _ in range(3):
+    subset = rng.sample(range(len(texts)), rng.randint(2, len(texts)))
+    worst = max(worst, float(np.abs(enc.encode([texts[i] for i in subset]) - base[subset]).max()))
+alone = np.stack([enc.encode([texts[i]])[0] for i in range(0, len(texts), 4)])
+worst = max(worst, float(np.abs(alone - base[::4]).max()))
+print(json.dumps({"family": cpu.family(), "precision": enc.precision, "worst": worst,
+                  "candidates": enc.calibration.get("candidates", {})}))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["avx512-bf16", "avx512", "avx2"])
+def test_the_default_precision_is_batch_invariant_on_every_cpu_family(tmp_path, family):
+    """Each CPU family's default (auto) precision, on the real model, in a process whose PyTorch,
+    oneDNN, MKL and densebeam use no instructions beyond that family (simulated where this CPU has
+    more): a passage's vector does not depend on its batch; without bf16 arithmetic auto is fp32 and
+    times nothing."""
+    import os
+    import subprocess
+    import sys
+
+    if not cpu.can_limit_to(family):
+        pytest.skip(f"this CPU ({cpu.family()}) cannot run as {family}")
+    src = tmp_path / "texts.txt"
+    src.write_text("\n".join(t.replace("\n", " ") for t in _texts_real(48)) + "\n", encoding="utf-8")
+    out = subprocess.run([sys.executable, "-c", _FAMILY_SCRIPT, str(src)], capture_output=True, text=True,
+                         env={**os.environ, **cpu.limit_env(family)}, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got["family"] == family and got["worst"] <= BOUND
+    if family == "avx512-bf16":
+        assert set(got["candidates"]) == {"fp32", "bf16-mixed"} and got["precision"] in got["candidates"]
+    else:
+        assert got["precision"] == "fp32" and got["candidates"] == {}
 
 
 _THREADS_SCRIPT = """
 import sys, numpy as np
+from densebeam.index_store import cpu
 from densebeam.index_store.encoder import load_encoder
 enc = load_encoder("bundled", precision="fp32", device="cpu")
 texts = [line.rstrip("\\n") for line in open(sys.argv[1], encoding="utf-8")]

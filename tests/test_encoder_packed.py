@@ -9,6 +9,7 @@ import random
 import numpy as np
 import pytest
 
+from densebeam.index_store import cpu
 from densebeam.index_store.encoder import (CALIBRATION_PASSAGES, CHARS_PER_TOKEN, Encoder, clip_text, load_encoder)
 from densebeam.index_store.packed_bert import PackedBert, packed_support
 from conftest import _WORDS, build_tiny_bi_encoder
@@ -98,7 +99,14 @@ def test_a_cut_that_could_change_tokens_is_tokenized_again(tiny_cos_model):
     assert tok([clip_text(flood, msl)], truncation=True, max_length=msl)["input_ids"][0] != full
 
 
+def _needs_bf16():
+    if not cpu.native_bf16():
+        pytest.skip(f"this CPU ({cpu.family()}) has no bf16 arithmetic: auto measures nothing here "
+                    "(test_auto_without_bf16_arithmetic_is_fp32_unmeasured covers it)")
+
+
 def test_auto_measures_the_precision_and_records_it(tiny_cos_model):
+    _needs_bf16()
     enc = load_encoder(tiny_cos_model, precision="auto", device="cpu", token_budget=1000)
     assert enc.precision == "auto" and enc.calibration is None
     texts = _texts(200, seed=4)
@@ -128,7 +136,27 @@ def test_explicit_precision_is_not_measured(tiny_cos_model):
     assert enc.calibration is None and enc.precision == "fp32"
 
 
+def test_auto_without_bf16_arithmetic_is_fp32_unmeasured(tiny_cos_model, monkeypatch):
+    """A CPU without bf16 arithmetic (simulated by a cap where this one has it): nothing is timed, fp32 is
+    chosen and gives fp32's very vectors."""
+    monkeypatch.setenv("DENSEBEAM_MAX_CPU_ISA", "avx2")
+    enc = load_encoder(tiny_cos_model, precision="auto", device="cpu", token_budget=1001)
+    assert enc.candidates() == []
+    texts = _texts(200, seed=4)
+    got = enc.encode(texts)
+    assert enc.precision == "fp32" and enc.calibration["measured"] is False and "candidates" not in enc.calibration
+    np.testing.assert_array_equal(got, load_encoder(tiny_cos_model, precision="fp32", device="cpu",
+                                                    token_budget=1001).encode(texts))
+    lone = load_encoder(tiny_cos_model, precision="auto", device="cpu", token_budget=1002)
+    lone.encode(["river music"])  # a lone query: the same rule
+    assert lone.precision == "fp32"
+    for precision in ("bf16", "bf16-mixed"):
+        with pytest.raises(ValueError, match="needs bf16 arithmetic"):
+            load_encoder(tiny_cos_model, precision=precision, device="cpu", token_budget=1003)
+
+
 def test_calibration_texts_decide_at_load(tiny_dot_model):
+    _needs_bf16()
     enc = load_encoder(tiny_dot_model, precision="auto", device="cpu", token_budget=777,
                        calibration_texts=_texts(40, seed=5))
     assert enc.calibration["sample_passages"] == 40 and enc.precision != "auto"

@@ -1,11 +1,13 @@
 """The native kernels of the packed bf16 forward (index_store/native.py, kernels_avx512.c): attention and
 residual add + layer norm against float64 references and the PyTorch operations they replace, bitwise
-deterministic and independent of the batch, safe on bad arguments, and the PyTorch fallback wherever they
-cannot be built. Runs the real kernels, built by the machine's C compiler; skipped (with the reason) on a
-CPU without AVX-512 BF16."""
+deterministic and independent of the batch, safe on bad arguments; and, for both libraries, the build
+cache and the PyTorch fallback wherever they cannot be built. Runs the real kernels, built by the
+machine's C compiler; the bf16 ones are skipped (with the reason) on a CPU without AVX-512 BF16
+(tests/test_native_fp32.py covers the float32 library on every CPU family)."""
 
 from __future__ import annotations
 
+import json
 import random
 import threading
 import time
@@ -25,6 +27,14 @@ def kernel():
     k = native.kernels()
     if k is None:
         pytest.skip(f"native attention unavailable here: {native.why_not()}")
+    return k
+
+
+@pytest.fixture(scope="module")
+def kernel32():
+    k = native.kernels("fp32")
+    if k is None:
+        pytest.skip(f"native float32 kernels unavailable here: {native.why_not('fp32')}")
     return k
 
 
@@ -229,7 +239,7 @@ def test_encoder_records_the_attention_it_measured(kernel, hd32_model):
     enc = load_encoder(hd32_model, precision="auto", device="cpu")
     enc.encode(_texts(80, seed=3))
     record = enc.calibration
-    assert record["kernels"]["fp32"] == "torch"  # fp32 stays PyTorch's exact path
+    assert record["kernels"]["fp32"] == "native"  # the float32 kernels (this CPU runs the bf16 ones, so these)
     assert record["kernels"]["bf16-mixed"] == "native"
     # bf16-mixed's residual connections run natively too: bf16 is not measured (candidate_precisions)
     assert set(record["candidates"]) == {"fp32", "bf16-mixed"} == {"fp32", *enc.candidates()}
@@ -238,70 +248,81 @@ def test_encoder_records_the_attention_it_measured(kernel, hd32_model):
 
 @pytest.fixture
 def fresh_native(monkeypatch, tmp_path):
-    """The kernel decided again in this test (a fresh cache, a changed environment), and again after."""
+    """The kernels decided again in this test: a fresh cache is another setting (native._slot)."""
     monkeypatch.setenv("DENSEBEAM_CACHE_DIR", str(tmp_path / "cache"))
-    native.reset()
-    yield tmp_path / "cache" / "native"
-    monkeypatch.undo()
-    native.reset()
+    return tmp_path / "cache" / "native"
 
 
 def test_disabled_by_environment_falls_back_to_pytorch(fresh_native, monkeypatch, hd32_model):
     monkeypatch.setenv("DENSEBEAM_NATIVE", "0")
-    assert native.kernels() is None
-    assert "DENSEBEAM_NATIVE=0" in native.why_not()
+    for kind in ("bf16", "fp32"):
+        assert native.kernels(kind) is None and native.planned(kind) == "torch"
+        assert "DENSEBEAM_NATIVE=0" in native.why_not(kind)
     from sentence_transformers import SentenceTransformer
 
-    model = PackedBert.from_sentence_transformer(SentenceTransformer(hd32_model, device="cpu"), "bf16")
-    assert model.attention == "groups"
+    st = SentenceTransformer(hd32_model, device="cpu")
+    assert PackedBert.from_sentence_transformer(st, "fp32").attention == "groups"
     with pytest.raises(ValueError, match="native attention unavailable"):
-        PackedBert.from_sentence_transformer(SentenceTransformer(hd32_model, device="cpu"), "bf16", attention="native")
-    enc = load_encoder(hd32_model, precision="bf16", device="cpu", token_budget=4000)  # not a cached encoder
-    assert enc.native_kernels() == "torch" and enc._make_runner("bf16").bert.attention == "groups"
+        PackedBert.from_sentence_transformer(st, "fp32", attention="native")
+    enc = load_encoder(hd32_model, precision="fp32", device="cpu", token_budget=4000)  # not a cached encoder
+    assert enc.native_kernels("fp32") == "torch" and enc._make_runner("fp32").bert.attention == "groups"
     assert enc.encode(_texts(5)).shape == (5, 64)
 
 
-def test_a_compiler_that_fails_falls_back_with_its_reason(fresh_native, monkeypatch, tmp_path, kernel):
+def test_a_compiler_that_fails_falls_back_with_its_reason(fresh_native, monkeypatch, tmp_path):
     broken = tmp_path / "broken-cc"
     broken.write_text("#!/bin/sh\necho 'cc: fatal error: no space left on device' >&2\nexit 1\n")
     broken.chmod(0o755)
     monkeypatch.setenv("CC", str(broken))
-    assert native.kernels() is None
-    assert "could not build" in native.why_not() and "no space left" in native.why_not()
+    assert native.kernels("fp32") is None
+    assert "could not build" in native.why_not("fp32") and "no space left" in native.why_not("fp32")
     assert not list(fresh_native.glob("*.so"))  # nothing half-built left to load
 
 
-def test_the_build_is_cached_and_reused(fresh_native, kernel):
-    first = native.kernels()
+_LOAD_SCRIPT = """
+import json, sys
+from densebeam.index_store import native
+k = native.kernels(sys.argv[1])
+print(json.dumps(k.path if k is not None else None))
+"""
+
+
+def test_the_build_is_cached_and_reused_by_the_next_process(fresh_native, kernel32):
+    import os
+    import subprocess
+    import sys
+
+    first = native.kernels("fp32")
     assert first is not None and first.path.startswith(str(fresh_native))
-    built = list(fresh_native.glob("kernels-*.so"))
-    assert len(built) == 1 and not list(fresh_native.glob(".kernels-*"))
+    built = list(fresh_native.glob("kernels_fp32-*.so"))
+    assert len(built) == 1 and not list(fresh_native.glob(".kernels*"))
     stamp = built[0].stat().st_mtime_ns
-    native.reset()
-    again = native.kernels()
-    assert again.path == first.path and built[0].stat().st_mtime_ns == stamp  # loaded, not rebuilt
+    out = subprocess.run([sys.executable, "-c", _LOAD_SCRIPT, "fp32"], capture_output=True, text=True, check=True,
+                         env=dict(os.environ))
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == first.path  # loaded, not rebuilt
+    assert built[0].stat().st_mtime_ns == stamp and len(list(fresh_native.glob("*.so"))) == 1
 
 
 def test_prepare_builds_in_the_background_and_the_kernel_waits_for_it(fresh_native, kernel):
     native.prepare()
     native.prepare()  # a second call starts nothing more
     got = native.kernels()  # waits for the build thread
-    assert got is not None and len(list(fresh_native.glob("kernels-*.so"))) == 1
+    assert got is not None and len(list(fresh_native.glob("kernels_avx512-*.so"))) == 1
+    assert native.kernels("fp32") is not None and len(list(fresh_native.glob("kernels_fp32-*.so"))) == 1
     qkv, groups = _layer([20, 9], 2, 32, seed=9)
     assert torch.equal(_run(got, qkv, groups, 2, 32), _run(kernel, qkv, groups, 2, 32))
 
 
-def test_planned_answers_while_a_build_runs_and_follows_its_outcome(fresh_native, monkeypatch, tmp_path, kernel):
-    assert native.planned() == native.NAME  # this machine can: no build has run in this test yet
+def test_planned_answers_while_a_build_runs_and_follows_its_outcome(fresh_native, monkeypatch, tmp_path, kernel32):
+    assert native.planned("fp32") == kernel32.name  # this machine can: no build has run in this setting yet
     slow = tmp_path / "slow-cc"  # a compiler that takes its time, then fails
     slow.write_text("#!/bin/sh\ncase \"$*\" in *--version*) echo slow-cc 1.0; exit 0;; esac\nsleep 2\nexit 1\n")
     slow.chmod(0o755)
     monkeypatch.setenv("CC", str(slow))
-    native.prepare()
+    native.prepare("fp32")
     start = time.monotonic()
-    assert native.planned() == native.NAME and time.monotonic() - start < 1  # not blocked by the build
-    assert native.kernels() is None  # waits for the build, which fails
-    assert native.planned() == "torch"  # the outcome, once known
+    assert native.planned("fp32") == kernel32.name and time.monotonic() - start < 1  # not blocked by the build
+    assert native.kernels("fp32") is None  # waits for the build, which fails
+    assert native.planned("fp32") == "torch"  # the outcome, once known
     monkeypatch.setenv("DENSEBEAM_NATIVE", "off")
-    native.reset()
-    assert native.planned() == "torch"
+    assert native.planned("fp32") == "torch"

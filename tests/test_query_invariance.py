@@ -1,9 +1,10 @@
 """A query's answer does not depend on what it is batched with: library calls of any composition and the
 service under concurrent load give the same hits and scores, bit for bit, as the query asked alone.
 
-The tiny fp32 model shows the effect being guarded against: its padded batch forward pass gives a text
-a vector that differs (in the last bits) from the one it gets alone; tests/test_load.py checks the real
-model at the default precision under 32 concurrent clients."""
+Where the matrix kernels round a row differently by its batch's size (some CPU families and row counts),
+a text encoded in a batch gets a vector that differs in the last bits from the one it gets alone; the
+query path never lets that show. tests/test_load.py checks the real model at the default precision under
+32 concurrent clients."""
 
 from __future__ import annotations
 
@@ -34,9 +35,6 @@ def _exact(hits) -> list[tuple]:
 
 def test_query_vectors_do_not_depend_on_the_batch(searcher):
     alone = np.stack([searcher.encode_queries([q])[0] for q in QUERIES])
-    # The effect guarded against: the encoder's own padded batch gives other bits than a query alone.
-    batched = searcher.encoder.encode(QUERIES)
-    assert (batched != alone).any(axis=1).sum() > 0, "no batch effect left to guard against"
     rng = random.Random(0)
     for _ in range(8):
         idx = [rng.randrange(len(QUERIES)) for _ in range(rng.randint(2, 24))]  # any mix, repeats too

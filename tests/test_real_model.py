@@ -74,7 +74,11 @@ def test_auto_precision_is_measured_on_the_corpus(dl19):
     enc = load_encoder("sentence-transformers/all-MiniLM-L6-v2", precision="auto", device="cpu",
                        calibration_texts=[d["text"] for d in docs])
     rec = enc.calibration
-    assert enc.precision == rec["chosen"] and rec["sample_passages"] == CALIBRATION_PASSAGES and rec["packed"]
+    assert enc.precision == rec["chosen"]
+    if not enc.candidates():  # a CPU without bf16 arithmetic: fp32, nothing timed
+        assert rec["measured"] is False and rec["chosen"] == "fp32" and "candidates" not in rec
+        return
+    assert rec["sample_passages"] == CALIBRATION_PASSAGES and rec["packed"]
     assert rec["candidates"]["fp32"]["faithful"] and rec["candidates"][enc.precision]["faithful"]
     assert rec["candidates"][enc.precision]["min_cosine"] >= 0.999
 
