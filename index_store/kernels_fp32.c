@@ -99,65 +99,97 @@ static inline vf exp_neg(vf x) {
 
 int densebeam_fp32_lanes(void) { return VW; }
 
+/* Scores of R query rows (q0: the first, rows W apart) against keys b0 and b0 + 1 .. b0 + nk - 1 blocks of
+ * VW keys (nk 1 or 2): kt (D, Lp) transposed keys. Stores them to s (rows Lp apart), the last block's lanes
+ * past the tail set to -inf, and raises the running maxima m. Every score is one chain of fused
+ * multiply-adds over d in order. Inlined with R and nk constant, the accumulators stay in registers. */
+static inline __attribute__((always_inline)) void scores(const float *q0, int64_t W, const float *kt, int64_t Lp,
+                                                          int64_t D, int64_t b0, int nk, int64_t nb, int64_t tail,
+                                                          float *s, vf *m, const int R) {
+    vf a[RB][2];
+    for (int r = 0; r < R; r++) a[r][0] = a[r][1] = vzero();
+    const float *k = kt + b0 * VW;
+    for (int64_t d = 0; d < D; d++) {
+        const vf k0 = vload(k + d * Lp), k1 = nk > 1 ? vload(k + d * Lp + VW) : vzero();
+        for (int r = 0; r < R; r++) {
+            const vf qd = vset1(q0[r * W + d]);
+            a[r][0] = vfmadd(qd, k0, a[r][0]);
+            if (nk > 1) a[r][1] = vfmadd(qd, k1, a[r][1]);
+        }
+    }
+    for (int t = 0; t < nk; t++) {
+        const int64_t b = b0 + t;
+        for (int r = 0; r < R; r++) {
+            vf x = a[r][t];
+            if (b == nb - 1) x = vtail(x, tail, -INFINITY);
+            m[r] = vmax(m[r], x);
+            vstore(s + r * Lp + b * VW, x);
+        }
+    }
+}
+
+/* out rows <- (exp-weights s of R rows) x (values v, rows W apart) * inv, two vectors of columns at a time */
+static inline __attribute__((always_inline)) void weigh(const float *s, int64_t Lp, const float *v, int64_t W,
+                                                         const float *inv, float *out, int64_t O, int64_t L, int64_t D,
+                                                         const int R) {
+    for (int64_t c = 0; c < D; c += 2 * VW) {
+        const int two = c + VW < D;
+        vf o[RB][2];
+        for (int r = 0; r < R; r++) o[r][0] = o[r][1] = vzero();
+        for (int64_t j = 0; j < L; j++) {
+            const vf va = vload(v + j * W + c), vb = two ? vload(v + j * W + c + VW) : vzero();
+            for (int r = 0; r < R; r++) {
+                const vf w = vset1(s[r * Lp + j]);
+                o[r][0] = vfmadd(w, va, o[r][0]);
+                o[r][1] = vfmadd(w, vb, o[r][1]);
+            }
+        }
+        for (int r = 0; r < R; r++) {
+            const vf sc = vset1(inv[r]);
+            vstore(out + r * O + c, vmul(o[r][0], sc));
+            if (two) vstore(out + r * O + c + VW, vmul(o[r][1], sc));
+        }
+    }
+}
+
+/* R query rows of one head: scores, softmax weights, weighted values */
+static inline __attribute__((always_inline)) void rows(const float *q0, const float *kt, const float *v, int64_t W,
+                                                        float *s, float *out, int64_t O, int64_t L, int64_t Lp,
+                                                        int64_t D, const int R) {
+    const int64_t nb = Lp / VW, tail = L - (nb - 1) * VW;
+    vf m[RB];
+    for (int r = 0; r < R; r++) m[r] = vset1(-INFINITY);
+    int64_t b = 0;
+    for (; b + 1 < nb; b += 2) scores(q0, W, kt, Lp, D, b, 2, nb, tail, s, m, R);
+    if (b < nb) scores(q0, W, kt, Lp, D, b, 1, nb, tail, s, m, R);
+    float inv[RB];
+    for (int r = 0; r < R; r++) { /* exp-weights in place, 1 / their sum */
+        float *sr = s + r * Lp;
+        const vf mx = vset1(hmax(m[r]));
+        vf sum = vzero();
+        for (int64_t bb = 0; bb < nb; bb++) {
+            vf e = exp_neg(vsub(vload(sr + bb * VW), mx));
+            if (bb == nb - 1) e = vtail(e, tail, 0.0f);
+            vstore(sr + bb * VW, e);
+            sum = vadd(sum, e);
+        }
+        inv[r] = 1.0f / hsum(sum);
+    }
+    weigh(s, Lp, v, W, inv, out, O, L, D, R);
+}
+
 /* One head of one passage of L rows. q: the first row's query of this head (rows W apart); kt: (D, Lp)
  * keys transposed, columns >= L zero; v: the first row's value of this head (rows W apart); s: (RB, Lp)
  * scratch; out: the first row's output of this head (rows O apart). */
 static void head(const float *q, const float *kt, const float *v, int64_t W, float *s, float *out, int64_t O,
                  int64_t L, int64_t Lp, int64_t D) {
-    const int64_t nb = Lp / VW, tail = L - (nb - 1) * VW;
-    for (int64_t i0 = 0; i0 < L; i0 += RB) {
-        const int64_t R = (L - i0) < RB ? (L - i0) : RB;
-        const float *q0 = q + i0 * W;
-        vf m[RB];
-        for (int r = 0; r < RB; r++) m[r] = vset1(-INFINITY);
-        for (int64_t b = 0; b < nb; b++) { /* RB rows' scores against VW keys */
-            vf a0 = vzero(), a1 = a0, a2 = a0, a3 = a0;
-            const float *k = kt + b * VW;
-            for (int64_t d = 0; d < D; d++) {
-                const vf kv = vload(k + d * Lp);
-                a0 = vfmadd(vset1(q0[d]), kv, a0);
-                if (R > 1) a1 = vfmadd(vset1(q0[W + d]), kv, a1);
-                if (R > 2) a2 = vfmadd(vset1(q0[2 * W + d]), kv, a2);
-                if (R > 3) a3 = vfmadd(vset1(q0[3 * W + d]), kv, a3);
-            }
-            vf aa[RB] = {a0, a1, a2, a3};
-            for (int64_t r = 0; r < R; r++) {
-                if (b == nb - 1) aa[r] = vtail(aa[r], tail, -INFINITY);
-                m[r] = vmax(m[r], aa[r]);
-                vstore(s + r * Lp + b * VW, aa[r]);
-            }
-        }
-        float inv[RB];
-        for (int64_t r = 0; r < R; r++) { /* exp-weights in place, 1 / their sum */
-            float *sr = s + r * Lp;
-            const vf mx = vset1(hmax(m[r]));
-            vf sum = vzero();
-            for (int64_t b = 0; b < nb; b++) {
-                vf e = exp_neg(vsub(vload(sr + b * VW), mx));
-                if (b == nb - 1) e = vtail(e, tail, 0.0f);
-                vstore(sr + b * VW, e);
-                sum = vadd(sum, e);
-            }
-            inv[r] = 1.0f / hsum(sum);
-        }
-        for (int64_t c = 0; c < D; c += 2 * VW) { /* weighted sums of values, 2 vectors of columns at a time */
-            const int two = c + VW < D;
-            vf o[RB][2];
-            for (int r = 0; r < RB; r++) o[r][0] = o[r][1] = vzero();
-            for (int64_t j = 0; j < L; j++) {
-                const vf va = vload(v + j * W + c), vb = two ? vload(v + j * W + c + VW) : vzero();
-                for (int64_t r = 0; r < R; r++) {
-                    const vf w = vset1(s[r * Lp + j]);
-                    o[r][0] = vfmadd(w, va, o[r][0]);
-                    o[r][1] = vfmadd(w, vb, o[r][1]);
-                }
-            }
-            for (int64_t r = 0; r < R; r++) {
-                const vf sc = vset1(inv[r]);
-                vstore(out + (i0 + r) * O + c, vmul(o[r][0], sc));
-                if (two) vstore(out + (i0 + r) * O + c + VW, vmul(o[r][1], sc));
-            }
-        }
+    int64_t i0 = 0;
+    for (; i0 + RB <= L; i0 += RB) rows(q + i0 * W, kt, v, W, s, out + i0 * O, O, L, Lp, D, RB);
+    switch (L - i0) {
+        case 3: rows(q + i0 * W, kt, v, W, s, out + i0 * O, O, L, Lp, D, 3); break;
+        case 2: rows(q + i0 * W, kt, v, W, s, out + i0 * O, O, L, Lp, D, 2); break;
+        case 1: rows(q + i0 * W, kt, v, W, s, out + i0 * O, O, L, Lp, D, 1); break;
+        default: break;
     }
 }
 
