@@ -83,3 +83,19 @@ def bert_weights(model_type: str, weights: dict) -> dict:
         if name.startswith(("embeddings.", "encoder.layer.")):
             out[name] = tensor
     return out
+
+
+def classification_head(model_type: str, weights: dict) -> Optional[tuple]:
+    """The one-output classification head of a ``*ForSequenceClassification`` model as (dense weight,
+    dense bias, activation, output weight, output bias), or None when ``weights`` holds none: BERT's
+    pooler (tanh) and classifier, RoBERTa's classifier.dense (tanh) and out_proj, DistilBERT's
+    pre_classifier (ReLU) and classifier."""
+    names = {"bert": ("bert.pooler.dense", "tanh", "classifier"),
+             "roberta": ("classifier.dense", "tanh", "classifier.out_proj"),
+             "xlm-roberta": ("classifier.dense", "tanh", "classifier.out_proj"),
+             "distilbert": ("pre_classifier", "relu", "classifier")}[model_type]
+    dense, act, out = names
+    keys = [f"{dense}.weight", f"{dense}.bias", f"{out}.weight", f"{out}.bias"]
+    if not all(k in weights for k in keys):
+        return None
+    return weights[keys[0]], weights[keys[1]], act, weights[keys[2]], weights[keys[3]]

@@ -267,11 +267,15 @@ class Encoder:
                           similarity=self.similarity, dtype=dtype, max_seq_length=self.max_seq_length,
                           precision=self.precision)
 
-    def _make_runner(self, precision: str):
+    def _make_runner(self, precision: str, build_native: bool = True):
+        """The forward pass of ``precision``; ``build_native=False``: native kernels only if this machine
+        has built them already (the measurement's fp32 reference does not wait for a compiler)."""
         if self.files is not None:
-            return _PackedRunner(PackedBert.from_files(self.files, precision, self.device), precision, self.device)
+            return _PackedRunner(PackedBert.from_files(self.files, precision, self.device, build_native=build_native),
+                                 precision, self.device)
         if self.packed:
-            return _PackedRunner(PackedBert.from_sentence_transformer(self._st, precision, self.device),
+            return _PackedRunner(PackedBert.from_sentence_transformer(self._st, precision, self.device,
+                                                                      build_native=build_native),
                                  precision, self.device)
         return _PaddedRunner(self._st, precision, self.device)
 
@@ -331,29 +335,9 @@ class Encoder:
         return enc["input_ids"], (enc["offset_mapping"] if fast else None), extra
 
     def plan_batches(self, lengths: np.ndarray, packed: Optional[bool] = None, parts: int = 1) -> list[np.ndarray]:
-        """Indices ordered longest first, cut into batches under the token budget: packed batches hold
-        at most ``token_budget`` real tokens, padded ones ``len(batch) * longest <= token_budget``.
-        Packed batches are evened out to a multiple of ``parts`` batches of about equal tokens, so
-        ``parts`` lanes finish together."""
-        packed = self.packed if packed is None else packed
-        order = np.argsort(-np.asarray(lengths), kind="stable")
-        ordered = np.asarray(lengths)[order]
-        budget = self.token_budget
-        if packed and parts > 1 and len(order):
-            total = int(ordered.sum())
-            count = -(-total // budget)  # batches the budget needs, rounded up to a multiple of parts
-            count = -(-count // parts) * parts
-            budget = min(budget, max(1, -(-total // count)))
-        batches, i = [], 0
-        while i < len(order):
-            if packed:
-                ends = np.cumsum(ordered[i:i + self.max_batch])
-                n = max(1, int(np.searchsorted(ends, budget, side="right")))
-            else:
-                n = max(1, min(self.max_batch, budget // max(int(ordered[i]), 1)))
-            batches.append(order[i:i + n])
-            i += n
-        return batches
+        """:func:`plan_batches` under this encoder's token budget."""
+        return plan_batches(lengths, self.token_budget, self.max_batch, self.packed if packed is None else packed,
+                            parts)
 
     # -- encoding -------------------------------------------------------------------------------
     def encode(self, texts: Sequence[str]) -> np.ndarray:
@@ -449,20 +433,7 @@ class Encoder:
                                       "the unmeasured default (pick_precision)"}
 
     def _encode_with(self, runner, texts: Sequence[str]) -> np.ndarray:
-        """On CPU, batches run in lanes (threads of this call, each running one batch on one torch
-        thread; at most :func:`cpu_lanes` batches at once in the whole process) instead of one batch at
-        a time on all threads: the packed forward is many small operations, and each multi-threaded one
-        ends at a barrier where every thread waits for the slowest. On a CPU shared with other processes a
-        descheduled thread stalls every barrier (measured on 2 busy cores: 2 torch threads 13-20
-        passages/s, 1 thread 78-104, 2 lanes of 1 thread 87-93); on an idle CPU lanes use every core
-        with no barrier at all. Every CPU batch runs on one thread: fp32 matrix products split over n
-        threads sum in another order, so a lone query encoded in a 2-thread process differed in the
-        last bits from the same query in a 1-thread one (14 of 40 sample queries, up to 1.3e-7), and a
-        service's scores from the library's. The lane count is shared by every caller in the process, so
-        Beam workers that are threads of one process (the local runner's ``--workers N``) keep the
-        cores busy without oversubscribing them. The lane threads end with the call: oneDNN keeps
-        per-thread caches of kernels by shape (packed batches have many shapes), and lanes that lived
-        for the whole run grew peak RSS from 2.4 to 3.9 GB over 50,000 passages."""
+        """Tokenize, plan length-sorted batches and run them in lanes (:func:`run_lanes`)."""
         import torch
 
         out = np.empty((len(texts), self.dim), dtype=np.float32)
@@ -472,25 +443,12 @@ class Encoder:
         batches = self.plan_batches(lengths, runner.packed, parts=lanes)
 
         def run(idx):
-            with torch.inference_mode():
-                emb = runner([ids[j] for j in idx], [extra[j] for j in idx] if extra else [])
-                if self.similarity == "cos":
-                    emb = torch.nn.functional.normalize(emb, p=2, dim=1)
-                out[idx] = emb.cpu().numpy()
+            emb = runner([ids[j] for j in idx], [extra[j] for j in idx] if extra else [])
+            if self.similarity == "cos":
+                emb = torch.nn.functional.normalize(emb, p=2, dim=1)
+            out[idx] = emb.cpu().numpy()
 
-        if self.device != "cpu":
-            for idx in batches:
-                run(idx)
-            return out
-
-        def lane(idx):
-            with _LANE_PERMITS:  # at most cpu_lanes() forward passes at once in this process
-                run(idx)
-
-        with ThreadPoolExecutor(min(lanes, len(batches)), thread_name_prefix="densebeam-lane",
-                                initializer=lambda: torch.set_num_threads(1)) as pool:
-            for _ in pool.map(lane, batches):  # re-raises a lane's exception here
-                pass
+        run_lanes(batches, run, self.device)
         return out
 
     def calibrate(self, texts: Sequence[str], sample: int = CALIBRATION_PASSAGES) -> dict:
@@ -516,11 +474,11 @@ class Encoder:
         picks = np.unique(np.linspace(0, len(texts) - 1, num=min(sample, len(texts))).astype(int))
         texts = [texts[i] for i in picks]
         runners, vectors, seconds = {}, {}, {}
-        # fp32 first: its runner needs no native kernel, so a first run on a machine encodes the fp32
-        # reference while the kernels are still being built (index_store.native.prepare)
+        # fp32 first, with the native kernels only if already built: a first run on a machine encodes the
+        # fp32 reference while the candidates' kernels are being built (index_store.native.prepare)
         for name in ("fp32", *self.candidates()):
             try:
-                runner = runners[name] = self._make_runner(name)
+                runner = runners[name] = self._make_runner(name, build_native=name != "fp32")
             except Exception as err:  # noqa: BLE001 - a candidate this machine cannot run is skipped
                 if name == "fp32":
                     raise
@@ -550,6 +508,8 @@ class Encoder:
                 chosen = name
         record["chosen"] = chosen
         self.precision, self._runner, self.calibration = chosen, runners[chosen], record
+        if chosen == "fp32" and record["kernels"]["fp32"] != "native":
+            self._runner = None  # built again on first use, with the native kernels (built now if need be)
         log.info("auto precision: %s (measured on %d passages: %s)", chosen, len(texts), record["candidates"])
         return record
 
@@ -572,6 +532,67 @@ def cpu_lanes() -> int:
             _LANES = max(1, torch.get_num_threads())
             _LANE_PERMITS = threading.BoundedSemaphore(_LANES)
         return _LANES
+
+
+def plan_batches(lengths: np.ndarray, budget: int, max_batch: int, packed: bool, parts: int = 1) -> list[np.ndarray]:
+    """Indices ordered longest first, cut into batches under a token budget: packed batches hold at most
+    ``budget`` real tokens, padded ones ``len(batch) * longest <= budget``; at most ``max_batch`` rows.
+    Packed batches are evened out to a multiple of ``parts`` batches of about equal tokens, so ``parts``
+    lanes finish together."""
+    order = np.argsort(-np.asarray(lengths), kind="stable")
+    ordered = np.asarray(lengths)[order]
+    if packed and parts > 1 and len(order):
+        total = int(ordered.sum())
+        count = -(-total // budget)  # batches the budget needs, rounded up to a multiple of parts
+        count = -(-count // parts) * parts
+        budget = min(budget, max(1, -(-total // count)))
+    batches, i = [], 0
+    while i < len(order):
+        if packed:
+            ends = np.cumsum(ordered[i:i + max_batch])
+            n = max(1, int(np.searchsorted(ends, budget, side="right")))
+        else:
+            n = max(1, min(max_batch, budget // max(int(ordered[i]), 1)))
+        batches.append(order[i:i + n])
+        i += n
+    return batches
+
+
+def run_lanes(batches: Sequence, run: Callable, device: str) -> None:
+    """``run(batch)`` for every batch, under ``torch.inference_mode``. On a GPU one after the other. On
+    a CPU in lanes (threads of this call, each running one batch on one torch thread; at most
+    :func:`cpu_lanes` batches at once in the whole process) instead of one batch at a time on all
+    threads: the packed forward is many small operations, and each multi-threaded one ends at a barrier
+    where every thread waits for the slowest. On a CPU shared with other processes a descheduled thread
+    stalls every barrier (measured on 2 busy cores: 2 torch threads 13-20 passages/s, 1 thread 78-104,
+    2 lanes of 1 thread 87-93); on an idle CPU lanes use every core with no barrier at all. Every CPU
+    batch runs on one thread: fp32 matrix products split over n threads sum in another order, so a
+    lone query would get other bits in a 2-thread process than in a 1-thread one, and a service other
+    scores than the library. The lane count is shared by every caller in the process, so Beam workers
+    that are threads of one process (the local runner's ``--workers N``) keep the cores busy without
+    oversubscribing them. The lane threads end with the call: oneDNN keeps per-thread caches of kernels
+    by shape (packed batches have many shapes), which grew without bound in lanes that lived for a whole
+    run."""
+    import torch
+
+    def guarded(idx):
+        with torch.inference_mode():
+            run(idx)
+
+    if device != "cpu":
+        for idx in batches:
+            guarded(idx)
+        return
+    lanes = cpu_lanes()
+
+    def lane(idx):
+        with _LANE_PERMITS:  # at most cpu_lanes() forward passes at once in this process
+            guarded(idx)
+
+    with ThreadPoolExecutor(max(1, min(lanes, len(batches))), thread_name_prefix="densebeam-lane",
+                            initializer=lambda: torch.set_num_threads(1)) as pool:
+        for _ in pool.map(lane, batches):  # re-raises a lane's exception here
+            pass
 
 
 def _usable_cores() -> int:
@@ -677,7 +698,9 @@ def _load_encoder(model, similarity, device, precision, max_seq_length, token_bu
     if device == "cpu":
         from densebeam.index_store import native
 
-        native.prepare()  # a first run on a machine builds the native kernels while the model loads
+        # a first run on a machine builds the native kernels it will use while the model loads
+        bf16 = precision in ("bf16", "bf16-mixed") or (precision == "auto" and cpu.native_bf16())
+        native.prepare("bf16" if bf16 else "fp32")
     path = resolve_model_path(model)
     files, why = read_bert_directory(path) if os.path.isdir(path) else (None, "not a local directory")
     if files is not None:  # the common BERT layout: read directly, sentence-transformers is not imported

@@ -246,9 +246,11 @@ class _Slot:
         self.kernel = None
         self.why: Optional[str] = None
 
-    def get(self):
+    def get(self, build: bool = True):
         with self.lock:
             if not self.done:
+                if not build and not _built(self.kind):
+                    return None  # not built on this machine yet, and not to be built now
                 try:
                     self.kernel = _load(self.kind)
                 except _Unavailable as err:
@@ -275,22 +277,28 @@ def _slot(kind: str) -> _Slot:
         return _SLOTS[key]
 
 
-def kernels(kind: str = "bf16"):
+def kernels(kind: str = "bf16", build: bool = True):
     """The native library ``kind`` (``bf16``: :class:`NativeKernels`, ``fp32``: :class:`Fp32Kernels`),
-    built and checked on the first call; None where it cannot run (:func:`why_not` says why)."""
-    return _slot(kind).get()
+    built and checked on the first call; None where it cannot run (:func:`why_not` says why). With
+    ``build=False``, None (and nothing decided) when this machine has not built it yet: a caller that can
+    do without it does not wait for a compiler."""
+    return _slot(kind).get(build)
 
 
 def prepare(*kinds: str) -> None:
-    """Start deciding (and, the first time on a machine, building) the libraries ``kinds`` (default: both)
-    in background threads, so the compiler runs while the model loads; :func:`kernels` waits for them."""
-    for kind in kinds or ("fp32", "bf16"):
+    """Start deciding (and, the first time on a machine, building) the libraries ``kinds``, in this order,
+    in a background thread, so the compiler runs while the model loads; :func:`kernels` waits for them."""
+    todo = []
+    for kind in kinds:
         slot = _slot(kind)
         with _SLOTS_LOCK:  # not the slot's lock: a build in progress holds that one
             if slot.started or slot.done:
                 continue
             slot.started = True
-        threading.Thread(target=slot.get, name=f"densebeam-native-{kind}", daemon=True).start()
+        todo.append(slot)
+    if todo:
+        threading.Thread(target=lambda: [slot.get() for slot in todo], name="densebeam-native-build",
+                         daemon=True).start()
 
 
 def planned(kind: str = "bf16") -> str:
@@ -310,6 +318,15 @@ def why_not(kind: str = "bf16") -> Optional[str]:
     """Why :func:`kernels` returned None for ``kind`` (None before the first call or when it is
     available)."""
     return _slot(kind).why
+
+
+def _built(kind: str) -> bool:
+    """True when library ``kind`` is already compiled for this machine (loading it costs milliseconds)."""
+    try:
+        variant, cc = _environment_allows(kind)
+        return os.path.exists(_target(cc, variant))
+    except _Unavailable:
+        return True  # nothing to build: deciding costs nothing
 
 
 def _load(kind: str):
@@ -353,16 +370,20 @@ def cache_dir() -> Path:
     return Path(root) / "native"
 
 
-def _build(cc: str, variant: _Variant) -> str:
-    """Path of the compiled library for this source, flags and compiler, compiling it if needed."""
-    source = variant.source.read_bytes()
+def _target(cc: str, variant: _Variant) -> Path:
+    """Where the library of this source, flags and compiler (version included) is kept."""
     try:
         version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
     except (OSError, subprocess.SubprocessError) as err:
         raise _Unavailable(f"the C compiler {cc} does not run: {err}") from err
-    key = hashlib.sha256(source + repr((variant.flags, cc, version)).encode()).hexdigest()[:16]
-    out_dir = cache_dir()
-    target = out_dir / f"{variant.source.stem}-{key}.so"
+    key = hashlib.sha256(variant.source.read_bytes() + repr((variant.flags, cc, version)).encode()).hexdigest()[:16]
+    return cache_dir() / f"{variant.source.stem}-{key}.so"
+
+
+def _build(cc: str, variant: _Variant) -> str:
+    """Path of the compiled library for this source, flags and compiler, compiling it if needed."""
+    target = _target(cc, variant)
+    out_dir = target.parent
     if target.exists():
         return str(target)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -84,12 +84,14 @@ class PackedBert:
     """
 
     def __init__(self, config: dict, weights: dict, pooling: str, mode: str, device: str = "cpu",
-                 attention: str = "auto", fused_layernorm: Optional[bool] = None, position_offset: int = 0):
+                 attention: str = "auto", fused_layernorm: Optional[bool] = None, position_offset: int = 0,
+                 build_native: bool = True):
         """``config``: a BERT config as a dict; ``weights``: tensors by ``BertModel`` state-dict names
         (token-type embeddings optional); ``pooling``: ``mean`` or ``cls``; ``position_offset``: added to
         each token's index to give its position id (2 for RoBERTa). Built by
         :meth:`from_sentence_transformer` or :meth:`from_files`, which map the other BERT-family
-        architectures to this layout (:mod:`index_store.bert_family`)."""
+        architectures to this layout (:mod:`index_store.bert_family`). ``build_native=False``: use the
+        native kernels only if this machine has built them already (never wait for a compiler)."""
         import torch
 
         if mode not in MODES:
@@ -109,6 +111,7 @@ class PackedBert:
         # the residual stream and layer norms: float32 except in the all-low-precision modes
         self.stream_dtype = torch.float32 if mode in ("fp32", "bf16-mixed") else self.mm_dtype
         self._native = None
+        self._build_native = build_native
         self.attention = self._choose_attention(attention)
         # Each residual add and its layer norm in one native pass (with the native attention only).
         # bf16-mixed: on by default: the float32 arithmetic of PyTorch's path (float(a) + h, float32
@@ -140,9 +143,9 @@ class PackedBert:
         self.word = w("embeddings.word_embeddings.weight")
         self.pos = w("embeddings.position_embeddings.weight")
         self.position_offset = int(position_offset)
-        types = weights.get("embeddings.token_type_embeddings.weight")
-        self.type0 = (w("embeddings.token_type_embeddings.weight")[0].contiguous() if types is not None
-                      else torch.zeros(self.hidden, device=self.device))
+        self.types = (w("embeddings.token_type_embeddings.weight") if "embeddings.token_type_embeddings.weight"
+                      in weights else None)
+        self.type0 = self.types[0].contiguous() if self.types is not None else torch.zeros(self.hidden, device=self.device)
         self.emb_ln = (w("embeddings.LayerNorm.weight"), w("embeddings.LayerNorm.bias"))
         scale = (self.hidden // self.heads) ** -0.5
         self.layers = []
@@ -194,9 +197,9 @@ class PackedBert:
         kind = "fp32" if self.mm_dtype == torch.float32 else "bf16"
         if kind == "bf16" and (shape := native_shape_problem(self.hidden, self.heads)) is not None:
             return shape
-        kernel = native.kernels(kind)
+        kernel = native.kernels(kind, build=self._build_native)
         if kernel is None:
-            return native.why_not(kind)
+            return native.why_not(kind) or "not built on this machine yet"
         if kind == "fp32" and (shape := kernel.shape_problem(self.hidden, self.heads)) is not None:
             return shape
         self._native = kernel
@@ -204,21 +207,22 @@ class PackedBert:
 
     @classmethod
     def from_sentence_transformer(cls, st, mode: str, device: str = "cpu", attention: str = "auto",
-                                  fused_layernorm: Optional[bool] = None) -> "PackedBert":
+                                  fused_layernorm: Optional[bool] = None, build_native: bool = True) -> "PackedBert":
         reason = packed_support(st)
         if reason:
             raise ValueError(f"model cannot run packed: {reason}")
         encoder = st[0].auto_model
         lay = bert_family.layout(encoder.config.to_dict())
         return cls(lay.config, bert_family.bert_weights(lay.model_type, encoder.state_dict()), _pooling_mode(st[1]),
-                   mode, device, attention, fused_layernorm, lay.position_offset)
+                   mode, device, attention, fused_layernorm, lay.position_offset, build_native)
 
     @classmethod
-    def from_files(cls, files, mode: str, device: str = "cpu", attention: str = "auto") -> "PackedBert":
+    def from_files(cls, files, mode: str, device: str = "cpu", attention: str = "auto",
+                   build_native: bool = True) -> "PackedBert":
         """From :class:`index_store.model_files.BertFiles` (no sentence-transformers import)."""
         lay = bert_family.layout(files.config)
         return cls(lay.config, bert_family.bert_weights(lay.model_type, files.weights()), files.pooling, mode,
-                   device, attention, position_offset=lay.position_offset)
+                   device, attention, position_offset=lay.position_offset, build_native=build_native)
 
     # -- weights --------------------------------------------------------------------------------
     def _linear(self, w, b):
@@ -255,33 +259,54 @@ class PackedBert:
         return torch.nn.functional.gelu(y, approximate="tanh")
 
     # -- forward --------------------------------------------------------------------------------
-    def __call__(self, ids: np.ndarray, lengths: Sequence[int]):
+    def __call__(self, ids: np.ndarray, lengths: Sequence[int], types: Optional[np.ndarray] = None):
+        """Pooled (n, hidden) float32 embeddings of the passages whose token ids ``ids`` holds (see the
+        class). ``types``: each token's token-type id (a cross-encoder's query / passage segments), as
+        ``ids``; all 0 when None. With CLS pooling the last layer computes the first token of each
+        passage only past its attention (the other rows are never read)."""
         import torch
 
         lengths = np.asarray(lengths, dtype=np.int64)
         if ids.shape[0] != int(lengths.sum()):
             raise ValueError(f"{ids.shape[0]} token ids for lengths summing to {int(lengths.sum())}")
+        if types is not None and (types.shape != ids.shape or self.types is None):
+            raise ValueError(f"{types.shape} token types for {ids.shape} ids"
+                             + (" (the model has no token-type embeddings)" if self.types is None else ""))
         groups = _length_groups(lengths)  # (first row, passages, length) of each run of equal lengths
         positions = np.concatenate([np.tile(np.arange(length), n) for _, n, length in groups])
         dev = self.device
         # rows no passage owns: computed, never read
-        spare = (-len(ids)) % (self.row_multiple if len(ids) > self.row_multiple else
-                               min(self.row_multiple, SMALL_ROW_MULTIPLE))
+        spare = self._spare(len(ids))
         if spare and self.attention != "padded":
             ids, positions = np.pad(ids, (0, spare)), np.pad(positions, (0, spare))
+            types = None if types is None else np.pad(types, (0, spare))
         ids_t = torch.from_numpy(ids).to(dev)
         pos_t = torch.from_numpy(positions + self.position_offset).to(dev)
         attend = {"native": self._attend_native, "groups": self._attend_groups}.get(self.attention) \
             or self._attend_padded(lengths, positions)
-        h = self.word.index_select(0, ids_t) + self.pos.index_select(0, pos_t) + self.type0
+        h = self.word.index_select(0, ids_t) + self.pos.index_select(0, pos_t)
+        h += self.type0 if types is None else self.types.index_select(0, torch.from_numpy(types).to(dev))
         h = torch.nn.functional.layer_norm(h, (self.hidden,), *self.emb_ln, self.eps).to(self.stream_dtype)
         hb = h.to(self.mm_dtype)  # the products' input: h itself unless the stream is float32
+        last = len(self.layers) - 1
         for i, (qkv_wb, out_wb, ln1, up_wb, down_wb, ln2) in enumerate(self.layers):
             ln32 = self._ln32[i] if self._ln32 else (None, None)
             ctx = attend(self._mm(hb, qkv_wb), groups)
+            if i == last and self.pooling == "cls":  # only each passage's first row goes on
+                keep = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+                keep = torch.from_numpy(np.pad(keep, (0, self._spare(len(keep))))).to(dev)
+                ctx, same = ctx[keep], hb is h
+                h = h[keep]
+                hb = h if same else hb[keep]
             h, hb = self._residual(self._mm(ctx, out_wb), h, hb, ln1, ln32[0])
             h, hb = self._residual(self._mm(self._mm(hb, up_wb, act="gelu"), down_wb), h, hb, ln2, ln32[1])
+        if self.pooling == "cls":
+            return h[:len(lengths)].float()
         return self._pool(h, lengths)
+
+    def _spare(self, rows: int) -> int:
+        """Rows to add to ``rows`` so products see one of a few shapes (:data:`ROW_MULTIPLE`)."""
+        return (-rows) % (self.row_multiple if rows > self.row_multiple else min(self.row_multiple, SMALL_ROW_MULTIPLE))
 
     def _residual(self, x, h, hb, norm, norm32):
         """One residual connection, h <- LayerNorm(x + h): returns (h, hb), hb the next product's input.
@@ -358,12 +383,9 @@ class PackedBert:
         return attend
 
     def _pool(self, h, lengths: np.ndarray):
-        """Mean over each passage's tokens (in float32), or its first token for CLS pooling."""
+        """Mean over each passage's tokens, in float32."""
         import torch
 
-        starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
-        if self.pooling == "cls":
-            return h[torch.from_numpy(starts).to(h.device)].float()
         seq = torch.from_numpy(np.repeat(np.arange(len(lengths)), lengths)).to(h.device)
         sums = torch.zeros((len(lengths), self.hidden), dtype=torch.float32, device=h.device)
         sums.index_add_(0, seq, h[:len(seq)].float())

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import random
 import socket
-import string
 import threading
 import time
 from pathlib import Path
@@ -12,24 +11,34 @@ from pathlib import Path
 from conftest import _WORDS, make_passages, write_jsonl
 
 
-def build_tiny_cross_encoder(path: Path, seed: int = 3, hidden: int = 32) -> str:
-    """A 2-layer BertForSequenceClassification (num_labels=1) with the tiny vocabulary, saved with its
-    tokenizer (model_max_length 128 = its position table) in a plain Hugging Face directory."""
+def build_tiny_cross_encoder(path: Path, seed: int = 3, hidden: int = 32, arch: str = "bert") -> str:
+    """A 2-layer ``*ForSequenceClassification`` (num_labels=1) of family ``arch`` (bert, distilbert,
+    roberta) with the tiny vocabulary of the bi-encoder builders, saved with its tokenizer
+    (model_max_length 128 = its position table) in a plain Hugging Face directory."""
     import torch
-    from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
+    import transformers
+
+    from conftest import _tiny_tokenizer
 
     path.mkdir(parents=True, exist_ok=True)
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + list(string.ascii_lowercase + string.digits)
-    vocab += ["##" + c for c in string.ascii_lowercase + string.digits] + list(".,;:!?'\"()-") + list(_WORDS)
-    (path / "vocab.txt").write_text("\n".join(dict.fromkeys(vocab)) + "\n", encoding="utf-8")
-    tok = BertTokenizerFast(vocab=str(path / "vocab.txt"), do_lower_case=True, model_max_length=128)
-    # transformers 5 ignores vocab_file=; a tokenizer without its vocabulary maps every word to [UNK]
-    assert tok.tokenize("river music") == ["river", "music"], "the tiny tokenizer lost its vocabulary"
+    tok = _tiny_tokenizer(path, arch, None)
+    tok.model_max_length = 128
     torch.manual_seed(seed)
-    config = BertConfig(vocab_size=len(tok.get_vocab()), hidden_size=hidden, num_hidden_layers=2,
-                        num_attention_heads=2, intermediate_size=2 * hidden, max_position_embeddings=128,
-                        num_labels=1, initializer_range=0.5)  # wide init: scores spread, reranks reorder
-    model = BertForSequenceClassification(config)
+    common = dict(num_labels=1, initializer_range=0.5)  # wide init: scores spread, reranks reorder
+    if arch == "distilbert":
+        config = transformers.DistilBertConfig(vocab_size=len(tok.get_vocab()), dim=hidden, n_layers=2, n_heads=2,
+                                               hidden_dim=2 * hidden, max_position_embeddings=128, **common)
+        model = transformers.DistilBertForSequenceClassification(config)
+    elif arch == "roberta":
+        config = transformers.RobertaConfig(vocab_size=len(tok.get_vocab()), hidden_size=hidden, num_hidden_layers=2,
+                                            num_attention_heads=2, intermediate_size=2 * hidden, pad_token_id=1,
+                                            max_position_embeddings=130, type_vocab_size=1, **common)
+        model = transformers.RobertaForSequenceClassification(config)
+    else:
+        config = transformers.BertConfig(vocab_size=len(tok.get_vocab()), hidden_size=hidden, num_hidden_layers=2,
+                                         num_attention_heads=2, intermediate_size=2 * hidden,
+                                         max_position_embeddings=128, **common)
+        model = transformers.BertForSequenceClassification(config)
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return str(path)

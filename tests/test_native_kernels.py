@@ -304,13 +304,20 @@ def test_the_build_is_cached_and_reused_by_the_next_process(fresh_native, kernel
 
 
 def test_prepare_builds_in_the_background_and_the_kernel_waits_for_it(fresh_native, kernel):
-    native.prepare()
-    native.prepare()  # a second call starts nothing more
+    native.prepare("bf16", "fp32")
+    native.prepare("bf16", "fp32")  # a second call starts nothing more
     got = native.kernels()  # waits for the build thread
     assert got is not None and len(list(fresh_native.glob("kernels_avx512-*.so"))) == 1
     assert native.kernels("fp32") is not None and len(list(fresh_native.glob("kernels_fp32-*.so"))) == 1
     qkv, groups = _layer([20, 9], 2, 32, seed=9)
     assert torch.equal(_run(got, qkv, groups, 2, 32), _run(kernel, qkv, groups, 2, 32))
+
+
+def test_a_caller_that_can_do_without_the_kernels_never_waits_for_a_compiler(fresh_native, kernel32):
+    assert native.kernels("fp32", build=False) is None  # not built in this cache: nothing compiled, nothing decided
+    assert not list(fresh_native.glob("*.so")) and native.why_not("fp32") is None
+    built = native.kernels("fp32")  # a caller that needs them builds them
+    assert built is not None and native.kernels("fp32", build=False) is built
 
 
 def test_planned_answers_while_a_build_runs_and_follows_its_outcome(fresh_native, monkeypatch, tmp_path, kernel32):

@@ -1,10 +1,12 @@
-"""Cross-encoder re-ranking of first-stage hits, over sentence-transformers' ``CrossEncoder``. No Beam.
+"""Cross-encoder re-ranking of first-stage hits. No Beam.
 
 ``rerank(queries, results, depth)`` scores the top ``depth`` hits of every query with the cross-encoder
 and returns them re-sorted by its score (the same :class:`Hit` shape, ``score`` replaced). All (query,
-passage) pairs of all queries go to one ``CrossEncoder.predict`` call, which sorts them by length and
-batches them, so many short queries fill batches as well as one long one; precision follows
-:mod:`index_store.encoder` (``auto``: bf16 autocast on CPUs with native bf16, fp16 on CUDA, else fp32).
+passage) pairs of all queries are scored in one call: BERT-family cross-encoders (BERT, MiniLM, TinyBERT,
+DistilBERT, RoBERTa, XLM-R) on the packed, padding-free forward of the bi-encoder
+(:mod:`index_store.packed_cross`: no padding, native kernels, CPU lanes), any other through
+sentence-transformers' ``CrossEncoder.predict``. Precision ``auto``: ``bf16-mixed`` on CPUs with bf16
+arithmetic (bf16 products, a float32 residual stream), fp16 on CUDA, else fp32.
 
 Only the top ``depth`` hits come back: scores from two models do not mix in one ranking (trec_eval
 sorts a run by score), so recall beyond ``depth`` is the first stage's recall at ``depth``.
@@ -20,7 +22,8 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from densebeam.index_store.encoder import pick_device, pick_precision
+from densebeam.index_store import cpu
+from densebeam.index_store.encoder import check_precision, pick_device
 from densebeam.index_store.query.hits import Hit, sort_hits
 
 log = logging.getLogger(__name__)
@@ -29,9 +32,22 @@ DEFAULT_BATCH_SIZE = 64
 DEFAULT_DEPTH = 100
 
 
+def rerank_precision(precision: str, device: str) -> str:
+    """The precision a cross-encoder runs in: ``auto`` is fp16 on CUDA, bf16-mixed on CPUs with bf16
+    arithmetic, fp32 elsewhere; others as given (checked as the bi-encoder checks them)."""
+    check_precision(precision, device)
+    if precision != "auto":
+        return precision
+    if device == "cuda":
+        return "fp16"
+    return "bf16-mixed" if cpu.native_bf16() else "fp32"
+
+
 class CrossEncoderReranker:
     """A loaded cross-encoder. ``model`` is a Hugging Face name (e.g. cross-encoder/ms-marco-MiniLM-L6-v2)
-    or a local directory holding a sequence-classification model with one label and its tokenizer."""
+    or a local directory holding a sequence-classification model with one label and its tokenizer.
+    ``packed``: None when it runs on the packed forward, else why not (then ``CrossEncoder.predict``
+    runs it)."""
 
     def __init__(self, model: str, *, batch_size: int = DEFAULT_BATCH_SIZE, device: str = "auto",
                  precision: str = "auto", max_length: Optional[int] = None, join_title: bool = True):
@@ -40,7 +56,7 @@ class CrossEncoderReranker:
         if batch_size < 1:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
         self.device = pick_device(device)
-        self.precision = pick_precision(precision, self.device)
+        self.precision = rerank_precision(precision, self.device)
         self.name, self.batch_size, self.join_title = model, int(batch_size), join_title
         try:
             self.model = CrossEncoder(model, device=self.device, max_length=max_length,
@@ -53,21 +69,42 @@ class CrossEncoderReranker:
             raise ValueError(f"cross-encoder {model!r} has {self.model.num_labels} labels; re-ranking needs a "
                              "relevance model with one output (num_labels=1), e.g. cross-encoder/ms-marco-*")
         self.model.eval()
-        self._lock = threading.Lock()  # one forward pass at a time: torch already uses every core
-        log.info("loaded cross-encoder %s on %s, precision %s", model, self.device, self.precision)
+        self._lock = threading.Lock()  # CrossEncoder.predict: one call at a time, torch already uses every core
+        self._scorer, self.packed = self._packed_scorer()
+        log.info("loaded cross-encoder %s on %s, precision %s, %s", model, self.device, self.precision,
+                 "packed forward" if self._scorer is not None else f"CrossEncoder.predict ({self.packed})")
+
+    def _packed_scorer(self):
+        """(the packed scorer, None), or (None, why it cannot run packed)."""
+        from densebeam.index_store.packed_cross import (PackedCrossEncoder, PackedCrossScorer, PairTokenizer,
+                                                        packed_cross_support)
+
+        hf = getattr(self.model, "model", None)
+        why = packed_cross_support(hf) if hf is not None else "no transformers model"
+        tok = getattr(self.model, "tokenizer", None)
+        if why is None and not getattr(tok, "is_fast", False):
+            why = "a slow tokenizer"
+        if why is None and getattr(self.model, "default_prompt_name", None):
+            why = "a default prompt"
+        if why is not None:
+            return None, why
+        engine = PackedCrossEncoder.from_model(hf, self.precision, self.device)
+        return PackedCrossScorer(engine, PairTokenizer(tok, self.model.max_seq_length), self.model.activation_fn), None
 
     def _autocast(self):
         import torch
 
         if self.precision == "fp32":
             return contextlib.nullcontext()
-        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
+        dtype = torch.float16 if self.precision == "fp16" else torch.bfloat16  # bf16 / bf16-mixed: autocast
         return torch.autocast(device_type=self.device, dtype=dtype)
 
     def score_pairs(self, pairs: Sequence[tuple[str, str]]) -> np.ndarray:
         """Cross-encoder scores (float32) of (query, passage) pairs, in input order."""
         if not pairs:
             return np.empty(0, dtype=np.float32)
+        if self._scorer is not None:
+            return self._scorer(list(pairs))
         import torch
 
         with self._lock, torch.inference_mode(), self._autocast():
