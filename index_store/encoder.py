@@ -156,6 +156,20 @@ def infer_similarity(model, name: str) -> str:
     return "cos"
 
 
+ROLES = ("document", "query")
+
+
+def role_prompts(prompts: dict, default_prompt_name: Optional[str] = None) -> dict:
+    """The prompt a model prepends to documents and to queries, as sentence-transformers'
+    ``encode_document`` / ``encode_query`` choose them: documents the first of the ``document``,
+    ``passage`` and ``corpus`` prompts, queries the ``query`` prompt, either the default prompt when the
+    model names one and has no prompt of that role; "" when none applies."""
+    prompts = dict(prompts or {})
+    default = prompts.get(default_prompt_name, "") if default_prompt_name else ""
+    doc = next((prompts[n] for n in ("document", "passage", "corpus") if n in prompts), default)
+    return {"document": doc, "query": prompts["query"] if "query" in prompts else default}
+
+
 def clip_text(text: str, max_seq_length: int, factor: int = 1) -> str:
     """``text`` cut to ``max_seq_length * CHARS_PER_TOKEN * factor`` characters (a bound, not a
     guess: :meth:`Encoder.tokenize` checks that the cut kept every token the model will see)."""
@@ -220,7 +234,9 @@ class Encoder:
 
     def __init__(self, model, name: str, similarity: str, device: str, precision: str,
                  token_budget: int = DEFAULT_TOKEN_BUDGET, max_batch: int = 1 << 16,
-                 files: Optional[BertFiles] = None):
+                 files: Optional[BertFiles] = None, prompts: Optional[dict] = None):
+        """``prompts``: ``{"document": str, "query": str}`` overriding the model's own
+        (:func:`role_prompts`; a role left out keeps the model's, "" means none)."""
         if (model is None) == (files is None):
             raise ValueError("an Encoder is built from a SentenceTransformer or from BertFiles (one of them)")
         self._st, self.files = model, files
@@ -235,6 +251,11 @@ class Encoder:
         # None when the model runs packed, else why not
         self.packed_unsupported = None if files is not None else packed_support(model)
         self._tokenizer = None
+        own = (role_prompts(files.prompts, files.default_prompt_name) if files is not None else
+               role_prompts(getattr(model, "prompts", None) or {}, getattr(model, "default_prompt_name", None)))
+        self.prompts = {**own, **{k: v for k, v in (prompts or {}).items() if v is not None}}
+        if set(self.prompts) != set(ROLES) or not all(isinstance(v, str) for v in self.prompts.values()):
+            raise ValueError(f"prompts must be strings for {ROLES}, got {prompts!r}")
         self._calibrating = threading.Lock()  # encode() may be called from several threads at once
         self.calibration: Optional[dict] = None
         self.precision = check_precision(precision, device)
@@ -265,7 +286,18 @@ class Encoder:
         revision = None if self.files is not None else _model_revision(self._st)
         return ModelFacts(model=self.name, revision=revision, dim=self.dim,
                           similarity=self.similarity, dtype=dtype, max_seq_length=self.max_seq_length,
-                          precision=self.precision)
+                          precision=self.precision, document_prompt=self.prompts["document"],
+                          query_prompt=self.prompts["query"])
+
+    def prompted(self, texts: Sequence[str], role: Optional[str]) -> Sequence[str]:
+        """``texts`` with the prompt of ``role`` (``document``, ``query``; None: none) prepended, as
+        sentence-transformers' ``encode_document`` / ``encode_query`` prepend it."""
+        if role is None:
+            return texts
+        if role not in ROLES:
+            raise ValueError(f"role must be one of {ROLES} or None, got {role!r}")
+        prefix = self.prompts[role]
+        return [prefix + t for t in texts] if prefix else texts
 
     def _make_runner(self, precision: str, build_native: bool = True):
         """The forward pass of ``precision``; ``build_native=False``: native kernels only if this machine
@@ -340,8 +372,9 @@ class Encoder:
                             parts)
 
     # -- encoding -------------------------------------------------------------------------------
-    def encode(self, texts: Sequence[str]) -> np.ndarray:
-        """Encode texts to a float32 array (n, dim); unit rows when similarity is ``cos``.
+    def encode(self, texts: Sequence[str], role: Optional[str] = "document") -> np.ndarray:
+        """Encode texts to a float32 array (n, dim); unit rows when similarity is ``cos``. ``role``:
+        ``document`` (passages: the model's document prompt is prepended), ``query``, or None (as given).
 
         Memory is one batch of activations per lane plus the (n, dim) output and the token ids; pass
         chunks of a few thousand texts to bound it further. The first call of an ``auto`` encoder
@@ -352,7 +385,7 @@ class Encoder:
             return np.empty((0, self.dim), dtype=np.float32)
         if self.precision == "auto":
             self.calibrate_once(texts)
-        return self._encode_with(self._active_runner(), texts)
+        return self._encode_with(self._active_runner(), self.prompted(texts, role))
 
     def _active_runner(self):
         with self._building:
@@ -472,7 +505,7 @@ class Encoder:
         if not len(texts):
             raise ValueError("calibration needs at least one text")
         picks = np.unique(np.linspace(0, len(texts) - 1, num=min(sample, len(texts))).astype(int))
-        texts = [texts[i] for i in picks]
+        texts = self.prompted([texts[i] for i in picks], "document")
         runners, vectors, seconds = {}, {}, {}
         # fp32 first, with the native kernels only if already built: a first run on a machine encodes the
         # fp32 reference while the candidates' kernels are being built (index_store.native.prepare)
@@ -658,7 +691,8 @@ _LOADED_LOCK = threading.Lock()
 
 def load_encoder(model: str, *, similarity: str = "auto", device: str = "auto", precision: str = "auto",
                  max_seq_length: Optional[int] = None, token_budget: int = DEFAULT_TOKEN_BUDGET,
-                 calibration_texts: Optional[Sequence[str]] = None) -> Encoder:
+                 calibration_texts: Optional[Sequence[str]] = None, document_prompt: Optional[str] = None,
+                 query_prompt: Optional[str] = None) -> Encoder:
     """Load a sentence-transformers bi-encoder by Hugging Face name or local path.
 
     With ``precision="auto"`` and ``calibration_texts`` (a sample of the corpus), the precision is
@@ -666,12 +700,13 @@ def load_encoder(model: str, *, similarity: str = "auto", device: str = "auto", 
     Loaded encoders are kept per process by their arguments, so the CLI's up-front load and the Beam
     worker's load in the same process (the local in-memory runner) share one model, and one measurement.
     """
-    key = (model, similarity, device, precision, max_seq_length, token_budget)
+    prompts = {"document": document_prompt, "query": query_prompt}
+    key = (model, similarity, device, precision, max_seq_length, token_budget, document_prompt, query_prompt)
     with _LOADED_LOCK:  # Beam workers that are threads of one process load at the same moment
         if key not in _LOADED:
             if any(k[0] != model for k in _LOADED):
                 _LOADED.clear()  # one model per process at a time
-            enc = _load_encoder(model, similarity, device, precision, max_seq_length, token_budget)
+            enc = _load_encoder(model, similarity, device, precision, max_seq_length, token_budget, prompts)
             enc._load_keys = [key, (model, enc.similarity) + key[2:]]
             for k in enc._load_keys:
                 _LOADED[k] = enc
@@ -690,7 +725,7 @@ def _remember_resolved(enc: Encoder) -> None:
                 _LOADED.setdefault(k[:3] + (enc.precision,) + k[4:], enc)
 
 
-def _load_encoder(model, similarity, device, precision, max_seq_length, token_budget) -> Encoder:
+def _load_encoder(model, similarity, device, precision, max_seq_length, token_budget, prompts=None) -> Encoder:
     device = pick_device(device)
     precision = check_precision(precision, device)
     if similarity not in ("auto", "cos", "dot"):
@@ -707,13 +742,14 @@ def _load_encoder(model, similarity, device, precision, max_seq_length, token_bu
         if max_seq_length:
             files.max_seq_length = int(max_seq_length)
         similarity = _chosen_similarity(similarity, _similarity_of_files(files, model), model)
-        enc = Encoder(None, model, similarity, device, precision, token_budget=token_budget, files=files)
+        enc = Encoder(None, model, similarity, device, precision, token_budget=token_budget, files=files,
+                      prompts=prompts)
     else:
         st = _load_sentence_transformer(model, path, device)
         if max_seq_length:
             st.max_seq_length = int(max_seq_length)
         similarity = _chosen_similarity(similarity, infer_similarity(st, model), model)
-        enc = Encoder(st, model, similarity, device, precision, token_budget=token_budget)
+        enc = Encoder(st, model, similarity, device, precision, token_budget=token_budget, prompts=prompts)
     log.info("loaded %s on %s, precision %s, similarity %s, dim %d, max_seq_length %d, %s", model, device,
              precision, similarity, enc.dim, enc.max_seq_length,
              "packed forward" + (" from the model files" if files is not None else "") if enc.packed

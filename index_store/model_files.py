@@ -43,6 +43,8 @@ class BertFiles:
     similarity_fn: Optional[str]  # config_sentence_transformers.json's similarity_fn_name
     weights_file: str
     tokenizer_file: str
+    prompts: dict = dataclasses.field(default_factory=dict)  # config_sentence_transformers.json's prompts
+    default_prompt_name: Optional[str] = None
 
     @property
     def dim(self) -> int:
@@ -98,12 +100,14 @@ def read_bert_directory(path: str) -> tuple[Optional[BertFiles], str]:
     msl = min(int(msl), int(config.get("max_position_embeddings", 512)))
     st_model_cfg = _json(path, "config_sentence_transformers.json") \
         if _has(path, "config_sentence_transformers.json") else {}
-    if st_model_cfg.get("default_prompt_name"):
-        return None, "a default prompt is prepended to every text"
+    prompts = st_model_cfg.get("prompts") or {}
+    if not isinstance(prompts, dict) or not all(isinstance(v, str) for v in prompts.values()):
+        return None, "prompts that are not strings"
     sim = st_model_cfg.get("similarity_fn_name")
     pooling = "cls" if pool_cfg.get("pooling_mode_cls_token") or pool_cfg.get("pooling_mode") == "cls" else "mean"
     return BertFiles(path=path, config=config, pooling=pooling, normalize=len(types) == 3, max_seq_length=msl,
-                     similarity_fn=sim, weights_file=weights, tokenizer_file=tok), ""
+                     similarity_fn=sim, weights_file=weights, tokenizer_file=tok, prompts=prompts,
+                     default_prompt_name=st_model_cfg.get("default_prompt_name") or None), ""
 
 
 def _unsupported(config, st_cfg, pool_cfg, weights, tok) -> str:

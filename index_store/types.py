@@ -58,6 +58,9 @@ class ModelFacts:
     dtype: str  # storage dtype of the vectors: "float32" or "float16"
     max_seq_length: Optional[int] = None
     precision: Optional[str] = None  # compute precision used to encode: fp32, bf16, fp16
+    # the prompts prepended to passages and to queries ("" none; None: an artifact older than prompts)
+    document_prompt: Optional[str] = None
+    query_prompt: Optional[str] = None
 
     def __post_init__(self):
         if self.similarity not in SIMILARITIES:
@@ -81,7 +84,8 @@ class ModelFacts:
     def identity(self) -> dict[str, Any]:
         """The facts that must agree for two sets of vectors to be searchable together."""
         return {"model": self.model, "revision": self.revision, "dim": self.dim,
-                "similarity": self.similarity, "dtype": self.dtype}
+                "similarity": self.similarity, "dtype": self.dtype,
+                "document_prompt": self.document_prompt or "", "query_prompt": self.query_prompt or ""}
 
     def check_compatible(self, other: "ModelFacts", what: str = "inputs") -> None:
         """Raise ValueError naming both sides when the facts that matter disagree."""

@@ -51,7 +51,8 @@ def encode_options(args) -> EncodeOptions:
                          token_budget=args.token_budget, join_title=not args.no_join_title,
                          batch_size=(default_batch_size(args.device) if args.batch_size is None
                                      else args.batch_size),
-                         progress_every_s=args.progress_seconds)
+                         progress_every_s=args.progress_seconds, document_prompt=args.document_prompt,
+                         query_prompt=args.query_prompt)
 
 
 def check_output(path: str, overwrite: bool) -> None:
@@ -65,7 +66,8 @@ def encode_identity(facts, enc_opts: EncodeOptions) -> dict:
     are. The compute precision is not part of it here: each cache file records the precision its vectors
     were computed in, and the worker joining the cache compares it with the one it resolves."""
     return {"model": facts.model, "revision": facts.revision, "similarity": facts.similarity,
-            "max_seq_length": facts.max_seq_length, "dtype": facts.dtype, "join_title": enc_opts.join_title}
+            "max_seq_length": facts.max_seq_length, "dtype": facts.dtype, "join_title": enc_opts.join_title,
+            "document_prompt": facts.document_prompt}
 
 
 def encode_stage(p: beam.Pipeline, files, read_opts: ReadOptions, enc_opts: EncodeOptions, facts,
@@ -190,7 +192,8 @@ def run_pipeline(argv: Optional[Sequence[str]] = None):
     # Resolve the model facts up front: a bad model name fails here, before any worker starts.
     encoder = load_encoder(enc_opts.model, similarity=enc_opts.similarity, device=enc_opts.device,
                            precision=enc_opts.precision, max_seq_length=enc_opts.max_seq_length,
-                           token_budget=enc_opts.token_budget)
+                           token_budget=enc_opts.token_budget, document_prompt=enc_opts.document_prompt,
+                           query_prompt=enc_opts.query_prompt)
     # A model from a local directory has no hub revision: its files' digest identifies the weights, so
     # retrained weights at the same path are never taken for the old ones.
     revision = weights_revision(encoder.facts().revision, resolve_model_path(args.model))

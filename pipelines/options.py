@@ -57,6 +57,12 @@ def add_encode_args(p: argparse.ArgumentParser) -> None:
                         "of the corpus (README)")
     g.add_argument("--max-seq-length", type=positive_int, default=None, help="truncate passages to this many tokens")
     g.add_argument("--no-join-title", action="store_true", help="encode the text only, not title + text")
+    g.add_argument("--document-prompt", default=None, metavar="TEXT",
+                   help="prepended to every passage (default: the model's document prompt, as "
+                        "sentence-transformers' encode_document takes it; '' for none); recorded in the model facts")
+    g.add_argument("--query-prompt", default=None, metavar="TEXT",
+                   help="prepended to every query at search time (default: the model's query prompt, as "
+                        "encode_query takes it; '' for none); recorded in the model facts")
     g.add_argument("--batch-size", type=positive_int, default=None,
                    help=f"passages per inference call (re-batched by tokens inside); default {CPU_BATCH_SIZE} on CPU, "
                         f"{GPU_BATCH_SIZE} on a CUDA GPU (--device cuda, or auto on a launching machine with one)")

@@ -38,6 +38,16 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rerank-batch-size", type=positive_int, default=64)
 
 
+def _add_first_stage(p: argparse.ArgumentParser) -> None:
+    from densebeam.index_store.query.search import FIRST_STAGES, RRF_K
+
+    p.add_argument("--first-stage", default="dense", choices=FIRST_STAGES,
+                   help="dense (IVF), exact (every vector), bm25, or hybrid (BM25 and dense fused by reciprocal "
+                        "rank fusion)")
+    p.add_argument("--rrf-k", type=int, default=RRF_K,
+                   help="hybrid: a document scores the sum of 1 / (rrf-k + rank) over the two lists")
+
+
 def _open(args, lazy_encoder: bool = False, index: str | None = None):
     from densebeam.index_store.query.search import Searcher
 
@@ -51,12 +61,13 @@ def search_main(argv: Sequence[str]) -> int:
     _add_common(p)
     p.add_argument("--query", action="append", required=True, help="query text (repeatable)")
     p.add_argument("--k", type=positive_int, default=10)
-    p.add_argument("--first-stage", default="dense", choices=("dense", "exact", "bm25"))
+    _add_first_stage(p)
     p.add_argument("--json", action="store_true", help="print JSON: [{query, hits: [...]}]")
     args = p.parse_args(argv)
     searcher = _open(args, lazy_encoder=True)
     results = searcher.retrieve(args.query, args.k, first_stage=args.first_stage, nprobe=args.nprobe,
-                                rerank=args.rerank_model is not None, rerank_depth=args.rerank_depth)
+                                rerank=args.rerank_model is not None, rerank_depth=args.rerank_depth,
+                                rrf_k=args.rrf_k)
     if args.json:
         print(json.dumps([{"query": q, "hits": [h.to_dict() for h in hits]}
                           for q, hits in zip(args.query, results)], indent=2, ensure_ascii=False))
@@ -79,20 +90,34 @@ def eval_main(argv: Sequence[str]) -> int:
     _add_common(p)
     p.add_argument("--queries", required=True, help="BEIR queries.jsonl or MS MARCO qid<TAB>text TSV")
     p.add_argument("--qrels", required=True, help="BEIR qrels TSV (with header) or TREC qrels")
-    p.add_argument("--first-stage", default="dense", choices=("dense", "exact", "bm25"))
+    _add_first_stage(p)
     p.add_argument("--bi-encoder-rerank-depth", type=positive_int, default=None, metavar="N",
                    help="re-score the first stage's top N by the bi-encoder (e.g. BM25 + dense re-rank)")
     p.add_argument("--k", type=positive_int, default=1000, help="hits kept per query (R@1000 needs 1000)")
     p.add_argument("--relevance-level", type=int, default=1,
                    help="grade from which RR and R count a document relevant (TREC DL: 2)")
     p.add_argument("--batch-size", type=positive_int, default=64, help="queries per retrieval call")
+    p.add_argument("--metrics", default=None, metavar="M1,M2",
+                   help="ir_measures names, e.g. nDCG@10,RR@10,R@100,AP,P@5 (default: nDCG@10, RR@10, R@100, "
+                        "R@1000)")
+    p.add_argument("--per-query", action="store_true",
+                   help="also print each query's value of each metric (trec_eval -q style: metric, qid, value)")
     p.add_argument("--run-out", default=None, help="also write the run in TREC format here")
     p.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
     args = p.parse_args(argv)
+    metrics = [m.strip() for m in args.metrics.split(",") if m.strip()] if args.metrics else None
+    ev.measures(args.relevance_level, metrics)  # an unknown metric fails before any work
     queries = ev.read_queries(args.queries)
     qrels = ev.read_qrels(args.qrels)
     searcher = _open(args, lazy_encoder=True)
     qids = list(queries)
+    judged = ev.judged_documents(qrels, qids)
+    if not judged:
+        raise ValueError(f"no query of {args.queries} has a judgment in {args.qrels}: the query ids do not match")
+    if not searcher.bundle.docstore.contains_any(judged):
+        raise ValueError(f"none of the {len(judged)} documents judged in {args.qrels} is in {args.index}: the "
+                         "qrels belong to another corpus, or its document ids were written otherwise (every "
+                         "metric would be 0)")
     # Exact search reads every vector once per call: one call for all queries.
     step = len(qids) if args.first_stage == "exact" else max(1, args.batch_size)
     results, start = [], time.monotonic()
@@ -101,7 +126,8 @@ def eval_main(argv: Sequence[str]) -> int:
             chunk = [queries[q] for q in qids[i:i + step]]
             results += searcher.retrieve(chunk, args.k, first_stage=args.first_stage, nprobe=args.nprobe,
                                          bi_encoder_depth=args.bi_encoder_rerank_depth,
-                                         rerank=args.rerank_model is not None, rerank_depth=args.rerank_depth)
+                                         rerank=args.rerank_model is not None, rerank_depth=args.rerank_depth,
+                                         rrf_k=args.rrf_k)
             bar.update(len(chunk))
     seconds = time.monotonic() - start
     if args.run_out:
@@ -109,15 +135,18 @@ def eval_main(argv: Sequence[str]) -> int:
 
         with fsspec.open(args.run_out, "w", encoding="utf-8") as f:
             write_trec_run(f, qids, results, tag=f"densebeam-{args.first_stage}")
-    report = ev.evaluate(qrels, ev.run_from_hits(qids, results), qids, args.relevance_level)
+    report = ev.evaluate(qrels, ev.run_from_hits(qids, results), qids, args.relevance_level, metrics)
     if args.json:
-        print(json.dumps({**report.to_dict(), "seconds": round(seconds, 3)}, sort_keys=True))
-    else:
-        stages = [args.first_stage] + ([f"bi-encoder@{args.bi_encoder_rerank_depth}"]
-                                       if args.bi_encoder_rerank_depth else [])
-        stages += [f"{args.rerank_model}@{args.rerank_depth}"] if args.rerank_model else []
-        print(ev.format_report(report, f"{args.index}: {' -> '.join(stages)}, {len(qids)} queries "
-                                       f"in {seconds:.1f} s"))
+        extra = {"per_query": report.per_query} if args.per_query else {}
+        print(json.dumps({**report.to_dict(), "seconds": round(seconds, 3), **extra}, sort_keys=True))
+        return 0
+    if args.per_query:
+        print(ev.format_per_query(report))
+    stages = [args.first_stage] + ([f"bi-encoder@{args.bi_encoder_rerank_depth}"]
+                                   if args.bi_encoder_rerank_depth else [])
+    stages += [f"{args.rerank_model}@{args.rerank_depth}"] if args.rerank_model else []
+    print(ev.format_report(report, f"{args.index}: {' -> '.join(stages)}, {len(qids)} queries "
+                                   f"in {seconds:.1f} s"))
     return 0
 
 

@@ -31,7 +31,8 @@ _WORDS = ("the of and to in is was for on that with as by at from his her it an 
 
 def build_tiny_bi_encoder(path: Path, *, normalize: bool, similarity_fn: str | None = None,
                           seed: int = 0, hidden: int = 32, max_seq_length: int = 64,
-                          unembedded_word: str | None = None, arch: str = "bert", pooling: str = "mean") -> Path:
+                          unembedded_word: str | None = None, arch: str = "bert", pooling: str = "mean",
+                          prompts: dict | None = None, default_prompt_name: str | None = None) -> Path:
     """A 2-layer encoder of family ``arch`` (``bert``, ``distilbert``: BERT's WordPiece vocabulary of ~150
     tokens; ``roberta``: a byte-level BPE vocabulary of 400 trained here), random weights, ``pooling``
     (mean or cls), optional Normalize; saved to ``path``.
@@ -53,6 +54,8 @@ def build_tiny_bi_encoder(path: Path, *, normalize: bool, similarity_fn: str | N
     if normalize:
         modules.append(models.Normalize())
     kwargs = {"similarity_fn_name": similarity_fn} if similarity_fn else {}
+    if prompts:
+        kwargs.update(prompts=prompts, default_prompt_name=default_prompt_name)
     SentenceTransformer(modules=modules, device="cpu", **kwargs).save(str(path / "st"))
     return path / "st"
 

@@ -134,3 +134,39 @@ def test_eval_cli_table_and_relevance_level(collection, capsys):
     out = capsys.readouterr().out
     for word in ("ndcg@10", "mrr@10", "recall@100", "recall@1000", "grade >= 2", "q-unjudged"):
         assert word in out
+
+
+def test_eval_takes_ir_measures_names_and_prints_each_query(collection, capsys):
+    bundle, qpath, qrpath, _, _ = collection
+    rc = cli.main(["eval", "--index", bundle, "--queries", qpath, "--qrels", qrpath, "--first-stage", "bm25",
+                   "--metrics", "nDCG@10,RR@10,R@100,AP,P@5", "--per-query", "--relevance-level", "2", "--json"])
+    assert rc == 0
+    got = json.loads(capsys.readouterr().out)
+    assert {"nDCG@10", "RR@10", "R@100", "AP", "P@5"} <= set(got) and got["queries"] == 20
+    assert set(got["per_query"]) == {f"q{i}" for i in range(20)}
+    # the per-query values average to the reported means; rel=2 applies to the binary measures
+    for name in ("nDCG@10", "AP", "P@5"):
+        assert got[name] == pytest.approx(sum(v[name] for v in got["per_query"].values()) / 20, abs=1e-6)
+    qrels, queries = ev.read_qrels(qrpath), ev.read_queries(qpath)
+    searcher = Searcher.open(bundle, precision="fp32")
+    hits = searcher.retrieve(list(queries.values()), 1000, first_stage="bm25")
+    lib = ev.evaluate(qrels, ev.run_from_hits(list(queries), hits), list(queries), 2, ["P@5", "AP"])
+    assert got["P@5"] == pytest.approx(lib.metrics["P@5"], abs=1e-6) and got["AP"] == pytest.approx(lib.metrics["AP"])
+    rc = cli.main(["eval", "--index", bundle, "--queries", qpath, "--qrels", qrpath, "--first-stage", "bm25",
+                   "--metrics", "AP", "--per-query"])
+    lines = capsys.readouterr().out.splitlines()
+    assert rc == 0 and "AP\tq0\t" in "\n".join(lines) and any(line.startswith("AP\tall\t") for line in lines)
+
+
+def test_eval_refuses_qrels_that_match_nothing_and_unknown_metrics(collection, tmp_path, capsys):
+    bundle, qpath, qrpath, _, _ = collection
+    other = tmp_path / "other.tsv"
+    other.write_text("query-id\tcorpus-id\tscore\nq0\tnot-a-doc\t1\nq1\talso-not\t2\n")
+    assert cli.main(["eval", "--index", bundle, "--queries", qpath, "--qrels", str(other)]) != 0
+    assert "none of the 2 documents judged" in capsys.readouterr().err
+    unmatched = tmp_path / "q.tsv"
+    unmatched.write_text("query-id\tcorpus-id\tscore\nzz1\td00001\t1\n")
+    assert cli.main(["eval", "--index", bundle, "--queries", qpath, "--qrels", str(unmatched)]) != 0
+    assert "query ids do not match" in capsys.readouterr().err
+    assert cli.main(["eval", "--index", bundle, "--queries", qpath, "--qrels", qrpath, "--metrics", "nDGC@10"]) != 0
+    assert "unknown metric 'nDGC@10'" in capsys.readouterr().err

@@ -37,6 +37,8 @@ class EncodeOptions:
     progress_every_s: float = 30.0
     expected_passages: Optional[int] = None  # the launcher's estimate of the records in the corpus
     workers: int = 1  # worker processes sharing the work (for the run-wide progress estimate)
+    document_prompt: Optional[str] = None  # None: the model's own (index_store.encoder.role_prompts)
+    query_prompt: Optional[str] = None
 
 
 class _Progress:
@@ -129,7 +131,8 @@ class SentenceTransformerModelHandler(ModelHandler[Passage, PredictionResult, En
     def load_model(self) -> Encoder:
         o = self._opts
         return load_encoder(o.model, similarity=o.similarity, device=o.device, precision=o.precision,
-                            max_seq_length=o.max_seq_length, token_budget=o.token_budget)
+                            max_seq_length=o.max_seq_length, token_budget=o.token_budget,
+                            document_prompt=o.document_prompt, query_prompt=o.query_prompt)
 
     def run_inference(self, batch: Sequence[Passage], model: Encoder,
                       inference_args: Optional[dict[str, Any]] = None) -> Iterable[PredictionResult]:

@@ -266,7 +266,9 @@ class _CalibrationQueriesFn(beam.DoFn):
             facts, device = self._plan.facts, pick_device("auto")
             self._encoder = load_encoder(facts.model, similarity=facts.similarity, device=device,
                                          precision=query_precision("auto", device),
-                                         max_seq_length=facts.max_seq_length)
+                                         max_seq_length=facts.max_seq_length,
+                                         document_prompt=facts.document_prompt or "",
+                                         query_prompt=facts.query_prompt or "")
 
     def process(self, path: str):
         plan = self._plan
@@ -291,7 +293,7 @@ class _CalibrationQueriesFn(beam.DoFn):
             keep = np.sort(np.random.default_rng([plan.seed, 7]).choice(total, plan.max_calibration_queries,
                                                                         replace=False))
         if vectors is None:  # one query per forward pass, as the query side encodes (batch-invariant vectors)
-            vectors = np.stack([self._encoder.encode([texts[i]])[0] for i in keep])
+            vectors = np.stack([self._encoder.encode([texts[i]], role="query")[0] for i in keep])
         vectors = np.ascontiguousarray(vectors[keep] if len(vectors) == total else vectors, dtype=np.float32)
         yield {"ids": np.full(len(vectors), -1, dtype=np.int64), "vectors": vectors,
                "calibration": {"source": "queries file", "path": canonical_url(path),

@@ -1,4 +1,5 @@
-"""Read queries and qrels, score runs with ``ir_measures``: nDCG@10, MRR@10, R@100, R@1000. No Beam.
+"""Read queries and qrels, score runs with ``ir_measures`` (by default nDCG@10, MRR@10, R@100, R@1000; any
+measure ir_measures names on request). No Beam.
 
 Formats: queries as BEIR JSONL (``{"_id", "text"}``) or MS MARCO TSV (``qid<TAB>text``); qrels as BEIR
 TSV (header ``query-id corpus-id score``) or TREC (``qid 0 docid rel``). ``relevance_level`` is the
@@ -19,19 +20,30 @@ import fsspec
 from densebeam.index_store.query.hits import Hit
 
 METRICS = ("ndcg@10", "mrr@10", "recall@100", "recall@1000")
+_DEFAULT = {"ndcg@10": "nDCG@10", "mrr@10": "RR@10", "recall@100": "R@100", "recall@1000": "R@1000"}
 
 
-def measures(relevance_level: int = 1) -> dict:
-    """Our metric names -> ``ir_measures`` measures (binary ones at ``rel=relevance_level``)."""
+def measures(relevance_level: int = 1, names: Optional[Sequence[str]] = None) -> dict:
+    """Metric names -> ``ir_measures`` measures: ``names`` in ir_measures' syntax (``nDCG@10``,
+    ``RR@10``, ``R@100``, ``AP``, ``P@5``, ``Judged@10``, ...), or by default ours (:data:`METRICS`). A
+    binary measure that takes a relevance level and names none counts grade >= ``relevance_level``
+    relevant; nDCG uses the graded judgments."""
     import ir_measures
 
     if relevance_level < 1:
         raise ValueError(f"relevance level must be >= 1, got {relevance_level}")
-    rel = f"(rel={relevance_level})" if relevance_level != 1 else ""
-    return {"ndcg@10": ir_measures.parse_measure("nDCG@10"),
-            "mrr@10": ir_measures.parse_measure(f"RR{rel}@10"),
-            "recall@100": ir_measures.parse_measure(f"R{rel}@100"),
-            "recall@1000": ir_measures.parse_measure(f"R{rel}@1000")}
+    spec = dict(_DEFAULT) if not names else {n: n for n in names}
+    out = {}
+    for name, text in spec.items():
+        try:
+            measure = ir_measures.parse_measure(text)
+        except (ValueError, NameError, TypeError, SyntaxError) as err:
+            raise ValueError(f"unknown metric {text!r} ({err}); use ir_measures names, e.g. nDCG@10, RR@10, "
+                             "R@100, AP, P@5") from err
+        if relevance_level != 1 and "rel" in measure.SUPPORTED_PARAMS and "rel" not in measure.params:
+            measure = measure(rel=relevance_level)
+        out[name] = measure
+    return out
 
 
 def read_queries(path: str) -> dict[str, str]:
@@ -114,11 +126,13 @@ class EvalReport:
 
 
 def evaluate(qrels: Mapping[str, Mapping[str, int]], run: Mapping[str, Mapping[str, float]],
-             queries: Optional[Iterable[str]] = None, relevance_level: int = 1) -> EvalReport:
-    """Score ``run`` against ``qrels`` over ``queries`` (default: the run's queries) with ir_measures."""
+             queries: Optional[Iterable[str]] = None, relevance_level: int = 1,
+             metrics: Optional[Sequence[str]] = None) -> EvalReport:
+    """Score ``run`` against ``qrels`` over ``queries`` (default: the run's queries) with ir_measures;
+    ``metrics``: ir_measures names (default: :data:`METRICS`)."""
     import ir_measures
 
-    named = measures(relevance_level)
+    named = measures(relevance_level, metrics)
     asked = list(queries) if queries is not None else list(run)
     judged = [q for q in asked if q in qrels]
     judged_set = set(judged)
@@ -141,10 +155,11 @@ def evaluate(qrels: Mapping[str, Mapping[str, int]], run: Mapping[str, Mapping[s
 def format_report(report: EvalReport, title: str = "") -> str:
     """A readable table: one metric a line, then what was not evaluated and why."""
     lines = [title] if title else []
-    lines.append(f"{'metric':<14}{'value':>8}")
-    for name in METRICS:
-        lines.append(f"{name:<14}{report.metrics[name]:>8.4f}")
-    lines.append(f"{'queries':<14}{report.queries:>8}")
+    width = max([14] + [len(name) + 2 for name in report.metrics])
+    lines.append(f"{'metric':<{width}}{'value':>8}")
+    for name, value in report.metrics.items():
+        lines.append(f"{name:<{width}}{value:>8.4f}")
+    lines.append(f"{'queries':<{width}}{report.queries:>8}")
     if report.relevance_level != 1:
         lines.append(f"binary metrics count grade >= {report.relevance_level} as relevant (nDCG is graded)")
     if report.unjudged:
@@ -156,3 +171,15 @@ def format_report(report: EvalReport, title: str = "") -> str:
     if report.no_hits:
         lines.append(f"{len(report.no_hits)} queries got no hits (scored 0)")
     return "\n".join(lines)
+
+
+def format_per_query(report: EvalReport) -> str:
+    """trec_eval -q style lines: ``metric<TAB>qid<TAB>value``, queries in evaluation order, then ``all``."""
+    lines = [f"{name}\t{qid}\t{values[name]:.4f}" for qid, values in report.per_query.items() for name in values]
+    lines += [f"{name}\tall\t{value:.4f}" for name, value in report.metrics.items()]
+    return "\n".join(lines)
+
+
+def judged_documents(qrels: Mapping[str, Mapping[str, int]], queries: Iterable[str]) -> set[str]:
+    """The document ids judged for ``queries`` (any grade)."""
+    return {d for q in queries for d in qrels.get(q, {})}

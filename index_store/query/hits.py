@@ -61,6 +61,21 @@ def sort_hits(hits: Iterable[Hit]) -> list[Hit]:
     return sorted(hits, key=lambda h: (-h.score, h.row))
 
 
+def fuse_rrf(lists: Sequence[Sequence[Hit]], k: int, rrf_k: int = 60) -> list[Hit]:
+    """Reciprocal rank fusion (Cormack et al. 2009): each document scores sum(1 / (rrf_k + rank)) over
+    the lists it appears in (ranks from 1); the top ``k`` by that score, best first, ties to the smaller
+    FAISS row. The hits keep their text; ``score`` is the fused score."""
+    if rrf_k < 0:
+        raise ValueError(f"rrf_k must be >= 0, got {rrf_k}")
+    fused: dict[int, float] = {}
+    first: dict[int, Hit] = {}
+    for hits in lists:
+        for rank, hit in enumerate(hits, start=1):
+            fused[hit.row] = fused.get(hit.row, 0.0) + 1.0 / (rrf_k + rank)
+            first.setdefault(hit.row, hit)
+    return sort_hits(first[row].rescored(score) for row, score in fused.items())[:k]
+
+
 def write_trec_run(out: TextIO, qids: Sequence[str], results: Sequence[Sequence[Hit]], tag: str) -> int:
     """Write ``qid Q0 docid rank score tag`` lines (trec_eval's run format); return the line count."""
     if len(qids) != len(results):

@@ -29,13 +29,14 @@ import numpy as np
 
 from densebeam.index_store.bundle import Bundle, open_bundle
 from densebeam.index_store.encoder import Encoder, load_encoder, pick_device, pick_precision
-from densebeam.index_store.query.hits import Hit, hits_from_rows, sort_hits
+from densebeam.index_store.query.hits import Hit, fuse_rrf, hits_from_rows, sort_hits
 from densebeam.index_store.ivf_search import exact_search
 from densebeam.index_store.query.vectors import DEFAULT_BATCH_ROWS, IvfVectors
 
 log = logging.getLogger(__name__)
 
-FIRST_STAGES = ("dense", "exact", "bm25")
+FIRST_STAGES = ("dense", "exact", "bm25", "hybrid")
+RRF_K = 60  # reciprocal rank fusion constant (Cormack et al. 2009)
 
 
 def query_precision(precision: str, device: str) -> str:
@@ -59,10 +60,12 @@ def load_query_encoder(bundle: Bundle, model: Optional[str] = None, *, device: s
     device = pick_device(device)
     precision = query_precision(precision, device)
     facts = bundle.facts
+    # the prompts the bundle was built with ("" for a bundle older than prompts: none was used)
+    prompts = {"document_prompt": facts.document_prompt or "", "query_prompt": facts.query_prompt or ""}
     if model is None or model == facts.model:
         return load_encoder(facts.model, similarity=facts.similarity, device=device, precision=precision,
-                            max_seq_length=facts.max_seq_length)
-    enc = load_encoder(model, device=device, precision=precision, max_seq_length=facts.max_seq_length)
+                            max_seq_length=facts.max_seq_length, **prompts)
+    enc = load_encoder(model, device=device, precision=precision, max_seq_length=facts.max_seq_length, **prompts)
     if enc.dim != facts.dim or enc.similarity != facts.similarity:
         raise ValueError(f"query model {model!r} gives {enc.dim}-dim {enc.similarity} vectors but the bundle "
                          f"{bundle.root} holds {facts.dim}-dim {facts.similarity} vectors of {facts.model!r}; "
@@ -202,7 +205,7 @@ class Searcher:
                     out[i] = out[first[query]]
                     continue
                 first[query] = i
-                out[i] = encoder.encode([query])[0]
+                out[i] = encoder.encode([query], role="query")[0]
         return out
 
     def search_vectors(self, vectors: np.ndarray, k: int = 10, nprobe: Optional[int] = None) -> list[list[Hit]]:
@@ -241,6 +244,17 @@ class Searcher:
     def search_bm25(self, queries: Sequence[str], k: int = 10) -> list[list[Hit]]:
         _check_queries(queries)
         return self.bm25.search(list(queries), k)
+
+    def search_hybrid(self, queries: Sequence[str], k: int = 10, nprobe: Optional[int] = None,
+                      rrf_k: int = RRF_K, query_vectors: Optional[np.ndarray] = None) -> list[list[Hit]]:
+        """BM25 and dense IVF, each to depth ``k``, fused by reciprocal rank fusion
+        (:func:`index_store.query.hits.fuse_rrf`): a document's score is the sum of 1 / (``rrf_k`` +
+        its rank) over the two lists."""
+        if query_vectors is None:
+            query_vectors = self.encode_queries(queries)
+        dense = self.search_vectors(query_vectors, k, nprobe)
+        sparse = self.search_bm25(queries, k)
+        return [fuse_rrf([d, b], k, rrf_k) for d, b in zip(dense, sparse)]
 
     # ------------------------------------------------------------------ re-rankers
 
@@ -282,7 +296,8 @@ class Searcher:
 
     def retrieve(self, queries: Sequence[str], k: int = 10, *, first_stage: str = "dense",
                  nprobe: Optional[int] = None, bi_encoder_depth: Optional[int] = None, rerank: bool = False,
-                 rerank_depth: int = 100, query_vectors: Optional[np.ndarray] = None) -> list[list[Hit]]:
+                 rerank_depth: int = 100, query_vectors: Optional[np.ndarray] = None,
+                 rrf_k: int = RRF_K) -> list[list[Hit]]:
         """First stage -> optional bi-encoder re-rank of its top ``bi_encoder_depth`` -> optional
         cross-encoder re-rank of the top ``rerank_depth`` -> top ``k``.
 
@@ -301,6 +316,10 @@ class Searcher:
             results = self.search_bm25(queries, fetch)
         elif first_stage == "exact":
             results = self.search_exact(queries, fetch)
+        elif first_stage == "hybrid":
+            if query_vectors is None:
+                query_vectors = self.encode_queries(queries)
+            results = self.search_hybrid(queries, fetch, nprobe, rrf_k, query_vectors)
         else:
             if query_vectors is None:
                 query_vectors = self.encode_queries(queries)
