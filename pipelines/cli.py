@@ -54,6 +54,11 @@ def format_encode_summary(manifest: dict, output: str) -> str:
     ]
     for reason, n in c.get("rejected_by_reason", {}).items():
         lines.append(f"    rejected {reason}: {n}")
+    empty = [i for i in manifest.get("inputs", []) if isinstance(i, dict) and i.get("records") == 0]
+    for i in empty[:10]:
+        lines.append(f"  no records in {i['path']} ({'empty' if not i.get('bytes') else 'blank lines only'})")
+    if len(empty) > 10:
+        lines.append(f"  no records in {len(empty) - 10} more input file(s) (see inputs in the manifest)")
     if c["rejected"]:
         lines.append(f"  rejected records (with reason and source): {output.rstrip('/')}/rejected/")
     auto = manifest.get("precision_measurement") or {}

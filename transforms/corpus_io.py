@@ -20,6 +20,7 @@ piece is read, by every pass: a file that changes during a run fails the run, na
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import logging
 import re
@@ -113,7 +114,86 @@ MIN_PIECE_BYTES = 4 << 10
 # Codecs whose decompressed streams seek forward (by decompressing and discarding): such files are split
 # into ranges of the decompressed stream; each piece decompresses from the start of the file up to its
 # own range, so N pieces cost about N/2 full decompressions in all (cheap next to encoding).
-_SEEKABLE_CODECS = ("gzip", "bz2", "lzma")
+_SEEKABLE_CODECS = ("gzip", "bz2", "lzma", "zstd")
+
+
+def open_compressed(path: str, compression: Optional[str]):
+    """A binary file object of ``path``'s data, decompressed: fsspec's codecs, except zstd, whose fsspec
+    reader cannot read lines and ends silently at a truncated frame: there :class:`_ZstdRaw` under a
+    buffered reader (every frame of a multi-frame file, a truncated frame an error, forward seeks)."""
+    if compression != "zstd":
+        return fsspec.open(path, "rb", compression=compression).open()
+    import io
+
+    return io.BufferedReader(_ZstdRaw(fsspec.open(path, "rb").open()))
+
+
+class _ZstdRaw(io.RawIOBase):
+    """A zstd file's decompressed bytes as a raw stream: frame after frame (multi-frame files from
+    ``pzstd`` or appends), an error when the file ends inside a frame, seeks forward by decompressing."""
+
+    CHUNK = 1 << 18
+
+    def __init__(self, raw):
+        import zstandard
+
+        self._raw, self._zstd = raw, zstandard
+        self._obj = zstandard.ZstdDecompressor().decompressobj()
+        self._in_frame = False  # bytes of the current frame were fed and it has not ended
+        self._pending = b""
+        self._pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def _fill(self) -> bool:
+        """Decompress until some output is pending; False at the end of the data."""
+        while not self._pending:
+            data = self._obj.unused_data if self._obj.eof else b""
+            if self._obj.eof:  # the frame ended: the next one starts with what it did not use
+                self._obj = self._zstd.ZstdDecompressor().decompressobj()
+                self._in_frame = False
+            if not data:
+                data = self._raw.read(self.CHUNK)
+                if not data:
+                    if self._in_frame:
+                        raise EOFError("the zstd data ends inside a frame (the file is truncated)")
+                    return False
+            self._in_frame = True
+            self._pending = self._obj.decompress(data)
+        return True
+
+    def readinto(self, b) -> int:
+        if not self._fill():
+            return 0
+        n = min(len(b), len(self._pending))
+        b[:n] = self._pending[:n]
+        self._pending = self._pending[n:]
+        self._pos += n
+        return n
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        target = offset + (self._pos if whence == 1 else 0)
+        if whence not in (0, 1) or target < self._pos:
+            raise OSError("a zstd stream seeks forward only")
+        while self._pos < target:
+            if not self._fill():
+                break
+            n = min(target - self._pos, len(self._pending))
+            self._pending = self._pending[n:]
+            self._pos += n
+        return self._pos
+
+    def close(self) -> None:
+        if not self.closed:
+            self._raw.close()
+        super().close()
 
 
 def balanced_piece_bytes(files: Sequence[tuple[str, int]], workers: int, split_bytes: int) -> int:
@@ -127,7 +207,11 @@ def balanced_piece_bytes(files: Sequence[tuple[str, int]], workers: int, split_b
 
 def decompressed_size_estimate(path: str, size: int, compression: str) -> int:
     """gzip: the ISIZE trailer (exact below 4 GiB, single member; wrapped sizes are unwrapped to at
-    least the compressed size); other codecs: three times the compressed size."""
+    least the compressed size); zstd: the first frame's content size where its header records it (the
+    zstd tool writes it), scaled by the file's size over that frame's; other codecs: three times the
+    compressed size."""
+    if compression == "zstd":
+        return _zstd_size_estimate(path, size)
     if compression != "gzip" or size < 18:
         return 3 * size
     with fsspec.open(path, "rb") as f:
@@ -222,6 +306,8 @@ def plan_pieces(path: str, size: int, opts: ReadOptions, piece_bytes: Optional[i
     if stamp.size != size:
         raise InputChangedError(f"input {path} changed after its pattern was matched: {size} bytes then, "
                                 f"{stamp.size} now. Run again once the file is complete.")
+    if size == 0:  # an empty file: no records (the summary names it), whatever its format or codec
+        return [Piece(path, fmt, compression, 0, 0, size, stamp)]
     if fmt == "parquet":
         num_row_groups, group_bytes = _parquet_row_groups(path, compression)
         pieces, first, acc = [], 0, 0
@@ -242,6 +328,18 @@ def plan_pieces(path: str, size: int, opts: ReadOptions, piece_bytes: Optional[i
                 for i in range(n)]
     step = -(-size // n)
     return [Piece(path, fmt, None, s, min(s + step, size), size, stamp) for s in range(0, size, step)]
+
+
+def _zstd_size_estimate(path: str, size: int) -> int:
+    import zstandard
+
+    try:
+        with fsspec.open(path, "rb") as f:
+            head = f.read(18)
+        content = zstandard.frame_content_size(head)
+    except Exception:  # noqa: BLE001 - no header to read: the generic estimate
+        return 3 * size
+    return content if content > 0 else 3 * size
 
 
 def _parquet_row_groups(path: str, compression: Optional[str]) -> tuple[int, list[int]]:
@@ -268,6 +366,8 @@ def read_piece(piece: Piece, opts: ReadOptions) -> Iterator[Record]:
     position) when the file cannot be read, and :class:`InputChangedError` when it no longer matches the
     stamp it was planned with, checked before the first record and after the last."""
     check_unchanged(piece, "before reading")
+    if piece.file_size == 0:
+        return
     if piece.format == "parquet":
         yield from _read_parquet_piece(piece, opts)
     else:
@@ -280,7 +380,7 @@ def _iter_lines(piece: Piece) -> Iterator[tuple[int, Optional[int], bytes]]:
     the start of the file is not part of the first line (its offset is then 3)."""
     pos, line_no = piece.start, (1 if piece.start == 0 else None)
     try:
-        with fsspec.open(piece.path, "rb", compression=piece.compression) as f:
+        with open_compressed(piece.path, piece.compression) as f:
             if piece.start > 0:
                 f.seek(piece.start - 1)
                 if f.read(1) != b"\n":  # mid-line: that line belongs to the previous piece

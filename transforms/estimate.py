@@ -38,7 +38,7 @@ def estimate_records(files: Sequence[tuple[str, int]], fmt_of, sample_bytes: int
                 unsampled += size
                 continue
             mean, r = _sample_text(path, compression, sample_bytes)
-        except (OSError, ValueError, EOFError, zlib.error) as err:  # unreadable: the read pass names it
+        except Exception as err:  # noqa: BLE001 - any codec's error: unreadable here, the read pass names it
             log.debug("cannot sample %s for a record estimate: %s", path, err)
             unsampled += size
             continue
@@ -57,7 +57,9 @@ def _sample_text(path: str, compression: Optional[str], sample_bytes: int) -> tu
     if compression == "gzip":
         data, consumed = _gunzip_prefix(path, sample_bytes)
     else:
-        with fsspec.open(path, "rb", compression=compression) as f:
+        from densebeam.transforms.corpus_io import open_compressed
+
+        with open_compressed(path, compression) as f:
             data, consumed = f.read(sample_bytes), None
     lines = [ln for ln in data.split(b"\n")[:-1 if len(data) >= sample_bytes else None] if ln.strip()]
     if not lines:

@@ -48,7 +48,7 @@ class _PlanPiecesFn(beam.DoFn):
 
 class _ReadPieceFn(beam.DoFn):
     """Reads one piece, streaming: valid passages on the main output, bad records tagged ``rejected``,
-    and one ``(piece, records read)`` count per piece tagged ``read_counts``. With the ``duplicates``
+    and one ``(file, records read)`` count per piece tagged ``read_counts``. With the ``duplicates``
     side input ((file, position) -> the kept record's source), later occurrences of an id become
     ``duplicate_id`` dead letters on the way."""
 
@@ -82,7 +82,7 @@ class _ReadPieceFn(beam.DoFn):
             self._bytes.inc(piece.end - piece.start)
         elif piece.format != "parquet" and piece.start == 0:  # a compressed file's bytes, counted once
             self._bytes.inc(piece.file_size)
-        yield beam.pvalue.TaggedOutput(READ_COUNTS, n)
+        yield beam.pvalue.TaggedOutput(READ_COUNTS, (piece.path, n))
 
 
 class _IdsOfPieceFn(beam.DoFn):
@@ -111,8 +111,8 @@ class ReadCorpus(beam.PTransform):
     """Reads corpus shards in parallel pieces, validates every record and rejects duplicate ids.
 
     Returns a dict of PCollections: ``passages`` (Passage, unique ids), ``rejected`` (Rejected with
-    reason and source) and ``read_counts`` (one int per piece: records read, valid or not);
-    ``sum(read_counts) == len(passages) + len(rejected)``.
+    reason and source) and ``read_counts`` (one ``(file, records read)`` per piece, valid or not);
+    the counts' sum is ``len(passages) + len(rejected)``.
 
     Memory stays bounded: the pieces (byte ranges) are what is shuffled to spread work over workers,
     and passages stream from the reader straight into encoding in the same fused stage. With

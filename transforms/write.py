@@ -220,7 +220,10 @@ class _FinalizeFn(beam.DoFn):
 
     def process(self, _, shards, rejected, read_counts):
         fs, _ = fsspec.core.url_to_fs(self._out)
-        read = int(sum(read_counts))
+        read = int(sum(n for _, n in read_counts))
+        by_file = collections.Counter()
+        for path, n in read_counts:
+            by_file[path] += n
         encoded = sum(s["rows"] for s in shards)
         n_rejected = sum(r["rows"] for r in rejected)
         if read != encoded + n_rejected:
@@ -259,6 +262,9 @@ class _FinalizeFn(beam.DoFn):
             "rejected_files": rej_entries,
             **self._extra,
         }
+        if isinstance(manifest.get("inputs"), list):  # records read from each input file
+            manifest["inputs"] = [{**i, "records": by_file.get(i.get("path"), 0)} if isinstance(i, dict) else i
+                                  for i in manifest["inputs"]]
         if "encode_identity" in manifest:  # the precision the vectors were really computed in
             manifest["encode_identity"] = file_identity(manifest["encode_identity"], facts.precision)
         self._remove_stale(fs, {e["path"] for e in shard_entries + rej_entries})
