@@ -133,36 +133,83 @@ def _is_number(v) -> bool:
     return type(v) in (int, float)
 
 
-def _check_fields(manifest: dict, where: str) -> None:
-    """The fields every format-1 manifest has and readers use (search, ``densebeam inspect``, serve),
-    with their types: a damaged manifest is refused here rather than failing later in a reader."""
+def _is_str_or_none(v) -> bool:
+    return v is None or isinstance(v, str)
+
+
+def _point_ok(p, nlist) -> bool:
+    """One point of a recall curve: ``{"nprobe": 1..nlist, "recall": 0..1}``."""
+    return (isinstance(p, dict) and _is_int(p.get("nprobe")) and 1 <= p["nprobe"] <= nlist
+            and _is_number(p.get("recall")) and 0.0 <= p["recall"] <= 1.0)
+
+
+def _k_key(key) -> bool:
+    return isinstance(key, str) and key.isdigit() and int(key) >= 1
+
+
+def _checks(manifest: dict) -> dict:
+    """Every field a reader uses (search, ``densebeam inspect``, serve, the plot), with its type, range
+    and the rules between fields: name -> ok."""
     facts = manifest.get("model_facts")
     counts = manifest.get("counts")
+    nlist = manifest.get("nlist") if _is_int(manifest.get("nlist")) else 0
     curve = manifest.get("recall_curve", [])
-    checks = {
+    curves = manifest.get("recall_curves", {})
+    by_k = manifest.get("nprobe_by_k", {})
+    return {
         "layout": manifest.get("layout") in LAYOUTS,
         "model_facts": isinstance(facts, dict) and isinstance(facts.get("model"), str)
-        and _is_int(facts.get("dim")) and (facts.get("revision") is None or isinstance(facts.get("revision"), str)),
-        "factory": isinstance(manifest.get("factory"), str),
+        and _is_int(facts.get("dim")) and facts["dim"] >= 1 and _is_str_or_none(facts.get("revision"))
+        and facts.get("similarity") in ("cos", "dot") and facts.get("dtype") in ("float32", "float16")
+        and (facts.get("max_seq_length") is None or (_is_int(facts["max_seq_length"]) and facts["max_seq_length"] >= 1))
+        and all(_is_str_or_none(facts.get(f)) for f in ("precision", "document_prompt", "query_prompt")),
+        "factory": isinstance(manifest.get("factory"), str) and bool(manifest.get("factory")),
         "nlist": _is_int(manifest.get("nlist")) and manifest["nlist"] >= 1,
-        "nprobe": _is_int(manifest.get("nprobe")) and manifest["nprobe"] >= 1,
-        "recall_at_k": _is_number(manifest.get("recall_at_k", 0.0)),
-        "counts": isinstance(counts, dict) and _is_int(counts.get("vectors")) and _is_int(counts.get("shards")),
-        "recall_curve": isinstance(curve, list) and all(
-            isinstance(c, dict) and _is_int(c.get("nprobe")) and _is_number(c.get("recall")) for c in curve),
-        "k": _is_int(manifest.get("k", 10)),
+        "nprobe": _is_int(manifest.get("nprobe")) and 1 <= manifest["nprobe"] <= max(nlist, 1),
+        "recall_at_k": _is_number(manifest.get("recall_at_k", 0.0)) and 0.0 <= manifest.get("recall_at_k", 0.0) <= 1.0,
+        "target_recall": manifest.get("target_recall") is None
+        or (_is_number(manifest["target_recall"]) and 0.0 < manifest["target_recall"] <= 1.0),
+        "counts": isinstance(counts, dict) and _is_int(counts.get("vectors")) and counts["vectors"] >= 0
+        and _is_int(counts.get("shards")) and counts["shards"] >= 1,
+        "recall_curve": isinstance(curve, list) and all(_point_ok(c, nlist) for c in curve),
+        "recall_curves": isinstance(curves, dict) and all(_k_key(k) and isinstance(v, list) for k, v in curves.items()),
+        "nprobe_by_k": isinstance(by_k, dict) and all(_k_key(k) for k in by_k),
+        **{f"recall_curve[{i}]": _point_ok(c, nlist) for i, c in enumerate(curve if isinstance(curve, list) else [])},
+        **{f"recall_curves[{k}][{i}]": _point_ok(c, nlist) for k, v in (curves.items() if isinstance(curves, dict)
+                                                                      else []) if isinstance(v, list)
+           for i, c in enumerate(v)},
+        **{f"nprobe_by_k[{k}]": _point_ok(v, nlist) for k, v in (by_k.items() if isinstance(by_k, dict) else [])},
+        "k": _is_int(manifest.get("k", 10)) and manifest.get("k", 10) >= 1,
+        "recall_measured_on": _is_str_or_none(manifest.get("recall_measured_on")),
+        "codec": _is_str_or_none(manifest.get("codec")),
     }
-    bad = [k for k, ok in checks.items() if not ok]
+
+
+def _value(manifest: dict, name: str):
+    """The value a check name points at: ``field``, ``field[key]`` or ``field[key][index]``."""
+    head, _, rest = name.partition("[")
+    value = manifest.get(head)
+    for part in rest.rstrip("]").split("][") if rest else []:
+        try:
+            value = value[int(part)] if isinstance(value, list) else value[part]
+        except (KeyError, IndexError, TypeError, ValueError):
+            return None
+    return value
+
+
+def _check_fields(manifest: dict, where: str) -> None:
+    """The schema of a format-1 manifest (:func:`_checks`): a damaged or edited field is refused here,
+    naming it, like any other corruption, rather than failing later in a reader (a search, /health)."""
+    bad = [k for k, ok in _checks(manifest).items() if not ok]
     if bad:
-        shown = {k: manifest.get(k) for k in bad}
-        raise BundleError(f"{where} has missing or malformed fields {str(shown)[:300]}; the manifest is damaged, "
-                          "rebuild the bundle")
+        shown = ", ".join(f"{k}={str(_value(manifest, k))[:120]}" for k in bad[:5])
+        raise BundleError(f"{where} has missing or malformed field(s) {', '.join(bad[:5])}"
+                          f"{f' and {len(bad) - 5} more' if len(bad) > 5 else ''} ({shown}); the manifest is "
+                          "damaged or was edited: rebuild the bundle")
     try:
-        facts = ModelFacts.from_dict(facts)
+        ModelFacts.from_dict(manifest["model_facts"])
     except (TypeError, ValueError) as err:
         raise BundleError(f"{where} has damaged model_facts ({err}); rebuild the bundle") from err
-    if not (facts.max_seq_length is None or _is_int(facts.max_seq_length)):
-        raise BundleError(f"{where} has damaged model_facts {facts}; rebuild the bundle")
 
 
 def read_manifest_bytes(root: str) -> bytes:
