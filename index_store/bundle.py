@@ -28,7 +28,7 @@ from typing import Iterator, Optional
 import faiss
 import fsspec
 
-from densebeam.index_store import fsutil, validate
+from densebeam.index_store import fsutil, signing, validate
 # The manifest half lives in bundle_manifest; re-exported so callers need one import.
 from densebeam.index_store.bundle_manifest import (FORMAT, FORMAT_VERSION, LAYOUTS, MANIFEST,  # noqa: F401
                                                    BundleError, BundleLayout, file_entry, is_inside,
@@ -183,7 +183,8 @@ class Bundle:
 OPEN_ATTEMPTS = 3  # a versioned location whose version is replaced mid-open is opened again
 
 
-def open_bundle(root: str, verify: str = "full", cache_dir: Optional[str] = None) -> Bundle:
+def open_bundle(root: str, verify: str = "full", cache_dir: Optional[str] = None,
+                trust_key: Optional[bytes] = None) -> Bundle:
     """Open a bundle for search: verify it, validate its structure, map its indexes and docstore
     (remote: cached locally first).
 
@@ -194,7 +195,8 @@ def open_bundle(root: str, verify: str = "full", cache_dir: Optional[str] = None
     (:func:`index_store.validate.check_bundle`: list tables, ids, counts, the docstore's Arrow data).
     A versioned location opens its CURRENT version; if that version is replaced and pruned while it is
     being opened, the new current one is opened instead. Index lists and docstore are memory-mapped,
-    so RAM use is what searches touch.
+    so RAM use is what searches touch. ``trust_key`` (:mod:`index_store.signing`): the manifest must be
+    signed with it, every file is hashed whatever ``verify`` says, and no unlisted file may be present.
     """
     if verify not in VERIFY_MODES:
         raise ValueError(f"verify must be one of {VERIFY_MODES}, got {verify!r}")
@@ -203,7 +205,7 @@ def open_bundle(root: str, verify: str = "full", cache_dir: Optional[str] = None
     for attempt in range(1, OPEN_ATTEMPTS + 1):
         location = versions.resolve(root)
         try:
-            return _open_location(location, verify, cache_dir)
+            return _open_location(location, "full" if trust_key is not None else verify, cache_dir, trust_key)
         except (ValueError, OSError) as err:
             if location == root or attempt == OPEN_ATTEMPTS or versions.resolve(root) == location:
                 raise
@@ -212,10 +214,14 @@ def open_bundle(root: str, verify: str = "full", cache_dir: Optional[str] = None
     raise AssertionError("unreachable")
 
 
-def _open_location(location: str, verify: str, cache_dir: Optional[str]) -> Bundle:
+def _open_location(location: str, verify: str, cache_dir: Optional[str], trust_key: Optional[bytes] = None) -> Bundle:
     raw = read_manifest_bytes(location)
     where = join(location, MANIFEST)
+    if trust_key is not None:  # before anything of the manifest is believed
+        signing.check(raw, _read_optional(join(location, signing.SIGNATURE)), trust_key, location)
     manifest = parse_manifest(raw, where)
+    if trust_key is not None and fsutil.is_local(location):
+        signing.check_no_extra_files(fsutil.local_path(location), [e["path"] for e in manifest["files"]], location)
     facts = ModelFacts.from_dict(manifest["model_facts"])
     validate.required_files(manifest, where)  # refuse before opening anything
     local = location if fsutil.is_local(location) else _cache_remote(location, raw, manifest, cache_dir)
@@ -237,6 +243,15 @@ def _open_location(location: str, verify: str, cache_dir: Optional[str]) -> Bund
     if facts.dim != searcher.d:
         raise BundleError(f"{where} says dim {facts.dim} but its index has dim {searcher.d}; rebuild it")
     return Bundle(root=fsutil.local_path(local), manifest=manifest, searcher=searcher, docstore=checked.docstore)
+
+
+def _read_optional(url: str) -> Optional[bytes]:
+    """The bytes of the file at ``url``, or None when there is none."""
+    try:
+        with fsspec.open(url, "rb") as f:
+            return f.read()
+    except FileNotFoundError:
+        return None
 
 
 def _open_indexes(checked: validate.CheckedBundle, pinned: dict[str, fsutil.PinnedFile]) -> ShardedSearcher:

@@ -16,7 +16,7 @@ import apache_beam as beam
 import fsspec
 
 from densebeam.index_store import bundle as bundle_lib
-from densebeam.index_store import fsutil, ivf, kmeans, versions
+from densebeam.index_store import fsutil, ivf, kmeans, signing, versions
 from densebeam.index_store.build_plan import LAYOUTS, plan_build
 from densebeam.index_store.embeddings import join, open_embeddings
 from densebeam.index_store.nprobe import DEFAULT_KS
@@ -81,6 +81,9 @@ def add_index_args(p: argparse.ArgumentParser) -> None:
                    help="publish into OUTPUT/versions/<name>/ and switch OUTPUT/CURRENT atomically after "
                         "verifying it (no --overwrite needed; services reload to the new version)")
     g.add_argument("--keep-versions", type=int, default=3, help="versions kept with --versioned")
+    g.add_argument("--sign-key", default=None, metavar="FILE",
+                   help="sign the bundle's manifest with this key (HMAC-SHA256, >= 32 bytes): readers given it "
+                        "with --trust-key refuse any change (docs/reliability.md)")
 
 
 def build_parser() -> ArgumentParser:
@@ -125,6 +128,7 @@ def prepare_output(root: str, overwrite: bool) -> None:
 
 
 def run_index(args, beam_args: Sequence[str]):
+    sign_key = signing.read_key(args.sign_key)  # a bad key file fails before any work
     dirs = [open_embeddings(d) for d in args.embeddings]
     plan = plan_build(dirs, nlist=args.nlist, codec=args.codec,
                       memory_budget_bytes=parse_bytes(args.memory_budget), n_queries=args.recall_queries,
@@ -143,6 +147,8 @@ def run_index(args, beam_args: Sequence[str]):
     _ = p | "BuildIndex" >> BuildIndex(plan, target, extra)
     result = p.run()
     result.wait_until_finish()
+    if sign_key is not None:
+        signing.sign_bundle(target, sign_key)
     if args.versioned:
         versions.publish(args.output, name, keep=args.keep_versions)
     return bundle_lib.read_manifest(target), result
@@ -159,6 +165,7 @@ def run_build(argv: Optional[Sequence[str]] = None) -> tuple[dict, dict]:
     from densebeam.pipelines import encode  # imports torch (via Beam's RunInference): only when encoding
 
     args, beam_args = parse_pipeline_args(build_command_parser(), argv)
+    signing.read_key(args.sign_key)  # a bad key file fails before the encoding
     emb_dir = args.embeddings_dir or args.output.rstrip("/") + ".embeddings"
     start = time.monotonic()
     enc_argv = _encode_argv(list(argv or []), emb_dir)
@@ -171,7 +178,7 @@ def run_build(argv: Optional[Sequence[str]] = None) -> tuple[dict, dict]:
 
 _INDEX_ONLY = {"--nlist", "--codec", "--memory-budget", "--layout", "--target-recall", "--recall-queries",
                "--k", "--seed", "--embeddings-dir", "--output", "--keep-versions", "--calibration-queries",
-               "--kmeans"}
+               "--kmeans", "--sign-key"}
 _INDEX_FLAGS = {"--versioned"}
 
 

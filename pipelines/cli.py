@@ -160,6 +160,9 @@ def _inspect(argv: Sequence[str]) -> int:
     p.add_argument("--json", action="store_true", help="print the raw manifest")
     p.add_argument("--verify", action="store_true",
                    help="also check every file's size and sha256 and validate the bundle's structure")
+    p.add_argument("--trust-key", default=None, metavar="FILE",
+                   help="with --verify: also require the manifest's signature by the key in FILE and no "
+                        "unlisted file (index --sign-key)")
     p.add_argument("--plot", metavar="FILE", default=None,
                    help="also write an SVG picture of the bundle to the local FILE: recall@k against nprobe "
                         "for every measured k (chosen nprobe marked, target dashed) above the build's "
@@ -177,17 +180,22 @@ def _inspect(argv: Sequence[str]) -> int:
 
     path = versions.resolve(args.path)
     m = bundle_lib.read_manifest(path)
+    if args.trust_key and not args.verify:
+        raise ValueError("--trust-key checks a bundle's signature while verifying it: add --verify")
     if args.verify:  # what a reader checks: hashes, then the structure, then FAISS and Arrow open it
-        opened = bundle_lib.open_bundle(path, verify="full")
+        from densebeam.index_store import signing
+
+        opened = bundle_lib.open_bundle(path, verify="full", trust_key=signing.read_key(args.trust_key))
         m = opened.manifest
     if path != args.path:
         print(f"versioned location {args.path}: current version {versions.current(args.path)}",
               file=sys.stderr if args.json else sys.stdout)
     print(json.dumps(m, indent=2) if args.json else format_index_summary(m, args.path))
     if args.verify:
+        signed = "; manifest signed with the trusted key, no unlisted file" if args.trust_key else ""
         print(f"  verified: every file matches its size and sha256; structure validated ("
               f"{opened.searcher.ntotal} vectors in {opened.searcher.nlist} lists, ids = the "
-              f"{len(opened.docstore)} docstore rows, Arrow data fully validated)")
+              f"{len(opened.docstore)} docstore rows, Arrow data fully validated){signed}")
     if args.plot:
         from densebeam.index_store.bundle_plot import write_bundle_svg
 

@@ -29,6 +29,9 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--verify", default="full", choices=("full", "sizes", "none"),
                    help="bundle check at open: full hashes every file (default: a flipped byte is caught "
                         "before any result is served), sizes only stats them")
+    p.add_argument("--trust-key", default=None, metavar="FILE",
+                   help="open only a bundle signed with the key in FILE (index --sign-key), unchanged in any "
+                        "byte and with no unlisted file (docs/reliability.md)")
     p.add_argument("--nprobe", type=positive_int, default=None,
                    help="IVF lists probed (default: the bundle's measured nprobe for the search's k)")
     p.add_argument("--rerank-model", default=None,
@@ -51,9 +54,12 @@ def _add_first_stage(p: argparse.ArgumentParser) -> None:
 def _open(args, lazy_encoder: bool = False, index: str | None = None):
     from densebeam.index_store.query.search import Searcher
 
+    from densebeam.index_store import signing
+
     return Searcher.open(index or args.index, model=args.model, device=args.device, precision=args.precision,
                          verify=args.verify, rerank_model=args.rerank_model,
-                         rerank_batch_size=args.rerank_batch_size, lazy_encoder=lazy_encoder)
+                         rerank_batch_size=args.rerank_batch_size, lazy_encoder=lazy_encoder,
+                         trust_key=signing.read_key(args.trust_key))
 
 
 def search_main(argv: Sequence[str]) -> int:
@@ -212,7 +218,8 @@ def serve_main(argv: Sequence[str]) -> int:
                     max_pending_queries=max(args.max_pending_queries, args.max_queries),
                     queue_timeout_s=args.queue_timeout, max_connections=args.max_connections)
     reloading = Reloading(location=args.index, verify=args.verify, watch_seconds=args.watch_seconds,
-                          proof_timeout_s=args.reload_proof_timeout, warm_bytes=args.warm_bytes)
+                          proof_timeout_s=args.reload_proof_timeout, warm_bytes=args.warm_bytes,
+                          trust_key_file=args.trust_key)
     token = read_admin_token(args.admin_token_file)
     # The first version is proven in a child process too: a corrupt bundle is refused with a message,
     # never a crash of the service (nor a crash loop of its restarts).

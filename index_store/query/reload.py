@@ -102,13 +102,15 @@ def exercise(bundle: Bundle, k: int = 10, seed: int = 0) -> dict:
 
 
 def prove(path: str, verify: str = "full", cache_dir: Optional[str] = None,
-          timeout_s: float = DEFAULT_PROOF_TIMEOUT_S) -> dict:
+          timeout_s: float = DEFAULT_PROOF_TIMEOUT_S, trust_key_file: Optional[str] = None) -> dict:
     """Open ``path`` and :func:`exercise` it in a child process; raise :class:`ReloadError` unless it
     succeeds. The child verifies the files as ``verify`` says (``full``: hashes them), so a version that
     passes was hashed and searched as the same bytes. Costs a Python start, the verify and one scan."""
     cmd = [sys.executable, "-m", "densebeam.index_store.query.reload", path, "--verify", verify]
     if cache_dir:
         cmd += ["--cache-dir", cache_dir]
+    if trust_key_file:
+        cmd += ["--trust-key", trust_key_file]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
     except subprocess.TimeoutExpired as err:
@@ -178,9 +180,13 @@ def main(argv=None) -> int:
     p.add_argument("bundle")
     p.add_argument("--verify", default="full", choices=("full", "sizes", "none"))
     p.add_argument("--cache-dir", default=None)
+    p.add_argument("--trust-key", default=None, help="open only a bundle signed with the key in this file")
     args = p.parse_args(argv)
     try:
-        report = exercise(open_bundle(args.bundle, verify=args.verify, cache_dir=args.cache_dir))
+        from densebeam.index_store import signing
+
+        report = exercise(open_bundle(args.bundle, verify=args.verify, cache_dir=args.cache_dir,
+                                      trust_key=signing.read_key(args.trust_key)))
     except Exception as err:  # noqa: BLE001 - reported to the parent, which refuses the version
         print(f"{type(err).__name__}: {err}", file=sys.stderr)
         return 1

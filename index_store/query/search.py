@@ -101,13 +101,14 @@ class Searcher:
     def open(cls, index: str, *, model: Optional[str] = None, device: str = "auto", precision: str = "auto",
              verify: str = "full", cache_dir: Optional[str] = None, rerank_model: Optional[str] = None,
              rerank_batch_size: int = 64, bm25_options: Optional[dict] = None,
-             lazy_encoder: bool = False) -> "Searcher":
+             lazy_encoder: bool = False, trust_key: Optional[bytes] = None) -> "Searcher":
         """Open ``index`` (local path or fsspec URL; remote bundles are cached), load its model(s).
 
         ``lazy_encoder=True`` defers loading the bi-encoder until a query needs it (BM25-only use never
         does); by default it is loaded here, so a bad model fails at open, not at the first query.
+        ``trust_key``: open only a bundle signed with it, unchanged (:mod:`index_store.signing`).
         """
-        bundle = open_bundle(index, verify=verify, cache_dir=cache_dir)
+        bundle = open_bundle(index, verify=verify, cache_dir=cache_dir, trust_key=trust_key)
 
         def encoder():
             return load_query_encoder(bundle, model, device=device, precision=precision)
@@ -132,8 +133,10 @@ class Searcher:
         bundle and is always shared. Used by the service to reload without reloading models.
         """
         old, new = self.bundle.facts, bundle.facts
-        same = (old.model, old.revision, old.dim, old.similarity, old.max_seq_length) == \
-               (new.model, new.revision, new.dim, new.similarity, new.max_seq_length)
+        same = (old.model, old.revision, old.dim, old.similarity, old.max_seq_length, old.document_prompt,
+                old.query_prompt) == \
+               (new.model, new.revision, new.dim, new.similarity, new.max_seq_length, new.document_prompt,
+                new.query_prompt)
         if same and self._encoder is not None:
             encoder = self._encoder
         else:

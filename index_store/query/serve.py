@@ -71,6 +71,13 @@ class Reloading:
     watch_seconds: float = 0.0  # > 0: poll the location and reload when its version changes
     proof_timeout_s: float = reload_lib.DEFAULT_PROOF_TIMEOUT_S
     warm_bytes: int = reload_lib.DEFAULT_WARM_BYTES
+    trust_key_file: Optional[str] = None  # open only versions signed with this key (index_store.signing)
+
+    @property
+    def trust_key(self) -> Optional[bytes]:
+        from densebeam.index_store import signing
+
+        return signing.read_key(self.trust_key_file)
 
 
 def read_admin_token(path: Optional[str] = None) -> Optional[str]:
@@ -96,7 +103,8 @@ def open_version(reloading: Reloading, open_searcher, vid: Optional["reload_lib.
     ``BundleError`` (:class:`reload.ReloadError` for a version the child refused) naming what is wrong.
     """
     vid = vid or reload_lib.identify(reloading.location)
-    proof = reload_lib.prove(vid.path, reloading.verify, reloading.cache_dir, reloading.proof_timeout_s)
+    proof = reload_lib.prove(vid.path, reloading.verify, reloading.cache_dir, reloading.proof_timeout_s,
+                             reloading.trust_key_file)
     searcher = open_searcher(vid.path)
     if reload_lib.manifest_sha256(searcher.bundle) != vid.manifest_sha256:
         raise reload_lib.ReloadError(f"{vid.path} changed while it was being loaded; try again")
@@ -222,7 +230,8 @@ def create_app(searcher: Searcher, limits: Limits = Limits(), reloading: Optiona
         """Blocking: prove, open and warm ``vid`` on top of the current models."""
         current = batcher.searcher
         return open_version(reloading, lambda path: current.with_bundle(
-            open_bundle(path, verify=reloading.verify, cache_dir=reloading.cache_dir)), vid)[0]
+            open_bundle(path, verify=reloading.verify, cache_dir=reloading.cache_dir,
+                        trust_key=reloading.trust_key)), vid)[0]
 
     async def do_reload(force: bool = False) -> dict:
         """Reload if the location's version changed (or ``force``); raises HTTPException for answers."""
@@ -296,6 +305,19 @@ def create_app(searcher: Searcher, limits: Limits = Limits(), reloading: Optiona
         if len(errors) > 10:
             detail.append({"loc": [], "msg": f"... and {len(errors) - 10} more errors", "type": "more"})
         return JSONResponse(status_code=422, content={"detail": detail})
+
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, err: StarletteHTTPException):
+        # FastAPI answers a body its JSON parser gave up on (nested too deeply: a RecursionError) with 400
+        # "There was an error parsing the body"; it is malformed JSON, like any other: 422
+        if err.status_code == 400 and err.detail == "There was an error parsing the body":
+            return JSONResponse(status_code=422, content={"detail": [{
+                "loc": ["body"], "msg": "the body is not JSON this service can read (malformed, or nested too "
+                "deeply)", "type": "json_invalid"}]})
+        return JSONResponse(status_code=err.status_code, content={"detail": err.detail},
+                            headers=getattr(err, "headers", None))
 
     @app.exception_handler(ValueError)
     async def _value_error(request: Request, err: ValueError):
