@@ -20,6 +20,7 @@ class Passage:
     source_file: str
     source_pos: int  # byte offset (text formats) or row number (Parquet) of the record in source_file
     piece_start: int = 0  # where the piece it was read in starts: (file, piece_start) names the piece
+    line: Optional[int] = None  # 1-based line number where known (a text piece that starts the file)
 
     def joined_text(self, join_title: bool, sep: str = " ") -> str:
         """BEIR style: title and text joined when asked and the title is not empty."""

@@ -408,3 +408,21 @@ def test_a_file_rewritten_between_the_passes_fails_the_run(tmp_path, tiny_cos_mo
         run_encode(tiny_cos_model, [url], tmp_path / "emb")
     assert RewritingFileSystem.plan[str(src)]["opens"] >= 3
     assert published(tmp_path / "emb") == []
+
+
+def test_messages_name_what_is_wrong(tmp_path, tiny_cos_model):
+    """An id written as the JSON integer -0 is refused as such (not as a float), and a duplicate id's dead
+    letter carries its line number."""
+    from densebeam.pipelines import encode
+
+    src = tmp_path / "c.jsonl"
+    src.write_text('{"_id": -0, "text": "minus zero"}\n{"_id": "a", "text": "first"}\n{"_id": "a", "text": "again"}\n')
+    out = tmp_path / "emb"
+    encode.run(["--input", str(src), "--output", str(out), "--model", tiny_cos_model, "--precision", "fp32",
+                "--runner", "local", "--max-rejected-share", "*=1"])
+    rejected = [json.loads(line) for f in sorted((out / "rejected").glob("*.jsonl"))
+                for line in f.read_text().splitlines()]
+    by_reason = {r["reason"]: r for r in rejected}
+    assert "JSON integer -0" in by_reason["invalid_id"]["detail"] and "float" not in by_reason["invalid_id"]["detail"]
+    assert by_reason["invalid_id"]["line"] == 1
+    assert by_reason["duplicate_id"]["line"] == 3 and by_reason["duplicate_id"]["id"] == "a"

@@ -196,6 +196,11 @@ def test_error_answers_never_echo_the_input(served):
     broken = httpx.post(served.url + "/search", content=b'{"query": "' + big.encode(),
                         headers={"content-type": "application/json"}, timeout=30)
     assert broken.status_code == 422 and len(broken.content) < 4096
+    # JSON nested deeper than the parser goes is malformed JSON too: 422, as docs/query.md says
+    nested = httpx.post(served.url + "/search", content=b'{"query": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+                        headers={"content-type": "application/json"}, timeout=30)
+    assert nested.status_code == 422 and "nested too deeply" in nested.text and len(nested.content) < 4096
+    assert httpx.get(served.url + "/search", timeout=30).status_code == 405  # other HTTP errors keep their codes
 
 
 def test_cost_budget_per_request(searcher):

@@ -470,10 +470,23 @@ def _unique_keys(pairs: list) -> dict:
     return obj
 
 
+class _MinusZero:
+    """The JSON integer ``-0``: as an id it would read back as "0", another id than the input's."""
+
+    def __repr__(self) -> str:
+        return "-0"
+
+
+_MINUS_ZERO = _MinusZero()
+
+
 def _json_int(literal: str):
-    # An integer id becomes its decimal string; "-0" would come out as "0", another id than the input's,
-    # so it stays a float, which ids refuse.
-    return -0.0 if literal == "-0" else int(literal)
+    return _MINUS_ZERO if literal == "-0" else int(literal)
+
+
+def _kind(value) -> str:
+    """A JSON value's kind, for messages."""
+    return "the integer -0" if value is _MINUS_ZERO else type(value).__name__
 
 
 def _parse_json_record(line: str, opts: ReadOptions):
@@ -549,8 +562,11 @@ def _validate(fields, opts: ReadOptions, piece: Piece, pos: int, line_no: Option
         if isinstance(value, _Undecodable):
             return _reject("undecodable_bytes", f"the {name} value is not UTF-8: {value.error}", piece, pos,
                            line_no, raw)
+    if doc_id is _MINUS_ZERO:
+        return _reject("invalid_id", 'id is the JSON integer -0, which would read back as the id "0"; write it '
+                       'as the string "-0"', piece, pos, line_no, raw)
     if isinstance(doc_id, bool) or (doc_id is not None and not isinstance(doc_id, (str, int))):
-        return _reject("invalid_id", f"id must be a string or integer, got {type(doc_id).__name__}",
+        return _reject("invalid_id", f"id must be a string or integer, got {_kind(doc_id)}",
                        piece, pos, line_no, raw)
     if doc_id is None or (isinstance(doc_id, str) and not doc_id.strip()):
         return _reject("missing_id", "id is missing or empty", piece, pos, line_no, raw)
@@ -563,7 +579,7 @@ def _validate(fields, opts: ReadOptions, piece: Piece, pos: int, line_no: Option
     if text is None:
         return _reject("missing_text", "text is missing", piece, pos, line_no, raw, id=doc_id)
     if not isinstance(text, str):
-        return _reject("invalid_text", f"text must be a string, got {type(text).__name__}", piece, pos,
+        return _reject("invalid_text", f"text must be a string, got {_kind(text)}", piece, pos,
                        line_no, raw, id=doc_id)
     title_counts = opts.join_title and isinstance(title, str) and bool(title.strip())
     if not text.strip() and not title_counts:
@@ -573,13 +589,13 @@ def _validate(fields, opts: ReadOptions, piece: Piece, pos: int, line_no: Option
         return _reject("text_too_long", f"text is longer than {opts.max_text_bytes} bytes", piece, pos,
                        line_no, raw, id=doc_id)
     if title is not None and not isinstance(title, str):
-        return _reject("invalid_title", f"title must be a string, got {type(title).__name__}", piece, pos,
+        return _reject("invalid_title", f"title must be a string, got {_kind(title)}", piece, pos,
                        line_no, raw, id=doc_id)
     if _has_surrogates(text) or (title and _has_surrogates(title)):
         return _reject("undecodable_bytes", "text holds unpaired UTF-16 surrogates", piece, pos, line_no,
                        raw, id=doc_id)
     return Passage(id=doc_id, text=text, title=title or "", source_file=piece.path, source_pos=pos,
-                   piece_start=piece.start)
+                   piece_start=piece.start, line=line_no)
 
 
 def _has_surrogates(s: str) -> bool:

@@ -69,7 +69,7 @@ class _ReadPieceFn(beam.DoFn):
                 self._dups.inc()
                 rec = Rejected(reason="duplicate_id",
                                detail=f"id {rec.id!r} already seen at {first_file} offset {first_pos}",
-                               source_file=rec.source_file, source_pos=rec.source_pos, line=None,
+                               source_file=rec.source_file, source_pos=rec.source_pos, line=rec.line,
                                id=rec.id, raw=rec.text[:512])
             elif isinstance(rec, Rejected):
                 Metrics.counter(NAMESPACE, f"rejected_{rec.reason}").inc()
