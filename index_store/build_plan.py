@@ -18,8 +18,8 @@ from densebeam.index_store.nprobe import DEFAULT_KS
 from densebeam.index_store.embeddings import EmbeddingsDir
 from densebeam.index_store.global_sample import GlobalSample
 from densebeam.index_store.types import ModelFacts
+from densebeam.index_store.ivf_params import LAYOUTS
 
-LAYOUTS = ("merged", "shards")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -20,11 +20,11 @@ from densebeam.index_store import fsutil
 from densebeam.index_store.docstore import PART_PATTERN
 from densebeam.index_store.embeddings import join
 from densebeam.index_store.types import ModelFacts
+from densebeam.index_store.ivf_params import LAYOUTS
 
 MANIFEST = "manifest.json"
 FORMAT = "densebeam.index"
 FORMAT_VERSION = 1
-LAYOUTS = ("merged", "shards")
 TRAINED, MERGED_INDEX, MERGED_DATA = "trained.faiss", "index.faiss", "index.ivfdata"
 SHARD_PATTERN = "shards/shard-{index:05d}-of-{count:05d}.faiss"
 _RESERVED = ("format", "format_version", "files")
@@ -84,10 +84,10 @@ def write_manifest(root: str, fields: dict, files: list[str]) -> dict:
         raise ValueError(f"files must be distinct and must not include {MANIFEST}: {files}")
     manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, **fields,
                 "files": [file_entry(root, f) for f in files]}
+    raw = (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode("utf-8")
     with fsutil.atomic_local_output(join(root, MANIFEST)) as tmp:
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(manifest, f, indent=2, sort_keys=True)
-            f.write("\n")
+        with open(tmp, "wb") as f:
+            f.write(raw)
     return manifest
 
 

@@ -18,6 +18,8 @@ import pyarrow.parquet as pq
 from densebeam.index_store.types import ModelFacts
 
 MANIFEST = "_manifest.json"
+# a run fails, publishing nothing, when dead letters of a reason pass this share of the records read
+DEFAULT_MAX_REJECTED_SHARE = {"encode_failed": 0.01, "bad_embedding": 0.01, "*": 0.5}
 FORMAT = "densebeam.embeddings"
 FORMAT_VERSION = 1
 FACTS_KEY = b"densebeam.model_facts"

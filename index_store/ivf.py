@@ -25,6 +25,7 @@ from densebeam.index_store.ivf_files import (ID_BYTES, index_from_bytes, index_t
 from densebeam.index_store.ivf_search import (MISSING_SCORE, ShardedSearcher, choose_nprobe,  # noqa: F401
                                               exact_search, recall_at_k, recall_curve_from_lists,
                                               recall_curves_from_lists, recall_follows_lists, search_filled)
+from densebeam.index_store.ivf_params import KMEANS  # noqa: F401 - the CLI names them, FAISS-free
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +116,6 @@ def _as_vectors(x: np.ndarray, what: str, dim: Optional[int] = None) -> np.ndarr
 FLAT_KMEANS_NITER = 10  # FAISS's IVF training default (Level1Quantizer's ClusteringParameters)
 
 
-KMEANS = ("auto", "flat", "two-level")
 CODEC_TRAIN_ROWS = 65536  # SQ8/PQ codec training: FAISS's PQ uses at most 256 points x 256 centroids
 
 

@@ -36,8 +36,8 @@ import faiss
 import numpy as np
 
 from densebeam.index_store import gpu as accel
+from densebeam.index_store.ivf_params import TWO_LEVEL_MIN_NLIST
 
-TWO_LEVEL_MIN_NLIST = 1024  # below this, flat k-means costs seconds and two levels buy nothing
 
 
 @dataclasses.dataclass(frozen=True)

@@ -14,11 +14,29 @@ import functools
 from typing import Iterable, Optional, Sequence
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Descriptions as written, and every option's default after its help (unless it says it already,
+    or has none worth showing: an unset value, an off switch)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        default = action.default
+        if (default in (None, False, argparse.SUPPRESS) or "default" in text.lower()
+                or action.option_strings == [] or isinstance(action, argparse._HelpAction)):
+            return text
+        if isinstance(default, (list, tuple)):
+            if not default:
+                return text
+            default = ",".join(map(str, default))
+        return f"{text} (default: {default})" if text else f"(default: {default})"
+
+
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse with prefix matching off and a "did you mean" for unknown flags."""
+    """argparse with prefix matching off, a "did you mean" for unknown flags, and defaults in --help."""
 
     def __init__(self, *args, **kwargs):
         kwargs.setdefault("allow_abbrev", False)
+        kwargs["formatter_class"] = HelpFormatter
         super().__init__(*args, **kwargs)
 
     def flags(self) -> list[str]:
@@ -78,7 +96,7 @@ def unknown_to_beam(args: Sequence[str]) -> list[str]:
 def parse_pipeline_args(parser: ArgumentParser, argv: Optional[Sequence[str]]):
     """(densebeam options, Beam flags to pass through); exit 2 on a flag that is neither."""
     args, rest = parser.parse_known_args(argv)
-    unknown = unknown_to_beam(rest)
+    unknown = unknown_to_beam(rest) if rest else []  # Beam's flags are read only when there are some
     if unknown:
         parser.fail_unknown(unknown, parser.flags() + beam_flags())
     return args, rest

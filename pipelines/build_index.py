@@ -7,7 +7,6 @@ densebeam build: encode then index, in one command.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import time
 from typing import Optional, Sequence
@@ -16,100 +15,15 @@ import apache_beam as beam
 import fsspec
 
 from densebeam.index_store import bundle as bundle_lib
-from densebeam.index_store import fsutil, ivf, kmeans, signing, versions
-from densebeam.index_store.build_plan import LAYOUTS, plan_build
+from densebeam.index_store import fsutil, signing, versions
+from densebeam.index_store.build_plan import plan_build
 from densebeam.index_store.embeddings import join, open_embeddings
-from densebeam.index_store.nprobe import DEFAULT_KS
-from densebeam.pipelines import options
-from densebeam.pipelines.argparsing import ArgumentParser, parse_pipeline_args
+from densebeam.pipelines.argparsing import parse_pipeline_args
+from densebeam.pipelines.parsers import build_command_parser, build_parser, parse_bytes  # noqa: F401
 from densebeam.runners.presets import pipeline_options
 from densebeam.transforms.index import BuildIndex
 
 log = logging.getLogger(__name__)
-
-
-def parse_bytes(text: Optional[str]) -> Optional[int]:
-    """'4GB', '512MiB', '1e9' -> bytes."""
-    if text is None:
-        return None
-    units = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-             "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
-    t = text.strip().lower()
-    num = t.rstrip("kmgtib")
-    unit = t[len(num):]
-    if unit not in units:
-        raise ValueError(f"cannot read the size {text!r}; write e.g. 4GB or 512MiB")
-    return int(float(num) * units[unit])
-
-
-def _ks(text: str) -> tuple[int, ...]:
-    """'10,100,1000' -> (10, 100, 1000)."""
-    try:
-        ks = tuple(int(x) for x in text.split(",") if x.strip())
-    except ValueError:
-        ks = ()
-    if not ks or min(ks) < 1:
-        raise argparse.ArgumentTypeError(f"--k takes positive integers separated by commas, e.g. 10,100,1000; "
-                                         f"got {text!r}")
-    return ks
-
-
-def add_index_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("index")
-    g.add_argument("--nlist", type=int, default=None, help="IVF lists (default: from the vector count)")
-    g.add_argument("--codec", default=None, help="Flat, SQ8 or PQ<m>x8 (default: Flat, or what fits the budget)")
-    g.add_argument("--memory-budget", default=None,
-                   help="index memory budget, e.g. 8GB: picks the codec and bounds the training sample")
-    g.add_argument("--layout", default="merged", choices=LAYOUTS,
-                   help="merged: one memory-mappable on-disk index; shards: keep one index per shard")
-    g.add_argument("--target-recall", type=float, default=0.95,
-                   help="nprobe for each k = the smallest reaching this recall@k against exact search")
-    g.add_argument("--recall-queries", type=int, default=1000,
-                   help="held-out vectors (or most calibration queries) used to measure recall")
-    g.add_argument("--k", type=_ks, default=DEFAULT_KS, metavar="K[,K...]",
-                   help="the k of the recall@k measurements (default 10,100,1000); a search for k hits "
-                        "uses the nprobe measured for the smallest of these >= k")
-    g.add_argument("--calibration-queries", default=None, metavar="FILE",
-                   help="measure recall with these real queries instead of held-out passages (for "
-                        "asymmetric models): BEIR queries.jsonl or qid<TAB>text TSV, encoded with the "
-                        "embeddings' model, or a .npy float32 (q, dim) array of query vectors")
-    g.add_argument("--kmeans", default="auto", choices=ivf.KMEANS,
-                   help="coarse quantizer training: two-level k-means (fast, spread over workers; auto "
-                        f"picks it from {kmeans.TWO_LEVEL_MIN_NLIST} lists up) or FAISS's flat k-means")
-    g.add_argument("--seed", type=int, default=1234)
-    g.add_argument("--versioned", action="store_true",
-                   help="publish into OUTPUT/versions/<name>/ and switch OUTPUT/CURRENT atomically after "
-                        "verifying it (no --overwrite needed; services reload to the new version)")
-    g.add_argument("--keep-versions", type=int, default=3, help="versions kept with --versioned")
-    g.add_argument("--sign-key", default=None, metavar="FILE",
-                   help="sign the bundle's manifest with this key (HMAC-SHA256, >= 32 bytes): readers given it "
-                        "with --trust-key refuse any change (docs/reliability.md)")
-
-
-def build_parser() -> ArgumentParser:
-    p = ArgumentParser(prog="densebeam index", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--embeddings", action="append", required=True, metavar="DIR",
-                   help="embeddings dir written by densebeam encode (repeatable; same model facts)")
-    p.add_argument("--output", required=True, help="index bundle dir (local path or fsspec URL)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing bundle")
-    add_index_args(p)
-    options.add_runner_args(p)
-    return p
-
-
-def build_command_parser() -> ArgumentParser:
-    p = ArgumentParser(prog="densebeam build", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--output", required=True, help="index bundle dir (local path or fsspec URL)")
-    p.add_argument("--embeddings-dir", default=None,
-                   help="where the intermediate embeddings go (default: OUTPUT.embeddings beside it)")
-    options.add_read_args(p)
-    options.add_encode_args(p)
-    options.add_output_args(p)
-    add_index_args(p)
-    options.add_runner_args(p)
-    return p
 
 
 def prepare_output(root: str, overwrite: bool) -> None:

@@ -244,6 +244,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     _setup_logging()
     try:
+        from densebeam.pipelines import preflight  # before anything heavy: mistakes fail in a second
+
+        if command in ("encode", "index", "build"):
+            preflight.check_pipeline(command, rest)
+        elif command in ("search", "eval", "serve"):
+            preflight.check_query(command, rest)
         return COMMANDS[command](rest)
     except (ValueError, FileNotFoundError, FileExistsError) as err:
         print(f"densebeam {command}: error: {err}", file=sys.stderr)

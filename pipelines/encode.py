@@ -5,7 +5,6 @@
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import logging
@@ -19,10 +18,10 @@ from densebeam.index_store import embeddings as emb
 from densebeam.index_store import precision_memo
 from densebeam.index_store.encoder import MIN_CALIBRATION_TEXTS, load_encoder, resolve_model_path
 from densebeam.index_store.model_id import weights_revision
-from densebeam.pipelines.argparsing import ArgumentParser, parse_pipeline_args
+from densebeam.pipelines.argparsing import parse_pipeline_args
 from densebeam.pipelines.errors import RunFailed
-from densebeam.pipelines.options import (add_encode_args, add_output_args, add_read_args, add_runner_args,
-                                         default_batch_size, max_rejected_share, read_options)
+from densebeam.pipelines.options import default_batch_size, max_rejected_share, read_options
+from densebeam.pipelines.parsers import build_encode_parser as build_parser  # noqa: F401 - encode.build_parser
 from densebeam.runners.presets import pipeline_options
 from densebeam.transforms.cache import JournalEncoded, ReuseEmbeddings, cache_files
 from densebeam.transforms.corpus_io import ReadOptions, detect_format, expand_patterns
@@ -32,17 +31,6 @@ from densebeam.transforms.read import ReadCorpus
 from densebeam.transforms.write import FAILED_REPORT, InSourceOrder, WriteEmbeddings, describe_failure
 
 log = logging.getLogger(__name__)
-
-
-def build_parser() -> ArgumentParser:
-    p = ArgumentParser(prog="densebeam encode", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--output", required=True, help="embeddings dir (local path or fsspec URL)")
-    add_read_args(p)
-    add_encode_args(p)
-    add_output_args(p)
-    add_runner_args(p)
-    return p
 
 
 def encode_options(args) -> EncodeOptions:

@@ -51,10 +51,11 @@ def add_encode_args(p: argparse.ArgumentParser) -> None:
                         f"(default: {DEFAULT_MODEL}, bundled offline)")
     g.add_argument("--similarity", default="auto", choices=("auto", "cos", "dot"),
                    help="cos = unit-normalized vectors, dot = raw; auto = inferred from the model")
-    g.add_argument("--device", default="auto", choices=DEVICES)
+    g.add_argument("--device", default="auto", choices=DEVICES,
+                   help="where the model runs; auto = a CUDA GPU when torch sees one, else the CPU")
     g.add_argument("--precision", default="auto", choices=PRECISIONS,
-                   help="compute precision; auto = the fastest precision faithful to fp32, measured on a sample "
-                        "of the corpus (README)")
+                   help="compute precision; auto = fp32 on a CPU without bf16 arithmetic, else the fastest "
+                        "precision faithful to fp32, measured once per machine and model (docs/guide.md)")
     g.add_argument("--max-seq-length", type=positive_int, default=None, help="truncate passages to this many tokens")
     g.add_argument("--no-join-title", action="store_true", help="encode the text only, not title + text")
     g.add_argument("--document-prompt", default=None, metavar="TEXT",
@@ -76,7 +77,8 @@ def add_output_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("output")
     g.add_argument("--dtype", default="float32", choices=("float32", "float16"), help="stored vector dtype")
     g.add_argument("--no-text", action="store_true", help="do not store text/title beside the vectors")
-    g.add_argument("--rows-per-shard", type=positive_int, default=200_000)
+    g.add_argument("--rows-per-shard", type=positive_int, default=200_000,
+                   help="at most this many vectors per Parquet shard")
     g.add_argument("--overwrite", action="store_true",
                    help="replace an existing output (its vectors are reused for unchanged passages)")
     g.add_argument("--reuse", action="append", metavar="EMB_DIR",
@@ -104,7 +106,7 @@ def add_runner_args(p: argparse.ArgumentParser) -> None:
 
 def max_rejected_share(values: Sequence[str]) -> dict:
     """``["encode_failed=0.05", "*=1"]`` over the defaults -> {reason: share}."""
-    from densebeam.transforms.write import DEFAULT_MAX_REJECTED_SHARE
+    from densebeam.index_store.embeddings import DEFAULT_MAX_REJECTED_SHARE
 
     out = dict(DEFAULT_MAX_REJECTED_SHARE)
     for item in values:

@@ -24,8 +24,11 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--index", required=True, help="index bundle (local path or fsspec URL)")
     p.add_argument("--model", default=None,
                    help="query bi-encoder override (default: the bundle's model; must agree on dim and similarity)")
-    p.add_argument("--device", default="auto", choices=DEVICES)
-    p.add_argument("--precision", default="auto", choices=PRECISIONS)
+    p.add_argument("--device", default="auto", choices=DEVICES,
+                   help="where the models run; auto = a CUDA GPU when torch sees one, else the CPU")
+    p.add_argument("--precision", default="auto", choices=PRECISIONS,
+                   help="queries: auto = fp32 on CPU, fp16 on CUDA; the cross-encoder: auto = bf16-mixed on CPUs "
+                        "with bf16 arithmetic, fp16 on CUDA, else fp32")
     p.add_argument("--verify", default="full", choices=("full", "sizes", "none"),
                    help="bundle check at open: full hashes every file (default: a flipped byte is caught "
                         "before any result is served), sizes only stats them")
@@ -38,11 +41,12 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                    help="cross-encoder name or path, e.g. cross-encoder/ms-marco-MiniLM-L6-v2")
     p.add_argument("--rerank-depth", type=positive_int, default=100,
                    help="hits per query the cross-encoder re-scores (serve: a request's default, at least its k)")
-    p.add_argument("--rerank-batch-size", type=positive_int, default=64)
+    p.add_argument("--rerank-batch-size", type=positive_int, default=64,
+                   help="pairs per CrossEncoder.predict batch, for cross-encoders the packed forward cannot run")
 
 
 def _add_first_stage(p: argparse.ArgumentParser) -> None:
-    from densebeam.index_store.query.search import FIRST_STAGES, RRF_K
+    from densebeam.index_store.query.hits import FIRST_STAGES, RRF_K
 
     p.add_argument("--first-stage", default="dense", choices=FIRST_STAGES,
                    help="dense (IVF), exact (every vector), bm25, or hybrid (BM25 and dense fused by reciprocal "
@@ -62,14 +66,29 @@ def _open(args, lazy_encoder: bool = False, index: str | None = None):
                          trust_key=signing.read_key(args.trust_key))
 
 
-def search_main(argv: Sequence[str]) -> int:
-    p = ArgumentParser(prog="densebeam search", description="search an index bundle")
+def search_parser() -> ArgumentParser:
+    p = ArgumentParser(prog="densebeam search", description="search an index bundle",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     _add_common(p)
     p.add_argument("--query", action="append", required=True, help="query text (repeatable)")
-    p.add_argument("--k", type=positive_int, default=10)
+    p.add_argument("--k", type=positive_int, default=10, help="hits per query")
     _add_first_stage(p)
     p.add_argument("--json", action="store_true", help="print JSON: [{query, hits: [...]}]")
-    args = p.parse_args(argv)
+    return p
+
+
+def parser(command: str) -> ArgumentParser:
+    """The command line of ``search``, ``eval`` or ``serve``."""
+    return {"search": search_parser, "eval": eval_parser, "serve": serve_parser}[command]()
+
+
+def metric_names(text):
+    """``--metrics`` as a list of names (None: the defaults)."""
+    return [m.strip() for m in text.split(",") if m.strip()] if text else None
+
+
+def search_main(argv: Sequence[str]) -> int:
+    args = search_parser().parse_args(argv)
     searcher = _open(args, lazy_encoder=True)
     results = searcher.retrieve(args.query, args.k, first_stage=args.first_stage, nprobe=args.nprobe,
                                 rerank=args.rerank_model is not None, rerank_depth=args.rerank_depth,
@@ -86,13 +105,9 @@ def search_main(argv: Sequence[str]) -> int:
     return 0
 
 
-def eval_main(argv: Sequence[str]) -> int:
-    from tqdm import tqdm
-
-    from densebeam.index_store.query import evaluate as ev
-    from densebeam.index_store.query.hits import write_trec_run
-
-    p = ArgumentParser(prog="densebeam eval", description="retrieve for a query set and score it")
+def eval_parser() -> ArgumentParser:
+    p = ArgumentParser(prog="densebeam eval", description="retrieve for a query set and score it",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     _add_common(p)
     p.add_argument("--queries", required=True, help="BEIR queries.jsonl or MS MARCO qid<TAB>text TSV")
     p.add_argument("--qrels", required=True, help="BEIR qrels TSV (with header) or TREC qrels")
@@ -110,8 +125,17 @@ def eval_main(argv: Sequence[str]) -> int:
                    help="also print each query's value of each metric (trec_eval -q style: metric, qid, value)")
     p.add_argument("--run-out", default=None, help="also write the run in TREC format here")
     p.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
-    args = p.parse_args(argv)
-    metrics = [m.strip() for m in args.metrics.split(",") if m.strip()] if args.metrics else None
+    return p
+
+
+def eval_main(argv: Sequence[str]) -> int:
+    from tqdm import tqdm
+
+    from densebeam.index_store.query import evaluate as ev
+    from densebeam.index_store.query.hits import write_trec_run
+
+    args = eval_parser().parse_args(argv)
+    metrics = metric_names(args.metrics)
     ev.measures(args.relevance_level, metrics)  # an unknown metric fails before any work
     queries = ev.read_queries(args.queries)
     qrels = ev.read_qrels(args.qrels)
@@ -167,28 +191,30 @@ def _size(text: str) -> int:
         raise argparse.ArgumentTypeError(f"cannot read the size {text!r}; write e.g. 2GiB or 512MB") from None
 
 
-def serve_main(argv: Sequence[str]) -> int:
-    from densebeam.index_store.query.serve import Limits, Reloading, open_version, read_admin_token, serve
+def serve_parser() -> ArgumentParser:
+    from densebeam.index_store.query.limits import Limits
 
     d = Limits()
-    p = ArgumentParser(prog="densebeam serve", description="HTTP search service over one bundle")
+    p = ArgumentParser(prog="densebeam serve", description="HTTP search service over one bundle",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     _add_common(p)
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    p.add_argument("--port", type=int, default=8080, help="port to listen on")
     p.add_argument("--batch-window-ms", type=float, default=d.batch_window_ms,
                    help="how long the micro-batcher waits to gather concurrent requests")
     p.add_argument("--watch-seconds", type=float, default=0,
                    help="check the index location's version this often and reload to a new one without "
                         "dropping requests (0: only POST /admin/reload)")
     g = p.add_argument_group("limits per request")
-    g.add_argument("--max-k", type=int, default=d.max_k)
+    g.add_argument("--max-k", type=int, default=d.max_k, help="hits a request may ask for per query")
     g.add_argument("--max-queries", type=int, default=d.max_queries, help="queries per request")
     g.add_argument("--max-hits", type=int, default=d.max_hits, help="queries x k per request")
     g.add_argument("--max-rerank-pairs", type=int, default=d.max_rerank_pairs,
                    help="queries x rerank depth per request (cross-encoder forward passes)")
     g.add_argument("--max-body-bytes", type=_size, default=d.max_body_bytes,
                    help="request body, counted as it streams in whatever the transfer encoding (413 beyond)")
-    g.add_argument("--max-response-bytes", type=_size, default=d.max_response_bytes)
+    g.add_argument("--max-response-bytes", type=_size, default=d.max_response_bytes,
+                   help="an answer larger than this is refused (422), saying what to ask instead")
     g.add_argument("--header-timeout", type=float, default=d.header_timeout_s, metavar="SECONDS",
                    help="time for a request's head (408 and close beyond)")
     g.add_argument("--body-timeout", type=float, default=d.body_timeout_s, metavar="SECONDS",
@@ -210,7 +236,14 @@ def serve_main(argv: Sequence[str]) -> int:
                         "serves or is swapped in")
     g.add_argument("--reload-proof-timeout", type=float, default=600, metavar="SECONDS",
                    help="time a child process gets to open and search a new version before it is refused")
-    args = p.parse_args(argv)
+    return p
+
+
+def serve_main(argv: Sequence[str]) -> int:
+    from densebeam.index_store.query.serve import Limits, Reloading, open_version, read_admin_token, serve
+
+    d = Limits()
+    args = serve_parser().parse_args(argv)
     limits = Limits(max_queries=args.max_queries, max_k=args.max_k, batch_window_ms=args.batch_window_ms,
                     max_hits=args.max_hits, max_rerank_pairs=args.max_rerank_pairs,
                     max_body_bytes=args.max_body_bytes, max_response_bytes=args.max_response_bytes,

@@ -20,8 +20,6 @@ from __future__ import annotations
 
 from typing import Optional, Sequence
 
-from apache_beam.options.pipeline_options import PipelineOptions
-
 LOCAL = "local"
 FLINK = "flink"
 DATAFLOW = "dataflow"
@@ -54,6 +52,9 @@ def preset_args(runner: str, beam_args: Sequence[str], workers: int = 1,
 
 
 def pipeline_options(runner: str, beam_args: Sequence[str], workers: int = 1,
-                     job_name: Optional[str] = None) -> PipelineOptions:
-    """Beam options for a preset; ``beam_args`` are the user's own Beam flags and win over the preset."""
+                     job_name: Optional[str] = None):
+    """Beam ``PipelineOptions`` for a preset; ``beam_args`` are the user's own Beam flags and win over the
+    preset. (Beam is imported here, not with the module: the CLI reads the presets' names first.)"""
+    from apache_beam.options.pipeline_options import PipelineOptions
+
     return PipelineOptions(preset_args(runner, beam_args, workers, job_name) + list(beam_args))

@@ -37,7 +37,6 @@ log = logging.getLogger(__name__)
 # A run fails (and publishes nothing) when dead letters of a reason exceed this share of the records
 # read; "*" is all reasons together. A night whose model raises on every batch, or whose input is the
 # wrong format, must not end green.
-DEFAULT_MAX_REJECTED_SHARE = {"encode_failed": 0.01, "bad_embedding": 0.01, "*": 0.5}
 FAILED_REPORT = "_FAILED.json"
 
 
@@ -330,7 +329,7 @@ class WriteEmbeddings(beam.PTransform):
         self._rows_per_shard, self._row_group_rows = rows_per_shard, min(row_group_rows, rows_per_shard)
         self._extra = manifest_extra or {}
         self._identity, self._join_title = identity, join_title
-        self._limits = DEFAULT_MAX_REJECTED_SHARE if max_rejected_share is None else dict(max_rejected_share)
+        self._limits = emb.DEFAULT_MAX_REJECTED_SHARE if max_rejected_share is None else dict(max_rejected_share)
         self._files = list(files)
 
     def expand(self, pcolls):

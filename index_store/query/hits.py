@@ -61,7 +61,11 @@ def sort_hits(hits: Iterable[Hit]) -> list[Hit]:
     return sorted(hits, key=lambda h: (-h.score, h.row))
 
 
-def fuse_rrf(lists: Sequence[Sequence[Hit]], k: int, rrf_k: int = 60) -> list[Hit]:
+FIRST_STAGES = ("dense", "exact", "bm25", "hybrid")  # what Searcher.retrieve starts from
+RRF_K = 60  # reciprocal rank fusion's constant (Cormack et al. 2009)
+
+
+def fuse_rrf(lists: Sequence[Sequence[Hit]], k: int, rrf_k: int = RRF_K) -> list[Hit]:
     """Reciprocal rank fusion (Cormack et al. 2009): each document scores sum(1 / (rrf_k + rank)) over
     the lists it appears in (ranks from 1); the top ``k`` by that score, best first, ties to the smaller
     FAISS row. The hits keep their text; ``score`` is the fused score."""

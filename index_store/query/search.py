@@ -29,14 +29,12 @@ import numpy as np
 
 from densebeam.index_store.bundle import Bundle, open_bundle
 from densebeam.index_store.encoder import Encoder, load_encoder, pick_device, pick_precision
-from densebeam.index_store.query.hits import Hit, fuse_rrf, hits_from_rows, sort_hits
+from densebeam.index_store.query.hits import FIRST_STAGES, RRF_K, Hit, fuse_rrf, hits_from_rows, sort_hits  # noqa: F401
 from densebeam.index_store.ivf_search import exact_search
 from densebeam.index_store.query.vectors import DEFAULT_BATCH_ROWS, IvfVectors
 
 log = logging.getLogger(__name__)
 
-FIRST_STAGES = ("dense", "exact", "bm25", "hybrid")
-RRF_K = 60  # reciprocal rank fusion constant (Cormack et al. 2009)
 
 
 def query_precision(precision: str, device: str) -> str:

@@ -1,0 +1,8 @@
+"""The names and thresholds of an IVF build that the command line offers, without importing FAISS (the
+CLI checks its flags before any heavy import). No Beam import."""
+
+from __future__ import annotations
+
+LAYOUTS = ("merged", "shards")  # one memory-mappable on-disk index, or one index per shard
+KMEANS = ("auto", "flat", "two-level")  # coarse quantizer training (index_store.ivf.kmeans_method)
+TWO_LEVEL_MIN_NLIST = 1024  # below this, flat k-means costs seconds and two levels buy nothing
