@@ -39,6 +39,8 @@ def _setup_logging() -> None:
                   "bm25s"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # the summary and densebeam's own progress lines report; no third-party progress bars on stderr
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
 def format_encode_summary(manifest: dict, output: str) -> str:
@@ -49,8 +51,8 @@ def format_encode_summary(manifest: dict, output: str) -> str:
         f"embeddings: {output}",
         f"  model {facts['model']}  dim {facts['dim']}  similarity {facts['similarity']}  "
         f"dtype {facts['dtype']}  precision {facts.get('precision')}",
-        f"  read {c['read']}  encoded {c['encoded']}  rejected {c['rejected']}  "
-        f"in {len(manifest['shards'])} shard(s)",
+        f"  read {c['read']}  vectors {c['encoded']} ({c['encoded'] - c.get('reused', 0)} encoded now, "
+        f"{c.get('reused', 0)} reused from earlier runs)  rejected {c['rejected']}  in {len(manifest['shards'])} shard(s)",
     ]
     for reason, n in c.get("rejected_by_reason", {}).items():
         lines.append(f"    rejected {reason}: {n}")
@@ -66,7 +68,10 @@ def format_encode_summary(manifest: dict, output: str) -> str:
     if line:
         lines.append(line)
     if secs:
-        lines.append(f"  wall time {secs:.1f} s, {c['encoded'] / secs:.1f} passages/s end to end")
+        fresh = c["encoded"] - c.get("reused", 0)
+        rate = (f"{fresh / secs:.1f} passages encoded per second end to end" if fresh else
+                "nothing to encode: every vector was reused")
+        lines.append(f"  wall time {secs:.1f} s, {rate}")
         lines += time_breakdown(secs, manifest.get("_workers", 1), manifest.get("_worker_msec") or {},
                                 auto.get("seconds") or 0.0)
     return "\n".join(lines)

@@ -280,7 +280,7 @@ def test_densebeam_build_end_to_end_with_tiny_model(tmp_path, tiny_cos_model, ca
                    "--precision", "fp32", "--rows-per-shard", "150", "--calibration-queries", str(qfile),
                    "--k", "10,50", *LOCAL])
     out = capsys.readouterr().out
-    assert rc == 0 and "read 401  encoded 400  rejected 1" in out and "default nprobe" in out
+    assert rc == 0 and "read 401  vectors 400 (400 encoded now, 0 reused from earlier runs)  rejected 1" in out and "default nprobe" in out
     b = bundle_lib.open_bundle(str(tmp_path / "idx"))
     assert b.searcher.ntotal == 400 and b.manifest["counts"]["shards"] == 3
     assert b.facts.model == tiny_cos_model and b.facts.similarity == "cos"

@@ -70,7 +70,7 @@ def test_empty_and_blank_files_give_no_records_and_a_summary_line(tmp_path, tiny
     assert cli.main(["encode", "--input", str(tmp_path / "in" / "*"), "--output", str(out), "--model",
                      tiny_cos_model, "--precision", "fp32", "--runner", "local"]) == 0
     summary = capsys.readouterr().out
-    assert "read 40  encoded 40  rejected 0" in summary
+    assert "read 40  vectors 40 (40 encoded now, 0 reused from earlier runs)  rejected 0" in summary
     for name, why in (("b.jsonl", "empty"), ("c.jsonl.gz", "empty"), ("d.jsonl", "blank lines only")):
         assert f"no records in {tmp_path / 'in' / name} ({why})" in summary
     manifest = json.loads((out / "_manifest.json").read_text())

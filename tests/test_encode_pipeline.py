@@ -188,13 +188,13 @@ def test_cli_summary_and_clear_errors(tmp_path, tiny_cos_model, capsys):
                    *LOCAL])
     out = capsys.readouterr().out
     assert rc == 0
-    assert "read 13  encoded 12  rejected 1" in out and "rejected empty_text: 1" in out
+    assert "read 13  vectors 12 (12 encoded now, 0 reused from earlier runs)  rejected 1" in out and "rejected empty_text: 1" in out
     rc = cli.main(["encode", "--input", str(tmp_path / "nope*.jsonl"), "--output", str(tmp_path / "o2"),
                    "--model", tiny_cos_model])
     assert rc == 2 and "matches no file" in capsys.readouterr().err
     rc = cli.main(["encode", "--input", str(src), "--output", str(tmp_path / "o3"),
                    "--model", str(tmp_path / "no-such-model")])
-    assert rc == 2 and "cannot load sentence-transformers model" in capsys.readouterr().err
+    assert rc == 2 and "no such model folder" in capsys.readouterr().err  # before any model loads
 
 
 def test_bad_vectors_are_dead_lettered_before_any_index(tmp_path):

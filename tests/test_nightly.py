@@ -24,7 +24,8 @@ def test_the_same_command_twice(tmp_path, tiny_cos_model, mode, capsys):
     capsys.readouterr()
     assert cli.main(cmd) == 0  # the second night
     summary = capsys.readouterr().out
-    assert "read 150  encoded 150  rejected 0" in summary
+    assert "read 150  vectors 150 (0 encoded now, 150 reused from earlier runs)  rejected 0" in summary
+    assert "nothing to encode: every vector was reused" in summary
     emb = json.loads((tmp_path / "index.embeddings" / "_manifest.json").read_text())
     assert emb["counts"]["reused"] == 150  # nothing re-encoded
     second = versions.resolve(str(out))
