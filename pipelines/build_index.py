@@ -21,9 +21,11 @@ from densebeam.index_store.embeddings import join, open_embeddings
 from densebeam.pipelines.argparsing import parse_pipeline_args
 from densebeam.pipelines.parsers import build_command_parser, build_parser, parse_bytes  # noqa: F401
 from densebeam.runners.presets import pipeline_options
+from densebeam.runners.progress import wait_with_progress
 from densebeam.transforms.index import BuildIndex
 
 log = logging.getLogger(__name__)
+PROGRESS_SECONDS = 30.0  # the launcher logs the index build's counters this often (Flink, Dataflow)
 
 
 def prepare_output(root: str, overwrite: bool) -> None:
@@ -60,7 +62,7 @@ def run_index(args, beam_args: Sequence[str]):
     p = beam.Pipeline(options=pipeline_options(args.runner, beam_args, workers=args.workers))
     _ = p | "BuildIndex" >> BuildIndex(plan, target, extra)
     result = p.run()
-    result.wait_until_finish()
+    wait_with_progress(result, PROGRESS_SECONDS, plan.n_vectors)
     if sign_key is not None:
         signing.sign_bundle(target, sign_key)
     if args.versioned:

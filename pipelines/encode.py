@@ -23,6 +23,7 @@ from densebeam.pipelines.errors import RunFailed
 from densebeam.pipelines.options import default_batch_size, max_rejected_share, read_options
 from densebeam.pipelines.parsers import build_encode_parser as build_parser  # noqa: F401 - encode.build_parser
 from densebeam.runners.presets import pipeline_options
+from densebeam.runners.progress import wait_with_progress
 from densebeam.transforms.cache import JournalEncoded, ReuseEmbeddings, cache_files
 from densebeam.transforms.corpus_io import ReadOptions, detect_format, expand_patterns
 from densebeam.transforms.estimate import estimate_records, sample_texts
@@ -201,7 +202,7 @@ def run_pipeline(argv: Optional[Sequence[str]] = None):
     encode_stage(p, files, read_opts, enc_opts, facts, args.output, args, cache, measurement, requested)
     try:
         result = p.run()
-        result.wait_until_finish()
+        wait_with_progress(result, args.progress_seconds, expected)
     except Exception as err:
         report = _failure_report(args.output, start_wall)
         if report is not None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import collections
 import json
+import logging
 import os
 import time
 import urllib.request
@@ -64,13 +65,15 @@ def runs(tmp_path_factory, tiny_cos_model):
     boot = sdk_boot.write_boot_command(tmp / "sdk-boot.sh", {
         **{k: v for k, v in flink.worker_env(1).items() if k in ("PATH", "PYTHONPATH", "OMP_NUM_THREADS")},
         WORKER_LOG_ENV: str(wlog)})
+    progress = _Collect()
+    logging.getLogger("densebeam.runners.progress").addHandler(progress)
     start = time.monotonic()
     with flink.LocalFlinkCluster(jar.lib, tmp / "cluster", task_managers=2, slots=1,
                                  extra_classpath=[log_jar] if log_jar else []) as cluster:
         cluster_up = time.monotonic() - start
         try:
             on_flink = build_index.run_build(common + [
-                "--output", str(tmp / "flink"), "--runner", "flink", "--workers", "2",
+                "--output", str(tmp / "flink"), "--runner", "flink", "--workers", "2", "--progress-seconds", "1",
                 "--flink_master", cluster.rest_address,
                 "--environment_type=PROCESS", json.dumps({"command": str(boot)}).join(
                     ["--environment_config=", ""])])
@@ -81,8 +84,24 @@ def runs(tmp_path_factory, tiny_cos_model):
     time.sleep(1)
     leftovers = [p for p in _our_processes(markers) if p.pid not in before and p.is_running()
                  and p.status() != psutil.STATUS_ZOMBIE]
-    return {"tmp": tmp, "local": local, "flink": on_flink, "jobs": jobs, "wlog": wlog,
+    logging.getLogger("densebeam.runners.progress").removeHandler(progress)
+    return {"tmp": tmp, "local": local, "flink": on_flink, "jobs": jobs, "wlog": wlog, "progress": progress.lines,
             "leftovers": leftovers, "elapsed": elapsed, "cluster_up": cluster_up, "jar": jar}
+
+
+class _Collect(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.lines = []
+
+    def emit(self, record):
+        self.lines.append(record.getMessage())
+
+
+def test_the_launcher_shows_progress_while_flink_runs(runs):
+    """The console is not silent for the minutes a cluster run takes: the launcher logs the workers'
+    counters as it waits."""
+    assert any(line.startswith("progress after") for line in runs["progress"]), runs["progress"]
 
 
 def test_flink_bundle_equals_local_bundle(runs):

@@ -65,3 +65,12 @@ def test_a_run_logs_progress_and_the_summary_says_where_time_went(tmp_path, tiny
     m = json.loads((tmp_path / "o" / "_manifest.json").read_text())
     assert m["counts"]["encoded"] == 400
     assert gzip.open(src).read()  # the input is untouched
+
+
+def test_the_launchers_progress_line_reads_the_counters():
+    from densebeam.runners.progress import progress_line
+
+    line = progress_line({"passages_encoded": 12_000, "passages_reused": 0, "passages_read": 12_512}, 30.0, 88_000)
+    assert line == "12,000 passages done of ~88,000 (13.6%), 400 encoded/s, read 12,512"
+    assert progress_line({}, 5.0, None) == "running (the runner reports no counters yet)"
+    assert progress_line({"vectors_indexed": 500}, 5.0, None) == "indexed 500 vectors"
