@@ -6,13 +6,13 @@ workers log their own progress lines.)"""
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from typing import Optional
 
 log = logging.getLogger(__name__)
 
 COUNTERS = ("passages_read", "passages_encoded", "passages_reused", "vectors_indexed")
-TERMINAL = ("DONE", "FAILED", "CANCELLED", "UPDATED", "DRAINED", "STOPPED")
 
 
 def counters(result) -> dict:
@@ -48,12 +48,34 @@ def progress_line(seen: dict, elapsed_s: float, expected: Optional[int]) -> str:
 
 def wait_with_progress(result, every_s: float = 30.0, expected: Optional[int] = None) -> str:
     """Wait for ``result`` to finish, logging a progress line every ``every_s`` seconds from the
-    runner's counters; returns the final state. Raises what ``wait_until_finish`` raises."""
+    runner's counters; returns the final state. Raises what ``wait_until_finish`` raises.
+
+    One ``wait_until_finish()`` runs in a helper thread for the whole job: the portable runner reads
+    the job's state stream in the thread that waits, and a second wait on the same stream (what
+    repeated ``wait_until_finish(duration=...)`` calls do) breaks the gRPC call."""
+    if every_s <= 0:
+        return _state_name(result.wait_until_finish())
+    outcome: dict = {}
+
+    def wait() -> None:
+        try:
+            outcome["state"] = result.wait_until_finish()
+        except BaseException as err:  # noqa: BLE001 - raised again in the caller's thread
+            outcome["error"] = err
+
+    waiter = threading.Thread(target=wait, name="densebeam-wait-until-finish", daemon=True)
     start = time.monotonic()
+    waiter.start()
     while True:
-        state = result.wait_until_finish(duration=int(every_s * 1000)) if every_s > 0 else result.wait_until_finish()
-        name = str(getattr(state, "name", state) or "")
-        if name.upper().split(".")[-1] in TERMINAL or every_s <= 0:
-            return name
+        waiter.join(every_s)
+        if not waiter.is_alive():
+            break
         log.info("progress after %.0f s: %s", time.monotonic() - start,
                  progress_line(counters(result), time.monotonic() - start, expected))
+    if "error" in outcome:
+        raise outcome["error"]
+    return _state_name(outcome.get("state"))
+
+
+def _state_name(state) -> str:
+    return str(getattr(state, "name", state) or "")
