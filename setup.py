@@ -23,12 +23,15 @@ SUBPACKAGES = {
     "pipelines": "pipelines",
     "transforms": "transforms",
     "index_store": "index_store",
+    "index_store.encoding": "index_store/encoding",
+    "index_store.ivf": "index_store/ivf",
+    "index_store.artifacts": "index_store/artifacts",
     "index_store.query": "index_store/query",
     "runners": "runners",
 }
 
 # The query side. faiss is bounded above: the on-disk merge reads FAISS's inverted-list layout
-# (index_store/ivf_files.py), checked against faiss's own merge by the tests on every version admitted.
+# (index_store/ivf/files.py), checked against faiss's own merge by the tests on every version admitted.
 INSTALL_REQUIRES = [
     "numpy>=1.26,<2.5",
     "pyarrow>=14,<26",
@@ -75,7 +78,7 @@ setup(
     python_requires=">=3.10",
     packages=["densebeam"] + [f"densebeam.{name}" for name in SUBPACKAGES],
     package_dir={"densebeam": ".", **{f"densebeam.{name}": path for name, path in SUBPACKAGES.items()}},
-    package_data={"densebeam.runners": ["*.yaml", "Dockerfile"], "densebeam.index_store": ["*.c"]},
+    package_data={"densebeam.runners": ["*.yaml", "Dockerfile"], "densebeam.index_store.encoding": ["*.c"]},
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS_REQUIRE,
     entry_points={"console_scripts": ["densebeam=densebeam.pipelines.cli:main"]},

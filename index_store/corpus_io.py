@@ -406,6 +406,23 @@ def _iter_lines(piece: Piece) -> Iterator[tuple[int, Optional[int], bytes]]:
         raise CorpusError(_unreadable(piece, pos, line_no, err)) from err
 
 
+def read_head(path: str, compression: Optional[str], size: int, limit: int) -> bytes:
+    """The first ``limit`` decompressed bytes of a text file. A file that cannot be read raises the
+    :class:`CorpusError` the read pass would raise (the file, the line and the check command)."""
+    head = bytearray()
+    try:
+        with open_compressed(path, compression) as f:
+            while len(head) < limit:
+                chunk = f.read(min(1 << 16, limit - len(head)))
+                if not chunk:
+                    break
+                head += chunk
+    except Exception as err:  # noqa: BLE001 - named as the read pass names it: the line it stopped in
+        piece = Piece(path, "jsonl", compression, 0, TO_END, size)
+        raise CorpusError(_unreadable(piece, head.rfind(b"\n") + 1, head.count(b"\n") + 1, err)) from err
+    return bytes(head)
+
+
 def _unreadable(piece: Piece, pos: int, line_no: Optional[int], err: Exception) -> str:
     if piece.compression is None:
         where = f"at byte offset {pos}" + (f" (line {line_no})" if line_no is not None else "")
@@ -669,3 +686,31 @@ def _parquet_rows(piece: Piece, opts: ReadOptions) -> Iterator[tuple]:
     except Exception as err:  # pyarrow's errors do not name the file
         raise CorpusError(f"cannot read {piece.path} at row group {rg} (row {row}): {type(err).__name__}: "
                           f"{err}. Replace the file or leave it out of --input.") from err
+
+
+def read_queries(path: str) -> dict[str, str]:
+    """``{qid: text}`` in file order from BEIR JSONL or ``qid<TAB>text`` TSV (chosen by the first line)."""
+    out: dict[str, str] = {}
+    with fsspec.open(path, "rt", encoding="utf-8", compression="infer") as f:
+        jsonl = None
+        for n, line in enumerate(f, start=1):
+            line = line.rstrip("\r\n")
+            if not line.strip():
+                continue
+            if jsonl is None:
+                jsonl = line.lstrip().startswith("{")
+            try:
+                if jsonl:
+                    rec = json.loads(line)
+                    qid, text = str(rec.get("_id", rec.get("id"))), rec["text"]
+                    if qid == "None":
+                        raise KeyError("_id")
+                else:
+                    qid, text = line.split("\t", 1)
+            except (ValueError, KeyError) as err:
+                raise ValueError(f"{path} line {n}: not a BEIR query ({{\"_id\", \"text\"}}) or a "
+                                 f"qid<TAB>text line ({err!r})") from err
+            if qid in out:
+                raise ValueError(f"{path} line {n}: query id {qid!r} appears twice")
+            out[qid] = text
+    return out

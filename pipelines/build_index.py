@@ -14,10 +14,12 @@ from typing import Optional, Sequence
 import apache_beam as beam
 import fsspec
 
-from densebeam.index_store import bundle as bundle_lib
-from densebeam.index_store import fsutil, signing, versions
-from densebeam.index_store.build_plan import plan_build
-from densebeam.index_store.embeddings import join, open_embeddings
+from densebeam.index_store.artifacts import bundle as bundle_lib
+from densebeam.index_store import fsutil
+from densebeam.index_store.artifacts import signing
+from densebeam.index_store.artifacts import versions
+from densebeam.index_store.ivf.plan import plan_build
+from densebeam.index_store.artifacts.embeddings import join, open_embeddings
 from densebeam.pipelines.argparsing import parse_pipeline_args
 from densebeam.pipelines.parsers import build_command_parser, build_parser, parse_bytes  # noqa: F401
 from densebeam.runners.presets import pipeline_options
@@ -66,7 +68,7 @@ def run_index(args, beam_args: Sequence[str]):
     if sign_key is not None:
         signing.sign_bundle(target, sign_key)
     if args.versioned:
-        versions.publish(args.output, name, keep=args.keep_versions)
+        bundle_lib.publish_version(args.output, name, keep=args.keep_versions)
     return bundle_lib.read_manifest(target), result
 
 

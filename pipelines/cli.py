@@ -155,8 +155,8 @@ def _build(argv: Sequence[str]) -> int:
 
 
 def _inspect(argv: Sequence[str]) -> int:
-    from densebeam.index_store import bundle as bundle_lib
-    from densebeam.index_store import embeddings as emb
+    from densebeam.index_store.artifacts import bundle as bundle_lib
+    from densebeam.index_store.artifacts import embeddings as emb
 
     from densebeam.pipelines.argparsing import ArgumentParser
 
@@ -181,14 +181,14 @@ def _inspect(argv: Sequence[str]) -> int:
         m = emb.open_embeddings(args.path).manifest
         print(json.dumps(m, indent=2) if args.json else format_encode_summary(m, args.path))
         return 0
-    from densebeam.index_store import versions
+    from densebeam.index_store.artifacts import versions
 
     path = versions.resolve(args.path)
     m = bundle_lib.read_manifest(path)
     if args.trust_key and not args.verify:
         raise ValueError("--trust-key checks a bundle's signature while verifying it: add --verify")
     if args.verify:  # what a reader checks: hashes, then the structure, then FAISS and Arrow open it
-        from densebeam.index_store import signing
+        from densebeam.index_store.artifacts import signing
 
         opened = bundle_lib.open_bundle(path, verify="full", trust_key=signing.read_key(args.trust_key))
         m = opened.manifest
@@ -202,7 +202,7 @@ def _inspect(argv: Sequence[str]) -> int:
               f"{opened.searcher.ntotal} vectors in {opened.searcher.nlist} lists, ids = the "
               f"{len(opened.docstore)} docstore rows, Arrow data fully validated){signed}")
     if args.plot:
-        from densebeam.index_store.bundle_plot import write_bundle_svg
+        from densebeam.index_store.artifacts.bundle_plot import write_bundle_svg
 
         print(f"  plot: {args.plot}: {write_bundle_svg(m, args.plot)}",
               file=sys.stderr if args.json else sys.stdout)  # --json's stdout stays one JSON document
@@ -229,7 +229,7 @@ COMMANDS = {"encode": _encode, "index": _index, "build": _build, "inspect": _ins
             "serve": _query_command("serve_main")}
 
 
-# The input errors of densebeam.transforms.corpus_io, as a runner's wrapped traceback prints them.
+# The input errors of densebeam.index_store.corpus_io, as a runner's wrapped traceback prints them.
 _INPUT_ERROR = re.compile(r"(?:CorpusError|InputChangedError): ([^\n]+)")
 
 

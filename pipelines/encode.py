@@ -14,10 +14,10 @@ from typing import Optional, Sequence
 import apache_beam as beam
 import fsspec
 
-from densebeam.index_store import embeddings as emb
-from densebeam.index_store import precision_memo
-from densebeam.index_store.encoder import MIN_CALIBRATION_TEXTS, load_encoder, resolve_model_path
-from densebeam.index_store.model_id import weights_revision
+from densebeam.index_store.artifacts import embeddings as emb
+from densebeam.index_store.encoding import precision_memo
+from densebeam.index_store.encoding.encoder import MIN_CALIBRATION_TEXTS, load_encoder, resolve_model_path
+from densebeam.index_store.encoding.model_id import weights_revision
 from densebeam.pipelines.argparsing import parse_pipeline_args
 from densebeam.pipelines.errors import RunFailed
 from densebeam.pipelines.options import default_batch_size, max_rejected_share, read_options
@@ -25,7 +25,7 @@ from densebeam.pipelines.parsers import build_encode_parser as build_parser  # n
 from densebeam.runners.presets import pipeline_options
 from densebeam.runners.progress import wait_with_progress
 from densebeam.transforms.cache import JournalEncoded, ReuseEmbeddings, cache_files
-from densebeam.transforms.corpus_io import ReadOptions, detect_format, expand_patterns
+from densebeam.index_store.corpus_io import ReadOptions, detect_format, expand_patterns
 from densebeam.transforms.estimate import estimate_records, sample_texts
 from densebeam.transforms.encode import EncodeOptions, EncodePassages
 from densebeam.transforms.read import ReadCorpus
@@ -104,7 +104,7 @@ def resolve_precision_at_launch(encoder, files, read_opts: ReadOptions, runner: 
     precision is decided once here and every worker encodes in the one chosen (the same bits whatever
     the worker count). On a CPU without bf16 arithmetic it is fp32, measuring nothing. Elsewhere it is
     measured on a deterministic sample of the corpus (the start of its first files) the first time a
-    model runs on a machine, and remembered (:mod:`densebeam.index_store.precision_memo`): later runs with
+    model runs on a machine, and remembered (:mod:`densebeam.index_store.encoding.precision_memo`): later runs with
     the same model on the same machine, on this corpus grown or on another one, adopt it without
     measuring. Other runners' workers may have other hardware: they decide on their own. Returns the
     record for the manifest, with the seconds it took (None when not decided here)."""

@@ -5,21 +5,21 @@ from __future__ import annotations
 import argparse
 from typing import Sequence
 
-from densebeam.index_store.encoder import DEFAULT_MODEL, DEFAULT_TOKEN_BUDGET, DEVICES, PRECISIONS
+from densebeam.index_store.encoding.encoder import DEFAULT_MODEL, DEFAULT_TOKEN_BUDGET, DEVICES, PRECISIONS
 from densebeam.pipelines.argparsing import positive_int
 from densebeam.runners.presets import LOCAL
-from densebeam.transforms.corpus_io import DEFAULT_SPLIT_BYTES, FORMATS, ReadOptions
+from densebeam.index_store.corpus_io import DEFAULT_SPLIT_BYTES, FORMATS, ReadOptions
 
 CPU_BATCH_SIZE = 512
-# On a GPU a call's tokenization and transfers are paid per call: on an H100 (16 cores) the encoder ran
-# 7,481 passages/s in calls of 512 and 10,067 in calls of 8,192 (docs/benchmarks.md)
+# On a GPU a call's tokenization and transfers are paid per call: larger calls keep it busy
+# (docs/benchmarks.md)
 GPU_BATCH_SIZE = 8192
 
 
 def default_batch_size(device: str) -> int:
     """Passages per inference call when ``--batch-size`` is not given: larger on a CUDA GPU."""
     if device == "auto":  # what this (launching) machine has
-        from densebeam.index_store.encoder import pick_device
+        from densebeam.index_store.encoding.encoder import pick_device
 
         device = pick_device(device)
     return GPU_BATCH_SIZE if device == "cuda" else CPU_BATCH_SIZE
@@ -106,7 +106,7 @@ def add_runner_args(p: argparse.ArgumentParser) -> None:
 
 def max_rejected_share(values: Sequence[str]) -> dict:
     """``["encode_failed=0.05", "*=1"]`` over the defaults -> {reason: share}."""
-    from densebeam.index_store.embeddings import DEFAULT_MAX_REJECTED_SHARE
+    from densebeam.index_store.artifacts.embeddings import DEFAULT_MAX_REJECTED_SHARE
 
     out = dict(DEFAULT_MAX_REJECTED_SHARE)
     for item in values:

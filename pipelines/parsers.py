@@ -6,8 +6,8 @@ from __future__ import annotations
 import argparse
 from typing import Optional
 
-from densebeam.index_store import ivf_params
-from densebeam.index_store.nprobe import DEFAULT_KS
+from densebeam.index_store.ivf import params as ivf_params
+from densebeam.index_store.ivf.nprobe import DEFAULT_KS
 from densebeam.pipelines.argparsing import ArgumentParser
 from densebeam.pipelines.options import add_encode_args, add_output_args, add_read_args, add_runner_args
 

@@ -30,7 +30,7 @@ def check_pipeline(command: str, argv: Sequence[str]) -> None:
               "build": parsers.build_command_parser}[command]()
     args, _ = parse_pipeline_args(parser, list(argv))
     if command in ("index", "build"):
-        from densebeam.index_store import signing
+        from densebeam.index_store.artifacts import signing
 
         signing.read_key(args.sign_key)
         if args.memory_budget is not None:
@@ -59,7 +59,7 @@ def check_query(command: str, argv: Sequence[str]) -> None:
     from densebeam.pipelines import query_cli
 
     args = query_cli.parser(command).parse_args(list(argv))
-    from densebeam.index_store import signing
+    from densebeam.index_store.artifacts import signing
 
     signing.read_key(args.trust_key)
     _bundle_exists(args.index)
@@ -77,7 +77,7 @@ def check_query(command: str, argv: Sequence[str]) -> None:
 
 def input_files(patterns: Sequence[str], opts) -> list[tuple[str, int]]:
     """The matched files, as the pipeline will read them; a pattern naming a folder says what is in it."""
-    from densebeam.transforms.corpus_io import expand_patterns
+    from densebeam.index_store.corpus_io import expand_patterns
 
     for pattern in patterns:
         fs, path = fsspec.core.url_to_fs(pattern)
@@ -102,7 +102,7 @@ def check_records(files: Sequence[tuple[str, int]], opts) -> None:
     known from the extension (or ``--format``), JSON objects or Parquet columns holding the id and text
     fields, TSV lines of ``--tsv-columns`` columns. Files that are not are refused by name, with the
     fields or columns they do have and the flags that map them."""
-    from densebeam.transforms.corpus_io import detect_format
+    from densebeam.index_store.corpus_io import detect_format
 
     problems, field_sets = [], []
     for path, size in itertools.islice(files, 64):
@@ -113,7 +113,7 @@ def check_records(files: Sequence[tuple[str, int]], opts) -> None:
         except ValueError as err:
             problems.append((path, str(err)))
             continue
-        why, fields = _sniff(path, fmt, compression, opts)
+        why, fields = _sniff(path, size, fmt, compression, opts)
         if fields is not None:
             field_sets.append(fields)
         if why:
@@ -132,7 +132,7 @@ def check_records(files: Sequence[tuple[str, int]], opts) -> None:
                      "corpus files, or set --format / --tsv-columns / --id-field / --text-field")
 
 
-def _sniff(path: str, fmt: str, compression: Optional[str], opts) -> tuple[Optional[str], Optional[set]]:
+def _sniff(path: str, size: int, fmt: str, compression: Optional[str], opts) -> tuple[Optional[str], Optional[set]]:
     """(why the first records do not fit, or None; the field names they have, for JSONL/Parquet)."""
     if fmt == "parquet":
         import pyarrow.parquet as pq
@@ -144,13 +144,9 @@ def _sniff(path: str, fmt: str, compression: Optional[str], opts) -> tuple[Optio
             return f"not readable as Parquet ({type(err).__name__})", None
         missing = [c for c in (opts.id_field, opts.text_field) if c not in names]
         return (f"no column {', '.join(missing)}" if missing else None), names
-    from densebeam.transforms.corpus_io import open_compressed
+    from densebeam.index_store.corpus_io import read_head
 
-    try:
-        with open_compressed(path, compression) as f:
-            head = f.read(SNIFF_BYTES)
-    except Exception as err:  # noqa: BLE001 - a truncated or foreign file: the read pass names it precisely
-        return f"not readable as {compression or 'text'} ({type(err).__name__}: {err})", None
+    head = read_head(path, compression, size, SNIFF_BYTES)  # an unreadable file: CorpusError, as the run
     lines = [ln for ln in head.decode("utf-8", errors="replace").splitlines() if ln.strip()]
     if len(head) >= SNIFF_BYTES and len(lines) > 1:
         lines = lines[:-1]  # the last one may be cut
@@ -194,7 +190,7 @@ def _field_hint(have: Sequence[str], opts) -> str:
 def check_model(model: str, what: str = "--model") -> None:
     """A model given as a local path must be a folder; a hub name must be in the local cache when this
     process may not download (``HF_HUB_OFFLINE``). The model itself loads later."""
-    from densebeam.index_store.encoder import resolve_model_path
+    from densebeam.index_store.encoding.encoder import resolve_model_path
 
     path = resolve_model_path(model)
     if os.path.isdir(path):

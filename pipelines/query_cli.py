@@ -16,7 +16,7 @@ import sys
 import time
 from typing import Sequence
 
-from densebeam.index_store.encoder import DEVICES, PRECISIONS
+from densebeam.index_store.encoding.encoder import DEVICES, PRECISIONS
 from densebeam.pipelines.argparsing import ArgumentParser, positive_int
 
 
@@ -58,7 +58,7 @@ def _add_first_stage(p: argparse.ArgumentParser) -> None:
 def _open(args, lazy_encoder: bool = False, index: str | None = None):
     from densebeam.index_store.query.search import Searcher
 
-    from densebeam.index_store import signing
+    from densebeam.index_store.artifacts import signing
 
     return Searcher.open(index or args.index, model=args.model, device=args.device, precision=args.precision,
                          verify=args.verify, rerank_model=args.rerank_model,
@@ -242,7 +242,6 @@ def serve_parser() -> ArgumentParser:
 def serve_main(argv: Sequence[str]) -> int:
     from densebeam.index_store.query.serve import Limits, Reloading, open_version, read_admin_token, serve
 
-    d = Limits()
     args = serve_parser().parse_args(argv)
     limits = Limits(max_queries=args.max_queries, max_k=args.max_k, batch_window_ms=args.batch_window_ms,
                     max_hits=args.max_hits, max_rerank_pairs=args.max_rerank_pairs,

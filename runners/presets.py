@@ -4,9 +4,9 @@
   binary (Beam's default local runner first tries to fetch Prism). With ``--workers N > 1`` it runs N
   Beam workers as threads of this process (Beam's ``multi_threading`` mode): every stage's input is
   split N ways and the parts run at once, and the workers share one model, one ``auto`` measurement and
-  at most one forward pass per core (:func:`densebeam.index_store.encoder.cpu_lanes`). N worker
-  processes would each import torch and load the model, and move every element through gRPC: on 2
-  cores ``--workers 2`` as processes ran at 0.81x ``--workers 1``, as threads 1.00x (docs/scale.md).
+  at most one forward pass per core (:func:`densebeam.index_store.encoding.encoder.cpu_lanes`). N worker
+  processes would each import torch and load the model, and move every element through gRPC: slower
+  (docs/scale.md).
 * ``flink`` is Beam's portable FlinkRunner with a job server fetched by Maven and Python workers that
   need no Docker (:mod:`runners.flink`); ``--workers N`` sets the parallelism.
 * ``dataflow`` is the DataflowRunner with this project packaged for the workers (:mod:`runners.dataflow`);

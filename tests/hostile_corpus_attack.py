@@ -28,8 +28,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from densebeam.index_store.types import Passage
-from densebeam.transforms import corpus_io
-from densebeam.transforms.corpus_io import ReadOptions
+from densebeam.index_store import corpus_io
+from densebeam.index_store.corpus_io import ReadOptions
 
 BOM = b"\xef\xbb\xbf"
 BAD_ID_CHARS = ["\u200b", "\ufeff", "\u202e", "\u202d", "\u2066", "\u2069", "\u200e", "\u061c", "\u200d",

@@ -24,7 +24,7 @@ import numpy as np
 
 
 def probe(task: dict) -> dict:
-    from densebeam.index_store.bundle import open_bundle
+    from densebeam.index_store.artifacts.bundle import open_bundle
     from densebeam.pipelines import cli
 
     out: dict = {}

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from safetensors.torch import load_file, save_file
 
-from densebeam.index_store import embeddings as emb
-from densebeam.index_store.model_id import model_dir_digest
+from densebeam.index_store.artifacts import embeddings as emb
+from densebeam.index_store.encoding.model_id import model_dir_digest
 from densebeam.pipelines import cli, encode
 from densebeam.transforms.encode import EncodeFailure, encode_or_split
 from conftest import build_tiny_bi_encoder, make_passages, write_jsonl

@@ -12,8 +12,8 @@ import random
 import numpy as np
 import pytest
 
-from densebeam.index_store import cpu
-from densebeam.index_store.encoder import load_encoder
+from densebeam.index_store.encoding import cpu
+from densebeam.index_store.encoding.encoder import load_encoder
 from conftest import SHARED_DATA, make_passages
 
 
@@ -66,9 +66,9 @@ def test_real_model_vectors_are_batch_invariant(precision):
 _FAMILY_SCRIPT = """
 import json, random, sys
 import numpy as np
-from densebeam.index_store import cpu
-from densebeam.index_store import cpu
-from densebeam.index_store.encoder import load_encoder
+from densebeam.index_store.encoding import cpu
+from densebeam.index_store.encoding import cpu
+from densebeam.index_store.encoding.encoder import load_encoder
 texts = [line.rstrip("\\n") for line in open(sys.argv[1], encoding="utf-8")]
 enc = load_encoder("bundled", precision="auto", device="cpu")
 base = enc.encode(texts)  # the first call decides auto
@@ -112,8 +112,8 @@ def test_the_default_precision_is_batch_invariant_on_every_cpu_family(tmp_path, 
 
 _THREADS_SCRIPT = """
 import sys, numpy as np
-from densebeam.index_store import cpu
-from densebeam.index_store.encoder import load_encoder
+from densebeam.index_store.encoding import cpu
+from densebeam.index_store.encoding.encoder import load_encoder
 enc = load_encoder("bundled", precision="fp32", device="cpu")
 texts = [line.rstrip("\\n") for line in open(sys.argv[1], encoding="utf-8")]
 queries = np.stack([enc.encode([t])[0] for t in texts[:20]])  # one at a time, as a service encodes queries

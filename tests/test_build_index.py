@@ -11,13 +11,14 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from densebeam.index_store import bundle as bundle_lib
-from densebeam.index_store import embeddings as emb
+from densebeam.index_store.artifacts import bundle as bundle_lib
+from densebeam.index_store.artifacts import embeddings as emb
 from densebeam.index_store import ivf
 from densebeam.index_store.types import ModelFacts
 from densebeam.pipelines import build_index
 from densebeam.pipelines import cli
 from conftest import make_passages, write_jsonl
+from ivf_helpers import add_to_empty
 
 LOCAL = ["--runner", "local"]
 DIM = 32
@@ -76,7 +77,7 @@ def test_sharded_build_equals_single_faiss_index_with_same_quantizer(built):
     assert all(0 <= t["max_part"] <= t["seconds"] for t in timings.values())
     assert "merge" in manifests["merged"]["timings"]
     trained = (tmp / "shards" / "trained.faiss").read_bytes()
-    single = ivf.add_to_empty(trained, np.arange(N, dtype=np.int64), vecs)  # ids = global row numbers
+    single = add_to_empty(trained, np.arange(N, dtype=np.int64), vecs)  # ids = global row numbers
     queries = clustered(50, seed=9)
     b = bundle_lib.open_bundle(str(tmp / "shards"))
     for nprobe in (1, 4, 16):
@@ -122,7 +123,7 @@ def test_chosen_nprobe_meets_recall_target_against_brute_force(built):
 def held_out_recall_curve(bundle_dir, emb_dir, vecs, n_queries, nprobes, codec=None, k=10):
     """The recall@k curve measured the slow way: search the bundle with the build's held-out vectors (own
     row excluded) at every nprobe, against brute force over all vectors."""
-    from densebeam.index_store.build_plan import plan_build
+    from densebeam.index_store.ivf.plan import plan_build
 
     plan = plan_build([emb.open_embeddings(emb_dir)], nlist=64, n_queries=n_queries, codec=codec)
     qids = np.concatenate([s.base + plan.sample_rows(s)[1] for s in plan.shards])
@@ -141,7 +142,7 @@ def held_out_recall_curve(bundle_dir, emb_dir, vecs, n_queries, nprobes, codec=N
 def test_trained_on_exactly_the_planned_sample(built):
     """k-means ran on the seeded training rows of the plan, in global row order (seeded k-means:
     the same sample gives the same bytes), and none of them is a held-out query row."""
-    from densebeam.index_store.build_plan import plan_build
+    from densebeam.index_store.ivf.plan import plan_build
 
     tmp, vecs, _ = built
     plan = plan_build([emb.open_embeddings(str(tmp / "emb"))], nlist=64, n_queries=300)
@@ -198,7 +199,7 @@ def test_sq8_build_measures_its_curves_by_search(tmp_path):
     (65536, "Flat", [2 ** i for i in range(14)] + [65536]),  # HNSW-assigned lists: searched, capped
 ])
 def test_nprobe_candidates(nlist, codec, want):
-    from densebeam.index_store.build_plan import BuildPlan
+    from densebeam.index_store.ivf.plan import BuildPlan
 
     plan = BuildPlan(facts=FACTS, shards=(), n_vectors=10**7, nlist=nlist, codec=codec,
                      factory=ivf.factory_string(nlist, codec), train_size=0, n_queries=0, ks=(10,),
@@ -385,7 +386,7 @@ def test_two_level_kmeans_over_workers_equals_in_process(built, tmp_path):
     per group on any worker, the refine step streams the sample again; the trained index is byte for byte
     the in-process ``train_empty_index`` on the plan's sample, with one worker or two, and from the same
     rows split into other shards (the sample files hold other shares, concatenated in global row order)."""
-    from densebeam.index_store.build_plan import plan_build
+    from densebeam.index_store.ivf.plan import plan_build
 
     tmp, vecs, _ = built
     args = ["--nlist", "64", "--recall-queries", "300", "--kmeans", "two-level"]
@@ -408,7 +409,7 @@ def test_any_shard_layout_of_the_same_rows_gives_the_same_bundle(built, tmp_path
     same rows split into 6 shards or 1 (another worker count or runner writes other shard boundaries over
     the same canonical row order), built with 1 or 2 workers, give byte-identical trained and merged
     indexes, the same FAISS id per document, and the same measured curves and nprobe."""
-    from densebeam.index_store.build_plan import plan_build
+    from densebeam.index_store.ivf.plan import plan_build
 
     tmp, vecs, manifests = built
     want = manifests["merged"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -16,11 +17,13 @@ import fsspec
 import numpy as np
 import pytest
 
-from densebeam.index_store import bundle as bundle_mod
+from densebeam.index_store.artifacts import bundle as bundle_mod
 from densebeam.index_store import ivf
-from densebeam.index_store.bundle import BundleError, layout_paths, open_bundle, read_manifest, verify, write_manifest
-from densebeam.index_store.docstore import DocstoreWriter
+from densebeam.index_store.artifacts.bundle import (BundleError, CurvePoint, layout_paths, open_bundle, read_manifest,
+                                                   verify, write_manifest)
+from densebeam.index_store.artifacts.docstore import DocstoreWriter
 from densebeam.index_store.types import ModelFacts
+from ivf_helpers import add_to_empty
 
 DIM, N, NLIST, SHARDS = 32, 3000, 32, 3
 FACTS = ModelFacts(model="tiny-test", revision=None, dim=DIM, similarity="cos", dtype="float32")
@@ -56,7 +59,7 @@ def build(root: Path, layout: str, codec: str = "Flat", quantizer: str = "") -> 
     (root / paths.trained).write_bytes(trained)
     bounds = np.linspace(0, N, SHARDS + 1).astype(int)
     for i, (s, e) in enumerate(zip(bounds, bounds[1:])):
-        ivf.write_index(ivf.add_to_empty(trained, np.arange(s, e), xb[s:e]), str(root / paths.shards[i]))
+        ivf.write_index(add_to_empty(trained, np.arange(s, e), xb[s:e]), str(root / paths.shards[i]))
         with DocstoreWriter(str(root / paths.docstore[i]), base_row=int(s), batch_rows=256) as w:
             w.write([f"d{r}" for r in range(s, e)], [f"passage {r}" for r in range(s, e)], None)
     files = [paths.trained] + paths.docstore
@@ -85,6 +88,14 @@ def test_bundle_opens_and_searches(tmp_path, layout):
     shutil.move(str(tmp_path / "b"), str(tmp_path / "moved"))
     b = open_bundle(str(tmp_path / "moved"))
     assert b.facts == FACTS and b.default_nprobe == 8 and b.searcher.ntotal == N and len(b.docstore) == N
+    # the typed record carries what the JSON says, typed
+    r = b.record
+    assert (r.layout, r.factory, r.nlist, r.nprobe, r.k, r.vectors, r.shards) == (layout, f"IVF{NLIST},Flat", NLIST, 8, 10, N, SHARDS)
+    assert r.recall_curve == (CurvePoint(8, 0.97),) and r.model_facts == FACTS and r.codec == "Flat"
+    assert [(f.path, f.size, f.sha256) for f in r.files] == [(e["path"], e["size"], e["sha256"]) for e in manifest["files"]]
+    assert r.raw["inputs"] == {"embeddings": "file:///x"}
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        r.nprobe = 1
     xb = clustered(N, seed=1)
     scores, ids = b.searcher.search(xb[[5, 1500, 2999]], 3, b.default_nprobe)
     assert ids[:, 0].tolist() == [5, 1500, 2999]  # each vector finds itself first
@@ -331,7 +342,7 @@ def test_a_pinned_file_is_the_file_that_was_hashed(tmp_path):
 def plant(index: Path, ivfdata: Path, query: np.ndarray) -> int:
     """Overwrite the first vector of the first non-empty list of a merged bundle's data file with
     ``query`` (same size, so only the sha256 tells the files apart); return that vector's row id."""
-    from densebeam.index_store.faiss_format import list_ids, parse_ivf
+    from densebeam.index_store.artifacts.faiss_format import list_ids, parse_ivf
 
     parsed = parse_ivf(index.read_bytes(), "index.faiss")
     data = bytearray(ivfdata.read_bytes())

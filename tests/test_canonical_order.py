@@ -9,7 +9,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from densebeam.index_store import embeddings as emb
+from densebeam.index_store.artifacts import embeddings as emb
 from densebeam.pipelines import encode
 from conftest import make_passages, write_jsonl
 

@@ -13,8 +13,8 @@ import pytest
 
 from densebeam.index_store.types import Passage
 from densebeam.pipelines import cli, encode
-from densebeam.transforms import corpus_io
-from densebeam.transforms.corpus_io import ReadOptions
+from densebeam.index_store import corpus_io
+from densebeam.index_store.corpus_io import ReadOptions
 from conftest import make_passages
 
 

@@ -10,8 +10,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from densebeam.index_store.types import Passage, Rejected
-from densebeam.transforms import corpus_io
-from densebeam.transforms.corpus_io import ReadOptions
+from densebeam.index_store import corpus_io
+from densebeam.index_store.corpus_io import ReadOptions
 from conftest import make_passages, write_jsonl
 
 

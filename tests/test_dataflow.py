@@ -14,15 +14,15 @@ from pathlib import Path
 import apache_beam as beam
 import pytest
 
-from densebeam.index_store.build_plan import plan_build
-from densebeam.index_store.embeddings import open_embeddings
-from densebeam.index_store.encoder import load_encoder
+from densebeam.index_store.ivf.plan import plan_build
+from densebeam.index_store.artifacts.embeddings import open_embeddings
+from densebeam.index_store.encoding.encoder import load_encoder
 from densebeam.pipelines import build_index
 from densebeam.pipelines import encode
 from densebeam.pipelines.options import read_options
 from densebeam.runners import dataflow
 from densebeam.runners.presets import pipeline_options
-from densebeam.transforms.corpus_io import expand_patterns
+from densebeam.index_store.corpus_io import expand_patterns
 from densebeam.transforms.index import BuildIndex
 from conftest import REPO, make_passages, write_jsonl
 

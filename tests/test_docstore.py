@@ -9,7 +9,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from densebeam.index_store.docstore import Docstore, DocstoreWriter
+from densebeam.index_store.artifacts.docstore import Docstore, DocstoreWriter
 
 PART_ROWS = [2500, 1024, 1]  # 2500 = 2 full batches of 1024 + a partial one; 1024 exactly one batch
 

@@ -15,11 +15,11 @@ from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.testing.test_pipeline import TestPipeline as BeamTestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
-from densebeam.index_store import embeddings as emb
-from densebeam.index_store.encoder import load_encoder
+from densebeam.index_store.artifacts import embeddings as emb
+from densebeam.index_store.encoding.encoder import load_encoder
 from densebeam.pipelines import cli
 from densebeam.pipelines import encode
-from densebeam.transforms.corpus_io import ReadOptions, expand_patterns
+from densebeam.index_store.corpus_io import ReadOptions, expand_patterns
 from densebeam.transforms.read import ReadCorpus
 from conftest import make_passages, write_jsonl
 

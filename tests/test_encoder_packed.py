@@ -9,9 +9,9 @@ import random
 import numpy as np
 import pytest
 
-from densebeam.index_store import cpu
-from densebeam.index_store.encoder import (CALIBRATION_PASSAGES, CHARS_PER_TOKEN, Encoder, clip_text, load_encoder)
-from densebeam.index_store.packed_bert import PackedBert, packed_support
+from densebeam.index_store.encoding import cpu
+from densebeam.index_store.encoding.encoder import (CALIBRATION_PASSAGES, CHARS_PER_TOKEN, Encoder, clip_text, load_encoder)
+from densebeam.index_store.encoding.packed_bert import PackedBert, packed_support
 from conftest import _WORDS, build_tiny_bi_encoder
 
 
@@ -225,7 +225,7 @@ def test_the_padded_attention_of_gpus_equals_the_grouped_one(tiny_cos_model, mod
 
 
 def test_auto_with_a_lone_query_takes_the_unmeasured_default(tiny_cos_model):
-    from densebeam.index_store.encoder import pick_precision
+    from densebeam.index_store.encoding.encoder import pick_precision
 
     enc = load_encoder(tiny_cos_model, precision="auto", device="cpu", token_budget=555)
     enc.encode(["river music"])
@@ -242,7 +242,7 @@ def test_a_bert_directory_is_read_without_importing_sentence_transformers(tiny_c
     import subprocess
     import sys
 
-    code = ("import sys, json; from densebeam.index_store.encoder import load_encoder; "
+    code = ("import sys, json; from densebeam.index_store.encoding.encoder import load_encoder; "
             f"e = load_encoder({tiny_cos_model!r}, precision='fp32', device='cpu'); "
             "v = e.encode(['river music', 'the city of water']); "
             "print(json.dumps([e.files is not None, 'sentence_transformers' in sys.modules, "
@@ -269,7 +269,7 @@ def test_large_calls_tokenize_split_over_threads_in_order(tiny_cos_model, monkey
     """A call of >= 512 texts is tokenized in parts on threads (CPU: the lanes; GPU: every usable core,
     3 here so the parts are uneven), and the ids come back in the texts' order, equal to one call of the
     tokenizer. (Only the tokenization runs: the encoder's device is set, no forward pass is made.)"""
-    from densebeam.index_store import encoder as encoder_module
+    from densebeam.index_store.encoding import encoder as encoder_module
 
     enc = load_encoder(tiny_cos_model, precision="fp32", device="cpu")
     texts = _texts(1000, seed=11, hi=60)

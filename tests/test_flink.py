@@ -8,7 +8,6 @@ from __future__ import annotations
 import collections
 import json
 import logging
-import os
 import time
 import urllib.request
 
@@ -16,13 +15,14 @@ import numpy as np
 import psutil
 import pytest
 
-from densebeam.index_store import bundle as bundle_lib
+from densebeam.index_store.artifacts import bundle as bundle_lib
 from densebeam.pipelines import build_index
 from densebeam.runners import flink
 from densebeam.runners import sdk_boot
 from densebeam.runners.presets import pipeline_options
 from densebeam.transforms.encode import WORKER_LOG_ENV
 from conftest import make_passages, write_jsonl
+from flink_cluster import LocalFlinkCluster
 from test_encode_pipeline import load_rows
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
@@ -39,7 +39,7 @@ def _our_processes(markers: tuple[str, ...]) -> list[psutil.Process]:
     return found
 
 
-def _rest(cluster: flink.LocalFlinkCluster, path: str) -> dict:
+def _rest(cluster: LocalFlinkCluster, path: str) -> dict:
     with urllib.request.urlopen(f"http://{cluster.rest_address}{path}", timeout=10) as r:
         return json.load(r)
 
@@ -66,9 +66,12 @@ def runs(tmp_path_factory, tiny_cos_model):
         **{k: v for k, v in flink.worker_env(1).items() if k in ("PATH", "PYTHONPATH", "OMP_NUM_THREADS")},
         WORKER_LOG_ENV: str(wlog)})
     progress = _Collect()
-    logging.getLogger("densebeam.runners.progress").addHandler(progress)
+    progress_log = logging.getLogger("densebeam.runners.progress")
+    progress_log.addHandler(progress)
+    level = progress_log.level
+    progress_log.setLevel(logging.INFO)  # what the CLI's logging set-up gives it
     start = time.monotonic()
-    with flink.LocalFlinkCluster(jar.lib, tmp / "cluster", task_managers=2, slots=1,
+    with LocalFlinkCluster(jar.lib, tmp / "cluster", task_managers=2, slots=1,
                                  extra_classpath=[log_jar] if log_jar else []) as cluster:
         cluster_up = time.monotonic() - start
         try:
@@ -84,7 +87,8 @@ def runs(tmp_path_factory, tiny_cos_model):
     time.sleep(1)
     leftovers = [p for p in _our_processes(markers) if p.pid not in before and p.is_running()
                  and p.status() != psutil.STATUS_ZOMBIE]
-    logging.getLogger("densebeam.runners.progress").removeHandler(progress)
+    progress_log.removeHandler(progress)
+    progress_log.setLevel(level)
     return {"tmp": tmp, "local": local, "flink": on_flink, "jobs": jobs, "wlog": wlog, "progress": progress.lines,
             "leftovers": leftovers, "elapsed": elapsed, "cluster_up": cluster_up, "jar": jar}
 

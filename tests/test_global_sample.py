@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from densebeam.index_store.global_sample import BLOCK_ROWS, GlobalSample
+from densebeam.index_store.ivf.sample import BLOCK_ROWS, GlobalSample
 
 N = 3 * BLOCK_ROWS + 1234  # four blocks, the last one partial
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from densebeam.index_store.encoder import DEFAULT_MODEL, load_encoder, resolve_model_path
+from densebeam.index_store.encoding.encoder import DEFAULT_MODEL, load_encoder, resolve_model_path
 from conftest import SHARED_DATA
 
 torch = pytest.importorskip("torch")

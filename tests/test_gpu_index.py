@@ -1,4 +1,4 @@
-"""The index build's GPU path (``index_store.gpu``) on a CUDA GPU: PyTorch's flat k-means deterministic
+"""The index build's GPU path (``index_store.ivf.gpu``) on a CUDA GPU: PyTorch's flat k-means deterministic
 whether the sample sits in GPU memory or streams, as good as FAISS's CPU k-means, list assignment equal to
 FAISS's, and a real Beam build that trains and adds on the GPU. Skipped (with the reason) without CUDA;
 tests/test_gpu_path.py runs the same code on the CPU everywhere.
@@ -16,7 +16,7 @@ import faiss
 import numpy as np
 import pytest
 
-from densebeam.index_store import gpu
+from densebeam.index_store.ivf import gpu
 
 torch = pytest.importorskip("torch")
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(not torch.cuda.is_available(),

@@ -1,4 +1,4 @@
-"""The GPU path of index builds (``index_store.gpu``): PyTorch's flat spherical k-means and list assignment,
+"""The GPU path of index builds (``index_store.ivf.gpu``): PyTorch's flat spherical k-means and list assignment,
 run here on the CPU (``DENSEBEAM_GPU=torch-cpu``: the same code as on CUDA, a CPU device), checked against
 FAISS and through a real Beam build. tests/test_gpu.py runs the same on a CUDA GPU where there is one."""
 
@@ -10,8 +10,9 @@ import faiss
 import numpy as np
 import pytest
 
-from densebeam.index_store import embeddings as emb
-from densebeam.index_store import gpu, ivf
+from densebeam.index_store.artifacts import embeddings as emb
+from densebeam.index_store import ivf
+from densebeam.index_store.ivf import gpu
 from densebeam.pipelines import build_index
 from test_build_index import FACTS, clustered, write_embeddings_dir
 
@@ -117,7 +118,7 @@ def test_beam_build_on_the_torch_path(tmp_path, monkeypatch):
     k-means with PyTorch streamed from the sample files, equal to the in-process trainer on the plan's
     sample, adding assigns with PyTorch, the manifest says where each ran, 1 and 2 workers write the same
     bytes, and every vector sits in the list FAISS's own quantizer would give it."""
-    from densebeam.index_store.build_plan import plan_build
+    from densebeam.index_store.ivf.plan import plan_build
 
     monkeypatch.setenv("DENSEBEAM_GPU", "torch-cpu")
     n = 6000

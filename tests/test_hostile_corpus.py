@@ -18,8 +18,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from densebeam.index_store.types import Rejected
-from densebeam.transforms import corpus_io
-from densebeam.transforms.corpus_io import CorpusError, InputChangedError, ReadOptions
+from densebeam.index_store import corpus_io
+from densebeam.index_store.corpus_io import CorpusError, InputChangedError, ReadOptions
 from conftest import make_passages, write_jsonl
 from rewriting_fs import RewritingFileSystem, rewrite_before_open
 

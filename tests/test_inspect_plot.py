@@ -12,9 +12,9 @@ import xml.etree.ElementTree as ET
 import numpy as np
 import pytest
 
-from densebeam.index_store import bundle as bundle_lib
-from densebeam.index_store import versions
-from densebeam.index_store.bundle_plot import recall_panel, svg, timings_panel
+from densebeam.index_store.artifacts import bundle as bundle_lib
+from densebeam.index_store.artifacts import versions
+from densebeam.index_store.artifacts.bundle_plot import recall_panel, svg, timings_panel
 from densebeam.index_store.types import ModelFacts
 from densebeam.pipelines import build_index, cli
 from test_build_index import clustered, write_embeddings_dir

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from densebeam.index_store import ivf
-from densebeam.index_store.ivf_search import merge_topk
+from densebeam.index_store.ivf.search import merge_topk
+from ivf_helpers import add_batches, add_to_empty
 
 DIM, N, NLIST, K = 32, 6000, 64, 10
 
@@ -34,7 +35,7 @@ def data():
     trained = ivf.train_empty_index(sample, ivf.factory_string(NLIST, "Flat"))
     ids = np.arange(N, dtype=np.int64)
     bounds = [0, 1700, 4100, N]  # three uneven shards with contiguous row ids
-    shards = [ivf.add_batches(trained, ((ids[s:e][i:i + 500], xb[s:e][i:i + 500])
+    shards = [add_batches(trained, ((ids[s:e][i:i + 500], xb[s:e][i:i + 500])
                                         for i in range(0, e - s, 500)))
               for s, e in zip(bounds, bounds[1:])]
     return xb, xq, ids, trained, shards
@@ -69,7 +70,7 @@ def test_shards_share_one_quantizer_search(data):
         got = searcher.search(xq, K, nprobe)
         np.testing.assert_array_equal(got[1], want[1])
         np.testing.assert_allclose(got[0], want[0], atol=1e-6)
-    other = ivf.add_to_empty(ivf.train_empty_index(xb[:3000], ivf.factory_string(NLIST, "Flat"), seed=99),
+    other = add_to_empty(ivf.train_empty_index(xb[:3000], ivf.factory_string(NLIST, "Flat"), seed=99),
                              ids[:100], xb[:100])
     mixed = ivf.ShardedSearcher([shards[0], other])
     assert mixed._shared is None
@@ -81,12 +82,12 @@ def test_shards_share_one_quantizer_search(data):
 
 def test_add_to_empty_matches_add_batches(data):
     xb, xq, ids, trained, shards = data
-    one = ivf.add_to_empty(trained, ids[:1700], xb[:1700])
+    one = add_to_empty(trained, ids[:1700], xb[:1700])
     np.testing.assert_array_equal(one.search(xq, K)[1], shards[0].search(xq, K)[1])
     with pytest.raises(ValueError, match="trained and empty"):
-        ivf.add_to_empty(ivf.index_to_bytes(one), ids[:3], xb[:3])
+        add_to_empty(ivf.index_to_bytes(one), ids[:3], xb[:3])
     with pytest.raises(ValueError, match="shape"):
-        ivf.add_to_empty(trained, ids[:3], xb[:3, :8])
+        add_to_empty(trained, ids[:3], xb[:3, :8])
 
 
 def test_merge_on_disk_equals_shards_and_survives_move(data, tmp_path):
@@ -144,7 +145,7 @@ def test_merge_refuses_shard_from_other_training(data, tmp_path):
     xb, _, ids, trained, _ = data
     other = ivf.train_empty_index(xb[:3000], ivf.factory_string(NLIST, "Flat"), seed=99)
     path = str(tmp_path / "other.faiss")
-    ivf.write_index(ivf.add_to_empty(other, ids[:100], xb[:100]), path)
+    ivf.write_index(add_to_empty(other, ids[:100], xb[:100]), path)
     with pytest.raises(ValueError, match="other.faiss"):
         ivf.merge_on_disk(trained, [path], str(tmp_path / "i.faiss"), str(tmp_path / "i.ivfdata"))
 
@@ -250,8 +251,8 @@ def test_recall_curve_from_lists_equals_searching(data):
 def test_missing_slots_and_ties():
     xb = clustered(30, dim=8, seed=5)
     trained = ivf.train_empty_index(xb, "IVF1,Flat")
-    a = ivf.add_to_empty(trained, np.array([7, 3], dtype=np.int64), np.stack([xb[0], xb[0]]))
-    b = ivf.add_to_empty(trained, np.array([1], dtype=np.int64), xb[1:2])
+    a = add_to_empty(trained, np.array([7, 3], dtype=np.int64), np.stack([xb[0], xb[0]]))
+    b = add_to_empty(trained, np.array([1], dtype=np.int64), xb[1:2])
     scores, ids = ivf.ShardedSearcher([a, b]).search(xb[:1], 5, nprobe=1)
     assert ids[0].tolist()[:2] == [3, 7]  # equal scores: smaller id first
     assert ids[0].tolist()[2:] == [1, -1, -1]

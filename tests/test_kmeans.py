@@ -1,4 +1,4 @@
-"""Two-level spherical k-means (index_store.kmeans) on seeded clustered data: the allocation rules, the
+"""Two-level spherical k-means (index_store.ivf.kmeans) on seeded clustered data: the allocation rules, the
 pruned assignment against the exact one, determinism, and IVF quality against FAISS's flat k-means for
 cos and dot vectors."""
 
@@ -10,7 +10,8 @@ import faiss
 import numpy as np
 import pytest
 
-from densebeam.index_store import ivf, kmeans
+from densebeam.index_store import ivf
+from densebeam.index_store.ivf import kmeans
 
 DIM = 32
 
@@ -189,7 +190,7 @@ def test_searches_probe_as_many_lists_as_asked_through_an_hnsw_quantizer():
     import sys
     from pathlib import Path
 
-    from densebeam.index_store.ivf_search import ShardedSearcher, quantizer_params
+    from densebeam.index_store.ivf.search import ShardedSearcher, quantizer_params
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
     from index_bench import clustered_batches

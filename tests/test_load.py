@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from densebeam.index_store import versions
+from densebeam.index_store.artifacts import versions
 from densebeam.index_store.query.search import Searcher
 from densebeam.pipelines import build_index
 from conftest import REPO, make_passages, write_jsonl

@@ -10,9 +10,9 @@ import random
 import numpy as np
 import pytest
 
-from densebeam.index_store import encoder as encoder_mod
-from densebeam.index_store.encoder import load_encoder
-from densebeam.index_store.model_files import read_bert_directory
+from densebeam.index_store.encoding import encoder as encoder_mod
+from densebeam.index_store.encoding.encoder import load_encoder
+from densebeam.index_store.encoding.model_files import read_bert_directory
 from conftest import _WORDS, build_tiny_bi_encoder
 
 ARCHS = ("bert", "distilbert", "roberta")

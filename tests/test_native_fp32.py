@@ -1,4 +1,4 @@
-"""The float32 native kernels (index_store/native.py, kernels_fp32.c), in every build this CPU can run
+"""The float32 native kernels (index_store/encoding/native.py, kernels_fp32.c), in every build this CPU can run
 (AVX-512, and AVX2 under an ISA cap where the CPU has more): attention and residual add + layer norm
 against float64 references and PyTorch's float32 operations, the same bits for a passage whatever its
 batch or thread, safe on bad arguments; and the packed fp32 forward that runs them equal to
@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 import torch
 
-from densebeam.index_store import cpu, native
-from densebeam.index_store.packed_bert import PackedBert, _length_groups
+from densebeam.index_store.encoding import cpu
+from densebeam.index_store.encoding import native
+from densebeam.index_store.encoding.packed_bert import PackedBert, _length_groups
 from conftest import _WORDS, build_tiny_bi_encoder
 
 _CAPS = {"avx512": "avx512_core_vnni", "avx2": "avx2"}

@@ -1,4 +1,4 @@
-"""The native kernels of the packed bf16 forward (index_store/native.py, kernels_avx512.c): attention and
+"""The native kernels of the packed bf16 forward (index_store/encoding/native.py, kernels_avx512.c): attention and
 residual add + layer norm against float64 references and the PyTorch operations they replace, bitwise
 deterministic and independent of the batch, safe on bad arguments; and, for both libraries, the build
 cache and the PyTorch fallback wherever they cannot be built. Runs the real kernels, built by the
@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 import torch
 
-from densebeam.index_store import native
-from densebeam.index_store.encoder import load_encoder
-from densebeam.index_store.packed_bert import PackedBert, _length_groups
+from densebeam.index_store.encoding import native
+from densebeam.index_store.encoding.encoder import load_encoder
+from densebeam.index_store.encoding.packed_bert import PackedBert, _length_groups
 from conftest import _WORDS, build_tiny_bi_encoder
 
 
@@ -281,7 +281,7 @@ def test_a_compiler_that_fails_falls_back_with_its_reason(fresh_native, monkeypa
 
 _LOAD_SCRIPT = """
 import json, sys
-from densebeam.index_store import native
+from densebeam.index_store.encoding import native
 k = native.kernels(sys.argv[1])
 print(json.dumps(k.path if k is not None else None))
 """

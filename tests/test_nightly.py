@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from densebeam.index_store import versions
+from densebeam.index_store.artifacts import versions
 from densebeam.index_store.query.search import Searcher
 from densebeam.pipelines import cli
 from conftest import make_passages, write_jsonl

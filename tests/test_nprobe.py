@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from densebeam.index_store import ivf
-from densebeam.index_store.nprobe import nprobe_by_k, nprobe_for_k, smallest_reaching
+from densebeam.index_store.ivf.nprobe import nprobe_by_k, nprobe_for_k, smallest_reaching
+from ivf_helpers import add_to_empty
 
 DIM, N, NLIST = 32, 6000, 64
 
@@ -23,7 +24,7 @@ def clustered(n: int, seed: int, clusters: int = 40, dim: int = DIM) -> np.ndarr
 def index():
     xb = clustered(N, seed=1)
     trained = ivf.train_empty_index(xb[:4000], ivf.factory_string(NLIST, "Flat"))
-    filled = ivf.add_to_empty(trained, np.arange(N, dtype=np.int64), xb)
+    filled = add_to_empty(trained, np.arange(N, dtype=np.int64), xb)
     return xb, filled
 
 
@@ -102,3 +103,19 @@ def test_nprobe_for_k_from_a_manifest():
     assert nprobe_for_k(old, 30) == 16
     with pytest.raises(ValueError, match="positive"):
         nprobe_for_k(m, 0)
+
+
+def test_nprobe_for_k_reads_the_typed_record_as_the_json():
+    """A bundle's typed record (what the query side passes) gives the nprobe its JSON gives."""
+    from densebeam.index_store.artifacts.bundle_manifest import Manifest
+
+    base = {"format_version": 1, "layout": "merged", "factory": "IVF4096,Flat", "counts": {"vectors": 9, "shards": 1},
+            "model_facts": {"model": "m", "revision": None, "dim": 4, "similarity": "cos", "dtype": "float32"},
+            "files": [{"path": "trained.faiss", "size": 1, "sha256": "0" * 64}]}
+    per_k = {"nlist": 4096, "nprobe": 8, "k": 10,
+             "nprobe_by_k": {"10": {"nprobe": 8, "recall": 0.96}, "100": {"nprobe": 32, "recall": 0.95}}}
+    old = {"nlist": 64, "nprobe": 4, "k": 10}
+    for m in (per_k, old):
+        record = Manifest.from_dict({**base, **m})
+        assert [nprobe_for_k(record, k) for k in (1, 10, 11, 100, 101, 3000, 10**6)] == \
+            [nprobe_for_k(m, k) for k in (1, 10, 11, 100, 101, 3000, 10**6)]

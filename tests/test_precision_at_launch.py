@@ -12,7 +12,7 @@ import json
 
 import pytest
 
-from densebeam.index_store import encoder as encoder_mod
+from densebeam.index_store.encoding import encoder as encoder_mod
 from densebeam.pipelines import encode
 from conftest import make_passages, write_jsonl
 

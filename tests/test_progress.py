@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from densebeam.pipelines import cli
-from densebeam.transforms.corpus_io import detect_format
+from densebeam.index_store.corpus_io import detect_format
 from densebeam.transforms.encode import _Progress
 from densebeam.transforms.estimate import estimate_records
 from conftest import make_passages, write_jsonl

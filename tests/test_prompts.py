@@ -10,8 +10,8 @@ import json
 import numpy as np
 import pytest
 
-from densebeam.index_store import encoder as encoder_mod
-from densebeam.index_store.encoder import load_encoder, role_prompts
+from densebeam.index_store.encoding import encoder as encoder_mod
+from densebeam.index_store.encoding.encoder import load_encoder, role_prompts
 from densebeam.index_store.query.search import Searcher
 from densebeam.pipelines import build_index
 from conftest import build_tiny_bi_encoder, make_passages, write_jsonl

@@ -61,7 +61,7 @@ def test_version_and_inspect_without_beam(bundle, tmp_path):
     import xml.etree.ElementTree as ET
 
     import densebeam
-    from densebeam.index_store.bundle import read_manifest
+    from densebeam.index_store.artifacts.bundle import read_manifest
 
     r = run_cli("--version")
     assert r.returncode == 0, r.stderr

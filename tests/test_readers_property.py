@@ -15,8 +15,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from densebeam.index_store.types import Passage, Rejected
-from densebeam.transforms import corpus_io
-from densebeam.transforms.corpus_io import CorpusError, ReadOptions
+from densebeam.index_store import corpus_io
+from densebeam.index_store.corpus_io import CorpusError, ReadOptions
 
 SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 OPTS = ReadOptions(max_text_bytes=5000, split_bytes=1024)

@@ -8,8 +8,8 @@ import json
 import numpy as np
 import pytest
 
-from densebeam.index_store import embeddings as emb
-from densebeam.index_store.encoder import CALIBRATION_PASSAGES, CHARS_PER_TOKEN, load_encoder, resolve_model_path
+from densebeam.index_store.artifacts import embeddings as emb
+from densebeam.index_store.encoding.encoder import CALIBRATION_PASSAGES, CHARS_PER_TOKEN, load_encoder, resolve_model_path
 from densebeam.pipelines import encode
 from conftest import SHARED_DATA, write_jsonl
 

@@ -1,4 +1,4 @@
-"""Cross-encoders on the packed forward (index_store/packed_cross.py): BERT, DistilBERT and RoBERTa
+"""Cross-encoders on the packed forward (index_store/encoding/packed_cross.py): BERT, DistilBERT and RoBERTa
 cross-encoders give ``CrossEncoder.predict``'s fp32 scores to 1e-4 (its tokenization, truncation and
 activation), a pair's score does not depend on its batch, huge passages are cut without changing a
 score, and models the packed forward cannot run fall back to ``CrossEncoder.predict``."""
@@ -11,7 +11,7 @@ import random
 import numpy as np
 import pytest
 
-from densebeam.index_store import cpu
+from densebeam.index_store.encoding import cpu
 from densebeam.index_store.query.rerank import CrossEncoderReranker
 from conftest import _WORDS
 from query_fixtures import build_tiny_cross_encoder
@@ -72,7 +72,7 @@ def test_precision_follows_the_cpu(tmp_path, monkeypatch):
 
 
 def test_models_the_packed_forward_cannot_run_use_cross_encoder_predict(tmp_path):
-    path = build_tiny_cross_encoder(tmp_path / "ce", seed=8, hidden=64)
+    build_tiny_cross_encoder(tmp_path / "ce", seed=8, hidden=64)
     cfg_path = tmp_path / "ce" / "config.json"
     cfg = json.loads(cfg_path.read_text())
     cfg["position_embedding_type"] = "relative_key"  # relative positions: not the packed layout

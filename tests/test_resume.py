@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 from apache_beam.metrics.metric import MetricsFilter
 
-from densebeam.index_store import bundle as bundle_lib
-from densebeam.index_store import cpu
-from densebeam.index_store import embeddings as emb
+from densebeam.index_store.artifacts import bundle as bundle_lib
+from densebeam.index_store.encoding import cpu
+from densebeam.index_store.artifacts import embeddings as emb
 from densebeam.pipelines import encode
 from conftest import make_passages, write_jsonl
 

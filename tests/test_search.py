@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from densebeam.index_store import cpu
-from densebeam.index_store import embeddings as emb
+from densebeam.index_store.encoding import cpu
+from densebeam.index_store.artifacts import embeddings as emb
 from densebeam.index_store.query.bm25 import BM25Index
 from densebeam.index_store.query.hits import Hit
 from densebeam.index_store.query.rerank import CrossEncoderReranker

@@ -190,7 +190,7 @@ def test_many_concurrent_clients_all_correct(client, server, searcher):
 def test_service_defaults_for_nprobe_and_rerank_depth(searcher, client):
     """``serve --nprobe N --rerank-depth D`` are the defaults of requests that give none (they were once
     accepted and ignored), and an answer reports the nprobe its search started from."""
-    from densebeam.index_store.nprobe import nprobe_for_k
+    from densebeam.index_store.ivf.nprobe import nprobe_for_k
 
     plain = client.post("/search", json={"query": QUERIES[2], "k": 7, "rerank": False}).json()
     assert plain["nprobe"] == nprobe_for_k(searcher.bundle.manifest, 7)

@@ -330,7 +330,7 @@ def test_serve_refuses_a_forged_bundle_at_start_with_a_message(searcher, tmp_pat
     import subprocess
     import sys
 
-    from densebeam.index_store.bundle import BundleError, open_bundle
+    from densebeam.index_store.artifacts.bundle import BundleError, open_bundle
 
     root = tmp_path / "forged"
     original = (Path(searcher.bundle.root) / "index.faiss").read_bytes()

@@ -16,8 +16,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from densebeam.index_store import versions
-from densebeam.index_store.bundle import open_bundle
+from densebeam.index_store.artifacts import versions
+from densebeam.index_store.artifacts.bundle import open_bundle
 from densebeam.index_store.query import reload as reload_lib
 from densebeam.index_store.query.search import Searcher
 from densebeam.index_store.query.serve import Limits, Reloading

@@ -13,8 +13,8 @@ import shutil
 
 import pytest
 
-from densebeam.index_store import signing
-from densebeam.index_store.bundle import BundleError, open_bundle
+from densebeam.index_store.artifacts import signing
+from densebeam.index_store.artifacts.bundle import BundleError, open_bundle
 from densebeam.index_store.query import reload as reload_lib
 from densebeam.index_store.types import ModelFacts
 from densebeam.pipelines import build_index, cli

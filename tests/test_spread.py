@@ -12,10 +12,10 @@ import os
 
 import pytest
 
-from densebeam.index_store import embeddings as emb
+from densebeam.index_store.artifacts import embeddings as emb
 from densebeam.pipelines import encode
-from densebeam.transforms import corpus_io
-from densebeam.transforms.corpus_io import TO_END, ReadOptions
+from densebeam.index_store import corpus_io
+from densebeam.index_store.corpus_io import TO_END, ReadOptions
 from densebeam.transforms.encode import WORKER_LOG_ENV
 from conftest import make_passages, write_jsonl
 

@@ -8,8 +8,8 @@ import logging
 import numpy as np
 import pytest
 
-from densebeam.index_store import bundle as bundle_lib
-from densebeam.index_store import versions
+from densebeam.index_store.artifacts import bundle as bundle_lib
+from densebeam.index_store.artifacts import versions
 from densebeam.index_store.types import ModelFacts
 from densebeam.pipelines import build_index
 from test_build_index import clustered, write_embeddings_dir
@@ -79,7 +79,7 @@ def test_publish_refuses_a_corrupt_version(tmp_path):
     data[100] ^= 0xFF
     f.write_bytes(bytes(data))
     with pytest.raises(bundle_lib.BundleError, match="trained.faiss"):
-        versions.publish(root, name)
+        bundle_lib.publish_version(root, name)
     assert versions.current(root) == good
     assert np.isfinite(bundle_lib.open_bundle(root).searcher.search(clustered(2), 3, 8)[0]).all()
 
@@ -114,17 +114,17 @@ def age(path, seconds: float) -> None:
 def test_a_retired_version_survives_its_grace_period(tmp_path, small_bundle):
     root = tmp_path / "idx"
     v1 = add_version(root, small_bundle)
-    versions.publish(str(root), v1, keep=1)
+    bundle_lib.publish_version(str(root), v1, keep=1)
     reader = versions.resolve(str(root))  # a reader resolved CURRENT ... then a new version publishes
     v2 = add_version(root, small_bundle)
-    versions.publish(str(root), v2, keep=1)
+    bundle_lib.publish_version(str(root), v2, keep=1)
     assert versions.current(str(root)) == v2
     assert bundle_lib.open_bundle(reader).searcher.ntotal == 3000  # v1 is still there: within its grace
     retired = root / "versions" / v1 / versions.RETIRED
     assert retired.exists() and not (root / "versions" / v2 / versions.RETIRED).exists()
     age(retired, versions.DEFAULT_GRACE_S + 1)  # ... its grace has passed: the next publish prunes it
     v3 = add_version(root, small_bundle)
-    versions.publish(str(root), v3, keep=1)
+    bundle_lib.publish_version(str(root), v3, keep=1)
     assert [v["name"] for v in versions.list_versions(str(root))] == [v2, v3]
     # a version retired without a marker (an older densebeam) counts from CURRENT's last switch
     (root / "versions" / v2 / versions.RETIRED).unlink()
@@ -135,14 +135,14 @@ def test_a_retired_version_survives_its_grace_period(tmp_path, small_bundle):
 
 READER = r"""
 import json, logging, os, sys, time
-from densebeam.index_store.bundle import open_bundle
+from densebeam.index_store.artifacts.bundle import open_bundle
 
 root, stop, ready = sys.argv[1], sys.argv[2], sys.argv[3]
 retries = []
 class Count(logging.Handler):
     def emit(self, record):
         retries.append(record.getMessage())
-logging.getLogger("densebeam.index_store.bundle").addHandler(Count(logging.WARNING))
+logging.getLogger("densebeam.index_store.artifacts.bundle").addHandler(Count(logging.WARNING))
 opens, failures = 0, []
 while not os.path.exists(stop) or opens < 5:
     try:
@@ -167,7 +167,7 @@ def test_readers_never_lose_their_version_while_versions_publish(tmp_path, small
     import time
 
     root, stop, ready = tmp_path / "idx", tmp_path / "stop", tmp_path / "ready"
-    versions.publish(str(root), add_version(root, small_bundle), keep=1)
+    bundle_lib.publish_version(str(root), add_version(root, small_bundle), keep=1)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
     reader = subprocess.Popen([sys.executable, "-c", READER, str(root), str(stop), str(ready)],
                               stdout=subprocess.PIPE, text=True, env=env)
@@ -176,7 +176,7 @@ def test_readers_never_lose_their_version_while_versions_publish(tmp_path, small
         time.sleep(0.05)
     published, deadline = 0, time.monotonic() + 20
     while published < 60 and time.monotonic() < deadline:
-        versions.publish(str(root), add_version(root, small_bundle), keep=1, grace_s=grace_s)
+        bundle_lib.publish_version(str(root), add_version(root, small_bundle), keep=1, grace_s=grace_s)
         published += 1
     stop.touch()
     out, _ = reader.communicate(timeout=120)

@@ -33,9 +33,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from apache_beam.metrics import Metrics
 
-from densebeam.index_store import embeddings as emb
+from densebeam.index_store.artifacts import embeddings as emb
 from densebeam.index_store import fsutil
-from densebeam.transforms.corpus_io import is_local_fs
+from densebeam.index_store.corpus_io import is_local_fs
 from densebeam.transforms.read import NAMESPACE
 
 log = logging.getLogger(__name__)
@@ -66,7 +66,7 @@ def file_identity(identity: dict, precision: str) -> dict:
 def effective_precision(requested: str, device: str) -> str:
     """The precision a worker encodes in for ``--precision requested --device device`` (resolved on
     the worker: ``auto`` differs between GPU and CPU machines)."""
-    from densebeam.index_store.encoder import pick_device, pick_precision
+    from densebeam.index_store.encoding.encoder import pick_device, pick_precision
 
     return pick_precision(requested, pick_device(device))
 
@@ -190,7 +190,7 @@ class _JournalFn(beam.DoFn):
             IDENTITY_KEY: json.dumps(file_identity(self._identity, self._precision)).encode()})
         path = emb.join(self._out, JOURNAL_DIR, f"journal-{uuid.uuid4().hex}.parquet")
         with fsutil.atomic_local_output(path) as tmp:  # never seen half-written (a kill mid-write)
-            # hashes and floats: neither dictionaries nor compression shrink them (5,000 rows: 29 -> 14 ms)
+            # hashes and floats: neither dictionaries nor compression shrink them, both cost time
             pq.write_table(table, tmp, compression="none", use_dictionary=False)
         self._hashes, self._vecs = [], []
 

@@ -17,7 +17,7 @@ import numpy as np
 from apache_beam.metrics import Metrics
 from apache_beam.ml.inference.base import ModelHandler, PredictionResult, RunInference
 
-from densebeam.index_store.encoder import DEFAULT_TOKEN_BUDGET, Encoder, load_encoder
+from densebeam.index_store.encoding.encoder import DEFAULT_TOKEN_BUDGET, Encoder, load_encoder
 from densebeam.index_store.types import Passage, Rejected
 from densebeam.transforms.read import NAMESPACE
 
@@ -37,7 +37,7 @@ class EncodeOptions:
     progress_every_s: float = 30.0
     expected_passages: Optional[int] = None  # the launcher's estimate of the records in the corpus
     workers: int = 1  # worker processes sharing the work (for the run-wide progress estimate)
-    document_prompt: Optional[str] = None  # None: the model's own (index_store.encoder.role_prompts)
+    document_prompt: Optional[str] = None  # None: the model's own (index_store.encoding.encoder.role_prompts)
     query_prompt: Optional[str] = None
 
 

@@ -57,7 +57,7 @@ def _sample_text(path: str, compression: Optional[str], sample_bytes: int) -> tu
     if compression == "gzip":
         data, consumed = _gunzip_prefix(path, sample_bytes)
     else:
-        from densebeam.transforms.corpus_io import open_compressed
+        from densebeam.index_store.corpus_io import open_compressed
 
         with open_compressed(path, compression) as f:
             data, consumed = f.read(sample_bytes), None
@@ -92,7 +92,7 @@ def sample_texts(files: Sequence[tuple[str, int]], opts, n: int = 512, max_files
     each), as the encoder sees them: a deterministic sample for measuring ``--precision auto`` once at
     launch. Unreadable files are skipped (the read pass names them)."""
     from densebeam.index_store.types import Passage
-    from densebeam.transforms import corpus_io
+    from densebeam.index_store import corpus_io
 
     chosen = list(files)[:max_files]
     out: list[str] = []

@@ -21,14 +21,16 @@ import numpy as np
 import pyarrow.parquet as pq
 from apache_beam.metrics import Metrics
 
-from densebeam.index_store import bundle as bundle_lib
-from densebeam.index_store import gpu, ivf, kmeans
-from densebeam.index_store.build_plan import BuildPlan, ShardSpec
-from densebeam.index_store.docstore import DocstoreWriter
-from densebeam.index_store.embeddings import join
+from densebeam.index_store.artifacts import bundle as bundle_lib
+from densebeam.index_store import ivf
+from densebeam.index_store.ivf import gpu
+from densebeam.index_store.ivf import kmeans
+from densebeam.index_store.ivf.plan import BuildPlan, ShardSpec
+from densebeam.index_store.artifacts.docstore import DocstoreWriter
+from densebeam.index_store.artifacts.embeddings import join
 from densebeam.index_store.fsutil import canonical_url, sha256_file
-from densebeam.index_store.ivf_search import merge_topk
-from densebeam.index_store.nprobe import nprobe_by_k
+from densebeam.index_store.ivf.search import merge_topk
+from densebeam.index_store.ivf.nprobe import nprobe_by_k
 from densebeam.transforms.read import NAMESPACE
 
 log = logging.getLogger(__name__)
@@ -116,7 +118,7 @@ def _gather_rows(parts, rows: np.ndarray, dim: int) -> np.ndarray:
 
 
 class _TrainFn(beam.DoFn):
-    """Flat k-means on the whole sample: with PyTorch on a GPU (:mod:`index_store.gpu`), streamed from the
+    """Flat k-means on the whole sample: with PyTorch on a GPU (:mod:`index_store.ivf.gpu`), streamed from the
     sample files (the host holds one shard's share; the GPU the sample when it fits); else FAISS's, in
     memory (on CPUs: small nlist, seconds; faiss-gpu: all GPUs)."""
 
@@ -138,7 +140,7 @@ class _TrainFn(beam.DoFn):
 
 
 # ---------------------------------------------------------------- two-level k-means over workers
-# The steps of index_store.kmeans.two_level_kmeans, with the sample in files: the coarse step writes each
+# The steps of index_store.ivf.kmeans.two_level_kmeans, with the sample in files: the coarse step writes each
 # group of coarse clusters' vectors to a file, fine k-means runs per group on any worker, the refine step
 # streams the group files again. Same centroids as the in-memory function, whatever the worker count.
 
@@ -258,8 +260,7 @@ class _CalibrationQueriesFn(beam.DoFn):
 
     def setup(self):
         if not self._plan.calibration_queries.endswith(".npy"):
-            from densebeam.index_store.encoder import load_encoder, pick_device
-            from densebeam.index_store.query.search import query_precision
+            from densebeam.index_store.encoding.encoder import load_encoder, pick_device, query_precision
 
             # Device and precision by the query side's rule (query.search.load_query_encoder), so these
             # vectors are the ones searches will use.
@@ -281,7 +282,7 @@ class _CalibrationQueriesFn(beam.DoFn):
                                  f"{plan.facts.model}")
             total = len(vectors)
         else:
-            from densebeam.index_store.query.evaluate import read_queries
+            from densebeam.index_store.corpus_io import read_queries
 
             texts = list(read_queries(path).values())
             total, vectors = len(texts), None

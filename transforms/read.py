@@ -9,8 +9,8 @@ import apache_beam as beam
 from apache_beam.metrics import Metrics
 
 from densebeam.index_store.types import Passage, Rejected
-from densebeam.transforms import corpus_io
-from densebeam.transforms.corpus_io import CorpusError, Piece, ReadOptions
+from densebeam.index_store import corpus_io
+from densebeam.index_store.corpus_io import CorpusError, Piece, ReadOptions
 
 log = logging.getLogger(__name__)
 

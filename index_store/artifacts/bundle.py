@@ -6,11 +6,11 @@ Layout (relative names from :func:`layout_paths`)::
     trained.faiss                          the empty trained index every shard was filled from
     shards/shard-00000-of-00004.faiss      layout "shards": one filled IVF index per shard
     index.faiss + index.ivfdata            layout "merged": one on-disk index, memory-mapped
-    docstore/part-00000-of-00004.arrow     row id -> (id, text, title), see :mod:`index_store.docstore`
+    docstore/part-00000-of-00004.arrow     row id -> (id, text, title), see :mod:`index_store.artifacts.docstore`
 
 Nothing is unpickled: the manifest is JSON, indexes are FAISS files, the docstore is Arrow. The manifest
-(names, writing, strict reading) is :mod:`index_store.bundle_manifest`; what makes a bundle's content
-safe to open, beyond its hashes, is :mod:`index_store.validate`. No Beam.
+(names, writing, strict reading) is :mod:`index_store.artifacts.bundle_manifest`; what makes a bundle's content
+safe to open, beyond its hashes, is :mod:`index_store.artifacts.validate`. No Beam.
 """
 
 from __future__ import annotations
@@ -28,14 +28,16 @@ from typing import Iterator, Optional
 import faiss
 import fsspec
 
-from densebeam.index_store import fsutil, signing, validate
+from densebeam.index_store import fsutil
+from densebeam.index_store.artifacts import signing
+from densebeam.index_store.artifacts import validate
 # The manifest half lives in bundle_manifest; re-exported so callers need one import.
-from densebeam.index_store.bundle_manifest import (FORMAT, FORMAT_VERSION, LAYOUTS, MANIFEST,  # noqa: F401
-                                                   BundleError, BundleLayout, file_entry, is_inside,
-                                                   layout_paths, parse_manifest, read_manifest_bytes,
-                                                   write_manifest)
-from densebeam.index_store.docstore import Docstore
-from densebeam.index_store.embeddings import join
+from densebeam.index_store.artifacts.bundle_manifest import (FORMAT, FORMAT_VERSION, LAYOUTS, MANIFEST,  # noqa: F401
+                                                             BundleError, BundleLayout, CurvePoint, FileEntry,
+                                                             Manifest, file_entry, is_inside, layout_paths,
+                                                             parse_manifest, read_manifest_bytes, write_manifest)
+from densebeam.index_store.artifacts.docstore import Docstore
+from densebeam.index_store.artifacts.embeddings import join
 from densebeam.index_store.ivf import ShardedSearcher, open_merged, read_index
 from densebeam.index_store.types import ModelFacts
 
@@ -46,7 +48,7 @@ log = logging.getLogger(__name__)
 def read_manifest(root: str) -> dict:
     """Parse and sanity-check ``manifest.json`` (format, version, safe paths); files are not read.
     A versioned location reads its current version's manifest."""
-    from densebeam.index_store import versions
+    from densebeam.index_store.artifacts import versions
 
     root = versions.resolve(root)
     return parse_manifest(read_manifest_bytes(root), join(root, MANIFEST))
@@ -167,17 +169,18 @@ class Bundle:
     """An opened bundle: searcher over the FAISS files, docstore, and the manifest's facts."""
 
     root: str  # local directory actually opened (the cache copy for remote bundles)
-    manifest: dict
+    manifest: dict  # the manifest's JSON object as read
     searcher: ShardedSearcher
     docstore: Docstore
+    record: Manifest  # the same manifest, typed (what readers use)
 
     @property
     def facts(self) -> ModelFacts:
-        return ModelFacts.from_dict(self.manifest["model_facts"])
+        return self.record.model_facts
 
     @property
     def default_nprobe(self) -> int:
-        return int(self.manifest.get("nprobe") or 1)
+        return self.record.nprobe
 
 
 OPEN_ATTEMPTS = 3  # a versioned location whose version is replaced mid-open is opened again
@@ -192,15 +195,15 @@ def open_bundle(root: str, verify: str = "full", cache_dir: Optional[str] = None
     trusts the manifest's hashes. Whatever the mode, only files the manifest lists are opened (links
     resolved, nothing outside the bundle), each is pinned by descriptor so what is used is what was
     checked, and the structure is validated before FAISS or Arrow reads anything
-    (:func:`index_store.validate.check_bundle`: list tables, ids, counts, the docstore's Arrow data).
+    (:func:`index_store.artifacts.validate.check_bundle`: list tables, ids, counts, the docstore's Arrow data).
     A versioned location opens its CURRENT version; if that version is replaced and pruned while it is
     being opened, the new current one is opened instead. Index lists and docstore are memory-mapped,
-    so RAM use is what searches touch. ``trust_key`` (:mod:`index_store.signing`): the manifest must be
+    so RAM use is what searches touch. ``trust_key`` (:mod:`index_store.artifacts.signing`): the manifest must be
     signed with it, every file is hashed whatever ``verify`` says, and no unlisted file may be present.
     """
     if verify not in VERIFY_MODES:
         raise ValueError(f"verify must be one of {VERIFY_MODES}, got {verify!r}")
-    from densebeam.index_store import versions  # a versioned location opens its CURRENT version
+    from densebeam.index_store.artifacts import versions  # a versioned location opens its CURRENT version
 
     for attempt in range(1, OPEN_ATTEMPTS + 1):
         location = versions.resolve(root)
@@ -242,7 +245,22 @@ def _open_location(location: str, verify: str, cache_dir: Optional[str], trust_k
                 raise BundleError(str(err)) from err
     if facts.dim != searcher.d:
         raise BundleError(f"{where} says dim {facts.dim} but its index has dim {searcher.d}; rebuild it")
-    return Bundle(root=fsutil.local_path(local), manifest=manifest, searcher=searcher, docstore=checked.docstore)
+    return Bundle(root=fsutil.local_path(local), manifest=manifest, searcher=searcher, docstore=checked.docstore,
+                  record=Manifest.from_dict(manifest))
+
+
+def publish_version(root: str, name: str, keep: int = 3, stale_after_s: float = 24 * 3600,
+                    grace_s: Optional[float] = None) -> None:
+    """Verify and validate version ``name`` of the versioned location ``root`` fully (it must open),
+    switch ``CURRENT`` to it, then prune old versions (:func:`index_store.artifacts.versions.prune`)."""
+    from densebeam.index_store.artifacts import versions
+
+    if keep < 1:
+        raise ValueError("keep must be at least 1")
+    open_bundle(versions.version_path(root, name), verify="full")  # raises (naming the file) before any switch
+    versions.switch(root, name)
+    log.info("published version %s of %s", name, root)
+    versions.prune(root, keep, stale_after_s, versions.DEFAULT_GRACE_S if grace_s is None else grace_s)
 
 
 def _read_optional(url: str) -> Optional[bytes]:

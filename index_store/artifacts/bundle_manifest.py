@@ -13,14 +13,16 @@ import dataclasses
 import json
 import os
 import re
+from types import MappingProxyType
+from typing import Mapping, Optional
 
 import fsspec
 
 from densebeam.index_store import fsutil
-from densebeam.index_store.docstore import PART_PATTERN
-from densebeam.index_store.embeddings import join
+from densebeam.index_store.artifacts.docstore import PART_PATTERN
+from densebeam.index_store.artifacts.embeddings import join
 from densebeam.index_store.types import ModelFacts
-from densebeam.index_store.ivf_params import LAYOUTS
+from densebeam.index_store.ivf.params import LAYOUTS
 
 MANIFEST = "manifest.json"
 FORMAT = "densebeam.index"
@@ -44,6 +46,72 @@ class BundleLayout:
     docstore: list[str]
     merged_index: str
     merged_ivfdata: str
+
+
+@dataclasses.dataclass(frozen=True)
+class CurvePoint:
+    """One point of a recall curve: searching ``nprobe`` lists found ``recall`` of the true neighbours."""
+
+    nprobe: int
+    recall: float
+
+
+@dataclasses.dataclass(frozen=True)
+class FileEntry:
+    """A file the manifest lists, relative to the bundle, with the size and sha256 it must have."""
+
+    path: str
+    size: int
+    sha256: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Manifest:
+    """The typed view of a manifest that passed :func:`parse_manifest`: every field a reader uses, with
+    its type. ``raw`` keeps the whole JSON object (build inputs, timings, the precision record) for the
+    fields no reader depends on."""
+
+    format_version: int
+    layout: str
+    factory: str
+    nlist: int
+    nprobe: int
+    k: int
+    vectors: int
+    shards: int
+    model_facts: ModelFacts
+    files: tuple[FileEntry, ...]
+    nprobe_by_k: Mapping[int, CurvePoint]
+    recall_curve: tuple[CurvePoint, ...]
+    recall_curves: Mapping[int, tuple[CurvePoint, ...]]
+    recall_at_k: float
+    target_recall: Optional[float]
+    recall_measured_on: Optional[str]
+    codec: Optional[str]
+    raw: Mapping
+
+    @classmethod
+    def from_dict(cls, m: Mapping) -> "Manifest":
+        """Build the record from a manifest dict that passed the schema checks (:func:`parse_manifest`
+        runs both)."""
+
+        def points(curve) -> tuple[CurvePoint, ...]:
+            return tuple(CurvePoint(int(p["nprobe"]), float(p["recall"])) for p in curve)
+
+        return cls(
+            format_version=int(m["format_version"]), layout=m["layout"], factory=m["factory"],
+            nlist=int(m["nlist"]), nprobe=int(m["nprobe"]), k=int(m.get("k", 10)),
+            vectors=int(m["counts"]["vectors"]), shards=int(m["counts"]["shards"]),
+            model_facts=ModelFacts.from_dict(m["model_facts"]),
+            files=tuple(FileEntry(e["path"], int(e["size"]), e["sha256"]) for e in m["files"]),
+            nprobe_by_k=MappingProxyType({int(k): CurvePoint(int(v["nprobe"]), float(v["recall"]))
+                                          for k, v in (m.get("nprobe_by_k") or {}).items()}),
+            recall_curve=points(m.get("recall_curve") or []),
+            recall_curves=MappingProxyType({int(k): points(v) for k, v in (m.get("recall_curves") or {}).items()}),
+            recall_at_k=float(m.get("recall_at_k", 0.0)),
+            target_recall=None if m.get("target_recall") is None else float(m["target_recall"]),
+            recall_measured_on=m.get("recall_measured_on"), codec=m.get("codec"),
+            raw=MappingProxyType(dict(m)))
 
 
 def layout_paths(n_shards: int) -> BundleLayout:
@@ -210,6 +278,11 @@ def _check_fields(manifest: dict, where: str) -> None:
         ModelFacts.from_dict(manifest["model_facts"])
     except (TypeError, ValueError) as err:
         raise BundleError(f"{where} has damaged model_facts ({err}); rebuild the bundle") from err
+    try:  # every field the record types passed the checks above: building it cannot fail on a valid manifest
+        Manifest.from_dict(manifest)
+    except (KeyError, TypeError, ValueError) as err:
+        raise BundleError(f"{where} has a malformed field ({err!r}); the manifest is damaged or was edited: "
+                          "rebuild the bundle") from err
 
 
 def read_manifest_bytes(root: str) -> bytes:

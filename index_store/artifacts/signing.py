@@ -90,8 +90,8 @@ def check_no_extra_files(local_root: str, listed: Iterable[str], where: str) -> 
 def sign_bundle(root: str, key: bytes) -> None:
     """Write ``root``'s ``manifest.sig`` for its manifest as it is now."""
     from densebeam.index_store import fsutil
-    from densebeam.index_store.bundle_manifest import read_manifest_bytes
-    from densebeam.index_store.embeddings import join
+    from densebeam.index_store.artifacts.bundle_manifest import read_manifest_bytes
+    from densebeam.index_store.artifacts.embeddings import join
 
     raw = read_manifest_bytes(root)
     with fsutil.atomic_local_output(join(root, SIGNATURE)) as tmp:

@@ -5,13 +5,13 @@ before hashing, or a forged bundle, hashes fine and can still crash FAISS (a lis
 outside the mapped file) or Arrow (string offsets outside their buffer). Before anything is handed to
 FAISS, this module checks, from the pinned files (:class:`~index_store.fsutil.PinnedFile`):
 
-- the files the layout needs are listed, named as :func:`index_store.bundle_manifest.layout_paths` names
+- the files the layout needs are listed, named as :func:`index_store.artifacts.bundle_manifest.layout_paths` names
   them;
-- every FAISS file parses as a sound densebeam IVF index (:mod:`index_store.faiss_format`): lengths,
+- every FAISS file parses as a sound densebeam IVF index (:mod:`index_store.artifacts.faiss_format`): lengths,
   list sizes, offsets and capacities inside their files, no overlapping lists, an HNSW graph in range;
 - the indexes agree with ``trained.faiss`` (same quantizer and codec bytes), with each other and with
   the manifest (dimension, nlist, codec, vector and shard counts);
-- every docstore part is a fully validated Arrow file (:func:`index_store.docstore.check_part`) and the
+- every docstore part is a fully validated Arrow file (:func:`index_store.artifacts.docstore.check_part`) and the
   parts cover rows ``[0, n)`` exactly;
 - the index ids are exactly the docstore rows, each once (a shard's ids inside its own part's rows).
 
@@ -27,9 +27,9 @@ from typing import Mapping, Optional
 
 import numpy as np
 
-from densebeam.index_store.bundle_manifest import MERGED_DATA, MERGED_INDEX, SHARD_PATTERN, TRAINED, BundleError
-from densebeam.index_store.docstore import PART_PATTERN, Docstore
-from densebeam.index_store.faiss_format import IvfFile, list_ids, parse_ivf
+from densebeam.index_store.artifacts.bundle_manifest import MERGED_DATA, MERGED_INDEX, SHARD_PATTERN, TRAINED, BundleError
+from densebeam.index_store.artifacts.docstore import PART_PATTERN, Docstore
+from densebeam.index_store.artifacts.faiss_format import IvfFile, list_ids, parse_ivf
 from densebeam.index_store.fsutil import PinnedFile
 
 _FACTORY = re.compile(r"IVF(\d+)(_HNSW\d+)?,(\w+)")

@@ -7,7 +7,7 @@ pointer once per open, so a search service keeps serving the version it holds an
 one between requests. Old versions are pruned down to ``keep``, but a version is deleted only once it
 has been retired for ``grace_s`` (10 minutes by default): a reader that resolved ``CURRENT`` just before
 a switch has that long to finish opening its version (an open that still loses it opens the new current
-version instead, see :func:`index_store.bundle.open_bundle`). The current version and versions still
+version instead, see :func:`index_store.artifacts.bundle.open_bundle`). The current version and versions still
 being written by a newer run (no manifest, younger than ``stale_after_s``) are never deleted.
 """
 
@@ -21,7 +21,7 @@ from typing import Optional
 
 import fsspec
 
-from densebeam.index_store.embeddings import join
+from densebeam.index_store.artifacts.embeddings import join
 
 log = logging.getLogger(__name__)
 POINTER = "CURRENT"
@@ -94,20 +94,6 @@ def switch(root: str, name: str) -> None:
     if before and before != name and fs.exists(join(path, VERSIONS_DIR, before)):
         with fs.open(join(path, VERSIONS_DIR, before, RETIRED), "w", encoding="utf-8") as f:
             f.write(datetime.datetime.now(datetime.timezone.utc).isoformat() + "\n")
-
-
-def publish(root: str, name: str, keep: int = 3, stale_after_s: float = 24 * 3600,
-            grace_s: float = DEFAULT_GRACE_S) -> None:
-    """Verify and validate version ``name`` fully, switch ``CURRENT`` to it, then prune old versions
-    (see :func:`prune`)."""
-    from densebeam.index_store.bundle import open_bundle
-
-    if keep < 1:
-        raise ValueError("keep must be at least 1")
-    open_bundle(version_path(root, name), verify="full")  # raises (naming the file) before any switch
-    switch(root, name)
-    log.info("published version %s of %s", name, root)
-    prune(root, keep, stale_after_s, grace_s)
 
 
 def retired_at(root: str, version: dict) -> float:

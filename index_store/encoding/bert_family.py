@@ -4,7 +4,7 @@ BERT, DistilBERT, RoBERTa and XLM-RoBERTa are the same post-layer-norm transform
 position embeddings; they differ in weight names, in where positions start (RoBERTa's position ids begin
 after the padding index) and in whether token-type embeddings exist (DistilBERT has none). A model's
 config and weights are translated here into one description, :class:`Layout`, with weights under
-``BertModel``'s names, so :class:`index_store.packed_bert.PackedBert` knows one architecture.
+``BertModel``'s names, so :class:`index_store.encoding.packed_bert.PackedBert` knows one architecture.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ No Beam import. One :class:`Encoder` wraps a ``SentenceTransformer`` with the ch
 explicit and records: device, compute precision, similarity (``cos`` vectors are always unit-norm) and
 batching. Each passage is tokenized once (after cutting it to a bounded number of characters, so a
 1 MiB passage costs what a long normal one does), passages are ordered by token length and grouped under
-a token budget. BERT-family models run *packed* (:mod:`index_store.packed_bert`: no padding at all,
+a token budget. BERT-family models run *packed* (:mod:`index_store.encoding.packed_bert`: no padding at all,
 oneDNN-prepacked bf16 weights on CPU); any other model runs sentence-transformers' own forward pass on
 length-sorted padded batches.
 
@@ -28,9 +28,10 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
-from densebeam.index_store import bert_family, cpu
-from densebeam.index_store.model_files import BertFiles, read_bert_directory
-from densebeam.index_store.packed_bert import PackedBert, native_shape_problem, packed_support
+from densebeam.index_store.encoding import bert_family
+from densebeam.index_store.encoding import cpu
+from densebeam.index_store.encoding.model_files import BertFiles, read_bert_directory
+from densebeam.index_store.encoding.packed_bert import PackedBert, native_shape_problem, packed_support
 from densebeam.index_store.types import ModelFacts
 
 log = logging.getLogger(__name__)
@@ -98,7 +99,7 @@ def pick_device(device: str = "auto") -> str:
 
 def check_precision(precision: str, device: str) -> str:
     """Validate a precision for ``device``; ``auto`` stays ``auto`` (the encoder decides it). On a CPU,
-    ``bf16`` and ``bf16-mixed`` need bf16 arithmetic (:func:`index_store.cpu.native_bf16`): PyTorch would
+    ``bf16`` and ``bf16-mixed`` need bf16 arithmetic (:func:`index_store.encoding.cpu.native_bf16`): PyTorch would
     emulate it elsewhere, several times slower than fp32 and less faithful, so it is refused."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
@@ -124,6 +125,13 @@ def pick_precision(precision: str, device: str) -> str:
     if device == "cuda":
         return "fp16"
     return "bf16" if cpu.native_bf16() else "fp32"
+
+
+def query_precision(precision: str, device: str) -> str:
+    """The precision queries are encoded in: ``auto`` is fp32 on CPU (by rule, see
+    :func:`index_store.query.search.load_query_encoder`), :func:`pick_precision`'s choice elsewhere. The index build's
+    calibration queries use it too, so its recall curves are what searches will measure."""
+    return "fp32" if precision == "auto" and device == "cpu" else pick_precision(precision, device)
 
 
 def candidate_precisions(device: str, native_mixed: bool = False) -> list[str]:
@@ -179,8 +187,7 @@ def clip_text(text: str, max_seq_length: int, factor: int = 1) -> str:
 
 class _PaddedRunner:
     """sentence-transformers' own forward pass on a padded batch, for models that do not run packed.
-    bf16 on CPU casts a copy's weights (measured ~6% faster than autocast); bf16-mixed and CUDA use
-    autocast."""
+    bf16 on CPU casts a copy's weights (faster than autocast); bf16-mixed and CUDA use autocast."""
 
     packed = False
 
@@ -226,7 +233,7 @@ class Encoder:
     """A loaded bi-encoder. Build with :func:`load_encoder`; call :meth:`encode` on lists of texts.
 
     Built from a loaded ``SentenceTransformer`` or, for the common BERT directory layout, from the
-    model's files (:class:`index_store.model_files.BertFiles`: no sentence-transformers import; then
+    model's files (:class:`index_store.encoding.model_files.BertFiles`: no sentence-transformers import; then
     :attr:`model` loads the ``SentenceTransformer`` only if asked for). ``precision`` is the one in
     use; it reads ``auto`` only until the first :meth:`encode` (or :meth:`calibrate`) call has measured
     and fixed it.
@@ -338,9 +345,8 @@ class Encoder:
     def _encode_batch(self, texts: list[str]):
         """``tokenizers``' ``encode_batch``, split over threads for large calls (it releases the GIL): on
         CPU the lanes' (idle while a call's texts are tokenized), on a GPU every core this process may
-        use. (``densebeam`` turns the tokenizers' own parallelism off, as forked Beam workers need; a
-        GPU pipeline that tokenized on one core encoded 2,450 passages/s against the encoder's 10,340
-        on an H100.)"""
+        use. (``densebeam`` turns the tokenizers' own parallelism off, as forked Beam workers need; on a
+        GPU, tokenizing on one core would starve the GPU.)"""
         lanes = cpu_lanes() if self.device == "cpu" else _usable_cores()
         if lanes < 2 or len(texts) < 512:
             return self._tokenizer.encode_batch(texts)
@@ -431,11 +437,11 @@ class Encoder:
 
     def native_kernels(self, kind: str = "bf16", planned: bool = False) -> str:
         """What the packed forward's ``kind`` (``bf16`` or ``fp32``) products run with here: the native
-        library's name (:mod:`index_store.native`) or ``torch``. ``planned``: what this machine is set
+        library's name (:mod:`index_store.encoding.native`) or ``torch``. ``planned``: what this machine is set
         up to run (CPU, compiler), without waiting for a first build to finish."""
         if not self.packed or self.device != "cpu":
             return "torch"
-        from densebeam.index_store import native
+        from densebeam.index_store.encoding import native
 
         if planned:
             return native.planned(kind)
@@ -508,7 +514,7 @@ class Encoder:
         texts = self.prompted([texts[i] for i in picks], "document")
         runners, vectors, seconds = {}, {}, {}
         # fp32 first, with the native kernels only if already built: a first run on a machine encodes the
-        # fp32 reference while the candidates' kernels are being built (index_store.native.prepare)
+        # fp32 reference while the candidates' kernels are being built (index_store.encoding.native.prepare)
         for name in ("fp32", *self.candidates()):
             try:
                 runner = runners[name] = self._make_runner(name, build_native=name != "fp32")
@@ -517,9 +523,8 @@ class Encoder:
                     raise
                 log.info("precision %s not available here: %s", name, err)
                 continue
-            # Warm-up: kernels, caches. On a GPU the whole sample (a few ms there): an H100 run that
-            # warmed up on 4 texts timed fp16 at 531 passages/s against fp32's 2,327 (its first
-            # fp16/bf16 calls still chose kernels) and kept fp32, which ran 9,144/s on 50,000.
+            # Warm-up: kernels, caches. On a GPU the whole sample (a few ms there): a GPU's first fp16/bf16
+            # calls still choose kernels, and a short warm-up times them far too slow.
             self._encode_with(runner, texts if self.device.startswith("cuda") else texts[:4])
             vectors[name], seconds[name] = _timed(lambda r=runner: self._encode_with(r, texts))
         record = {"measured": True, "sample_passages": len(texts), "device": self.device, "packed": self.packed,
@@ -597,8 +602,7 @@ def run_lanes(batches: Sequence, run: Callable, device: str) -> None:
     :func:`cpu_lanes` batches at once in the whole process) instead of one batch at a time on all
     threads: the packed forward is many small operations, and each multi-threaded one ends at a barrier
     where every thread waits for the slowest. On a CPU shared with other processes a descheduled thread
-    stalls every barrier (measured on 2 busy cores: 2 torch threads 13-20 passages/s, 1 thread 78-104,
-    2 lanes of 1 thread 87-93); on an idle CPU lanes use every core with no barrier at all. Every CPU
+    stalls every barrier (several times slower); on an idle CPU lanes use every core with no barrier. Every CPU
     batch runs on one thread: fp32 matrix products split over n threads sum in another order, so a
     lone query would get other bits in a 2-thread process than in a 1-thread one, and a service other
     scores than the library. The lane count is shared by every caller in the process, so Beam workers
@@ -731,7 +735,7 @@ def _load_encoder(model, similarity, device, precision, max_seq_length, token_bu
     if similarity not in ("auto", "cos", "dot"):
         raise ValueError(f"similarity must be auto, cos or dot, got {similarity!r}")
     if device == "cpu":
-        from densebeam.index_store import native
+        from densebeam.index_store.encoding import native
 
         # a first run on a machine builds the native kernels it will use while the model loads
         bf16 = precision in ("bf16", "bf16-mixed") or (precision == "auto" and cpu.native_bf16())

@@ -1,6 +1,6 @@
-/* Attention of the packed BERT forward (index_store/packed_bert.py) on x86-64 CPUs with AVX-512 F, BW
+/* Attention of the packed BERT forward (index_store/encoding/packed_bert.py) on x86-64 CPUs with AVX-512 F, BW
  * and BF16: one call per layer, every passage and head, no Python in between. Built and loaded by
- * index_store/native.py (compiled on first use with the machine's C compiler; PyTorch's attention is used
+ * index_store/encoding/native.py (compiled on first use with the machine's C compiler; PyTorch's attention is used
  * where that is not possible).
  *
  * Numerics: scores are float32 sums of exact bf16 x bf16 products (the PyTorch path rounds the scores to

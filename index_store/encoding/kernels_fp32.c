@@ -1,6 +1,6 @@
-/* Float32 attention and residual add + layer norm of the packed BERT forward (index_store/packed_bert.py),
+/* Float32 attention and residual add + layer norm of the packed BERT forward (index_store/encoding/packed_bert.py),
  * for x86-64 CPUs with AVX-512 F or with AVX2 and FMA: the same source is compiled once per family
- * (-mavx512f, or -mavx2 -mfma) by index_store/native.py, where PyTorch would run a layer's attention as
+ * (-mavx512f, or -mavx2 -mfma) by index_store/encoding/native.py, where PyTorch would run a layer's attention as
  * a dozen small operations per group of equal-length passages.
  *
  * Numerics: float32 throughout. A score is the sum of q[d] * k[d] over d in order (one fused multiply-add

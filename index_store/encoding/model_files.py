@@ -1,5 +1,5 @@
 """Read a sentence-transformers BERT-family model directory (BERT, DistilBERT, RoBERTa, XLM-RoBERTa:
-:mod:`index_store.bert_family`) without importing sentence-transformers or transformers. No Beam import.
+:mod:`index_store.encoding.bert_family`) without importing sentence-transformers or transformers. No Beam import.
 
 Importing sentence-transformers costs seconds (it pulls in transformers and scikit-learn: 3-4 s on an
 idle 2-core machine, 16-25 s measured while the cores were shared with other work), which is most of
@@ -16,7 +16,7 @@ import json
 import os
 from typing import Any, Optional
 
-from densebeam.index_store import bert_family
+from densebeam.index_store.encoding import bert_family
 
 # what sentence-transformers 6 writes for a plain text embedding model
 _FEATURE_EXTRACTION = {"transformer_task": "feature-extraction",
@@ -51,7 +51,7 @@ class BertFiles:
         return int(bert_family.layout(self.config).config["hidden_size"])
 
     def weights(self) -> dict:
-        """The weights as the file names them (:func:`index_store.bert_family.bert_weights` maps them to
+        """The weights as the file names them (:func:`index_store.encoding.bert_family.bert_weights` maps them to
         BERT's layout)."""
         from safetensors.torch import load_file
 

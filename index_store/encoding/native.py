@@ -6,7 +6,7 @@ norm, two passes over the activations. The C kernels do a layer's attention in o
 residual add with its layer norm in one pass. Two libraries:
 
 * ``fp32`` (``kernels_fp32.c``), for ``--precision fp32``: float32 attention and residual add + layer
-  norm, compiled for the CPU's family (AVX-512 F, or AVX2 and FMA; :mod:`index_store.cpu`).
+  norm, compiled for the CPU's family (AVX-512 F, or AVX2 and FMA; :mod:`index_store.encoding.cpu`).
 * ``bf16`` (``kernels_avx512.c``), for ``bf16`` and ``bf16-mixed`` on CPUs with AVX-512 BF16: attention
   with bf16 inputs and float32 scores; the residual add + layer norm of ``bf16-mixed`` (a float32 stream:
   PyTorch's float32 arithmetic, also writing the bf16 copy the next product takes) and of ``bf16`` (a
@@ -42,7 +42,7 @@ from typing import Optional
 
 import numpy as np
 
-from densebeam.index_store import cpu
+from densebeam.index_store.encoding import cpu
 
 log = logging.getLogger(__name__)
 

@@ -5,7 +5,7 @@ every linear layer, layer norm and activation runs on real tokens only, as one l
 Attention is the only step that needs the sequences apart: passages are ordered by length, so the
 passages of one length are consecutive rows and ``rows.view(n, length, ...)`` gives them to
 ``scaled_dot_product_attention`` with no mask and no padding. On CPUs with AVX-512 BF16, the bf16
-modes run attention in one native call per layer instead (:mod:`index_store.native`; a native residual
+modes run attention in one native call per layer instead (:mod:`index_store.encoding.native`; a native residual
 add + layer norm for ``bf16`` exists too, off by default). The result equals the padded forward of
 ``transformers``' ``BertModel`` followed by sentence-transformers' mean or CLS pooling (padding never
 changes a real token's output), to float rounding: tested against ``SentenceTransformer.encode``.
@@ -14,7 +14,7 @@ Modes: ``fp32`` everywhere; ``bf16``: bf16 weights (cast once and, on CPU, pre-p
 blocked layout, so no per-call weight reorder) and activations, with attention softmax and pooling in
 float32; ``bf16-mixed``: bf16 matrix products but the residual stream and layer norms in float32 (more
 faithful; ~10% slower on CPU with PyTorch's residual connections, as fast with the native ones); ``fp16``: as ``bf16`` in float16 (GPUs). Which one runs by default is not
-decided here: :mod:`index_store.encoder` measures it on the corpus.
+decided here: :mod:`index_store.encoding.encoder` measures it on the corpus.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from densebeam.index_store import bert_family
+from densebeam.index_store.encoding import bert_family
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +37,7 @@ SMALL_ROW_MULTIPLE = 16  # for calls of at most ROW_MULTIPLE rows (a query): lit
 
 def packed_support(st) -> Optional[str]:
     """Why ``st`` cannot run packed (a short reason), or None when it can: a sentence-transformers model
-    of exactly [Transformer(a BERT-family encoder with absolute positions, :mod:`index_store.bert_family`),
+    of exactly [Transformer(a BERT-family encoder with absolute positions, :mod:`index_store.encoding.bert_family`),
     Pooling(mean or cls), optional Normalize]."""
     from sentence_transformers import models as st_models
 
@@ -90,7 +90,7 @@ class PackedBert:
         (token-type embeddings optional); ``pooling``: ``mean`` or ``cls``; ``position_offset``: added to
         each token's index to give its position id (2 for RoBERTa). Built by
         :meth:`from_sentence_transformer` or :meth:`from_files`, which map the other BERT-family
-        architectures to this layout (:mod:`index_store.bert_family`). ``build_native=False``: use the
+        architectures to this layout (:mod:`index_store.encoding.bert_family`). ``build_native=False``: use the
         native kernels only if this machine has built them already (never wait for a compiler)."""
         import torch
 
@@ -114,26 +114,24 @@ class PackedBert:
         self._build_native = build_native
         self.attention = self._choose_attention(attention)
         # Each residual add and its layer norm in one native pass (with the native attention only).
-        # bf16-mixed: on by default: the float32 arithmetic of PyTorch's path (float(a) + h, float32
-        # statistics) but for the order of the statistics' sums, and the bf16 copy of the result that the
-        # next product takes written in the same pass (PyTorch: a conversion, an add, a layer norm and
-        # another conversion, four passes). bf16 (a bf16 residual stream): off unless asked: the kernel
-        # keeps the sum in float32 where PyTorch rounds it to bf16 first (forward +3% on one thread), and
-        # with it adi's NDCG@10 moved -0.0081 from fp32 (35 queries; over the 0.005 bar), without it
-        # -0.0010 (docs/benchmarks.md, session 6)
+        # fp32: PyTorch's float32 arithmetic in one pass instead of two. bf16-mixed: the float32 arithmetic
+        # of PyTorch's path (float(a) + h, float32 statistics) but for the order of the statistics' sums,
+        # and the bf16 copy of the result that the next product takes written in the same pass (PyTorch: a
+        # conversion, an add, a layer norm and another conversion, four passes). bf16 (a bf16 residual
+        # stream): off unless asked: the kernel keeps the sum in float32 where PyTorch rounds it to bf16
+        # first, and that moved one collection's NDCG@10 past the 0.005 fidelity bar
         if fused_layernorm is None:
             fused_layernorm = mode in ("fp32", "bf16-mixed")
         self.fused_layernorm = bool(fused_layernorm) and self.attention == "native"
         self._ln32: list = []
         # oneDNN with weights pre-packed in its blocked layout (no per-call weight reorder): bf16, and fp32,
-        # where it measured 2.2x the MKL products F.linear runs on an AMD AVX-512 CPU (232 vs 108 GFLOP/s
-        # per core on the model's shapes), same float32 arithmetic in another summation order
+        # where it runs at the core's peak while the MKL products of F.linear take an AVX2 path on AMD CPUs
+        # (same float32 arithmetic in another summation order)
         self._pack = (self.device.type == "cpu" and self.mm_dtype in (torch.bfloat16, torch.float32)
                       and _onednn_ok(self.mm_dtype))
-        # oneDNN builds a kernel per new row count (a batch of a new shape measured ~10% slower than a
-        # repeat); rows are padded to a multiple of this so a run reuses a few dozen shapes (measured +2%
-        # overall on calls of 500 passages, within the noise of a shared machine, at < 3% extra rows); a
-        # call of at most that many rows (one query) is padded to a multiple of SMALL_ROW_MULTIPLE only
+        # oneDNN builds a kernel per new row count (a batch of a new shape is slower than a repeat); rows are
+        # padded to a multiple of this so a run reuses a few dozen shapes at < 3% extra rows; a call of at
+        # most that many rows (one query) is padded to a multiple of SMALL_ROW_MULTIPLE only
         self.row_multiple = ROW_MULTIPLE if self._pack else 1
 
         def w(name, dtype=None):
@@ -171,7 +169,7 @@ class PackedBert:
                                    (w(p + "output.LayerNorm.weight"), w(p + "output.LayerNorm.bias"))))
 
     def _choose_attention(self, asked: str) -> str:
-        """native: the C kernels (:mod:`index_store.native`) on a CPU, float32 or bf16 products; groups:
+        """native: the C kernels (:mod:`index_store.encoding.native`) on a CPU, float32 or bf16 products; groups:
         one small PyTorch attention batch per length, no mask (CPU: no kernel-launch cost); padded: one
         masked call per layer for the whole batch (GPU: few launches). ``auto``: native where it can
         run, else groups on a CPU and padded on a GPU."""
@@ -190,7 +188,7 @@ class PackedBert:
         """Why the native kernels cannot run this forward (None: they can, and ``self._native`` is set)."""
         import torch
 
-        from densebeam.index_store import native
+        from densebeam.index_store.encoding import native
 
         if self.device.type != "cpu" or self.mm_dtype not in (torch.bfloat16, torch.float32):
             return "they run float32 or bf16 products on a CPU only"
@@ -219,7 +217,7 @@ class PackedBert:
     @classmethod
     def from_files(cls, files, mode: str, device: str = "cpu", attention: str = "auto",
                    build_native: bool = True) -> "PackedBert":
-        """From :class:`index_store.model_files.BertFiles` (no sentence-transformers import)."""
+        """From :class:`index_store.encoding.model_files.BertFiles` (no sentence-transformers import)."""
         lay = bert_family.layout(files.config)
         return cls(lay.config, bert_family.bert_weights(lay.model_type, files.weights()), files.pooling, mode,
                    device, attention, position_offset=lay.position_offset, build_native=build_native)
@@ -328,12 +326,12 @@ class PackedBert:
 
     @property
     def kernels(self) -> str:
-        """``native`` when the native kernels (:mod:`index_store.native`) run in this forward, else
+        """``native`` when the native kernels (:mod:`index_store.encoding.native`) run in this forward, else
         ``torch``."""
         return "native" if self.attention == "native" else "torch"
 
     def _attend_native(self, qkv, groups):
-        """CPU: every group and head in one call of the C kernel (:mod:`index_store.native`)."""
+        """CPU: every group and head in one call of the C kernel (:mod:`index_store.encoding.native`)."""
         import torch
 
         ctx = torch.empty((qkv.shape[0], self.hidden), dtype=qkv.dtype, device=qkv.device)
@@ -344,8 +342,8 @@ class PackedBert:
 
     def _attend_groups(self, qkv, groups):
         """CPU: the passages of one length as one (n, heads, length, head dim) batch, no mask. Scores
-        by batched matrix products in the compute dtype, softmax in float32 (measured 1.1-1.5x faster
-        than ``scaled_dot_product_attention``'s CPU kernel at these sizes: head dim 32, lengths < 256)."""
+        by batched matrix products in the compute dtype, softmax in float32 (faster than
+        ``scaled_dot_product_attention``'s CPU kernel at these sizes: head dim 32, lengths < 256)."""
         import torch
 
         hd = self.hidden // self.heads

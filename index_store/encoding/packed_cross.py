@@ -3,8 +3,8 @@
 A cross-encoder scores a (query, passage) pair: ``[CLS] query [SEP] passage [SEP]`` through a BERT-family
 encoder (segment ids 0 for the query, 1 for the passage), the first token's final state through a small
 head (dense + tanh, then one output). Here the pairs of a call are tokenized once, ordered by length and
-run as :class:`index_store.packed_bert.PackedBert` batches: no padding, the native kernels where the CPU
-has them, lanes on CPU cores (:func:`index_store.encoder.run_lanes`), and the last layer computes the
+run as :class:`index_store.encoding.packed_bert.PackedBert` batches: no padding, the native kernels where the CPU
+has them, lanes on CPU cores (:func:`index_store.encoding.encoder.run_lanes`), and the last layer computes the
 first token of each pair only. Scores equal sentence-transformers' ``CrossEncoder.predict`` (its
 tokenization, its activation) to float rounding.
 """
@@ -16,17 +16,17 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
-from densebeam.index_store import bert_family
-from densebeam.index_store.encoder import (CHARS_PER_TOKEN, DEFAULT_TOKEN_BUDGET, RECUT_FACTOR, cpu_lanes, plan_batches,
+from densebeam.index_store.encoding import bert_family
+from densebeam.index_store.encoding.encoder import (CHARS_PER_TOKEN, DEFAULT_TOKEN_BUDGET, RECUT_FACTOR, cpu_lanes, plan_batches,
                                            run_lanes)
-from densebeam.index_store.packed_bert import PackedBert
+from densebeam.index_store.encoding.packed_bert import PackedBert
 
 log = logging.getLogger(__name__)
 
 
 def packed_cross_support(model) -> Optional[str]:
     """Why a transformers ``*ForSequenceClassification`` model cannot run packed (None: it can): a
-    BERT-family encoder (:mod:`index_store.bert_family`) with one output and a head this module knows."""
+    BERT-family encoder (:mod:`index_store.encoding.bert_family`) with one output and a head this module knows."""
     cfg = getattr(model, "config", None)
     if cfg is None:
         return "no config"

@@ -25,10 +25,10 @@ VERSION = 2  # bump when the measurement itself changes: older records are not r
 
 def machine() -> dict:
     """What the timing depends on besides the model: CPU model, family and flags (after any ISA cap,
-    :mod:`index_store.cpu`), cores, torch."""
+    :mod:`index_store.encoding.cpu`), cores, torch."""
     import torch
 
-    from densebeam.index_store import cpu
+    from densebeam.index_store.encoding import cpu
 
     return {"cpu": cpu.describe()["model"], "family": cpu.family(),
             "cpu_flags": hashlib.sha256(" ".join(sorted(cpu.flags())).encode()).hexdigest()[:16],

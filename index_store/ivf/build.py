@@ -1,9 +1,9 @@
 """FAISS IVF planning and operations: pure functions over numpy and faiss. No Beam import.
 
 The build follows the distributed recipe: plan (``choose_nlist``/``choose_codec``), train once on a
-sample (``train_empty_index``), ship the *empty trained* index as bytes, add vectors per shard
-(``add_batches``), write one file per shard, and either keep the shards (``ShardedSearcher``) or merge
-their inverted lists on disk (``merge_on_disk`` + ``open_merged``, memory-mapped; in ``ivf_files``).
+sample (``train_empty_index``), ship the *empty trained* index as bytes, add vectors per shard, write
+one file per shard, and either keep the shards (``ShardedSearcher``) or merge their inverted lists on
+disk (``merge_on_disk`` + ``open_merged``, memory-mapped; in ``ivf.files``).
 Every index uses the inner-product metric: ``cos`` vectors are unit-norm, ``dot`` vectors are raw.
 """
 
@@ -11,21 +11,15 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Iterable, Optional
+from typing import Optional
 
 import faiss
 import numpy as np
 
-from densebeam.index_store import gpu, kmeans
+from densebeam.index_store.ivf import gpu, kmeans
 
-# Files (bytes, shards, the on-disk merge) live in ivf_files; re-exported like the search side.
-from densebeam.index_store.ivf_files import (ID_BYTES, index_from_bytes, index_to_bytes, merge_on_disk,  # noqa: F401
-                                   open_merged, read_index, write_index)
-# Search side lives in ivf_search (one concept per file); re-exported so callers need one import.
-from densebeam.index_store.ivf_search import (MISSING_SCORE, ShardedSearcher, choose_nprobe,  # noqa: F401
-                                              exact_search, recall_at_k, recall_curve_from_lists,
-                                              recall_curves_from_lists, recall_follows_lists, search_filled)
-from densebeam.index_store.ivf_params import KMEANS  # noqa: F401 - the CLI names them, FAISS-free
+from densebeam.index_store.ivf.files import ID_BYTES, index_to_bytes
+from densebeam.index_store.ivf.params import KMEANS
 
 log = logging.getLogger(__name__)
 
@@ -120,8 +114,8 @@ CODEC_TRAIN_ROWS = 65536  # SQ8/PQ codec training: FAISS's PQ uses at most 256 p
 
 
 def kmeans_method(method: str, nlist: int) -> str:
-    """``auto``: flat k-means where a GPU runs it (:mod:`index_store.gpu`: exact, and minutes for MS
-    MARCO's 65,536 lists); on CPUs two-level k-means (:mod:`index_store.kmeans`) from 1024 lists up and
+    """``auto``: flat k-means where a GPU runs it (:mod:`index_store.ivf.gpu`: exact, and minutes for MS
+    MARCO's 65,536 lists); on CPUs two-level k-means (:mod:`index_store.ivf.kmeans`) from 1024 lists up and
     FAISS's flat k-means below (seconds either way)."""
     if method not in KMEANS:
         raise ValueError(f"k-means method must be one of {KMEANS}, got {method!r}")
@@ -231,32 +225,9 @@ def train_flat_torch(chunks, n: int, dim: int, factory: str, seed: int = 1234) -
     return trained_from_centroids(centroids, factory, codec)
 
 
-def add_to_empty(trained: bytes, ids: np.ndarray, vectors: np.ndarray) -> faiss.Index:
-    """A filled copy of the trained index holding ``vectors`` under ``ids`` (one batch in memory)."""
-    return add_batches(trained, [(ids, vectors)])
-
-
-def add_batches(trained: bytes, batches: Iterable[tuple[np.ndarray, np.ndarray]]) -> faiss.Index:
-    """Stream (int64 ids, float32 vectors) batches into a copy of the trained index.
-
-    Memory: the filled index (codes + ids) plus one batch; batch size trades Python overhead for memory.
-    """
-    index = index_from_bytes(trained)
-    if not index.is_trained or index.ntotal != 0:
-        raise ValueError("the trained index must be trained and empty; pass the bytes of "
-                         "train_empty_index, not a filled shard")
-    for ids, vectors in batches:
-        vectors = _as_vectors(vectors, "vectors", index.d)
-        ids = np.ascontiguousarray(ids, dtype=np.int64)
-        if ids.shape != (vectors.shape[0],):
-            raise ValueError(f"got {ids.shape[0] if ids.ndim else ids} ids for {vectors.shape[0]} vectors")
-        index.add_with_ids(vectors, ids)
-    return index
-
-
 def coarse_assigner(index: faiss.Index) -> faiss.Index:
     """What assigns vectors to inverted lists when adding (the costly part of an IVF add: one search of
-    the nlist centroids per vector): for a flat coarse quantizer on a GPU (:mod:`index_store.gpu`), a
+    the nlist centroids per vector): for a flat coarse quantizer on a GPU (:mod:`index_store.ivf.gpu`), a
     copy on all GPUs (faiss-gpu) or PyTorch products against its centroids; else the index's own
     quantizer (CPU threads). Same lists either way, up to float ties. (An HNSW quantizer stays on the
     CPU: its graph decides the lists, and a search probes by the same graph.)"""

@@ -35,8 +35,8 @@ from typing import Callable, Iterable, Optional, Sequence
 import faiss
 import numpy as np
 
-from densebeam.index_store import gpu as accel
-from densebeam.index_store.ivf_params import TWO_LEVEL_MIN_NLIST
+from densebeam.index_store.ivf import gpu as accel
+from densebeam.index_store.ivf.params import TWO_LEVEL_MIN_NLIST
 
 
 

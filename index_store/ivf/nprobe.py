@@ -1,5 +1,5 @@
 """Which nprobe a search for k hits needs, from the recall curves a build measured. Pure functions over
-the manifest dict: no I/O, no Beam.
+the manifest (its JSON object or its typed record): no I/O, no Beam.
 
 A build measures recall@k against exact search at each candidate nprobe for several k (10, 100 and 1000
 by default: a reranker's depth or an evaluation's R@1000 need many more of the true neighbours than the
@@ -45,8 +45,9 @@ def _power_of_two_at_least(x: float) -> int:
     return p
 
 
-def nprobe_for_k(manifest: Mapping, k: int) -> int:
-    """The nprobe to search a bundle with when asking for ``k`` hits.
+def nprobe_for_k(manifest, k: int) -> int:
+    """The nprobe to search a bundle with when asking for ``k`` hits; ``manifest`` is the manifest's JSON
+    object or a bundle's typed record.
 
     - The nprobe measured for the smallest measured k' >= k (``nprobe_by_k``).
     - k above every measured k: the largest measured k's nprobe times k / k_max (probing proportionally
@@ -57,10 +58,16 @@ def nprobe_for_k(manifest: Mapping, k: int) -> int:
     """
     if k < 1:
         raise ValueError(f"k must be positive, got {k}")
-    nlist = int(manifest.get("nlist") or 1)
-    measured = {int(key): int(v["nprobe"]) for key, v in (manifest.get("nprobe_by_k") or {}).items()}
+    if isinstance(manifest, Mapping):  # the JSON object a build writes
+        nlist = int(manifest.get("nlist") or 1)
+        measured = {int(key): int(v["nprobe"]) for key, v in (manifest.get("nprobe_by_k") or {}).items()}
+        single = (int(manifest.get("k") or 10), int(manifest.get("nprobe") or 1))
+    else:  # a bundle's typed record (index_store.artifacts.bundle_manifest.Manifest)
+        nlist = manifest.nlist
+        measured = {key: point.nprobe for key, point in manifest.nprobe_by_k.items()}
+        single = (manifest.k, manifest.nprobe)
     if not measured:
-        measured = {int(manifest.get("k") or 10): int(manifest.get("nprobe") or 1)}
+        measured = dict([single])
     above = [m for m in sorted(measured) if m >= k]
     if above:
         nprobe = measured[above[0]]

@@ -1,6 +1,6 @@
 """Planning an index build from embeddings manifests alone (no vectors read): shards and their global
 row ids, nlist, codec, training and held-out query sample sizes, and which rows each shard samples
-(a global sample of row ids, :mod:`index_store.global_sample`: the same rows whatever the shard layout).
+(a global sample of row ids, :mod:`index_store.ivf.sample`: the same rows whatever the shard layout).
 
 Pure functions, no Beam import; the Beam build (:mod:`transforms.index`) executes a plan.
 """
@@ -9,17 +9,18 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Optional, Sequence, Union
+from typing import TYPE_CHECKING, Optional, Sequence, Union
 
 import numpy as np
 
 from densebeam.index_store import ivf
-from densebeam.index_store.nprobe import DEFAULT_KS
-from densebeam.index_store.embeddings import EmbeddingsDir
-from densebeam.index_store.global_sample import GlobalSample
+from densebeam.index_store.ivf.nprobe import DEFAULT_KS
+from densebeam.index_store.ivf.sample import GlobalSample
 from densebeam.index_store.types import ModelFacts
-from densebeam.index_store.ivf_params import LAYOUTS
+from densebeam.index_store.ivf.params import LAYOUTS
 
+if TYPE_CHECKING:  # the embeddings dirs a plan reads (artifacts sit above ivf: only their shape is used here)
+    from densebeam.index_store.artifacts.embeddings import EmbeddingsDir
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,11 +43,11 @@ class BuildPlan:
     factory: str
     train_size: int
     n_queries: int
-    ks: tuple[int, ...]  # recall@k measured for each, ascending (see index_store.nprobe)
+    ks: tuple[int, ...]  # recall@k measured for each, ascending (see index_store.ivf.nprobe)
     target_recall: float
     layout: str
     seed: int
-    kmeans: str = "flat"  # "flat" (FAISS's) or "two-level" (index_store.kmeans), see ivf.kmeans_method
+    kmeans: str = "flat"  # "flat" (FAISS's) or "two-level" (index_store.ivf.kmeans), see ivf.kmeans_method
     calibration_queries: Optional[str] = None  # file of real queries measured instead of held-out vectors
     max_calibration_queries: int = 1000  # a seeded sample of this many when the file holds more
 
@@ -78,7 +79,7 @@ class BuildPlan:
     def sample_rows(self, shard: ShardSpec) -> tuple[np.ndarray, np.ndarray]:
         """(training rows, query rows) of one shard: local row numbers, sorted; the global sample's rows
         that fall in the shard, so any split of the same rows into shards samples the same rows. Cost:
-        proportional to the shard (see :mod:`index_store.global_sample`)."""
+        proportional to the shard (see :mod:`index_store.ivf.sample`)."""
         train, queries = self.sample.rows(shard.base, shard.base + shard.rows)
         if (len(train), len(queries)) != (shard.n_train, shard.n_queries):
             raise RuntimeError(f"shard {shard.index} ({shard.path}) samples {len(train)} training and "
@@ -87,7 +88,7 @@ class BuildPlan:
         return train - shard.base, queries - shard.base
 
 
-def check_same_facts(dirs: Sequence[EmbeddingsDir]) -> ModelFacts:
+def check_same_facts(dirs: Sequence["EmbeddingsDir"]) -> ModelFacts:
     """The inputs' model facts must agree; the error names both dirs and every difference."""
     first = dirs[0].facts
     for d in dirs[1:]:
@@ -105,7 +106,7 @@ def recall_ks(k: Union[int, Sequence[int]], n_vectors: int) -> tuple[int, ...]:
     return tuple(sorted({min(int(x), cap) for x in ks}))
 
 
-def plan_build(dirs: Sequence[EmbeddingsDir], *, nlist: Optional[int] = None, codec: Optional[str] = None,
+def plan_build(dirs: Sequence["EmbeddingsDir"], *, nlist: Optional[int] = None, codec: Optional[str] = None,
                memory_budget_bytes: Optional[int] = None, n_queries: int = 1000,
                k: Union[int, Sequence[int]] = DEFAULT_KS, target_recall: float = 0.95, layout: str = "merged",
                seed: int = 1234, calibration_queries: Optional[str] = None, kmeans: str = "auto") -> BuildPlan:

@@ -17,7 +17,7 @@ from typing import Iterator, Optional, Sequence
 
 import numpy as np
 
-from densebeam.index_store.docstore import Docstore
+from densebeam.index_store.artifacts.docstore import Docstore
 from densebeam.index_store.query.hits import Hit, hits_from_rows
 
 log = logging.getLogger(__name__)

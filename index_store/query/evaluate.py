@@ -17,6 +17,7 @@ from typing import Iterable, Mapping, Optional, Sequence
 
 import fsspec
 
+from densebeam.index_store.corpus_io import read_queries  # noqa: F401 - evaluate.read_queries
 from densebeam.index_store.query.hits import Hit
 
 METRICS = ("ndcg@10", "mrr@10", "recall@100", "recall@1000")
@@ -43,34 +44,6 @@ def measures(relevance_level: int = 1, names: Optional[Sequence[str]] = None) ->
         if relevance_level != 1 and "rel" in measure.SUPPORTED_PARAMS and "rel" not in measure.params:
             measure = measure(rel=relevance_level)
         out[name] = measure
-    return out
-
-
-def read_queries(path: str) -> dict[str, str]:
-    """``{qid: text}`` in file order from BEIR JSONL or ``qid<TAB>text`` TSV (chosen by the first line)."""
-    out: dict[str, str] = {}
-    with fsspec.open(path, "rt", encoding="utf-8", compression="infer") as f:
-        jsonl = None
-        for n, line in enumerate(f, start=1):
-            line = line.rstrip("\r\n")
-            if not line.strip():
-                continue
-            if jsonl is None:
-                jsonl = line.lstrip().startswith("{")
-            try:
-                if jsonl:
-                    rec = json.loads(line)
-                    qid, text = str(rec.get("_id", rec.get("id"))), rec["text"]
-                    if qid == "None":
-                        raise KeyError("_id")
-                else:
-                    qid, text = line.split("\t", 1)
-            except (ValueError, KeyError) as err:
-                raise ValueError(f"{path} line {n}: not a BEIR query ({{\"_id\", \"text\"}}) or a "
-                                 f"qid<TAB>text line ({err!r})") from err
-            if qid in out:
-                raise ValueError(f"{path} line {n}: query id {qid!r} appears twice")
-            out[qid] = text
     return out
 
 

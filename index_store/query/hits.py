@@ -11,7 +11,7 @@ from typing import Iterable, Sequence, TextIO
 
 import numpy as np
 
-from densebeam.index_store.docstore import Docstore
+from densebeam.index_store.artifacts.docstore import Docstore
 
 
 @dataclasses.dataclass(frozen=True)

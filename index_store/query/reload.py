@@ -29,9 +29,9 @@ from typing import Optional
 
 import numpy as np
 
-from densebeam.index_store import versions
-from densebeam.index_store.bundle import MANIFEST, Bundle, BundleError, open_bundle
-from densebeam.index_store.embeddings import join
+from densebeam.index_store.artifacts import versions
+from densebeam.index_store.artifacts.bundle import MANIFEST, Bundle, BundleError, open_bundle
+from densebeam.index_store.artifacts.embeddings import join
 
 log = logging.getLogger(__name__)
 
@@ -136,7 +136,7 @@ def prove(path: str, verify: str = "full", cache_dir: Optional[str] = None,
 def _warm_files(bundle: Bundle) -> list[tuple[str, bool]]:
     """(local path, holds inverted lists): the lists first (every search reads them), then the docstore
     (what hits read). ``index.faiss``/``trained.faiss`` are read whole at open anyway."""
-    paths = sorted(e["path"] for e in bundle.manifest.get("files", []))
+    paths = sorted(e.path for e in bundle.record.files)
     lists = [p for p in paths if p.endswith(".ivfdata") or (p.startswith("shards/") and p.endswith(".faiss"))]
     docstore = [p for p in paths if p.startswith("docstore/")]
     return [(os.path.join(bundle.root, *p.split("/")), p in lists) for p in lists + docstore]
@@ -183,7 +183,7 @@ def main(argv=None) -> int:
     p.add_argument("--trust-key", default=None, help="open only a bundle signed with the key in this file")
     args = p.parse_args(argv)
     try:
-        from densebeam.index_store import signing
+        from densebeam.index_store.artifacts import signing
 
         report = exercise(open_bundle(args.bundle, verify=args.verify, cache_dir=args.cache_dir,
                                       trust_key=signing.read_key(args.trust_key)))

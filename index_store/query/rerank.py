@@ -4,7 +4,7 @@
 and returns them re-sorted by its score (the same :class:`Hit` shape, ``score`` replaced). All (query,
 passage) pairs of all queries are scored in one call: BERT-family cross-encoders (BERT, MiniLM, TinyBERT,
 DistilBERT, RoBERTa, XLM-R) on the packed, padding-free forward of the bi-encoder
-(:mod:`index_store.packed_cross`: no padding, native kernels, CPU lanes), any other through
+(:mod:`index_store.encoding.packed_cross`: no padding, native kernels, CPU lanes), any other through
 sentence-transformers' ``CrossEncoder.predict``. Precision ``auto``: ``bf16-mixed`` on CPUs with bf16
 arithmetic (bf16 products, a float32 residual stream), fp16 on CUDA, else fp32.
 
@@ -22,8 +22,8 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from densebeam.index_store import cpu
-from densebeam.index_store.encoder import check_precision, pick_device
+from densebeam.index_store.encoding import cpu
+from densebeam.index_store.encoding.encoder import check_precision, pick_device
 from densebeam.index_store.query.hits import Hit, sort_hits
 
 log = logging.getLogger(__name__)
@@ -76,7 +76,7 @@ class CrossEncoderReranker:
 
     def _packed_scorer(self):
         """(the packed scorer, None), or (None, why it cannot run packed)."""
-        from densebeam.index_store.packed_cross import (PackedCrossEncoder, PackedCrossScorer, PairTokenizer,
+        from densebeam.index_store.encoding.packed_cross import (PackedCrossEncoder, PackedCrossScorer, PairTokenizer,
                                                         packed_cross_support)
 
         hf = getattr(self.model, "model", None)

@@ -6,7 +6,7 @@
 
 Every method is batched over many queries and returns ``list[list[Hit]]`` (one list per query, best
 first). The query encoder is the bundle's own model (``model_facts``) loaded with
-:func:`index_store.encoder.load_encoder` (same device and precision logic as encoding, ``cos`` vectors
+:func:`index_store.encoding.encoder.load_encoder` (same device and precision logic as encoding, ``cos`` vectors
 unit-norm); an override must agree on dimension and similarity. A :class:`Searcher` may be shared by
 threads: encoding and cross-encoding are serialized (torch uses every core), FAISS search is not.
 
@@ -27,21 +27,14 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from densebeam.index_store.bundle import Bundle, open_bundle
-from densebeam.index_store.encoder import Encoder, load_encoder, pick_device, pick_precision
+from densebeam.index_store.artifacts.bundle import Bundle, open_bundle
+from densebeam.index_store.encoding.encoder import Encoder, load_encoder, pick_device, query_precision  # noqa: F401
 from densebeam.index_store.query.hits import FIRST_STAGES, RRF_K, Hit, fuse_rrf, hits_from_rows, sort_hits  # noqa: F401
-from densebeam.index_store.ivf_search import exact_search
+from densebeam.index_store.ivf.search import exact_search
 from densebeam.index_store.query.vectors import DEFAULT_BATCH_ROWS, IvfVectors
 
 log = logging.getLogger(__name__)
 
-
-
-def query_precision(precision: str, device: str) -> str:
-    """The precision queries are encoded in: ``auto`` is fp32 on CPU (by rule, see
-    :func:`load_query_encoder`), :func:`encoder.pick_precision`'s choice elsewhere. The index build's
-    calibration queries use it too, so its recall curves are what searches will measure."""
-    return "fp32" if precision == "auto" and device == "cpu" else pick_precision(precision, device)
 
 
 def load_query_encoder(bundle: Bundle, model: Optional[str] = None, *, device: str = "auto",
@@ -51,9 +44,8 @@ def load_query_encoder(bundle: Bundle, model: Optional[str] = None, *, device: s
     ``precision="auto"`` is decided by rule here, not by the encoder's timing measurement (which two
     processes, a service and a library call, can settle differently, giving one query two answers):
     fp32 on CPU, the :func:`encoder.pick_precision` choice (fp16) on CUDA. Queries are encoded one at a
-    time (:meth:`Searcher.encode_queries`), and one short text in fp32 took half the time of bf16 on
-    this project's CPU (13.6 against 30 ms, one torch thread: bf16 pays off on large batches), besides
-    being exact.
+    time (:meth:`Searcher.encode_queries`), and one short text encodes faster in fp32 than in bf16 (bf16
+    pays off on large batches), besides being exact.
     """
     device = pick_device(device)
     precision = query_precision(precision, device)
@@ -104,7 +96,7 @@ class Searcher:
 
         ``lazy_encoder=True`` defers loading the bi-encoder until a query needs it (BM25-only use never
         does); by default it is loaded here, so a bad model fails at open, not at the first query.
-        ``trust_key``: open only a bundle signed with it, unchanged (:mod:`index_store.signing`).
+        ``trust_key``: open only a bundle signed with it, unchanged (:mod:`index_store.artifacts.signing`).
         """
         bundle = open_bundle(index, verify=verify, cache_dir=cache_dir, trust_key=trust_key)
 
@@ -211,14 +203,14 @@ class Searcher:
 
     def search_vectors(self, vectors: np.ndarray, k: int = 10, nprobe: Optional[int] = None) -> list[list[Hit]]:
         """IVF search of already-encoded queries. ``nprobe`` defaults to the one the bundle measured for
-        ``k`` (:func:`index_store.nprobe.nprobe_for_k`), and then every query gets ``min(k, vectors in
+        ``k`` (:func:`index_store.ivf.nprobe.nprobe_for_k`), and then every query gets ``min(k, vectors in
         the index)`` hits (short rows are searched again with more lists: ``ivf_search.search_filled``);
         an explicit ``nprobe`` is used as given."""
-        from densebeam.index_store.ivf_search import search_filled
-        from densebeam.index_store.nprobe import nprobe_for_k
+        from densebeam.index_store.ivf.search import search_filled
+        from densebeam.index_store.ivf.nprobe import nprobe_for_k
 
         if nprobe is None:
-            scores, rows = search_filled(self.bundle.searcher, vectors, k, nprobe_for_k(self.bundle.manifest, k))
+            scores, rows = search_filled(self.bundle.searcher, vectors, k, nprobe_for_k(self.bundle.record, k))
             return hits_from_rows(self.bundle.docstore, scores, rows)
         nprobe = int(nprobe)
         if nprobe < 1:

@@ -28,8 +28,8 @@ import re
 import time
 from typing import Optional
 
-from densebeam.index_store.bundle import open_bundle
-from densebeam.index_store.nprobe import nprobe_for_k
+from densebeam.index_store.artifacts.bundle import open_bundle
+from densebeam.index_store.ivf.nprobe import nprobe_for_k
 from densebeam.index_store.query import reload as reload_lib
 from densebeam.index_store.query.batcher import MicroBatcher, Overloaded, SearchJob
 from densebeam.index_store.query.http_limits import MAX_HEAD_BYTES, BodyLimit, h11_protocol
@@ -51,11 +51,11 @@ class Reloading:
     watch_seconds: float = 0.0  # > 0: poll the location and reload when its version changes
     proof_timeout_s: float = reload_lib.DEFAULT_PROOF_TIMEOUT_S
     warm_bytes: int = reload_lib.DEFAULT_WARM_BYTES
-    trust_key_file: Optional[str] = None  # open only versions signed with this key (index_store.signing)
+    trust_key_file: Optional[str] = None  # open only versions signed with this key (index_store.artifacts.signing)
 
     @property
     def trust_key(self) -> Optional[bytes]:
-        from densebeam.index_store import signing
+        from densebeam.index_store.artifacts import signing
 
         return signing.read_key(self.trust_key_file)
 
@@ -143,6 +143,97 @@ def _brief(text: object, limit: int = 300) -> str:
     return text if len(text) <= limit else text[:limit] + f"... ({len(text)} characters)"
 
 
+class ServiceState:
+    """What the routes share: the micro-batcher (whose ``searcher`` is the serving version), the
+    version served and the reload machinery, the limits and the counters. Built by :func:`create_app`."""
+
+    def __init__(self, searcher: Searcher, limits: Limits, reloading: Optional[Reloading],
+                 admin_token: Optional[str], expose_paths: bool, version: Optional["reload_lib.VersionId"],
+                 default_nprobe: Optional[int], default_rerank_depth: int):
+        self.limits, self.reloading, self.admin_token = limits, reloading, admin_token
+        self.expose_paths = expose_paths
+        self.default_nprobe, self.default_rerank_depth = default_nprobe, default_rerank_depth
+        self.batcher = MicroBatcher(searcher, window_s=limits.batch_window_ms / 1000.0,
+                                    max_queries=limits.max_batch_queries,
+                                    max_pending_queries=limits.max_pending_queries,
+                                    queue_timeout_s=limits.queue_timeout_s)
+        self.version = version or reload_lib.VersionId(searcher.bundle.root, None,
+                                                       reload_lib.manifest_sha256(searcher.bundle))
+        self.reloads, self.failed = 0, None  # reloads done; the version last refused
+        self.body_refused = {"too_large": 0, "too_slow": 0, "head_too_large": 0}
+        self.reload_lock = asyncio.Lock()
+        self.admin_throttle = _Throttle(limits.admin_burst, limits.admin_per_s)
+
+    def public(self, value, key=None):
+        """``value`` as answers may show it: local paths cut unless ``--expose-paths``."""
+        return value if self.expose_paths else strip_paths(value, key)
+
+    def version_fields(self) -> dict:
+        fields = self.version.public()
+        if self.expose_paths:
+            fields["bundle"] = self.version.path
+        return fields
+
+    def _load(self, vid) -> Searcher:
+        """Blocking: prove, open and warm ``vid`` on top of the current models."""
+        current, r = self.batcher.searcher, self.reloading
+        return open_version(r, lambda path: current.with_bundle(
+            open_bundle(path, verify=r.verify, cache_dir=r.cache_dir, trust_key=r.trust_key)), vid)[0]
+
+    async def reload(self, force: bool = False) -> dict:
+        """Reload if the location's version changed (or ``force``); raises HTTPException for answers."""
+        from fastapi import HTTPException
+
+        if self.reloading is None:
+            raise HTTPException(409, "this service was started without a location to reload from")
+        if self.reload_lock.locked():
+            raise HTTPException(409, "a reload is already running; retry when it is done")
+        loop = asyncio.get_running_loop()
+        async with self.reload_lock:
+            try:
+                vid = await loop.run_in_executor(None, reload_lib.identify, self.reloading.location)
+            except (OSError, ValueError) as err:
+                raise HTTPException(409, self.public(f"cannot read the location's current version: {err}")) from err
+            old = self.version
+            if not force and (vid.path, vid.manifest_sha256) == (old.path, old.manifest_sha256):
+                return {"reloaded": False, **self.version_fields(),
+                        "vectors": self.batcher.searcher.bundle.searcher.ntotal}
+            start = time.perf_counter()
+            try:
+                new = await loop.run_in_executor(None, self._load, vid)
+            except (OSError, ValueError) as err:  # BundleError and ReloadError are ValueErrors
+                self.failed = vid
+                log.error("refused version %s of %s, still serving %s: %s", vid.name or vid.manifest_sha256[:16],
+                          self.reloading.location, old.name or old.manifest_sha256[:16], err)
+                raise HTTPException(409, self.public(f"the new version was refused and the previous one still "
+                                                      f"serves: {err}")) from err
+            self.batcher.searcher = new
+            self.version, self.failed, self.reloads = vid, None, self.reloads + 1
+        log.info("reloaded %s -> %s in %.1f s", old.path, vid.path, time.perf_counter() - start)
+        return {"reloaded": True, **self.version_fields(), "vectors": new.bundle.searcher.ntotal,
+                "seconds": round(time.perf_counter() - start, 3)}
+
+    async def watch(self, every_s: float) -> None:
+        """Poll the location and reload a new version (never the one last refused) until cancelled."""
+        from fastapi import HTTPException
+
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(every_s)
+            try:
+                vid = await loop.run_in_executor(None, reload_lib.identify, self.reloading.location)
+                known = [v for v in (self.version, self.failed) if v is not None]
+                if any((vid.path, vid.manifest_sha256) == (v.path, v.manifest_sha256) for v in known):
+                    continue  # unchanged, or the version that was refused: do not prove it again
+                await self.reload()
+            except HTTPException as err:
+                log.warning("reload of %s did not happen, still serving the previous version: %s",
+                            self.reloading.location, err.detail)
+            except Exception as err:  # noqa: BLE001 - keep serving the version we have
+                log.warning("reload of %s failed, still serving the previous version: %s",
+                            self.reloading.location, err)
+
+
 def create_app(searcher: Searcher, limits: Limits = Limits(), reloading: Optional[Reloading] = None,
                admin_token: Optional[str] = None, expose_paths: bool = False,
                version: Optional["reload_lib.VersionId"] = None, default_nprobe: Optional[int] = None,
@@ -158,9 +249,73 @@ def create_app(searcher: Searcher, limits: Limits = Limits(), reloading: Optiona
     bundle's nlist; ``None``: the bundle's nprobe for the request's k); a request without
     ``rerank_depth`` re-ranks ``max(k, default_rerank_depth)`` hits (``serve --rerank-depth``).
     """
-    from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request
+    from fastapi import FastAPI
+
+    state = ServiceState(searcher, limits, reloading, admin_token, expose_paths, version, default_nprobe,
+                         default_rerank_depth)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        await state.batcher.start()
+        watcher = None
+        if reloading is not None and reloading.watch_seconds > 0:
+            watcher = asyncio.create_task(state.watch(reloading.watch_seconds))
+        try:
+            yield
+        finally:
+            if watcher:
+                watcher.cancel()
+            await state.batcher.stop()
+
+    app = FastAPI(title="densebeam search", lifespan=lifespan)
+    app.add_middleware(BodyLimit, max_bytes=limits.max_body_bytes, timeout_s=limits.body_timeout_s,
+                       counters=state.body_refused)
+    _error_answers(app, state)
+    _search_route(app, state)
+    _admin_routes(app, state)
+    _status_routes(app, state)
+    return app
+
+
+def _error_answers(app, state: ServiceState) -> None:
+    """Errors as short answers that never echo the input, with the status codes docs/query.md lists."""
+    from fastapi import Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, err: RequestValidationError):
+        # FastAPI's default answer repeats each bad input whole: an 8 MiB query would come back as 8 MiB.
+        errors = list(err.errors())
+        detail = [{"loc": [_brief(part, 64) for part in e.get("loc", ())][:8], "msg": _brief(e.get("msg", "")),
+                   "type": _brief(e.get("type", ""), 64)} for e in errors[:10]]
+        if len(errors) > 10:
+            detail.append({"loc": [], "msg": f"... and {len(errors) - 10} more errors", "type": "more"})
+        return JSONResponse(status_code=422, content={"detail": detail})
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, err: StarletteHTTPException):
+        # FastAPI answers a body its JSON parser gave up on (nested too deeply: a RecursionError) with 400
+        # "There was an error parsing the body"; it is malformed JSON, like any other: 422
+        if err.status_code == 400 and err.detail == "There was an error parsing the body":
+            return JSONResponse(status_code=422, content={"detail": [{
+                "loc": ["body"], "msg": "the body is not JSON this service can read (malformed, or nested too "
+                "deeply)", "type": "json_invalid"}]})
+        return JSONResponse(status_code=err.status_code, content={"detail": err.detail},
+                            headers=getattr(err, "headers", None))
+
+    @app.exception_handler(ValueError)
+    async def _value_error(request: Request, err: ValueError):
+        return JSONResponse(status_code=400, content={"detail": _brief(state.public(str(err)), 1000)})
+
+    @app.exception_handler(Overloaded)
+    async def _overloaded(request: Request, err: Overloaded):
+        return JSONResponse(status_code=503, content={"detail": str(err)}, headers={"Retry-After": "1"})
+
+
+def _search_request_model(limits: Limits):
+    """The strict pydantic model of a ``POST /search`` body under ``limits``."""
     from pydantic import BaseModel, ConfigDict, Field, model_validator
 
     class SearchRequest(BaseModel):
@@ -184,143 +339,29 @@ def create_app(searcher: Searcher, limits: Limits = Limits(), reloading: Optiona
                     raise ValueError(f"a query is longer than {limits.max_query_chars} characters")
             return self
 
-    batcher = MicroBatcher(searcher, window_s=limits.batch_window_ms / 1000.0,
-                           max_queries=limits.max_batch_queries, max_pending_queries=limits.max_pending_queries,
-                           queue_timeout_s=limits.queue_timeout_s)
-    if version is None:
-        version = reload_lib.VersionId(searcher.bundle.root, None, reload_lib.manifest_sha256(searcher.bundle))
-    state = {"version": version, "reloads": 0, "failed": None}
-    body_refused = {"too_large": 0, "too_slow": 0, "head_too_large": 0}
-    reload_lock = asyncio.Lock()
-    admin_throttle = _Throttle(limits.admin_burst, limits.admin_per_s)
+    return SearchRequest
 
-    def public(value, key=None):
-        return value if expose_paths else strip_paths(value, key)
 
-    def model_name(name: str) -> str:
-        return public(name, "model")
+def _search_route(app, state: ServiceState) -> None:
+    from fastapi import HTTPException
+    from fastapi.responses import JSONResponse
 
-    def version_fields() -> dict:
-        fields = state["version"].public()
-        if expose_paths:
-            fields["bundle"] = state["version"].path
-        return fields
-
-    def load(vid) -> Searcher:
-        """Blocking: prove, open and warm ``vid`` on top of the current models."""
-        current = batcher.searcher
-        return open_version(reloading, lambda path: current.with_bundle(
-            open_bundle(path, verify=reloading.verify, cache_dir=reloading.cache_dir,
-                        trust_key=reloading.trust_key)), vid)[0]
-
-    async def do_reload(force: bool = False) -> dict:
-        """Reload if the location's version changed (or ``force``); raises HTTPException for answers."""
-        if reloading is None:
-            raise HTTPException(409, "this service was started without a location to reload from")
-        if reload_lock.locked():
-            raise HTTPException(409, "a reload is already running; retry when it is done")
-        loop = asyncio.get_running_loop()
-        async with reload_lock:
-            try:
-                vid = await loop.run_in_executor(None, reload_lib.identify, reloading.location)
-            except (OSError, ValueError) as err:
-                raise HTTPException(409, public(f"cannot read the location's current version: {err}")) from err
-            old = state["version"]
-            if not force and (vid.path, vid.manifest_sha256) == (old.path, old.manifest_sha256):
-                return {"reloaded": False, **version_fields(), "vectors": batcher.searcher.bundle.searcher.ntotal}
-            start = time.perf_counter()
-            try:
-                new = await loop.run_in_executor(None, load, vid)
-            except (OSError, ValueError) as err:  # BundleError and ReloadError are ValueErrors
-                state["failed"] = vid
-                log.error("refused version %s of %s, still serving %s: %s", vid.name or vid.manifest_sha256[:16],
-                          reloading.location, old.name or old.manifest_sha256[:16], err)
-                raise HTTPException(409, public(f"the new version was refused and the previous one still "
-                                                 f"serves: {err}")) from err
-            batcher.searcher = new
-            state.update(version=vid, failed=None, reloads=state["reloads"] + 1)
-        log.info("reloaded %s -> %s in %.1f s", old.path, vid.path, time.perf_counter() - start)
-        return {"reloaded": True, **version_fields(), "vectors": new.bundle.searcher.ntotal,
-                "seconds": round(time.perf_counter() - start, 3)}
-
-    async def watch_loop(every_s: float):
-        loop = asyncio.get_running_loop()
-        while True:
-            await asyncio.sleep(every_s)
-            try:
-                vid = await loop.run_in_executor(None, reload_lib.identify, reloading.location)
-                known = [v for v in (state["version"], state["failed"]) if v is not None]
-                if any((vid.path, vid.manifest_sha256) == (v.path, v.manifest_sha256) for v in known):
-                    continue  # unchanged, or the version that was refused: do not prove it again
-                await do_reload()
-            except HTTPException as err:
-                log.warning("reload of %s did not happen, still serving the previous version: %s",
-                            reloading.location, err.detail)
-            except Exception as err:  # noqa: BLE001 - keep serving the version we have
-                log.warning("reload of %s failed, still serving the previous version: %s", reloading.location, err)
-
-    @contextlib.asynccontextmanager
-    async def lifespan(app):
-        await batcher.start()
-        watcher = None
-        if reloading is not None and reloading.watch_seconds > 0:
-            watcher = asyncio.create_task(watch_loop(reloading.watch_seconds))
-        try:
-            yield
-        finally:
-            if watcher:
-                watcher.cancel()
-            await batcher.stop()
-
-    app = FastAPI(title="densebeam search", lifespan=lifespan)
-    app.add_middleware(BodyLimit, max_bytes=limits.max_body_bytes, timeout_s=limits.body_timeout_s,
-                       counters=body_refused)
-
-    @app.exception_handler(RequestValidationError)
-    async def _invalid(request: Request, err: RequestValidationError):
-        # FastAPI's default answer repeats each bad input whole: an 8 MiB query came back as 8 MiB.
-        errors = list(err.errors())
-        detail = [{"loc": [_brief(part, 64) for part in e.get("loc", ())][:8], "msg": _brief(e.get("msg", "")),
-                   "type": _brief(e.get("type", ""), 64)} for e in errors[:10]]
-        if len(errors) > 10:
-            detail.append({"loc": [], "msg": f"... and {len(errors) - 10} more errors", "type": "more"})
-        return JSONResponse(status_code=422, content={"detail": detail})
-
-    from starlette.exceptions import HTTPException as StarletteHTTPException
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http_error(request: Request, err: StarletteHTTPException):
-        # FastAPI answers a body its JSON parser gave up on (nested too deeply: a RecursionError) with 400
-        # "There was an error parsing the body"; it is malformed JSON, like any other: 422
-        if err.status_code == 400 and err.detail == "There was an error parsing the body":
-            return JSONResponse(status_code=422, content={"detail": [{
-                "loc": ["body"], "msg": "the body is not JSON this service can read (malformed, or nested too "
-                "deeply)", "type": "json_invalid"}]})
-        return JSONResponse(status_code=err.status_code, content={"detail": err.detail},
-                            headers=getattr(err, "headers", None))
-
-    @app.exception_handler(ValueError)
-    async def _value_error(request: Request, err: ValueError):
-        return JSONResponse(status_code=400, content={"detail": _brief(public(str(err)), 1000)})
-
-    @app.exception_handler(Overloaded)
-    async def _overloaded(request: Request, err: Overloaded):
-        return JSONResponse(status_code=503, content={"detail": str(err)}, headers={"Retry-After": "1"})
+    limits, SearchRequest = state.limits, _search_request_model(state.limits)
 
     @app.post("/search")
     async def search(req: SearchRequest):
         start = time.perf_counter()
-        searcher = batcher.searcher
+        searcher = state.batcher.searcher
         rerank = searcher.reranker is not None if req.rerank is None else req.rerank
         if rerank and searcher.reranker is None:
             raise HTTPException(400, "rerank was asked for but this service has no cross-encoder; start it "
                                      "with --rerank-model NAME_OR_PATH")
         queries = [req.query] if req.query is not None else list(req.queries)
-        depth = req.rerank_depth or max(req.k, default_rerank_depth)
+        depth = req.rerank_depth or max(req.k, state.default_rerank_depth)
         if req.nprobe is not None and req.nprobe > max(searcher.nlist, 1):
             raise HTTPException(422, f"nprobe {req.nprobe} is more than the {searcher.nlist} lists of this bundle")
         nprobe = req.nprobe if req.nprobe is not None else (
-            min(default_nprobe, max(searcher.nlist, 1)) if default_nprobe else None)
+            min(state.default_nprobe, max(searcher.nlist, 1)) if state.default_nprobe else None)
         if len(queries) * req.k > limits.max_hits:
             raise HTTPException(422, f"{len(queries)} queries x k {req.k} = {len(queries) * req.k} hits, more than "
                                      f"the {limits.max_hits} a request may ask for; send fewer queries or a smaller k")
@@ -328,10 +369,10 @@ def create_app(searcher: Searcher, limits: Limits = Limits(), reloading: Optiona
             raise HTTPException(422, f"{len(queries)} queries x rerank_depth {depth} = {len(queries) * depth} "
                                      f"cross-encoder pairs, more than the {limits.max_rerank_pairs} a request may "
                                      "ask for; send fewer queries or a smaller rerank_depth")
-        results = await batcher.submit(SearchJob(queries, req.k, nprobe, rerank, depth))
+        results = await state.batcher.submit(SearchJob(queries, req.k, nprobe, rerank, depth))
         # The nprobe the search started from (a query whose probed lists held fewer than k vectors is
-        # searched again with more: ivf_search.search_filled).
-        started = nprobe if nprobe is not None else nprobe_for_k(searcher.bundle.manifest,
+        # searched again with more: ivf.search.search_filled).
+        started = nprobe if nprobe is not None else nprobe_for_k(searcher.bundle.record,
                                                                  depth if rerank else req.k)
         answer = JSONResponse({"results": [{"query": q, "hits": [h.to_dict() for h in hits]}
                                            for q, hits in zip(queries, results)],
@@ -343,17 +384,22 @@ def create_app(searcher: Searcher, limits: Limits = Limits(), reloading: Optiona
                                      "a smaller k")
         return answer
 
+
+def _admin_routes(app, state: ServiceState) -> None:
+    """``/admin/*``: a throttle, then the token (off without one)."""
+    from fastapi import APIRouter, Depends, HTTPException, Request
+
     async def admin_gate(request: Request):
-        wait = admin_throttle.take()
+        wait = state.admin_throttle.take()
         if wait is not None:
             raise HTTPException(429, "too many /admin requests; retry later",
                                 headers={"Retry-After": str(max(1, round(wait)))})
-        if admin_token is None:
+        if state.admin_token is None:
             raise HTTPException(403, "the /admin endpoints are off; start the service with --admin-token-file "
                                      f"FILE (or {ADMIN_TOKEN_ENV}) to enable them")
         scheme, _, given = request.headers.get("authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not hmac.compare_digest(
-                hashlib.sha256(given.strip().encode()).digest(), hashlib.sha256(admin_token.encode()).digest()):
+                hashlib.sha256(given.strip().encode()).digest(), hashlib.sha256(state.admin_token.encode()).digest()):
             raise HTTPException(401, "a valid admin token is required: Authorization: Bearer TOKEN",
                                 headers={"WWW-Authenticate": "Bearer"})
 
@@ -361,27 +407,33 @@ def create_app(searcher: Searcher, limits: Limits = Limits(), reloading: Optiona
 
     @admin.post("/reload")
     async def reload(force: bool = False):
-        return await do_reload(force)
+        return await state.reload(force)
 
     app.include_router(admin)
 
+
+def _status_routes(app, state: ServiceState) -> None:
+    """``GET /health`` and ``GET /info``."""
+
+    def model_name(name: str) -> str:
+        return state.public(name, "model")
+
     @app.get("/health")
     async def health():
-        return {"status": "ok", "vectors": batcher.searcher.bundle.searcher.ntotal, **version_fields(),
-                "reloads": state["reloads"], "batches": batcher.batches, "batched_queries": batcher.batched_queries,
-                "pending_queries": batcher.pending_queries,
-                "refused": {**batcher.refused, **{k if k.startswith("head") else f"body_{k}": v
-                                                   for k, v in body_refused.items()}}}
+        b = state.batcher
+        return {"status": "ok", "vectors": b.searcher.bundle.searcher.ntotal, **state.version_fields(),
+                "reloads": state.reloads, "batches": b.batches, "batched_queries": b.batched_queries,
+                "pending_queries": b.pending_queries,
+                "refused": {**b.refused, **{k if k.startswith("head") else f"body_{k}": v
+                                            for k, v in state.body_refused.items()}}}
 
     @app.get("/info")
     async def info():
-        s = batcher.searcher
-        return {"manifest": public(s.bundle.manifest), **version_fields(), "query_model": model_name(s.encoder.name),
-                "query_precision": s.encoder.precision, "default_nprobe": s.default_nprobe,
-                "rerank_model": model_name(s.reranker.name) if s.reranker else None,
-                "limits": dataclasses.asdict(limits)}
-
-    return app
+        s = state.batcher.searcher
+        return {"manifest": state.public(s.bundle.manifest), **state.version_fields(),
+                "query_model": model_name(s.encoder.name), "query_precision": s.encoder.precision,
+                "default_nprobe": s.default_nprobe, "rerank_model": model_name(s.reranker.name) if s.reranker else None,
+                "limits": dataclasses.asdict(state.limits)}
 
 
 def server_config(app, limits: Limits = Limits(), host: str = "127.0.0.1", port: int = 8080,
