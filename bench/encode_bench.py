@@ -104,7 +104,7 @@ def read_texts(corpus: str) -> list[str]:
 def _st_model():
     from sentence_transformers import SentenceTransformer
 
-    from densebeam.index_store.encoder import resolve_model_path
+    from densebeam.index_store.encoding.encoder import resolve_model_path
 
     return SentenceTransformer(resolve_model_path(MODEL), device="cpu")
 
@@ -264,7 +264,7 @@ def make_ov():
     its capped oneDNN then emulates at ~4 passages/s: the hint is set to what it picks on such a CPU.)"""
     import openvino as ov
 
-    from densebeam.index_store import cpu
+    from densebeam.index_store.encoding import cpu
 
     st = _st_model()
     config = {} if cpu.native_bf16() else {"INFERENCE_PRECISION_HINT": "f32"}
@@ -274,19 +274,19 @@ def make_ov():
 
 def make_densebeam():
     """``densebeam``'s Encoder (library call, ``auto`` precision: measured on the first texts)."""
-    from densebeam.index_store.encoder import load_encoder
+    from densebeam.index_store.encoding.encoder import load_encoder
 
     return load_encoder(MODEL, precision="auto", device="cpu").encode
 
 
 def make_densebeam_fp32():
-    from densebeam.index_store.encoder import load_encoder
+    from densebeam.index_store.encoding.encoder import load_encoder
 
     return load_encoder(MODEL, precision="fp32", device="cpu").encode
 
 
 def make_densebeam_bf16():
-    from densebeam.index_store.encoder import load_encoder
+    from densebeam.index_store.encoding.encoder import load_encoder
 
     return load_encoder(MODEL, precision="bf16", device="cpu").encode
 
@@ -331,7 +331,7 @@ UNFAITHFUL = ("st-int8", "ort-int8")
 def machine_line() -> str:
     """The CPU as densebeam sees it (model, family after any cap, the flags that decide it), the ISA
     limits in force, and the core count."""
-    from densebeam.index_store import cpu
+    from densebeam.index_store.encoding import cpu
 
     d = cpu.describe()
     caps = ", ".join(f"{k}={v}" for k, v in d["caps"].items()) or "none"
@@ -472,7 +472,7 @@ def gpu(args) -> None:
     import torch
     from sentence_transformers import SentenceTransformer
 
-    from densebeam.index_store.encoder import load_encoder, resolve_model_path
+    from densebeam.index_store.encoding.encoder import load_encoder, resolve_model_path
 
     os.environ["TOKENIZERS_PARALLELISM"] = "true"
     model = args.model if args.model != MODEL else resolve_model_path(MODEL)
@@ -551,7 +551,7 @@ def fidelity(args) -> None:
 
 # -- profile -------------------------------------------------------------------------------------
 PROFILE_PARTS = (  # Beam-side parts, main thread, from cProfile: (label, file suffix)
-    ("read + parse + validate", "transforms/corpus_io.py"),
+    ("read + parse + validate", "index_store/corpus_io.py"),
     ("duplicate-id pass", "transforms/read.py"),
     ("journal (reuse cache) writes", "transforms/cache.py"),
     ("Parquet write + publish", "transforms/write.py"),
@@ -563,7 +563,7 @@ class _WallTimers:
     pass runs in lane threads, which cProfile does not see)."""
 
     def __init__(self):
-        from densebeam.index_store import encoder
+        from densebeam.index_store.encoding import encoder
 
         self.mod, self.secs, self.in_calibration = encoder, {}, False
         self.saved = [(encoder, "_load_encoder"), (encoder.Encoder, "calibrate"), (encoder.Encoder, "tokenize"),
@@ -670,9 +670,10 @@ def attention(args) -> None:
     import numpy as np
     import torch
 
-    from densebeam.index_store import cpu, native
-    from densebeam.index_store.encoder import load_encoder
-    from densebeam.index_store.packed_bert import _length_groups
+    from densebeam.index_store.encoding import cpu
+    from densebeam.index_store.encoding import native
+    from densebeam.index_store.encoding.encoder import load_encoder
+    from densebeam.index_store.encoding.packed_bert import _length_groups
 
     torch.set_num_threads(1)
     mode = args.precision if args.precision in ("fp32", "bf16") else ("bf16" if cpu.native_bf16() else "fp32")
@@ -763,7 +764,7 @@ def main() -> None:
                                           f"{list(FIDELITY_MAKERS)} (fidelity)")
     p.add_argument("--extra-path", help="a folder with optional runtimes (onnxruntime, openvino) for the children")
     p.add_argument("--cpu-family", choices=("avx512-bf16", "avx512", "avx2"),
-                   help="run everything as this CPU family (index_store.cpu.limit_env: PyTorch, oneDNN, MKL and "
+                   help="run everything as this CPU family (index_store.encoding.cpu.limit_env: PyTorch, oneDNN, MKL and "
                         "densebeam capped; simulated on a CPU that has more; ONNX Runtime cannot be capped)")
     p.add_argument("--fidelity", action="store_true", help="fidelity to fp32 on the shared collections")
     p.add_argument("--collections", default=",".join(COLLECTIONS))
@@ -780,7 +781,7 @@ def main() -> None:
     p.add_argument("--_rss", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.cpu_family:  # before torch is imported here, and inherited by every child
-        from densebeam.index_store import cpu
+        from densebeam.index_store.encoding import cpu
 
         if not cpu.can_limit_to(args.cpu_family):
             raise SystemExit(f"this CPU ({cpu.family()}) cannot run as {args.cpu_family}")

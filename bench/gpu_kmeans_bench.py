@@ -1,5 +1,5 @@
 """Coarse k-means at MS MARCO's size on a GPU machine: PyTorch's flat spherical k-means on CUDA
-(``index_store.gpu``, what ``densebeam index`` runs there) against densebeam's two-level k-means on the
+(``index_store.ivf.gpu``, what ``densebeam index`` runs there) against densebeam's two-level k-means on the
 machine's CPU cores, on the same synthetic clustered vectors (``bench/index_bench.py``'s), with the
 objective (sum of best inner products) of each.
 
@@ -29,7 +29,8 @@ def main() -> None:
     args = p.parse_args()
     import faiss
 
-    from densebeam.index_store import gpu, kmeans
+    from densebeam.index_store.ivf import gpu
+    from densebeam.index_store.ivf import kmeans
 
     t = time.perf_counter()
     x = np.concatenate(list(clustered_batches(args.n, 384)))

@@ -55,7 +55,7 @@ def clustered_batches(n: int, dim: int, seed: int = 0, batch: int = 100_000):
 def make_embeddings(root: str, n: int, shards: int) -> None:
     import pyarrow.parquet as pq
 
-    from densebeam.index_store import embeddings as emb
+    from densebeam.index_store.artifacts import embeddings as emb
     from densebeam.index_store.types import ModelFacts
 
     facts = ModelFacts(model="synthetic-clustered", revision=None, dim=DIM, similarity="cos", dtype="float32")
@@ -149,7 +149,7 @@ def child_beam(emb_dir: str, out: str, work: str, n: int, kmeans: str = "auto") 
                          "--kmeans", kmeans])
     secs = time.perf_counter() - start
     anon_peak, rss_peak = anon.stop(), _peak_mb()  # the build's peaks, before searching maps the index
-    from densebeam.index_store.bundle import open_bundle
+    from densebeam.index_store.artifacts.bundle import open_bundle
 
     b = open_bundle(out, verify="sizes")
     q, truth = queries_and_truth(work, n)
@@ -169,8 +169,8 @@ def child_plain(emb_dir: str, work: str, n: int) -> dict:
     very rows densebeam's plan trains on, ``index.add``."""
     import faiss
 
-    from densebeam.index_store.build_plan import plan_build
-    from densebeam.index_store.embeddings import open_embeddings
+    from densebeam.index_store.ivf.plan import plan_build
+    from densebeam.index_store.artifacts.embeddings import open_embeddings
 
     anon = AnonPeak()
     start = time.perf_counter()
@@ -197,8 +197,8 @@ def child_plain(emb_dir: str, work: str, n: int) -> dict:
 def write_plot(bundle: str, path: str) -> str:
     """The bundle's recall curves per k above its build's worker-seconds per stage, as one SVG file: the
     same picture as ``densebeam inspect BUNDLE --plot PATH``."""
-    from densebeam.index_store.bundle import read_manifest
-    from densebeam.index_store.bundle_plot import write_bundle_svg
+    from densebeam.index_store.artifacts.bundle import read_manifest
+    from densebeam.index_store.artifacts.bundle_plot import write_bundle_svg
 
     return f"{path}: {write_bundle_svg(read_manifest(bundle), path)}"
 

@@ -35,7 +35,7 @@ CROSS_ENCODER = REPO.parent / "shared" / "models" / "ms-marco-MiniLM-L-12-v2"
 
 
 def ensure_bundle(collection: Path, work: Path) -> str:
-    from densebeam.index_store.bundle import MANIFEST
+    from densebeam.index_store.artifacts.bundle import MANIFEST
     from densebeam.pipelines.build_index import run_build
 
     out = work / collection.name / "bundle"
@@ -60,8 +60,14 @@ def quality(searcher, queries, qrels, level, rerank: bool) -> list[tuple[str, di
     if rerank:
         for stage in ("dense", "bm25"):
             for depth in (20, 100):
-                runs[f"{stage} + cross-encoder top {depth}"] = (
+                runs[f"{stage} + cross-encoder top {depth} ({searcher.reranker.precision})"] = (
                     lambda s=stage, d=depth: searcher.retrieve(texts, d, first_stage=s, rerank=True, rerank_depth=d))
+        if searcher.reranker.precision != "fp32":  # the default precision's re-ranking against fp32's
+            from densebeam.index_store.query.rerank import CrossEncoderReranker
+
+            fp32 = CrossEncoderReranker(searcher.reranker.name, device="cpu", precision="fp32")
+            runs["dense + cross-encoder top 100 (fp32)"] = lambda: fp32.rerank(
+                texts, searcher.retrieve(texts, 100, first_stage="dense"), 100)
     rows = []
     for name, fn in runs.items():
         start = time.perf_counter()
@@ -94,7 +100,7 @@ def rerank_throughput(searcher, ce_path: str, texts: list[str], n_queries: int =
     import torch
     from sentence_transformers import CrossEncoder
 
-    from densebeam.index_store import cpu
+    from densebeam.index_store.encoding import cpu
     from densebeam.index_store.query.rerank import CrossEncoderReranker
 
     texts = texts[:n_queries]
@@ -134,11 +140,11 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=3, help="throughput runs per scorer (the median is kept)")
     p.add_argument("--skip-quality", action="store_true", help="latency and throughput only")
     p.add_argument("--cpu-family", choices=("avx512-bf16", "avx512", "avx2"),
-                   help="run as this CPU family (index_store.cpu.limit_env; simulated on a CPU that has more)")
+                   help="run as this CPU family (index_store.encoding.cpu.limit_env; simulated on a CPU that has more)")
     p.add_argument("--out", default=None, help="also write the markdown tables here")
     args = p.parse_args(argv)
     if args.cpu_family and os.environ.get("DENSEBEAM_MAX_CPU_ISA") is None:  # before torch loads: re-run capped
-        from densebeam.index_store import cpu
+        from densebeam.index_store.encoding import cpu
 
         if not cpu.can_limit_to(args.cpu_family):
             raise SystemExit(f"this CPU ({cpu.family()}) cannot run as {args.cpu_family}")
@@ -147,7 +153,7 @@ def main(argv=None) -> int:
     import logging
 
     logging.basicConfig(level=logging.WARNING)
-    from densebeam.index_store import cpu
+    from densebeam.index_store.encoding import cpu
     from densebeam.index_store.query import evaluate as ev
     from densebeam.index_store.query.search import Searcher
 

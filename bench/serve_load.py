@@ -412,8 +412,8 @@ def synthetic_bundle(work: str, n: int, nlist: int) -> str:
     ``work`` dir with ``densebeam index``."""
     import pyarrow.parquet as pq
 
-    from densebeam.index_store import embeddings as emb
-    from densebeam.index_store.encoder import DEFAULT_MODEL
+    from densebeam.index_store.artifacts import embeddings as emb
+    from densebeam.index_store.encoding.encoder import DEFAULT_MODEL
     from densebeam.index_store.types import ModelFacts
     from index_bench import DIM, clustered_batches
 
@@ -442,7 +442,7 @@ def synthetic_bundle(work: str, n: int, nlist: int) -> str:
 
 
 def run_once(index: str, queries: list[str], args, check) -> dict:
-    from densebeam.index_store import versions
+    from densebeam.index_store.artifacts import versions
 
     import httpx
 
@@ -522,7 +522,7 @@ def warm_effect(index: str, n_queries: int = 200, budget_bytes: int = 2 << 30, r
     """Queries/s of the first ``n_queries`` single-query searches (default nprobe) of a bundle opened
     cold (its pages evicted from the page cache, ``verify="sizes"`` so nothing reads it first) against the
     same after :func:`reload.warm`. Median of ``repeat`` rounds; the warm-up's own seconds are reported."""
-    from densebeam.index_store.bundle import open_bundle
+    from densebeam.index_store.artifacts.bundle import open_bundle
     from densebeam.index_store.query import reload as reload_lib
 
     import gc
