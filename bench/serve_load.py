@@ -11,7 +11,7 @@ Serves a copy of ``--index`` from a temporary versioned location at the default 
    to reload; latency is reported for the ``--window`` seconds before the reload, during it, and after
    the swap.
 2. **attack**: chunked bodies of 2/64/256 MiB, a declared 256 MiB body, slow heads and bodies, an idle
-   connection, inputs that used to be echoed, requests over the cost budget, /admin without or with a
+   connection, inputs a careless service echoes, requests over the cost budget, /admin without or with a
    wrong token and a brute force of it, a burst of work over the queue bound. Each case has an expected
    answer; the report counts cases tried, 5xx answers, unexpected answers, connections left open and the
    server's memory.
@@ -484,8 +484,8 @@ def run_once(index: str, queries: list[str], args, check) -> dict:
 def encoding_cost(index: str, queries: list[str], precisions=("fp32", "bf16"), repeat: int = 3,
                   torch_threads: Optional[int] = None) -> dict:
     """What batch-invariant query encoding costs: ms per query encoded one by one (the service's and
-    the library's path, :meth:`Searcher.encode_queries`) against one padded batch of all of them (what
-    the service did before, and what made a query's vector depend on its batch mates), per precision.
+    the library's path, :meth:`Searcher.encode_queries`) against one padded batch of all of them (the
+    cheaper way, under which a query's vector depends on its batch mates), per precision.
     Every query is encoded twice first (kernels for each length are created on first use). Median of
     ``repeat`` rounds."""
     import torch
