@@ -434,3 +434,32 @@ def test_any_shard_layout_of_the_same_rows_gives_the_same_bundle(built, tmp_path
         assert all(np.array_equal(r, rows[0]) for r in rows[1:]), i
     for p in plans:
         assert sum(s.n_train for s in p.shards) == p.train_size and sum(s.n_queries for s in p.shards) == 300
+
+
+def test_a_budget_too_small_to_train_its_codec_fails_at_planning(tmp_path, capsys):
+    """A budget that calls for PQ but bounds the training sample below PQ's 256 centroids per sub-vector is
+    refused before anything is built, saying what budget would do; that budget builds."""
+    vecs = clustered(1460, seed=5)
+    emb_dir = write_embeddings_dir(tmp_path / "emb", vecs, FACTS, shard_rows=800)
+    rc = cli.main(["index", "--embeddings", emb_dir, "--output", str(tmp_path / "tight"), "--memory-budget", "20000",
+                   *LOCAL])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert rc == 2 and err.startswith("densebeam index: error: --memory-budget 20000 bytes bounds the training "
+                                      "sample to 156 vectors, fewer than the 256 the PQ4x8 codec"), err
+    assert "at least 32768 bytes" in err
+    assert not (tmp_path / "tight" / bundle_lib.MANIFEST).exists()
+    m = build_index.run(["--embeddings", emb_dir, "--output", str(tmp_path / "fits"), "--memory-budget", "32768",
+                         *LOCAL])
+    assert m["codec"] == "PQ8x8" and m["counts"]["training_vectors"] == 256
+    bundle = bundle_lib.open_bundle(str(tmp_path / "fits"))
+    assert bundle.searcher.ntotal == 1460
+    scores, rows = bundle.searcher.search(vecs[:5], 1, 8)
+    assert (rows[:, 0] >= 0).all()
+
+
+def test_a_pq_codec_on_a_corpus_too_small_to_train_it_is_refused(tmp_path):
+    vecs = clustered(200, seed=6)
+    emb_dir = write_embeddings_dir(tmp_path / "emb", vecs, FACTS, shard_rows=200)
+    with pytest.raises(ValueError, match=r"the PQ8x8 codec needs at least 256 training vectors and this corpus "
+                                         r"has 180 to train on; pass --codec SQ8"):
+        build_index.run(["--embeddings", emb_dir, "--output", str(tmp_path / "i"), "--codec", "PQ8x8", *LOCAL])

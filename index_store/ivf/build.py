@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 from typing import Optional
 
 import faiss
@@ -144,6 +145,13 @@ HNSW_EF_SEARCH = 64
 def codec_trains(factory: str) -> bool:
     """Whether ``factory``'s codec learns from data (SQ8, PQ): a ``Flat`` codec stores vectors as they are."""
     return factory.rsplit(",", 1)[-1].strip() != "Flat"
+
+
+def codec_min_training_rows(codec: str) -> int:
+    """Training vectors a codec needs: ``PQ{m}x{b}`` learns 2**b centroids per sub-vector from at least
+    as many points (FAISS refuses fewer); SQ8 and Flat train on anything."""
+    m = re.fullmatch(r"PQ(\d+)(?:x(\d+))?", codec.strip())
+    return 2 ** int(m.group(2) or 8) if m else 1
 
 
 def trained_from_centroids(centroids: np.ndarray, factory: str, codec_sample: Optional[np.ndarray]) -> bytes:

@@ -137,6 +137,14 @@ def plan_build(dirs: Sequence["EmbeddingsDir"], *, nlist: Optional[int] = None, 
     train = min(ivf.training_sample_size(nlist, n, facts.dim, memory_budget_bytes), n - n_queries) \
         if n > n_queries else n
     n_queries = min(n_queries, n - train)  # a corpus too small for both samples trains on every row
+    need = ivf.codec_min_training_rows(codec)
+    if train < need:
+        if memory_budget_bytes is not None and train < min(n, need):
+            raise ValueError(f"--memory-budget {memory_budget_bytes} bytes bounds the training sample to {train} "
+                             f"vectors, fewer than the {need} the {codec} codec it calls for needs to train; raise "
+                             f"the budget to at least {need * 4 * facts.dim} bytes, or pass --codec SQ8")
+        raise ValueError(f"the {codec} codec needs at least {need} training vectors and this corpus has {train} to "
+                         "train on; pass --codec SQ8 (or Flat), or a PQ with fewer bits (PQ<m>x4)")
     # The samples are drawn over global row ids; each shard counts the sampled rows it holds.
     sample = GlobalSample(n, train, n_queries, seed)
     bounds = np.concatenate([[0], np.cumsum(rows)]).astype(int)
