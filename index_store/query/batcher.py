@@ -20,10 +20,11 @@ import asyncio
 import concurrent.futures
 import dataclasses
 import logging
-from typing import Optional
+from typing import Callable, Optional
 
 from densebeam.index_store.query.hits import Hit
 from densebeam.index_store.query.search import Searcher
+from densebeam.index_store.query.stages import listening
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +77,8 @@ class MicroBatcher:
     """Queue requests; one worker task runs them in batches on one thread. Start/stop in the app's lifespan."""
 
     def __init__(self, searcher: Searcher, window_s: float = 0.003, max_queries: int = 64,
-                 max_pending_queries: int = 256, queue_timeout_s: float = 10.0):
+                 max_pending_queries: int = 256, queue_timeout_s: float = 10.0,
+                 on_stage: Optional[Callable[[str, float], None]] = None):
         if max_pending_queries < max_queries:
             raise ValueError(f"max_pending_queries ({max_pending_queries}) must be at least max_queries "
                              f"({max_queries})")
@@ -89,6 +91,7 @@ class MicroBatcher:
         self.batches = 0  # counters for /health
         self.batched_queries = 0
         self.refused = {"queue_full": 0, "waited_too_long": 0}
+        self.on_stage = on_stage  # (stage, seconds) of every batch's stages (index_store.query.stages)
 
     async def start(self) -> None:
         self._queue = asyncio.Queue()
@@ -140,6 +143,12 @@ class MicroBatcher:
             n += len(job.queries)
         return jobs
 
+    def _run(self, searcher: Searcher, jobs: list[SearchJob]) -> list[list[list[Hit]]]:
+        if self.on_stage is None:
+            return run_jobs(searcher, jobs)
+        with listening(self.on_stage):
+            return run_jobs(searcher, jobs)
+
     async def _worker(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
@@ -155,7 +164,7 @@ class MicroBatcher:
             if not live:
                 continue
             try:
-                results = await loop.run_in_executor(self._pool, run_jobs, self.searcher, live)
+                results = await loop.run_in_executor(self._pool, self._run, self.searcher, live)
             except Exception as err:  # noqa: BLE001 - delivered to every waiting request, not swallowed
                 log.exception("search batch of %d requests failed", len(live))
                 for job in live:

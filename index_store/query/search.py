@@ -31,6 +31,7 @@ from densebeam.index_store.artifacts.bundle import Bundle, open_bundle
 from densebeam.index_store.encoding.encoder import Encoder, load_encoder, pick_device, query_precision  # noqa: F401
 from densebeam.index_store.query.hits import FIRST_STAGES, RRF_K, Hit, fuse_rrf, hits_from_rows, sort_hits  # noqa: F401
 from densebeam.index_store.ivf.search import exact_search
+from densebeam.index_store.query.stages import stage
 from densebeam.index_store.query.vectors import DEFAULT_BATCH_ROWS, IvfVectors
 
 log = logging.getLogger(__name__)
@@ -191,7 +192,7 @@ class Searcher:
         _check_queries(queries)
         out = np.empty((len(queries), self.bundle.facts.dim), dtype=np.float32)
         first: dict[str, int] = {}
-        with self._encode_lock:
+        with self._encode_lock, stage("encode"):
             encoder = self.encoder
             for i, query in enumerate(queries):
                 if query in first:  # the same text twice in one call: one forward pass
@@ -209,14 +210,17 @@ class Searcher:
         from densebeam.index_store.ivf.search import search_filled
         from densebeam.index_store.ivf.nprobe import nprobe_for_k
 
-        if nprobe is None:
-            scores, rows = search_filled(self.bundle.searcher, vectors, k, nprobe_for_k(self.bundle.record, k))
+        if nprobe is not None:
+            nprobe = int(nprobe)
+            if nprobe < 1:
+                raise ValueError(f"nprobe must be positive, got {nprobe}")
+        with stage("search"):
+            if nprobe is None:
+                scores, rows = search_filled(self.bundle.searcher, vectors, k, nprobe_for_k(self.bundle.record, k))
+            else:
+                scores, rows = self.bundle.searcher.search(vectors, k, nprobe)
+        with stage("docstore"):
             return hits_from_rows(self.bundle.docstore, scores, rows)
-        nprobe = int(nprobe)
-        if nprobe < 1:
-            raise ValueError(f"nprobe must be positive, got {nprobe}")
-        scores, rows = self.bundle.searcher.search(vectors, k, nprobe)
-        return hits_from_rows(self.bundle.docstore, scores, rows)
 
     def search(self, queries: Sequence[str], k: int = 10, nprobe: Optional[int] = None) -> list[list[Hit]]:
         """Dense IVF search: top-k hits per query, best first."""
@@ -231,12 +235,15 @@ class Searcher:
         the corpus; time is a full pass over the index per call, so pass all queries in one call.
         """
         vectors = self.encode_queries(queries)
-        scores, rows = exact_search(self.vectors.iter_batches(batch_rows), vectors, k)
-        return hits_from_rows(self.bundle.docstore, scores, rows)
+        with stage("search"):
+            scores, rows = exact_search(self.vectors.iter_batches(batch_rows), vectors, k)
+        with stage("docstore"):
+            return hits_from_rows(self.bundle.docstore, scores, rows)
 
     def search_bm25(self, queries: Sequence[str], k: int = 10) -> list[list[Hit]]:
         _check_queries(queries)
-        return self.bm25.search(list(queries), k)
+        with stage("bm25"):
+            return self.bm25.search(list(queries), k)
 
     def search_hybrid(self, queries: Sequence[str], k: int = 10, nprobe: Optional[int] = None,
                       rrf_k: int = RRF_K, query_vectors: Optional[np.ndarray] = None) -> list[list[Hit]]:
@@ -278,7 +285,8 @@ class Searcher:
         self._require_reranker()
         if len(queries) != len(results):
             raise ValueError(f"{len(queries)} queries but {len(results)} result lists")
-        return [self.reranker.rerank([query], [hits], depth)[0] for query, hits in zip(queries, results)]
+        with stage("rerank"):
+            return [self.reranker.rerank([query], [hits], depth)[0] for query, hits in zip(queries, results)]
 
     def _require_reranker(self) -> None:
         if self.reranker is None:

@@ -1,10 +1,13 @@
 """HTTP search service over one bundle: FastAPI app, served by uvicorn (``densebeam serve``). No Beam.
 
     POST /search  {"query": "..."} or {"queries": ["...", ...]}, "k": 10, "nprobe": N?, "rerank": bool?,
-                  "rerank_depth": int?  ->  {"results": [{"query", "hits": [{doc_id, score, text, title,
-                  row}]}], "k", "nprobe", "reranked", "took_ms"}
+                  "rerank_depth": int?, "fields": ["doc_id", "score", ...]?  ->  {"results": [{"query",
+                  "hits": [{doc_id, score, text, title, row} or the fields asked for]}], "k", "nprobe",
+                  "reranked", "took_ms"}
     GET  /health  -> {"status": "ok", "vectors", "version", "manifest_sha256", counters}
     GET  /info    -> {"manifest", "query_model", "rerank_model", "limits", ...}  (local paths left out)
+    GET  /metrics -> Prometheus text format (:mod:`index_store.query.metrics`)
+    GET  /openapi.json -> the API's schema (no documentation page: it would load its assets from a CDN)
     POST /admin/reload[?force=true]  (Authorization: Bearer TOKEN) -> prove, open and warm the location's
                   current version, then swap it in between batches; an unchanged version is not reopened
 
@@ -26,19 +29,23 @@ import logging
 import os
 import re
 import time
-from typing import Optional
+from typing import Literal, Optional
 
+from densebeam import __version__
 from densebeam.index_store.artifacts.bundle import open_bundle
 from densebeam.index_store.ivf.nprobe import nprobe_for_k
 from densebeam.index_store.query import reload as reload_lib
 from densebeam.index_store.query.batcher import MicroBatcher, Overloaded, SearchJob
 from densebeam.index_store.query.http_limits import MAX_HEAD_BYTES, BodyLimit, h11_protocol
 from densebeam.index_store.query.limits import Limits
+from densebeam.index_store.query.metrics import CONTENT_TYPE, MetricsMiddleware, ServiceMetrics, gauge_lines
 from densebeam.index_store.query.search import Searcher
 
 log = logging.getLogger(__name__)
 
 ADMIN_TOKEN_ENV = "DENSEBEAM_ADMIN_TOKEN"
+ROUTES = ("/search", "/health", "/info", "/metrics", "/openapi.json", "/admin/reload")
+HIT_FIELDS = ("doc_id", "score", "text", "title", "row")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -153,10 +160,12 @@ class ServiceState:
         self.limits, self.reloading, self.admin_token = limits, reloading, admin_token
         self.expose_paths = expose_paths
         self.default_nprobe, self.default_rerank_depth = default_nprobe, default_rerank_depth
+        self.metrics = ServiceMetrics(ROUTES)
+        self.metrics.gauges = self.gauge_lines
         self.batcher = MicroBatcher(searcher, window_s=limits.batch_window_ms / 1000.0,
                                     max_queries=limits.max_batch_queries,
                                     max_pending_queries=limits.max_pending_queries,
-                                    queue_timeout_s=limits.queue_timeout_s)
+                                    queue_timeout_s=limits.queue_timeout_s, on_stage=self.metrics.observe_stage)
         self.version = version or reload_lib.VersionId(searcher.bundle.root, None,
                                                        reload_lib.manifest_sha256(searcher.bundle))
         self.reloads, self.failed = 0, None  # reloads done; the version last refused
@@ -173,6 +182,26 @@ class ServiceState:
         if self.expose_paths:
             fields["bundle"] = self.version.path
         return fields
+
+    def gauge_lines(self) -> list[str]:
+        """The scrape-time part of ``/metrics``: queue, batches, refusals, reloads, the version served."""
+        b, v = self.batcher, self.version.public()
+        refused = {**b.refused, **{k if k.startswith("head") else f"body_{k}": n for k, n in self.body_refused.items()}}
+        lines = gauge_lines("densebeam_queue_queries", "Queries queued or running on the search thread.",
+                            [({}, b.pending_queries)])
+        for name, help_text, value in (
+                ("densebeam_batches_total", "Search batches run.", b.batches),
+                ("densebeam_batched_queries_total", "Queries answered in search batches.", b.batched_queries),
+                ("densebeam_reloads_total", "Bundle versions swapped in since start.", self.reloads)):
+            lines += [f"# HELP {name} {help_text}", f"# TYPE {name} counter", f"{name} {value}"]
+        lines += [f"# HELP densebeam_refused_total Requests refused before searching, by reason.",
+                  "# TYPE densebeam_refused_total counter"]
+        lines += [f'densebeam_refused_total{{reason="{k}"}} {n}' for k, n in sorted(refused.items())]
+        lines += gauge_lines("densebeam_bundle_info", "The bundle version served (value 1).",
+                             [({"version": v.get("version") or "", "manifest_sha256": v["manifest_sha256"]}, 1)])
+        lines += gauge_lines("densebeam_vectors", "Vectors in the bundle served.",
+                             [({}, b.searcher.bundle.searcher.ntotal)])
+        return lines
 
     def _load(self, vid) -> Searcher:
         """Blocking: prove, open and warm ``vid`` on top of the current models."""
@@ -267,9 +296,12 @@ def create_app(searcher: Searcher, limits: Limits = Limits(), reloading: Optiona
                 watcher.cancel()
             await state.batcher.stop()
 
-    app = FastAPI(title="densebeam search", lifespan=lifespan)
+    # No /docs or /redoc: FastAPI's pages load their scripts from a CDN; /openapi.json is the schema.
+    app = FastAPI(title="densebeam search", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
+                  description="Dense retrieval over one densebeam bundle, with optional cross-encoder re-ranking.")
     app.add_middleware(BodyLimit, max_bytes=limits.max_body_bytes, timeout_s=limits.body_timeout_s,
                        counters=state.body_refused)
+    app.add_middleware(MetricsMiddleware, metrics=state.metrics)  # added last: outermost, sees every answer
     _error_answers(app, state)
     _search_route(app, state)
     _admin_routes(app, state)
@@ -327,6 +359,9 @@ def _search_request_model(limits: Limits):
         nprobe: Optional[int] = Field(None, ge=1)  # at most the serving bundle's nlist: checked per request
         rerank: Optional[bool] = None
         rerank_depth: Optional[int] = Field(None, ge=1, le=limits.max_rerank_depth)
+        fields: Optional[list[Literal[HIT_FIELDS]]] = Field(  # type: ignore[valid-type]
+            None, min_length=1, max_length=len(HIT_FIELDS),
+            description="the hit fields to return (default: all); large-k answers stay small without text")
 
         @model_validator(mode="after")
         def _one_of(self):
@@ -342,13 +377,66 @@ def _search_request_model(limits: Limits):
     return SearchRequest
 
 
+def _answer_models():
+    """The answers' schemas, for /openapi.json (the routes build their answers themselves)."""
+    from pydantic import BaseModel, ConfigDict, Field
+
+    class Hit(BaseModel):
+        doc_id: Optional[str] = Field(None, description="the document's id as the corpus gave it")
+        score: Optional[float] = Field(None, description="inner product, or the cross-encoder's score if re-ranked")
+        text: Optional[str] = None
+        title: Optional[str] = None
+        row: Optional[int] = Field(None, description="the FAISS row id in the bundle")
+
+    class QueryAnswer(BaseModel):
+        query: str
+        hits: list[Hit] = Field(description="best first; only the fields asked for when 'fields' is given")
+
+    class SearchAnswer(BaseModel):
+        results: list[QueryAnswer]
+        k: int
+        nprobe: int = Field(description="the number of inverted lists the search started from")
+        reranked: bool
+        took_ms: float
+
+    class HealthAnswer(BaseModel):
+        model_config = ConfigDict(extra="allow")
+        status: Literal["ok"]
+        vectors: int
+        version: Optional[str] = Field(None, description="the version served, when the location is versioned")
+        manifest_sha256: str
+        reloads: int
+        batches: int
+        batched_queries: int
+        pending_queries: int
+        refused: dict[str, int]
+
+    class InfoAnswer(BaseModel):
+        model_config = ConfigDict(extra="allow")
+        manifest: dict
+        query_model: str
+        query_precision: str
+        default_nprobe: int
+        rerank_model: Optional[str]
+        limits: dict
+
+    class ErrorAnswer(BaseModel):
+        detail: object = Field(description="what was wrong (a string, or a list of field errors for 422)")
+
+    return SearchAnswer, HealthAnswer, InfoAnswer, ErrorAnswer
+
+
 def _search_route(app, state: ServiceState) -> None:
     from fastapi import HTTPException
     from fastapi.responses import JSONResponse
 
     limits, SearchRequest = state.limits, _search_request_model(state.limits)
+    SearchAnswer, _, _, ErrorAnswer = _answer_models()
+    errors = {code: {"model": ErrorAnswer, "description": why} for code, why in (
+        (400, "re-ranking asked of a service without a cross-encoder"), (413, "body too large"),
+        (422, "an invalid request, or one over the limits"), (503, "overloaded: retry after Retry-After"))}
 
-    @app.post("/search")
+    @app.post("/search", responses={200: {"model": SearchAnswer}, **errors})
     async def search(req: SearchRequest):
         start = time.perf_counter()
         searcher = state.batcher.searcher
@@ -374,7 +462,12 @@ def _search_route(app, state: ServiceState) -> None:
         # searched again with more: ivf.search.search_filled).
         started = nprobe if nprobe is not None else nprobe_for_k(searcher.bundle.record,
                                                                  depth if rerank else req.k)
-        answer = JSONResponse({"results": [{"query": q, "hits": [h.to_dict() for h in hits]}
+        fields = tuple(dict.fromkeys(req.fields)) if req.fields else None
+
+        def hit(h):
+            d = h.to_dict()
+            return d if fields is None else {f: d[f] for f in fields}
+        answer = JSONResponse({"results": [{"query": q, "hits": [hit(h) for h in hits]}
                                            for q, hits in zip(queries, results)],
                                "k": req.k, "nprobe": started, "reranked": rerank,
                                "took_ms": round((time.perf_counter() - start) * 1000, 3)})
@@ -413,12 +506,20 @@ def _admin_routes(app, state: ServiceState) -> None:
 
 
 def _status_routes(app, state: ServiceState) -> None:
-    """``GET /health`` and ``GET /info``."""
+    """``GET /health``, ``GET /info`` and ``GET /metrics``."""
+    from fastapi.responses import PlainTextResponse
+
+    _, HealthAnswer, InfoAnswer, _ = _answer_models()
 
     def model_name(name: str) -> str:
         return state.public(name, "model")
 
-    @app.get("/health")
+    @app.get("/metrics", response_class=PlainTextResponse,
+             responses={200: {"content": {CONTENT_TYPE: {}}, "description": "Prometheus text format 0.0.4"}})
+    async def metrics():
+        return PlainTextResponse(state.metrics.render(), media_type=CONTENT_TYPE)
+
+    @app.get("/health", responses={200: {"model": HealthAnswer}})
     async def health():
         b = state.batcher
         return {"status": "ok", "vectors": b.searcher.bundle.searcher.ntotal, **state.version_fields(),
@@ -427,7 +528,7 @@ def _status_routes(app, state: ServiceState) -> None:
                 "refused": {**b.refused, **{k if k.startswith("head") else f"body_{k}": v
                                             for k, v in state.body_refused.items()}}}
 
-    @app.get("/info")
+    @app.get("/info", responses={200: {"model": InfoAnswer}})
     async def info():
         s = state.batcher.searcher
         return {"manifest": state.public(s.bundle.manifest), **state.version_fields(),
