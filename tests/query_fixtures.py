@@ -55,6 +55,14 @@ def build_tiny_bundle(tmp: Path, model: str, n_docs: int = 240, seed: int = 5, *
     return str(out)
 
 
+def tiny_searcher_with_reranker(tmp: Path, model: str, n_docs: int, seed: int):
+    """A fp32 CPU :class:`Searcher` over a tiny bundle of ``n_docs`` passages, with a tiny cross-encoder."""
+    from densebeam.index_store.query.search import Searcher
+
+    bundle = build_tiny_bundle(tmp, model, n_docs, seed)
+    return Searcher.open(bundle, precision="fp32", device="cpu", rerank_model=build_tiny_cross_encoder(tmp / "ce"))
+
+
 def toy_queries(n: int, seed: int = 11) -> list[str]:
     rng = random.Random(seed)
     return [" ".join(rng.choices(_WORDS, k=rng.randint(2, 6))) for _ in range(n)]

@@ -7,7 +7,6 @@ batch or thread, safe on bad arguments; and the packed fp32 forward that runs th
 from __future__ import annotations
 
 import random
-import threading
 
 import numpy as np
 import pytest
@@ -17,6 +16,7 @@ from densebeam.index_store.encoding import cpu
 from densebeam.index_store.encoding import native
 from densebeam.index_store.encoding.packed_bert import PackedBert, _length_groups
 from conftest import _WORDS, build_tiny_bi_encoder
+from kernel_checks import assert_same_bits_whatever_batch_and_thread
 
 _CAPS = {"avx512": "avx512_core_vnni", "avx2": "avx2"}
 
@@ -90,26 +90,7 @@ def test_large_scores_stay_finite_and_exact(kernel):
 
 
 def test_a_passage_gets_the_same_bits_whatever_its_batch_and_thread(kernel):
-    qkv, groups = _layer([81] * 6 + [50] * 3 + [9], 12, 32, seed=5)
-    whole = _run(kernel, qkv, groups, 12, 32)
-    assert torch.equal(whole, _run(kernel, qkv, groups, 12, 32))
-    row = 0
-    for _, n, length in groups:
-        for _ in range(n):
-            alone = _run(kernel, qkv[row:row + length].contiguous(), [(0, 1, length)], 12, 32)
-            assert torch.equal(alone, whole[row:row + length])
-            row += length
-    results = [None] * 4
-
-    def work(i):
-        results[i] = _run(kernel, qkv, groups, 12, 32)
-
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert all(torch.equal(r, whole) for r in results)
+    assert_same_bits_whatever_batch_and_thread(kernel, _layer, _run)
 
 
 def test_bad_arguments_raise_instead_of_reading_out_of_bounds(kernel):

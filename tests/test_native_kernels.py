@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import random
-import threading
 import time
 
 import numpy as np
@@ -20,6 +19,7 @@ from densebeam.index_store.encoding import native
 from densebeam.index_store.encoding.encoder import load_encoder
 from densebeam.index_store.encoding.packed_bert import PackedBert, _length_groups
 from conftest import _WORDS, build_tiny_bi_encoder
+from kernel_checks import assert_same_bits_whatever_batch_and_thread
 
 
 @pytest.fixture(scope="module")
@@ -94,27 +94,7 @@ def test_large_scores_stay_finite_and_exact(kernel):
 
 
 def test_a_passage_gets_the_same_bits_whatever_its_batch_and_thread(kernel):
-    qkv, groups = _layer([81] * 6 + [50] * 3 + [9], 12, 32, seed=5)
-    whole = _run(kernel, qkv, groups, 12, 32)
-    assert torch.equal(whole, _run(kernel, qkv, groups, 12, 32))
-    # each passage alone (a batch of one) gives exactly its rows of the batched call
-    row = 0
-    for _, n, length in groups:
-        for _ in range(n):
-            alone = _run(kernel, qkv[row:row + length].contiguous(), [(0, 1, length)], 12, 32)
-            assert torch.equal(alone, whole[row:row + length])
-            row += length
-    results = [None] * 4
-
-    def work(i):
-        results[i] = _run(kernel, qkv, groups, 12, 32)
-
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert all(torch.equal(r, whole) for r in results)
+    assert_same_bits_whatever_batch_and_thread(kernel, _layer, _run)
 
 
 def test_bad_arguments_raise_instead_of_reading_out_of_bounds(kernel):

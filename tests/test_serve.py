@@ -10,17 +10,14 @@ import pytest
 
 from densebeam.index_store.query.search import Searcher
 from densebeam.index_store.query.serve import Limits, create_app, strip_paths
-from query_fixtures import ServerThread, build_tiny_bundle, build_tiny_cross_encoder, toy_queries
+from query_fixtures import ServerThread, tiny_searcher_with_reranker, toy_queries
 
 QUERIES = toy_queries(24, seed=21)
 
 
 @pytest.fixture(scope="module")
 def searcher(tmp_path_factory, tiny_cos_model):
-    tmp = tmp_path_factory.mktemp("serve")
-    bundle = build_tiny_bundle(tmp, tiny_cos_model, 200, 13)
-    ce = build_tiny_cross_encoder(tmp / "ce")
-    return Searcher.open(bundle, precision="fp32", device="cpu", rerank_model=ce)
+    return tiny_searcher_with_reranker(tmp_path_factory.mktemp("serve"), tiny_cos_model, 200, 13)
 
 
 @pytest.fixture(scope="module")

@@ -12,9 +12,8 @@ import httpx
 import pytest
 
 from densebeam import __version__
-from densebeam.index_store.query.search import Searcher
 from densebeam.index_store.query.serve import Limits, create_app
-from query_fixtures import ServerThread, build_tiny_bundle, build_tiny_cross_encoder, toy_queries
+from query_fixtures import ServerThread, tiny_searcher_with_reranker, toy_queries
 
 QUERIES = toy_queries(40, seed=31)
 SAMPLE = re.compile(r'^([a-z_][a-z0-9_]*)(\{(?:[a-z_][a-z0-9_]*="(?:[^"\\]|\\.)*",?)*\})? (-?[0-9.e+-]+|\+Inf)$')
@@ -22,10 +21,7 @@ SAMPLE = re.compile(r'^([a-z_][a-z0-9_]*)(\{(?:[a-z_][a-z0-9_]*="(?:[^"\\]|\\.)*
 
 @pytest.fixture(scope="module")
 def searcher(tmp_path_factory, tiny_cos_model):
-    tmp = tmp_path_factory.mktemp("metrics")
-    bundle = build_tiny_bundle(tmp, tiny_cos_model, 200, 17)
-    ce = build_tiny_cross_encoder(tmp / "ce")
-    return Searcher.open(bundle, precision="fp32", device="cpu", rerank_model=ce)
+    return tiny_searcher_with_reranker(tmp_path_factory.mktemp("metrics"), tiny_cos_model, 200, 17)
 
 
 @pytest.fixture()

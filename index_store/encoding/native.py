@@ -50,6 +50,20 @@ _COMMON = ("-O3", "-ffp-contract=off", "-fPIC", "-shared")
 NAME = "avx512-bf16"  # what the measurement record calls the bf16 library
 
 
+# The kernels' C signatures: attend(qkv, ctx, groups, n_groups, heads, head_dim) and
+# add_layernorm(<n> tensor pointers, rows, hidden, eps); each returns 0 or an error code.
+_ATTEND_ARGS = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3
+
+
+def _add_ln_args(pointers: int) -> list:
+    return [ctypes.c_void_p] * pointers + [ctypes.c_int64, ctypes.c_int64, ctypes.c_float]
+
+
+def _bind(fn, argtypes: list, restype=ctypes.c_int):
+    fn.argtypes, fn.restype = argtypes, restype
+    return fn
+
+
 @dataclasses.dataclass(frozen=True)
 class _Variant:
     name: str  # recorded in the measurement (``kernels``)
@@ -81,19 +95,10 @@ class NativeKernels:
     def __init__(self, path: str):
         self.path = path
         lib = ctypes.CDLL(path)
-        self._attend = lib.densebeam_attend_bf16
-        self._attend.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
-                                 ctypes.c_int64, ctypes.c_int64]
-        self._attend.restype = ctypes.c_int
-        self._add_ln = lib.densebeam_add_layernorm_bf16
-        self._add_ln.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64, ctypes.c_int64, ctypes.c_float]
-        self._add_ln.restype = ctypes.c_int
-        self._add_ln_mixed = lib.densebeam_add_layernorm_mixed
-        self._add_ln_mixed.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64, ctypes.c_int64, ctypes.c_float]
-        self._add_ln_mixed.restype = ctypes.c_int
-        self._transpose = lib.densebeam_transpose16
-        self._transpose.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
-        self._transpose.restype = None
+        self._attend = _bind(lib.densebeam_attend_bf16, _ATTEND_ARGS)
+        self._add_ln = _bind(lib.densebeam_add_layernorm_bf16, _add_ln_args(5))
+        self._add_ln_mixed = _bind(lib.densebeam_add_layernorm_mixed, _add_ln_args(5))
+        self._transpose = _bind(lib.densebeam_transpose16, [ctypes.c_void_p, ctypes.c_void_p], None)
 
     def attend(self, qkv, ctx, groups, heads: int, head_dim: int) -> None:
         """``ctx`` <- the attention of ``qkv`` (rows, 3 * heads * head_dim; each row q | k | v) over
@@ -166,13 +171,8 @@ class Fp32Kernels:
         self.path = path
         lib = ctypes.CDLL(path)
         self.lanes = int(lib.densebeam_fp32_lanes())
-        self._attend = lib.densebeam_attend_fp32
-        self._attend.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
-                                 ctypes.c_int64, ctypes.c_int64]
-        self._attend.restype = ctypes.c_int
-        self._add_ln = lib.densebeam_add_layernorm_fp32
-        self._add_ln.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64, ctypes.c_int64, ctypes.c_float]
-        self._add_ln.restype = ctypes.c_int
+        self._attend = _bind(lib.densebeam_attend_fp32, _ATTEND_ARGS)
+        self._add_ln = _bind(lib.densebeam_add_layernorm_fp32, _add_ln_args(4))
 
     def shape_problem(self, hidden: int, heads: int) -> Optional[str]:
         """Why these kernels cannot run a model of this width and head count (None: they can)."""

@@ -53,8 +53,6 @@ class Counter:
         with self._lock:
             self._values[key] = self._values.get(key, 0.0) + by
 
-    def value(self, *label_values: object) -> float:
-        return self._values.get(tuple(str(v) for v in label_values), 0.0)
 
     def lines(self) -> list[str]:
         out = [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} counter"]
@@ -82,9 +80,6 @@ class Histogram:
             series[0][i] += 1
             series[1] += seconds
 
-    def count(self, *label_values: object) -> int:
-        series = self._series.get(tuple(str(v) for v in label_values))
-        return sum(series[0]) if series else 0
 
     def lines(self) -> list[str]:
         out = [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} histogram"]

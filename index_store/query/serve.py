@@ -183,10 +183,14 @@ class ServiceState:
             fields["bundle"] = self.version.path
         return fields
 
+    def refused(self) -> dict:
+        """Requests refused before searching, by reason: the batcher's and the body/head limits'."""
+        return {**self.batcher.refused, **{k if k.startswith("head") else f"body_{k}": n
+                                           for k, n in self.body_refused.items()}}
+
     def gauge_lines(self) -> list[str]:
         """The scrape-time part of ``/metrics``: queue, batches, refusals, reloads, the version served."""
         b, v = self.batcher, self.version.public()
-        refused = {**b.refused, **{k if k.startswith("head") else f"body_{k}": n for k, n in self.body_refused.items()}}
         lines = gauge_lines("densebeam_queue_queries", "Queries queued or running on the search thread.",
                             [({}, b.pending_queries)])
         for name, help_text, value in (
@@ -194,9 +198,9 @@ class ServiceState:
                 ("densebeam_batched_queries_total", "Queries answered in search batches.", b.batched_queries),
                 ("densebeam_reloads_total", "Bundle versions swapped in since start.", self.reloads)):
             lines += [f"# HELP {name} {help_text}", f"# TYPE {name} counter", f"{name} {value}"]
-        lines += [f"# HELP densebeam_refused_total Requests refused before searching, by reason.",
+        lines += ["# HELP densebeam_refused_total Requests refused before searching, by reason.",
                   "# TYPE densebeam_refused_total counter"]
-        lines += [f'densebeam_refused_total{{reason="{k}"}} {n}' for k, n in sorted(refused.items())]
+        lines += [f'densebeam_refused_total{{reason="{k}"}} {n}' for k, n in sorted(self.refused().items())]
         lines += gauge_lines("densebeam_bundle_info", "The bundle version served (value 1).",
                              [({"version": v.get("version") or "", "manifest_sha256": v["manifest_sha256"]}, 1)])
         lines += gauge_lines("densebeam_vectors", "Vectors in the bundle served.",
@@ -524,9 +528,7 @@ def _status_routes(app, state: ServiceState) -> None:
         b = state.batcher
         return {"status": "ok", "vectors": b.searcher.bundle.searcher.ntotal, **state.version_fields(),
                 "reloads": state.reloads, "batches": b.batches, "batched_queries": b.batched_queries,
-                "pending_queries": b.pending_queries,
-                "refused": {**b.refused, **{k if k.startswith("head") else f"body_{k}": v
-                                            for k, v in state.body_refused.items()}}}
+                "pending_queries": b.pending_queries, "refused": state.refused()}
 
     @app.get("/info", responses={200: {"model": InfoAnswer}})
     async def info():
