@@ -39,7 +39,7 @@ def prepare_output(root: str, overwrite: bool) -> None:
         if not overwrite:
             raise FileExistsError(f"{root} already holds an index bundle; pass --overwrite to replace it")
         fs.rm(manifest)
-    for stale in ("_build", "shards", "docstore", "index.faiss", "index.ivfdata", "trained.faiss"):
+    for stale in ("_build", "shards", "docstore", "vectors", "index.faiss", "index.ivfdata", "trained.faiss"):
         if fs.exists(join(path, stale)):
             fs.rm(join(path, stale), recursive=True)
     fs.makedirs(path, exist_ok=True)
@@ -51,7 +51,8 @@ def run_index(args, beam_args: Sequence[str]):
     plan = plan_build(dirs, nlist=args.nlist, codec=args.codec,
                       memory_budget_bytes=parse_bytes(args.memory_budget), n_queries=args.recall_queries,
                       k=args.k, target_recall=args.target_recall, layout=args.layout, seed=args.seed,
-                      calibration_queries=args.calibration_queries, kmeans=args.kmeans)
+                      calibration_queries=args.calibration_queries, kmeans=args.kmeans,
+                      refine=args.refine)
     log.info("indexing %d vectors from %d shard(s): %s, training on %d, layout %s", plan.n_vectors,
              len(plan.shards), plan.factory, plan.train_size, plan.layout)
     target = args.output
@@ -94,7 +95,7 @@ def run_build(argv: Optional[Sequence[str]] = None) -> tuple[dict, dict]:
     return emb_manifest, manifest
 
 
-_INDEX_ONLY = {"--nlist", "--codec", "--memory-budget", "--layout", "--target-recall", "--recall-queries",
+_INDEX_ONLY = {"--nlist", "--codec", "--refine", "--memory-budget", "--layout", "--target-recall", "--recall-queries",
                "--k", "--seed", "--embeddings-dir", "--output", "--keep-versions", "--calibration-queries",
                "--kmeans", "--sign-key"}
 _INDEX_FLAGS = {"--versioned"}

@@ -131,7 +131,29 @@ def format_index_summary(m: dict, output: str) -> str:
         f"(target {m.get('target_recall')}, {m.get('recall_measured_on', '')})",
         f"  recall curve nprobe:recall  {curve}",
         f"  {len(m.get('files', []))} files, {size / 1e6:.1f} MB on disk, created {m.get('created')}",
+        *_memory_lines(m),
     ])
+
+
+def _memory_lines(m: dict) -> list[str]:
+    """Where a search process's bytes come from: the index (codes, ids, quantizer: scanned on every
+    search, so resident once warm), the docstore (mapped, read per hit) and, in a tiered bundle, the
+    float32 vectors (mapped, k x r rows read per query)."""
+    sizes: dict[str, int] = {}
+    for f in m.get("files", []):
+        path = f["path"]
+        kind = ("vectors" if path.startswith("vectors/") else "docstore" if path.startswith("docstore/")
+                else "trained" if path == "trained.faiss" else "index")
+        sizes[kind] = sizes.get(kind, 0) + f["size"]
+    lines = [f"  memory: index {sizes.get('index', 0) / 1e6:.1f} MB resident once warm (codes, ids, coarse "
+             f"quantizer); docstore {sizes.get('docstore', 0) / 1e6:.1f} MB mapped, read per hit"]
+    refine = m.get("refine")
+    if refine:
+        factors = "  ".join(f"{k}:{r}" for k, r in sorted(refine["factors_by_k"].items(), key=lambda x: int(x[0])))
+        lines.append(f"  tiered: {m.get('codec')} scores re-scored exactly from {sizes.get('vectors', 0) / 1e6:.1f} MB "
+                     f"of float32 vectors on disk (memory-mapped, k x r rows read per query); refine r by k  "
+                     f"{factors}")
+    return lines
 
 
 def _index(argv: Sequence[str]) -> int:

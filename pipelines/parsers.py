@@ -69,6 +69,10 @@ def add_index_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("index")
     g.add_argument("--nlist", type=int, default=None, help="IVF lists (default: from the vector count)")
     g.add_argument("--codec", default=None, help="Flat, SQ8 or PQ<m>x8 (default: Flat, or what fits the budget)")
+    g.add_argument("--refine", default="auto", choices=ivf_params.REFINE,
+                   help="auto: an SQ8/PQ index keeps its float32 vectors on disk (vectors/*.npy, memory-mapped) "
+                        "and re-scores its top k x r exactly, r measured per k like nprobe; off: compact "
+                        "scores only (default: auto)")
     g.add_argument("--memory-budget", default=None,
                    help="index memory budget, e.g. 8GB: picks the codec and bounds the training sample")
     g.add_argument("--layout", default="merged", choices=ivf_params.LAYOUTS,

@@ -179,7 +179,8 @@ def test_sq8_build_measures_its_curves_by_search(tmp_path):
     vecs = clustered(3000, seed=3)
     emb_dir = write_embeddings_dir(tmp_path / "emb", vecs, FACTS, shard_rows=1000)
     m = build_index.run(["--embeddings", emb_dir, "--output", str(tmp_path / "i"), "--codec", "SQ8",
-                         "--nlist", "64", "--recall-queries", "200", "--target-recall", "0.9", "--k", "10,100",
+                         "--refine", "off", "--nlist", "64", "--recall-queries", "200", "--target-recall", "0.9",
+                         "--k", "10,100",
                          *LOCAL])
     assert m["factory"] == "IVF64,SQ8" and m["codec"] == "SQ8"
     for k in (10, 100):

@@ -1,4 +1,4 @@
-"""A bundle opens with plain FAISS + pyarrow exactly as docs/query.md shows: the documented snippet is run
+"""A bundle (every codec) opens with plain FAISS + pyarrow exactly as docs/query.md shows: the documented snippet is run
 as written (only the bundle path changed) and finds what densebeam's own search finds."""
 
 from __future__ import annotations
@@ -21,8 +21,12 @@ def documented_snippet() -> str:
     return re.search(r"```python\n(.*?)```", section, re.S).group(1)
 
 
-def test_documented_plain_faiss_and_pyarrow_recipe(tmp_path, tiny_cos_model):
-    bundle = build_tiny_bundle(tmp_path, tiny_cos_model, 150, 3)
+@pytest.mark.parametrize("codec", ["Flat", "SQ8"])
+def test_documented_plain_faiss_and_pyarrow_recipe(tmp_path, tiny_cos_model, codec):
+    """Flat, and SQ8 codes re-scored from the full vectors (a tiered bundle): the snippet finds what
+    densebeam finds, with the same (exact) scores."""
+    bundle = build_tiny_bundle(tmp_path, tiny_cos_model, 150, 3, "--codec", codec)
+    assert ("refine" in __import__("json").load(open(f"{bundle}/manifest.json"))) == (codec == "SQ8")
     code = documented_snippet().replace('bundle = "out/sample-index"', f"bundle = {bundle!r}")
     assert bundle in code
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=tmp_path)

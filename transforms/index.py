@@ -22,6 +22,7 @@ import pyarrow.parquet as pq
 from apache_beam.metrics import Metrics
 
 from densebeam.index_store.artifacts import bundle as bundle_lib
+from densebeam.index_store.artifacts import raw_vectors
 from densebeam.index_store import ivf
 from densebeam.index_store.ivf import gpu
 from densebeam.index_store.ivf import kmeans
@@ -31,6 +32,7 @@ from densebeam.index_store.artifacts.embeddings import join
 from densebeam.index_store.fsutil import canonical_url, sha256_file
 from densebeam.index_store.ivf.search import merge_topk
 from densebeam.index_store.ivf.nprobe import nprobe_by_k
+from densebeam.index_store.ivf.refine import choose_refine, factors_for_k
 from densebeam.transforms.read import NAMESPACE
 
 log = logging.getLogger(__name__)
@@ -321,7 +323,8 @@ class _AddShardFn(beam.DoFn):
     For the recall curve, an IVF-Flat index needs no list scans: each exact neighbour's inverted list
     (known from adding) decides at which nprobe it is found (:func:`ivf.recall_curves_from_lists`). Other
     codecs (SQ8, PQ) score approximately, so their curve is measured by searching this shard at every
-    candidate nprobe.
+    candidate nprobe, keeping ``plan.candidates`` per query (the refine factors' candidate lists). A
+    refined build also writes the shard's float32 vectors (``vectors/part-i-of-n.npy``) for re-scoring.
     """
 
     def __init__(self, plan: BuildPlan, root: str):
@@ -338,20 +341,30 @@ class _AddShardFn(beam.DoFn):
         heap = faiss.ResultHeap(len(qids), k, keep_max=True)
         lists = np.empty(shard.rows, dtype=np.int32)  # each row's inverted list (4 bytes a row)
         writer = DocstoreWriter(join(self._root, layout.docstore[shard.index]), base_row=shard.base)
+        raw = None
+        if plan.refine_factors:
+            raw = raw_vectors.NpyWriter(join(self._root, raw_vectors.paths(len(plan.shards))[shard.index]),
+                                        shard.rows, plan.facts.dim)
         try:
             for offset, ids, vecs, texts, titles in iter_shard_rows(shard):
                 t0 = time.monotonic()
                 gids = np.arange(shard.base + offset, shard.base + offset + len(vecs), dtype=np.int64)
                 lists[offset:offset + len(vecs)] = ivf.add_assigned(index, gids, vecs, assigner)
                 writer.write(ids, texts, titles)
+                if raw is not None:
+                    raw.write(vecs)
                 self._added.inc(len(vecs))
                 t1 = time.monotonic()
                 _add_exact(heap, qids, qvecs, gids, vecs)
                 seconds["add"] += t1 - t0
                 seconds["exact_topk"] += time.monotonic() - t1
             docstore = writer.close()
+            if raw is not None:
+                raw.close()
         except BaseException:
             writer.abort()
+            if raw is not None:
+                raw.abort()
             raise
         t0 = time.monotonic()
         ivf.write_index(index, join(self._root, layout.shards[shard.index]))
@@ -363,10 +376,11 @@ class _AddShardFn(beam.DoFn):
         approx = {}
         if not ivf.recall_follows_lists(index):
             searcher = ivf.ShardedSearcher([index])
+            width = plan.candidates
             for nprobe in plan.nprobe_candidates():
-                s, i = searcher.search(qvecs, k + 1, nprobe)
+                s, i = searcher.search(qvecs, width + 1, nprobe)
                 own = i == qids[:, None]
-                approx[nprobe] = merge_topk(np.where(own, ivf.MISSING_SCORE, s), np.where(own, -1, i), k)
+                approx[nprobe] = merge_topk(np.where(own, ivf.MISSING_SCORE, s), np.where(own, -1, i), width)
         seconds["exact_topk"] += time.monotonic() - t0  # the searched curves of SQ8/PQ included
         yield beam.pvalue.TaggedOutput("topk", {"exact": exact, "approx": approx})
         for stage, secs in seconds.items():
@@ -381,8 +395,8 @@ class _MergeTopK(beam.CombineFn):
     index's: memory is two tables at a time whatever the shard count (ties: smaller id first, so the
     result does not depend on the order shards arrive in)."""
 
-    def __init__(self, k: int):
-        self._k = k
+    def __init__(self, k: int, width: int):
+        self._k, self._width = k, width  # exact top-k; approximate candidates kept per nprobe
 
     def create_accumulator(self):
         return None
@@ -406,7 +420,7 @@ class _MergeTopK(beam.CombineFn):
         scores, ids, lists = (np.hstack(x) for x in zip(a["exact"], b["exact"]))
         exact = merge_topk(scores, ids, k, payload=lists)
         approx = {p: merge_topk(np.hstack([a["approx"][p][0], b["approx"][p][0]]),
-                                np.hstack([a["approx"][p][1], b["approx"][p][1]]), k) for p in a["approx"]}
+                                np.hstack([a["approx"][p][1], b["approx"][p][1]]), self._width) for p in a["approx"]}
         return {"exact": exact, "approx": approx}
 
 
@@ -419,8 +433,39 @@ def _recall_curves(plan: BuildPlan, trained: bytes, qvecs: np.ndarray, topk: dic
     if ivf.recall_follows_lists(index):  # IVF-Flat: from list membership, no search
         recalls = ivf.recall_curves_from_lists(index, qvecs, exact, lists, nprobes, plan.ks)
     else:
-        recalls = {k: [ivf.recall_at_k(topk["approx"][p][1], exact, k) for p in nprobes] for k in plan.ks}
+        recalls = {k: [ivf.recall_at_k(topk["approx"][p][1][:, :k], exact, k) for p in nprobes] for k in plan.ks}
     return {k: [{"nprobe": p, "recall": round(r, 4)} for p, r in zip(nprobes, recalls[k])] for k in plan.ks}
+
+
+RESCORE_QUERIES = 64  # queries re-scored at a time: 64 x candidates vectors in memory
+
+
+def _refine_curves(plan: BuildPlan, root: str, qvecs: np.ndarray, topk: dict) -> dict[int, dict[int, list[dict]]]:
+    """{k: {r: [{"nprobe", "recall"}]}}: recall@k after re-scoring the compact top ``k * r`` exactly, per
+    refine factor r and candidate nprobe, against the exact top-k (what a refined search returns: the
+    candidates are the merged compact top lists, re-scored from the vectors files this build wrote).
+    Each nprobe's candidates are scored once; every (k, r) takes its prefix. Cost: one vector read per
+    (query, candidate, nprobe)."""
+    _, exact, _ = topk["exact"]
+    arrays = [raw_vectors.open_array(join(root, p), s.rows, plan.facts.dim)
+              for p, s in zip(raw_vectors.paths(len(plan.shards)), plan.shards)]
+    vectors = raw_vectors.RawVectors(arrays, [s.base for s in plan.shards])
+    out: dict[int, dict[int, list[dict]]] = {k: {r: [] for r in factors_for_k(k, plan.refine_factors)}
+                                             for k in plan.ks}
+    for p in plan.nprobe_candidates():
+        cand = topk["approx"][p][1]
+        scores = np.full(cand.shape, ivf.MISSING_SCORE, dtype=np.float32)
+        for a in range(0, len(cand), RESCORE_QUERIES):
+            block = cand[a:a + RESCORE_QUERIES]
+            ok = block >= 0
+            got = vectors.get(block[ok])
+            rows, cols = np.nonzero(ok)
+            scores[a:a + RESCORE_QUERIES][rows, cols] = np.einsum("ij,ij->i", got, qvecs[a + rows])
+        for k, by_r in out.items():
+            for r, curve in by_r.items():
+                _, ids = merge_topk(scores[:, :k * r], cand[:, :k * r], k)
+                curve.append({"nprobe": p, "recall": round(ivf.recall_at_k(ids, exact, k), 4)})
+    return out
 
 
 def _timings_record(timings) -> dict:
@@ -453,6 +498,21 @@ def _measured_on(calibration: dict) -> str:
     return f"{calibration['queries']} queries from {calibration['path']}"
 
 
+def _refine_record(plan: BuildPlan, root: str, trained: bytes, curves: dict) -> dict:
+    """The manifest's ``refine`` record: the factor chosen per k (:func:`index_store.ivf.refine.choose_refine`:
+    the fewest bytes read per query among the points reaching the target recall), every measured curve,
+    and the vectors files."""
+    index = faiss.extract_index_ivf(ivf.index_from_bytes(trained))
+    list_bytes = plan.n_vectors / plan.nlist * (index.code_size + 8)
+    factors, chosen = {}, {}
+    for k in plan.ks:
+        r, point = choose_refine(curves[k], plan.target_recall, list_bytes, 4 * plan.facts.dim, k)
+        factors[str(k)], chosen[str(k)] = r, point
+    return {"factors_by_k": factors, "chosen": chosen, "files": raw_vectors.paths(len(plan.shards)),
+            "curves": {str(k): {str(r): c for r, c in by_r.items()} for k, by_r in curves.items()},
+            "vector_bytes": 4 * plan.facts.dim}
+
+
 class _PublishFn(beam.DoFn):
     """Once all shards are in: recall curves and the nprobe per k, merge or keep shards, manifest last."""
 
@@ -468,8 +528,14 @@ class _PublishFn(beam.DoFn):
         if n != plan.n_vectors:
             raise RuntimeError(f"indexed {n} vectors but the embeddings hold {plan.n_vectors}")
         t0 = time.monotonic()
-        curves = _recall_curves(plan, trained, queries["vectors"], topk)
-        chosen = nprobe_by_k(curves, plan.target_recall)
+        refine = None
+        if plan.refine_factors:
+            refine = _refine_record(plan, root, trained, _refine_curves(plan, root, queries["vectors"], topk))
+            curves = {k: refine["curves"][str(k)][str(refine["factors_by_k"][str(k)])] for k in plan.ks}
+            chosen = {k: dict(refine["chosen"][str(k)]) for k in plan.ks}
+        else:
+            curves = _recall_curves(plan, trained, queries["vectors"], topk)
+            chosen = nprobe_by_k(curves, plan.target_recall)
         timings = list(timings) + [("recall_curves", time.monotonic() - t0)]
         devices: dict[str, set] = {"kmeans": set(), "add": set()}
         for stage, where in timings:
@@ -481,7 +547,7 @@ class _PublishFn(beam.DoFn):
         with fs.open(join(root, layout.trained), "wb") as f:
             f.write(trained)
         fs.rm(join(root, TEMP_DIR), recursive=True)
-        files = [layout.trained] + layout.docstore
+        files = [layout.trained] + layout.docstore + (raw_vectors.paths(len(plan.shards)) if refine else [])
         if plan.layout == "merged":
             t0 = time.monotonic()
             ivf.merge_on_disk(trained, [join(root, s) for s in layout.shards],
@@ -510,6 +576,7 @@ class _PublishFn(beam.DoFn):
             "timings": _timings_record(timings),
             "shards": [{"rows": r["rows"], "base": plan.shards[r["shard"]].base,
                         "source": plan.shards[r["shard"]].path} for r in results],
+            **({"refine": {key: v for key, v in refine.items() if key != "chosen"}} if refine else {}),
             **self._extra,
         }
         manifest = bundle_lib.write_manifest(root, fields, files)
@@ -563,7 +630,7 @@ class BuildIndex(beam.PTransform):
             _AddShardFn(plan, self._root), trained=beam.pvalue.AsSingleton(trained),
             queries=beam.pvalue.AsSingleton(queries)).with_outputs("topk", "timing", main="shards")
         timings = (timings + [added.timing]) | "Timings" >> beam.Flatten() | "GatherTimings" >> beam.combiners.ToList()
-        topk = added.topk | "MergeTopK" >> beam.CombineGlobally(_MergeTopK(plan.ks[-1]))
+        topk = added.topk | "MergeTopK" >> beam.CombineGlobally(_MergeTopK(plan.ks[-1], plan.candidates))
         # 4. Measure, merge or keep, manifest last.
         return (pbegin | "PublishTrigger" >> beam.Create([None])
                 | "Publish" >> beam.ParDo(_PublishFn(plan, self._root, self._extra),

@@ -37,8 +37,10 @@ from densebeam.index_store.artifacts.bundle_manifest import (FORMAT, FORMAT_VERS
                                                              Manifest, file_entry, is_inside, layout_paths,
                                                              parse_manifest, read_manifest_bytes, write_manifest)
 from densebeam.index_store.artifacts.docstore import Docstore
+from densebeam.index_store.artifacts.raw_vectors import RawVectors, view as view_vectors
 from densebeam.index_store.artifacts.embeddings import join
 from densebeam.index_store.ivf import ShardedSearcher, open_merged, read_index
+from densebeam.index_store.ivf.refine import RefinedSearcher
 from densebeam.index_store.types import ModelFacts
 
 VERIFY_MODES = ("full", "sizes", "none")
@@ -173,6 +175,7 @@ class Bundle:
     searcher: ShardedSearcher
     docstore: Docstore
     record: Manifest  # the same manifest, typed (what readers use)
+    raw_vectors: Optional[RawVectors] = None  # a tiered bundle's float32 vectors (memory-mapped)
 
     @property
     def facts(self) -> ModelFacts:
@@ -238,6 +241,10 @@ def _open_location(location: str, verify: str, cache_dir: Optional[str], trust_k
         except ValueError as err:  # StructureError, FaissFormatError, a damaged docstore part
             raise BundleError(str(err)) from err
         searcher = _open_indexes(checked, pinned)
+        record = Manifest.from_dict(manifest)
+        raw = _open_raw_vectors(record, checked, pinned, where) if record.tiered else None
+        if raw is not None:
+            searcher = RefinedSearcher(searcher, raw.get, record.refine_by_k)
         for p in pinned.values():
             try:
                 p.check_unchanged()
@@ -246,7 +253,21 @@ def _open_location(location: str, verify: str, cache_dir: Optional[str], trust_k
     if facts.dim != searcher.d:
         raise BundleError(f"{where} says dim {facts.dim} but its index has dim {searcher.d}; rebuild it")
     return Bundle(root=fsutil.local_path(local), manifest=manifest, searcher=searcher, docstore=checked.docstore,
-                  record=Manifest.from_dict(manifest))
+                  record=record, raw_vectors=raw)
+
+
+def _open_raw_vectors(record: Manifest, checked: validate.CheckedBundle, pinned: dict[str, fsutil.PinnedFile],
+                      where: str) -> RawVectors:
+    """The tiered bundle's full-precision vectors, one mapped ``.npy`` per docstore part (same rows)."""
+    parts = checked.docstore.parts
+    missing = [f for f in record.refine_files if f not in pinned]
+    if missing or len(record.refine_files) != len(parts):
+        raise BundleError(f"{where} re-scores from {list(record.refine_files)[:3]} but lists "
+                          f"{'none of ' if missing else ''}{missing[:3] or len(parts)} of them with its "
+                          f"{len(parts)} docstore part(s); the bundle is incomplete, rebuild it")
+    arrays = [view_vectors(pinned[rel].map(), pinned[rel].name, part.rows, record.model_facts.dim)
+              for rel, part in zip(record.refine_files, parts)]
+    return RawVectors(arrays, [part.base for part in parts])
 
 
 def publish_version(root: str, name: str, keep: int = 3, stale_after_s: float = 24 * 3600,

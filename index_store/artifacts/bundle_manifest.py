@@ -29,6 +29,7 @@ FORMAT = "densebeam.index"
 FORMAT_VERSION = 1
 TRAINED, MERGED_INDEX, MERGED_DATA = "trained.faiss", "index.faiss", "index.ivfdata"
 SHARD_PATTERN = "shards/shard-{index:05d}-of-{count:05d}.faiss"
+REFINE_PATTERN = "vectors/part-{index:05d}-of-{count:05d}.npy"  # full-precision vectors of a tiered bundle
 _RESERVED = ("format", "format_version", "files")
 
 
@@ -89,6 +90,13 @@ class Manifest:
     recall_measured_on: Optional[str]
     codec: Optional[str]
     raw: Mapping
+    refine_by_k: Mapping[int, int] = dataclasses.field(default_factory=lambda: MappingProxyType({}))  # measured refine factor per k; empty: not tiered
+    refine_files: tuple[str, ...] = ()  # the full-precision vectors files, one per shard
+
+    @property
+    def tiered(self) -> bool:
+        """Whether searches re-score compact codes exactly from the bundle's vectors files."""
+        return bool(self.refine_files)
 
     @classmethod
     def from_dict(cls, m: Mapping) -> "Manifest":
@@ -111,7 +119,10 @@ class Manifest:
             recall_at_k=float(m.get("recall_at_k", 0.0)),
             target_recall=None if m.get("target_recall") is None else float(m["target_recall"]),
             recall_measured_on=m.get("recall_measured_on"), codec=m.get("codec"),
-            raw=MappingProxyType(dict(m)))
+            raw=MappingProxyType(dict(m)),
+            refine_by_k=MappingProxyType({int(k): int(v) for k, v in (m.get("refine") or {}).get("factors_by_k",
+                                                                                                  {}).items()}),
+            refine_files=tuple((m.get("refine") or {}).get("files", ())))
 
 
 def layout_paths(n_shards: int) -> BundleLayout:
@@ -224,6 +235,8 @@ def _checks(manifest: dict) -> dict:
     curve = manifest.get("recall_curve", [])
     curves = manifest.get("recall_curves", {})
     by_k = manifest.get("nprobe_by_k", {})
+    refine = manifest.get("refine", {})
+    shards = counts.get("shards") if isinstance(counts, dict) else None
     return {
         "layout": manifest.get("layout") in LAYOUTS,
         "model_facts": isinstance(facts, dict) and isinstance(facts.get("model"), str)
@@ -250,6 +263,11 @@ def _checks(manifest: dict) -> dict:
         "k": _is_int(manifest.get("k", 10)) and manifest.get("k", 10) >= 1,
         "recall_measured_on": _is_str_or_none(manifest.get("recall_measured_on")),
         "codec": _is_str_or_none(manifest.get("codec")),
+        "refine": isinstance(refine, dict) and (not refine or (
+            isinstance(refine.get("factors_by_k"), dict) and bool(refine["factors_by_k"])
+            and all(_k_key(k) and _is_int(v) and v >= 1 for k, v in refine["factors_by_k"].items())
+            and _is_int(shards) and refine.get("files") == [REFINE_PATTERN.format(index=i, count=shards)
+                                                             for i in range(shards)])),
     }
 
 

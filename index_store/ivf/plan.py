@@ -17,7 +17,7 @@ from densebeam.index_store import ivf
 from densebeam.index_store.ivf.nprobe import DEFAULT_KS
 from densebeam.index_store.ivf.sample import GlobalSample
 from densebeam.index_store.types import ModelFacts
-from densebeam.index_store.ivf.params import LAYOUTS
+from densebeam.index_store.ivf.params import LAYOUTS, REFINE, REFINE_FACTORS
 
 if TYPE_CHECKING:  # the embeddings dirs a plan reads (artifacts sit above ivf: only their shape is used here)
     from densebeam.index_store.artifacts.embeddings import EmbeddingsDir
@@ -50,6 +50,17 @@ class BuildPlan:
     kmeans: str = "flat"  # "flat" (FAISS's) or "two-level" (index_store.ivf.kmeans), see ivf.kmeans_method
     calibration_queries: Optional[str] = None  # file of real queries measured instead of held-out vectors
     max_calibration_queries: int = 1000  # a seeded sample of this many when the file holds more
+    refine_factors: tuple[int, ...] = ()  # measured refine factors (index_store.ivf.refine); () = no refinement
+
+    @property
+    def candidates(self) -> int:
+        """Candidates per query the recall measurement keeps per nprobe: the largest ``k * r`` measured
+        (``k`` without refinement)."""
+        from densebeam.index_store.ivf.refine import factors_for_k
+
+        if not self.refine_factors:
+            return self.ks[-1]
+        return max(k * max(factors_for_k(k, self.refine_factors)) for k in self.ks)
 
     @property
     def k(self) -> int:
@@ -109,13 +120,16 @@ def recall_ks(k: Union[int, Sequence[int]], n_vectors: int) -> tuple[int, ...]:
 def plan_build(dirs: Sequence["EmbeddingsDir"], *, nlist: Optional[int] = None, codec: Optional[str] = None,
                memory_budget_bytes: Optional[int] = None, n_queries: int = 1000,
                k: Union[int, Sequence[int]] = DEFAULT_KS, target_recall: float = 0.95, layout: str = "merged",
-               seed: int = 1234, calibration_queries: Optional[str] = None, kmeans: str = "auto") -> BuildPlan:
+               seed: int = 1234, calibration_queries: Optional[str] = None, kmeans: str = "auto",
+               refine: str = "auto") -> BuildPlan:
     if not dirs:
         raise ValueError("at least one embeddings dir is needed")
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     if not 0 < target_recall <= 1:
         raise ValueError(f"target recall must be in (0, 1], got {target_recall}")
+    if refine not in REFINE:
+        raise ValueError(f"refine must be one of {REFINE}, got {refine!r}")
     facts = check_same_facts(dirs)
     paths, rows = [], []
     for d in dirs:
@@ -155,4 +169,5 @@ def plan_build(dirs: Sequence["EmbeddingsDir"], *, nlist: Optional[int] = None, 
                      factory=ivf.factory_string(nlist, codec), train_size=train,
                      n_queries=n_queries, ks=recall_ks(k, n), target_recall=target_recall, layout=layout,
                      seed=seed, kmeans=ivf.kmeans_method(kmeans, nlist), calibration_queries=calibration_queries,
-                     max_calibration_queries=asked_queries)
+                     max_calibration_queries=asked_queries,
+                     refine_factors=REFINE_FACTORS if refine == "auto" and ivf.codec_trains(codec) else ())
