@@ -131,8 +131,10 @@ def test_choose_refine_reads_the_fewest_bytes_among_points_reaching_the_target()
     assert choose_refine(curves, 0.95, 10, 1000, 10) == (4, {"nprobe": 16, "recall": 0.96})
     # lists dear: r=16 at nprobe 2
     assert choose_refine(curves, 0.95, 100_000, 10, 10) == (16, {"nprobe": 2, "recall": 0.97})
-    # nothing reaches 0.999: the best recall
+    # nothing reaches 0.999: the cheapest point within 0.01 of the best recall (0.99)
     assert choose_refine(curves, 0.999, 10, 10, 10) == (16, {"nprobe": 4, "recall": 0.99})
+    assert choose_refine({1: [{"nprobe": 8, "recall": 0.795}, {"nprobe": 2048, "recall": 0.802}]}, 0.95, 100, 10,
+                         1000) == (1, {"nprobe": 8, "recall": 0.795})
     assert refine_for_k({10: 8, 100: 2}, 5) == 8 and refine_for_k({10: 8, 100: 2}, 50) == 2
     assert refine_for_k({10: 8, 100: 2}, 500) == 2 and refine_for_k({}, 10) == 1
 

@@ -15,6 +15,7 @@ import numpy as np
 
 from densebeam.index_store.ivf.params import REFINE_FACTORS
 from densebeam.index_store.ivf.search import MISSING_SCORE, merge_topk
+SHORTFALL_SLACK = 0.01  # a target no point reaches: the cheapest point this close to the best recall
 MAX_CANDIDATES = 2048  # per query: a k only measures the factors with k * r <= max(k, this)
 
 
@@ -58,19 +59,17 @@ def choose_refine(curves: Mapping[int, Sequence[Mapping]], target: float, list_b
 
     Among the (factor, nprobe) points reaching ``target``, the one reading the fewest bytes per query:
     ``nprobe * list_bytes`` of compact codes plus ``k * r * vector_bytes`` of full vectors. When none
-    reaches it, the point with the highest recall (ties: fewer bytes).
+    reaches it, the cheapest point within ``SHORTFALL_SLACK`` of the best recall measured (the best is
+    usually an exhaustive scan, which costs far more than the last few thousandths are worth).
     """
-    best, best_key = None, None
-    for r, curve in curves.items():
-        for point in curve:
-            cost = point["nprobe"] * list_bytes + k * r * vector_bytes
-            reached = point["recall"] >= target
-            key = (not reached, cost) if reached else (True, -point["recall"], cost)
-            if best_key is None or key < best_key:
-                best, best_key = (int(r), {"nprobe": int(point["nprobe"]), "recall": float(point["recall"])}), key
-    if best is None:
+    points = [(point["nprobe"] * list_bytes + k * r * vector_bytes, int(r), point)
+              for r, curve in curves.items() for point in curve]
+    if not points:
         raise ValueError("no refine curve to choose from")
-    return best
+    floor = target if any(p["recall"] >= target for _, _, p in points) else \
+        max(p["recall"] for _, _, p in points) - SHORTFALL_SLACK
+    cost, r, point = min((c, r, p) for c, r, p in points if p["recall"] >= floor)
+    return r, {"nprobe": int(point["nprobe"]), "recall": float(point["recall"])}
 
 
 class RefinedSearcher:
