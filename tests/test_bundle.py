@@ -19,6 +19,7 @@ import pytest
 
 from densebeam.index_store.artifacts import bundle as bundle_mod
 from densebeam.index_store import ivf
+from densebeam.index_store.artifacts.bundle_manifest import REFINE_PATTERN
 from densebeam.index_store.artifacts.bundle import (BundleError, CurvePoint, layout_paths, open_bundle, read_manifest,
                                                    verify, write_manifest)
 from densebeam.index_store.artifacts.docstore import DocstoreWriter
@@ -48,9 +49,10 @@ def train(sample: np.ndarray, factory: str) -> bytes:
     return ivf.index_to_bytes(index)
 
 
-def build(root: Path, layout: str, codec: str = "Flat", quantizer: str = "") -> dict:
+def build(root: Path, layout: str, codec: str = "Flat", quantizer: str = "", refine: bool = False) -> dict:
     """A complete small bundle the way the pipeline writes it: files first, manifest last. ``quantizer``
-    "_HNSW32" gives the graph coarse quantizer large builds get."""
+    "_HNSW32" gives the graph coarse quantizer large builds get; ``refine`` a tiered bundle (float32
+    vectors files re-scoring the compact codes)."""
     xb = clustered(N, seed=1)
     paths = layout_paths(SHARDS)
     factory = f"IVF{NLIST}{quantizer},{codec}"
@@ -70,7 +72,15 @@ def build(root: Path, layout: str, codec: str = "Flat", quantizer: str = "") -> 
         files += [paths.merged_index, paths.merged_ivfdata]
     else:
         files += paths.shards
-    fields = {"model_facts": FACTS.to_dict(), "factory": factory, "nlist": NLIST, "codec": codec, "metric": "inner_product", "nprobe": 8, "recall_at_k": 0.97, "k": 10,
+    refine_fields = {}
+    if refine:
+        (root / "vectors").mkdir()
+        vector_files = [REFINE_PATTERN.format(index=i, count=SHARDS) for i in range(SHARDS)]
+        for rel, (s, e) in zip(vector_files, zip(bounds, bounds[1:])):
+            np.save(root / rel, xb[s:e])
+        files += vector_files
+        refine_fields = {"refine": {"factors_by_k": {"10": 4}, "files": vector_files}}
+    fields = {**refine_fields, "model_facts": FACTS.to_dict(), "factory": factory, "nlist": NLIST, "codec": codec, "metric": "inner_product", "nprobe": 8, "recall_at_k": 0.97, "k": 10,
               "recall_curve": [{"nprobe": 8, "recall": 0.97}], "layout": layout,
               "counts": {"vectors": N, "shards": SHARDS},
               "shards": [{"base": int(s), "rows": int(e - s)} for s, e in zip(bounds, bounds[1:])],

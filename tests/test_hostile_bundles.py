@@ -170,18 +170,21 @@ def test_hash_consistent_bit_flips_never_crash_a_reader(bundles, prober, tmp_pat
         "harmless, same answers"] + counts["harmless, other answers"]
 
 
-@pytest.mark.parametrize("layout,codec,quantizer", [("shards", "SQ8", ""), ("merged", "PQ8x8", ""),
-                                                    ("merged", "Flat", "_HNSW32")])
-def test_bit_flips_in_every_index_kind_never_crash_a_reader(prober, tmp_path, layout, codec, quantizer):
-    """The same attack on the FAISS files of the other index kinds a build writes (SQ8 and PQ codecs, the
-    HNSW coarse quantizer of nlist >= 65536 builds), fewer flips per file."""
+@pytest.mark.parametrize("layout,codec,quantizer,refine", [
+    ("shards", "SQ8", "", False), ("merged", "PQ8x8", "", False), ("merged", "RaBitQ", "", False),
+    ("merged", "Flat", "_HNSW32", False), ("merged", "SQ8", "", True)])
+def test_bit_flips_in_every_index_kind_never_crash_a_reader(prober, tmp_path, layout, codec, quantizer, refine):
+    """The same attack on the FAISS files of the other index kinds a build writes (SQ8, PQ and RaBitQ
+    codecs, the HNSW coarse quantizer of nlist >= 65536 builds) and on a tiered bundle's float32 vectors
+    files, fewer flips per file."""
     from test_bundle import N as ROWS, build
 
     root = tmp_path / "b"
-    build(root, layout, codec, quantizer)
+    build(root, layout, codec, quantizer, refine)
     queries = clustered(8, seed=21)
     reference = prober.probe(root, queries)
     assert reference["status"] == "opened" and reference["rows"] == ROWS, reference
-    counts = attack(root, prober, queries, reference, only=(".faiss", ".ivfdata"), per_region=8)
+    counts = attack(root, prober, queries, reference, only=(".npy",) if refine else (".faiss", ".ivfdata"),
+                    per_region=8)
     log.warning("bit flips, %s %s%s: %s", layout, codec, quantizer, dict(sorted(counts.items())))
     assert counts["refused"] > 0 and counts["tried"] >= 48

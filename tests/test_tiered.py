@@ -27,7 +27,8 @@ def tiered(tmp_path_factory):
     emb_dir = write_embeddings_dir(tmp / "emb", vecs, FACTS, shard_rows=1700)  # 4 uneven shards
     out = {}
     for name, extra in {"pq": ["--codec", "PQ8x8"], "pq-off": ["--codec", "PQ8x8", "--refine", "off"],
-                        "sq8-shards": ["--codec", "SQ8", "--layout", "shards"]}.items():
+                        "sq8-shards": ["--codec", "SQ8", "--layout", "shards"],
+                        "rabitq": ["--codec", "RaBitQ"]}.items():
         out[name] = build_index.run(["--embeddings", emb_dir, "--output", str(tmp / name), "--nlist", str(NLIST),
                                      "--recall-queries", str(QUERIES), "--k", "10,100", *extra, *LOCAL])
     return tmp, vecs, emb_dir, out
@@ -75,7 +76,7 @@ def test_refinement_recovers_what_compact_scores_lose(tiered):
     assert set(refined["refine"]["files"]) <= files and len(refined["refine"]["files"]) == 4
 
 
-@pytest.mark.parametrize("name", ["pq", "sq8-shards"])
+@pytest.mark.parametrize("name", ["pq", "sq8-shards", "rabitq"])
 def test_refined_hits_carry_exact_scores_and_meet_the_target_on_fresh_queries(tiered, name):
     tmp, vecs, _, out = tiered
     bundle = bundle_lib.open_bundle(str(tmp / name))
@@ -89,6 +90,21 @@ def test_refined_hits_carry_exact_scores_and_meet_the_target_on_fresh_queries(ti
     assert (np.diff(scores, axis=1) <= 1e-7).all()
     exact = np.argsort(-(queries @ vecs.T), axis=1, kind="stable")[:, :10]
     assert recall_at_k(ids, exact, 10) >= 0.93  # target 0.95 measured on held-out vectors
+
+
+def test_exact_search_of_a_tiered_bundle_reads_its_float32_vectors(tiered):
+    """Brute force over a tiered bundle is exact (the vectors files), not the codes' approximation."""
+    from densebeam.index_store.query.search import Searcher
+
+    tmp, vecs, _, _ = tiered
+    searcher = Searcher(bundle_lib.open_bundle(str(tmp / "rabitq")), lambda: None)
+    queries = clustered(20, seed=78)
+    from densebeam.index_store.ivf.search import exact_search
+
+    scores, rows = exact_search(searcher.vectors.iter_batches(1000), queries, 10)
+    want = np.argsort(-(queries @ vecs.T), axis=1, kind="stable")[:, :10]
+    np.testing.assert_array_equal(rows, want)
+    np.testing.assert_allclose(scores, np.take_along_axis(queries @ vecs.T, want, axis=1), atol=1e-5)
 
 
 def test_vectors_files_are_plain_npy_in_row_order(tiered):

@@ -3,7 +3,7 @@
 FAISS's reader trusts its input: a flipped bit in a list size or offset makes a search read outside the
 mapped file (SIGSEGV/SIGBUS), a flipped vector length makes it allocate terabytes. This module parses
 the subset of FAISS's binary format that densebeam writes (``faiss/impl/index_read.cpp``): IVF indexes
-``IwFl`` (Flat), ``IwSq``/``IwSQ`` (SQ8) and ``IwPQ`` (PQ<m>x8) over a flat (``IxFI``/``IxF2``) or
+``IwFl`` (Flat), ``IwSq``/``IwSQ`` (SQ8), ``IwPQ`` (PQ<m>x8) and ``Iwrq`` (1-bit RaBitQ) over a flat (``IxFI``/``IxF2``) or
 HNSW-flat (``IHNf``) coarse quantizer, with array (``ilar``, lists inside the file) or on-disk
 (``ilod``, lists in a separate ``.ivfdata`` file) inverted lists. Every length is checked against the
 bytes that hold it, every list against the file that holds it, and the parse must end exactly at the
@@ -59,7 +59,7 @@ class IvfFile:
     ntotal: int
     nlist: int
     code_size: int
-    codec: str  # "Flat", "SQ8" or "PQ<m>x8"
+    codec: str  # "Flat", "SQ8", "PQ<m>x8" or "RaBitQ"
     hnsw_quantizer: bool
     quantizer: bytes  # the serialized coarse quantizer: shards of one build hold the same bytes
     codec_params: bytes  # the SQ/PQ trained parameters (empty for Flat)
@@ -188,7 +188,14 @@ def _codec(r: _Reader, kind: bytes, d: int) -> tuple[str, int]:
         if not np.isfinite(r.vector("f4", count=d * 256)).all():
             raise r.fail("the PQ centroids hold NaN or infinite values")
         return f"PQ{m}x8", m
-    raise r.fail(f"unsupported index type {kind!r} (densebeam writes IwFl, IwSq and IwPQ)")
+    if kind == b"Iwrq":  # 1-bit RaBitQ: d sign bits plus two float factors per vector
+        rq_d, rq_code_size, metric, code_size, residual, qb = r.unpack("QQiQBB")
+        want = (d + 7) // 8 + 8
+        if (rq_d, rq_code_size, code_size) != (d, want, want) or metric != METRIC_INNER_PRODUCT \
+                or residual > 1 or qb > 8:
+            raise r.fail(f"the RaBitQ parameters are damaged (dim {rq_d}, code size {code_size}, qb {qb})")
+        return "RaBitQ", code_size
+    raise r.fail(f"unsupported index type {kind!r} (densebeam writes IwFl, IwSq, IwPQ and Iwrq)")
 
 
 def _array_lists(r: _Reader, nlist: int, code_size: int) -> InvertedLists:
@@ -244,8 +251,8 @@ def parse_ivf(buf, name: str) -> IvfFile:
     errors call it. Raises :class:`FaissFormatError` for anything but a sound densebeam IVF file."""
     r = _Reader(buf, name)
     kind = r.fourcc()
-    if kind not in (b"IwFl", b"IwSq", b"IwSQ", b"IwPQ"):
-        raise r.fail(f"unsupported index type {kind!r} (densebeam writes IwFl, IwSq and IwPQ)")
+    if kind not in (b"IwFl", b"IwSq", b"IwSQ", b"IwPQ", b"Iwrq"):
+        raise r.fail(f"unsupported index type {kind!r} (densebeam writes IwFl, IwSq, IwPQ and Iwrq)")
     d, ntotal, metric = _index_header(r, "the IVF index")
     nlist, nprobe = r.unpack("QQ")
     if metric != METRIC_INNER_PRODUCT or not 1 <= nlist <= MAX_NLIST or not 1 <= nprobe <= nlist:

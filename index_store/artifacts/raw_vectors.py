@@ -59,7 +59,7 @@ def _header(head: bytes, name: str, rows: int, dim: int) -> int:
         if version != (1, 0):
             raise ValueError(f"npy format version {version}, densebeam writes 1.0")
         shape, fortran, dtype = np.lib.format.read_array_header_1_0(b, max_header_size=_MAX_HEADER)
-    except (ValueError, SyntaxError) as err:
+    except Exception as err:  # noqa: BLE001 - untrusted header text: numpy's parser raises many kinds
         raise BundleError(f"{name} is not a valid .npy vectors file ({err}); the bundle is damaged, rebuild it") from err
     if dtype != np.dtype("<f4") or fortran or shape != (rows, dim):
         raise BundleError(f"{name} holds {dtype} {'Fortran' if fortran else 'C'}-order {shape}, expected float32 "
@@ -132,6 +132,16 @@ class RawVectors:
     @property
     def nbytes(self) -> int:
         return int(sum(a.nbytes for a in self.arrays))
+
+    def iter_batches(self, batch_rows: int = 65536):
+        """(int64 rows, float32 vectors) over every row in order, ``batch_rows`` at a time (the interface
+        exact search streams; see :class:`index_store.query.vectors.IvfVectors`)."""
+        if batch_rows < 1:
+            raise ValueError(f"batch_rows must be positive, got {batch_rows}")
+        for base, array in zip(self.bases, self.arrays):
+            for a in range(0, len(array), batch_rows):
+                part = np.asarray(array[a:a + batch_rows], dtype=np.float32)
+                yield np.arange(base + a, base + a + len(part), dtype=np.int64), part
 
     def get(self, rows: np.ndarray) -> np.ndarray:
         """float32 (len(rows), d) vectors of the FAISS ids ``rows`` (copied out of the maps)."""

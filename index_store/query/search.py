@@ -173,7 +173,11 @@ class Searcher:
             return self._bm25
 
     @property
-    def vectors(self) -> IvfVectors:
+    def vectors(self):
+        """The bundle's vectors for exact search and bi-encoder re-scoring: a tiered bundle's float32
+        files (exact), else decoded from the index's lists (:class:`IvfVectors`)."""
+        if self.bundle.raw_vectors is not None:
+            return self.bundle.raw_vectors
         with self._lazy_lock:
             if self._vectors is None:
                 self._vectors = IvfVectors(self.bundle.searcher.indexes)
@@ -230,8 +234,8 @@ class Searcher:
                      batch_rows: int = DEFAULT_BATCH_ROWS) -> list[list[Hit]]:
         """Brute-force inner product over every stored vector (the ground truth IVF approximates).
 
-        The vectors are decoded from the bundle's own inverted lists and streamed ``batch_rows`` at a time
-        (:class:`index_store.vectors.IvfVectors`): memory is one batch plus (q, batch_rows) scores, never
+        The vectors (a tiered bundle's float32 files, else decoded from the bundle's own inverted lists,
+        :class:`index_store.vectors.IvfVectors`) are streamed ``batch_rows`` at a time: memory is one batch plus (q, batch_rows) scores, never
         the corpus; time is a full pass over the index per call, so pass all queries in one call.
         """
         vectors = self.encode_queries(queries)
