@@ -160,7 +160,9 @@ def main() -> None:
         return
     os.makedirs(work, exist_ok=True)
     emb_dir = os.path.join(work, "emb")
-    if not os.path.exists(os.path.join(emb_dir, "manifest.json")):
+    from densebeam.index_store.artifacts.embeddings import MANIFEST
+
+    if not os.path.exists(os.path.join(emb_dir, MANIFEST)):
         t = time.time()
         make_embeddings(emb_dir, args.n, args.shards)
         print(f"embeddings: {args.n} x {DIM} in {time.time() - t:.0f} s", flush=True)
