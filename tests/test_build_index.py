@@ -4,6 +4,7 @@ measured nprobe meets its recall target, model facts are checked, bundles verify
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import faiss
@@ -464,3 +465,28 @@ def test_a_pq_codec_on_a_corpus_too_small_to_train_it_is_refused(tmp_path):
     with pytest.raises(ValueError, match=r"the PQ8x8 codec needs at least 256 training vectors and this corpus "
                                          r"has 180 to train on; pass --codec SQ8"):
         build_index.run(["--embeddings", emb_dir, "--output", str(tmp_path / "i"), "--codec", "PQ8x8", *LOCAL])
+
+
+def test_embeddings_manifest_is_a_typed_record_checked_at_open(tmp_path):
+    """The embeddings dir's manifest is read into a frozen record equal to its JSON; a damaged field is
+    refused at open, naming it, before any planning reads it."""
+    import dataclasses
+
+    vecs = clustered(300, seed=7)
+    root = tmp_path / "emb"
+    write_embeddings_dir(root, vecs, FACTS, shard_rows=128)
+    d = emb.open_embeddings(str(root))
+    raw = json.loads((root / emb.MANIFEST).read_text())
+    assert d.record.facts == FACTS and d.record.rows == 300
+    assert [(s.path, s.rows) for s in d.record.shards] == [(s["path"], s["rows"]) for s in raw["shards"]]
+    assert d.counts == raw["counts"] and d.shard_paths[0] == f"{root}/{raw['shards'][0]['path']}"
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        d.record.shards = ()
+    for field, value, named in [("shards", [{"path": "part-0.parquet", "rows": -1}], "shards[0]"),
+                                ("shards", [{"path": "../x.parquet", "rows": 3}], "shards[0]"),
+                                ("counts", {"read": 1}, "counts"), ("model_facts", {"dim": "x"}, "model_facts"),
+                                ("format_version", True, "format_version")]:
+        bad = dict(raw, **{field: value})
+        (root / emb.MANIFEST).write_text(json.dumps(bad))
+        with pytest.raises(ValueError, match=rf"malformed {re.escape(named)}"):
+            emb.open_embeddings(str(root))

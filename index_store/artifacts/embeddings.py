@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from typing import Iterator, Optional, Sequence
+from types import MappingProxyType
+from typing import Iterator, Mapping, Optional, Sequence
 
 import fsspec
 import numpy as np
@@ -71,23 +72,87 @@ def facts_from_schema(schema: pa.Schema, where: str) -> ModelFacts:
 
 
 @dataclasses.dataclass(frozen=True)
+class ShardEntry:
+    """One Parquet shard of an embeddings dir: its name relative to the dir and its row count."""
+
+    path: str
+    rows: int
+
+
+@dataclasses.dataclass(frozen=True)
+class EmbeddingsManifest:
+    """The typed view of ``_manifest.json``: what readers use, checked at open (:func:`parse_manifest`);
+    ``raw`` keeps the whole JSON object (precision record, timings, dead-letter files)."""
+
+    format_version: int
+    facts: ModelFacts
+    shards: tuple[ShardEntry, ...]
+    counts: Mapping[str, int]
+    raw: Mapping
+
+    @property
+    def rows(self) -> int:
+        return sum(s.rows for s in self.shards)
+
+
+def parse_manifest(manifest: object, where: str) -> EmbeddingsManifest:
+    """The record of a manifest JSON object, or ValueError naming the first missing or malformed field."""
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise ValueError(f"{where} is not a densebeam embeddings manifest")
+    version = manifest.get("format_version", 0)
+    if type(version) is not int or version < 1:
+        raise ValueError(f"{where} has a malformed format_version {version!r}; the manifest is damaged, "
+                         "run densebeam encode again")
+    if version > FORMAT_VERSION:
+        raise ValueError(f"{where} has format version {version}, newer than this densebeam understands "
+                         f"({FORMAT_VERSION}); upgrade densebeam")
+
+    def bad(field: str, value) -> ValueError:
+        return ValueError(f"{where} has a missing or malformed {field} ({str(value)[:120]}); the manifest is "
+                          "damaged or was edited: run densebeam encode again")
+
+    try:
+        facts = ModelFacts.from_dict(manifest["model_facts"])
+    except (KeyError, TypeError, ValueError) as err:
+        raise bad("model_facts", manifest.get("model_facts")) from err
+    shards = manifest.get("shards")
+    if not isinstance(shards, list):
+        raise bad("shards", shards)
+    entries = []
+    for i, entry in enumerate(shards):
+        ok = isinstance(entry, dict) and isinstance(entry.get("path"), str) and entry["path"] \
+            and not entry["path"].startswith("/") and ".." not in entry["path"].split("/") \
+            and type(entry.get("rows")) is int and entry["rows"] >= 0
+        if not ok:
+            raise bad(f"shards[{i}]", entry)
+        entries.append(ShardEntry(entry["path"], entry["rows"]))
+    counts = manifest.get("counts")
+    if not isinstance(counts, dict) or not all(type(counts.get(k)) is int and counts[k] >= 0
+                                               for k in ("read", "encoded", "rejected")):
+        raise bad("counts", counts)
+    return EmbeddingsManifest(format_version=version, facts=facts, shards=tuple(entries),
+                              counts=MappingProxyType(dict(counts)), raw=MappingProxyType(manifest))
+
+
+@dataclasses.dataclass(frozen=True)
 class EmbeddingsDir:
-    """An opened embeddings dir (manifest read; shards not loaded)."""
+    """An opened embeddings dir (manifest read and checked; shards not loaded)."""
 
     root: str
-    manifest: dict
+    manifest: dict  # the JSON object as read
+    record: EmbeddingsManifest  # the same manifest, typed (what readers use)
 
     @property
     def facts(self) -> ModelFacts:
-        return ModelFacts.from_dict(self.manifest["model_facts"])
+        return self.record.facts
 
     @property
     def counts(self) -> dict:
-        return self.manifest["counts"]
+        return dict(self.record.counts)
 
     @property
     def shard_paths(self) -> list[str]:
-        return [join(self.root, s["path"]) for s in self.manifest["shards"]]
+        return [join(self.root, s.path) for s in self.record.shards]
 
     @property
     def num_vectors(self) -> int:
@@ -123,9 +188,7 @@ def open_embeddings(root: str) -> EmbeddingsDir:
     except FileNotFoundError as err:
         raise FileNotFoundError(f"{root} has no {MANIFEST}: not an embeddings dir, or the encode run that "
                                 "writes it did not finish; run densebeam encode again") from err
-    if manifest.get("format") != FORMAT:
-        raise ValueError(f"{path} is not a densebeam embeddings manifest")
-    if int(manifest.get("format_version", 0)) > FORMAT_VERSION:
-        raise ValueError(f"{path} has format version {manifest['format_version']}, newer than this "
-                         f"densebeam understands ({FORMAT_VERSION}); upgrade densebeam")
-    return EmbeddingsDir(root=root.rstrip("/"), manifest=manifest)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON ({err}); the manifest is damaged, run densebeam encode "
+                         "again") from err
+    return EmbeddingsDir(root=root.rstrip("/"), manifest=manifest, record=parse_manifest(manifest, path))

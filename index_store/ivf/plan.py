@@ -133,10 +133,10 @@ def plan_build(dirs: Sequence["EmbeddingsDir"], *, nlist: Optional[int] = None, 
     facts = check_same_facts(dirs)
     paths, rows = [], []
     for d in dirs:
-        for entry, path in zip(d.manifest["shards"], d.shard_paths):
-            if entry["rows"] > 0:
+        for entry, path in zip(d.record.shards, d.shard_paths):
+            if entry.rows > 0:
                 paths.append(path)
-                rows.append(int(entry["rows"]))
+                rows.append(entry.rows)
     n = sum(rows)
     if n == 0:
         raise ValueError(f"the embeddings dir(s) {[d.root for d in dirs]} hold no vectors; nothing to index")
