@@ -8,6 +8,7 @@ import hashlib
 import json
 import os
 import shutil
+import re
 import struct
 import sys
 import time
@@ -183,6 +184,19 @@ def test_prove_and_warm_a_good_bundle(built):
     assert os.path.getsize(os.path.join(bundle.root, "index.ivfdata")) > 1000
 
 
+def _polls(url: str) -> int:
+    text = httpx.get(url + "/metrics").text
+    return int(re.search(r"^densebeam_watch_polls_total (\d+)$", text, re.M).group(1))
+
+
+def _wait_polls(url: str, n: int, timeout_s: float = 60) -> None:
+    """Until the reload watch has read the location ``n`` more times (its /metrics counter)."""
+    want, deadline = _polls(url) + n, time.monotonic() + timeout_s
+    while _polls(url) < want:
+        assert time.monotonic() < deadline, "the watch stopped polling"
+        time.sleep(0.05)
+
+
 def test_the_watch_refuses_a_bad_version_once_and_takes_the_next_good_one(location, built, caplog):
     bad = _add_version(location, "v-bad", built, switch=False)
     _corrupt_list_offset(bad)
@@ -197,7 +211,7 @@ def test_the_watch_refuses_a_bad_version_once_and_takes_the_next_good_one(locati
             while not any("refused version v-bad" in r.getMessage() for r in caplog.records):
                 assert time.monotonic() < deadline, "the watch never tried the new version"
                 time.sleep(0.1)
-            time.sleep(1.0)  # ten more polls of the same bad version
+            _wait_polls(srv.url, 10)  # ten more polls of the same bad version
         refusals = [r for r in caplog.records if "refused version v-bad" in r.getMessage()]
         assert len(refusals) == 1, [r.getMessage() for r in refusals]
         assert httpx.get(srv.url + "/health").json()["version"] == "v1" and _search_ok(srv.url)

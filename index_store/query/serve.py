@@ -169,6 +169,7 @@ class ServiceState:
         self.version = version or reload_lib.VersionId(searcher.bundle.root, None,
                                                        reload_lib.manifest_sha256(searcher.bundle))
         self.reloads, self.failed = 0, None  # reloads done; the version last refused
+        self.watch_polls = 0  # times the watch read the location's current version
         self.body_refused = {"too_large": 0, "too_slow": 0, "head_too_large": 0}
         self.reload_lock = asyncio.Lock()
         self.admin_throttle = _Throttle(limits.admin_burst, limits.admin_per_s)
@@ -196,7 +197,9 @@ class ServiceState:
         for name, help_text, value in (
                 ("densebeam_batches_total", "Search batches run.", b.batches),
                 ("densebeam_batched_queries_total", "Queries answered in search batches.", b.batched_queries),
-                ("densebeam_reloads_total", "Bundle versions swapped in since start.", self.reloads)):
+                ("densebeam_reloads_total", "Bundle versions swapped in since start.", self.reloads),
+                ("densebeam_watch_polls_total", "Times the reload watch read the location's current version.",
+                 self.watch_polls)):
             lines += [f"# HELP {name} {help_text}", f"# TYPE {name} counter", f"{name} {value}"]
         lines += ["# HELP densebeam_refused_total Requests refused before searching, by reason.",
                   "# TYPE densebeam_refused_total counter"]
@@ -255,6 +258,7 @@ class ServiceState:
             await asyncio.sleep(every_s)
             try:
                 vid = await loop.run_in_executor(None, reload_lib.identify, self.reloading.location)
+                self.watch_polls += 1
                 known = [v for v in (self.version, self.failed) if v is not None]
                 if any((vid.path, vid.manifest_sha256) == (v.path, v.manifest_sha256) for v in known):
                     continue  # unchanged, or the version that was refused: do not prove it again
