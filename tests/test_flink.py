@@ -84,9 +84,16 @@ def runs(tmp_path_factory, tiny_cos_model):
         finally:
             flink.shutdown_managed()  # the job server densebeam started
     elapsed = time.monotonic() - start
-    time.sleep(1)
-    leftovers = [p for p in _our_processes(markers) if p.pid not in before and p.is_running()
-                 and p.status() != psutil.STATUS_ZOMBIE]
+
+    def leftover_processes():
+        return [p for p in _our_processes(markers) if p.pid not in before and p.is_running()
+                and p.status() != psutil.STATUS_ZOMBIE]
+
+    deadline = time.monotonic() + 10  # processes being torn down get a moment to exit; polled, not slept
+    leftovers = leftover_processes()
+    while leftovers and time.monotonic() < deadline:
+        time.sleep(0.1)
+        leftovers = leftover_processes()
     progress_log.removeHandler(progress)
     progress_log.setLevel(level)
     return {"tmp": tmp, "local": local, "flink": on_flink, "jobs": jobs, "wlog": wlog, "progress": progress.lines,
