@@ -163,3 +163,19 @@ def test_a_memory_budget_counts_the_compact_codes_and_refines(tmp_path):
                          "--nlist", "32", "--recall-queries", "200", *LOCAL])
     assert m["codec"].startswith("PQ") and m["refine"]["factors_by_k"]
     assert m["nprobe_by_k"]["10"]["recall"] >= 0.95
+
+
+def test_inspect_plot_draws_the_refine_curves(tiered, tmp_path):
+    """A tiered bundle's picture adds recall@k against nprobe for every refine factor, the chosen one
+    marked at the nprobe the manifest records."""
+    import re
+
+    tmp, _, _, out = tiered
+    path = tmp_path / "pq.svg"
+    assert cli.main(["inspect", str(tmp / "pq"), "--plot", str(path)]) == 0
+    text = path.read_text()
+    m = out["pq"]
+    assert sorted(int(r) for r in re.findall(r'<polyline data-r="(\d+)"', text)) == \
+        sorted(int(r) for r in m["refine"]["curves"]["10"])
+    chosen = re.findall(r'<circle class="chosen" data-r="(\d+)" data-nprobe="(\d+)"', text)
+    assert chosen == [(str(m["refine"]["factors_by_k"]["10"]), str(m["nprobe_by_k"]["10"]["nprobe"]))]

@@ -1,5 +1,6 @@
 """Pictures of an index bundle's manifest as plain SVG text: recall@k against nprobe for every measured k
-(each k's chosen nprobe marked, the target recall dashed) and the build's worker-seconds per stage.
+(each k's chosen nprobe marked, the target recall dashed), for a tiered bundle recall@k against nprobe
+for every refine factor r, and the build's worker-seconds per stage.
 
     densebeam inspect BUNDLE --plot bundle.svg
 
@@ -96,12 +97,29 @@ def _message_panel(title: str, lines: Sequence[str], summary: str) -> Panel:
     return Panel(36 + 16 * len(lines) + 8, body, summary)
 
 
-def recall_panel(manifest: Mapping, width: int = WIDTH, height: int = 340) -> Panel:
-    """recall@k against nprobe (log2 axis), one line per k, each k's chosen nprobe marked by a dot and a
-    dotted drop to the axis, the target recall dashed. Recall is linear in y over [lo, 1], lo the tenth
-    below the lowest value drawn."""
-    curves, chosen = recall_curves(manifest), chosen_nprobes(manifest)
-    title = _title(manifest, "recall@k against exact search")
+def refine_curves(manifest: Mapping) -> tuple[int, dict[int, list[dict]], dict[int, dict]]:
+    """A tiered bundle's (smallest k, {refine factor r: its recall@k curve}, {chosen r: its point}), or
+    (0, {}, {}) for a bundle without refinement."""
+    refine = manifest.get("refine")
+    if not isinstance(refine, Mapping) or not isinstance(refine.get("curves"), Mapping) or not refine["curves"]:
+        return 0, {}, {}
+    k = min(int(x) for x in refine["curves"] if str(x).isdigit())
+    by_r = refine["curves"][str(k)]
+    curves = {int(r): sorted((_point(p, f"refine.curves[{k}][{r}][{i}]") for i, p in enumerate(c)),
+                             key=lambda p: p["nprobe"]) for r, c in by_r.items() if str(r).isdigit()}
+    r = (refine.get("factors_by_k") or {}).get(str(k))
+    chosen = chosen_nprobes(manifest).get(k)
+    return k, dict(sorted(curves.items())), ({int(r): chosen} if isinstance(r, int) and chosen else {})
+
+
+def recall_panel(manifest: Mapping, width: int = WIDTH, height: int = 340, curves=None, chosen=None,
+                 key: str = "k", what: str = "recall@k against exact search") -> Panel:
+    """recall@k against nprobe (log2 axis), one line per k (or per ``key`` of the ``curves`` given), each
+    one's chosen nprobe marked by a dot and a dotted drop to the axis, the target recall dashed. Recall
+    is linear in y over [lo, 1], lo the tenth below the lowest value drawn."""
+    if curves is None:
+        curves, chosen = recall_curves(manifest), chosen_nprobes(manifest)
+    title = _title(manifest, what)
     if not curves:
         return _message_panel(title, ["this manifest records no recall curve (a bundle written by another tool?)"],
                               "no recall curves in the manifest")
@@ -143,17 +161,17 @@ def recall_panel(manifest: Mapping, width: int = WIDTH, height: int = 340) -> Pa
     for i, (k, curve) in enumerate(curves.items()):
         colour = COLOURS[i % len(COLOURS)]
         points = " ".join(f"{x:.1f},{y:.1f}" for x, y in (xy(p["nprobe"], p["recall"]) for p in curve))
-        body.append(f'<polyline data-k="{k}" points="{points}" fill="none" stroke="{colour}" stroke-width="2">'
-                    f'<title>recall@{k}</title></polyline>')
-        label = f"k = {k}"
+        body.append(f'<polyline data-{key}="{k}" points="{points}" fill="none" stroke="{colour}" stroke-width="2">'
+                    f'<title>{key} = {k}</title></polyline>')
+        label = f"{key} = {k}"
         if k in chosen:
             c = chosen[k]
             x, y = xy(c["nprobe"], c["recall"])
             body.append(f'<line x1="{x:.1f}" y1="{y:.1f}" x2="{x:.1f}" y2="{y_axis}" stroke="{colour}" '
                         f'stroke-dasharray="1 2"/>'
-                        f'<circle class="chosen" data-k="{k}" data-nprobe="{c["nprobe"]}" cx="{x:.1f}" cy="{y:.1f}" '
-                        f'r="4.5" fill="{colour}"><title>k = {k}: nprobe {c["nprobe"]}, recall {c["recall"]:.4f}'
-                        f'</title></circle>')
+                        f'<circle class="chosen" data-{key}="{k}" data-nprobe="{c["nprobe"]}" cx="{x:.1f}" '
+                        f'cy="{y:.1f}" r="4.5" fill="{colour}"><title>{key} = {k}: nprobe {c["nprobe"]}, recall '
+                        f'{c["recall"]:.4f}</title></circle>')
             label += f": nprobe {c['nprobe']} ({c['recall']:.3f})"
         legend.append((label, colour, "none"))
     for i, (label, colour, dash) in enumerate(legend):
@@ -163,7 +181,8 @@ def recall_panel(manifest: Mapping, width: int = WIDTH, height: int = 340) -> Pa
                     f'{escape(label)}</text>')
     ks = ", ".join(map(str, curves))
     marked = ", ".join(f"{k}: {c['nprobe']}" for k, c in chosen.items() if k in curves)
-    summary = f"recall@k against nprobe for k = {ks}" + (f" (chosen nprobe {marked})" if marked else "")
+    summary = f"{what.split(' against')[0]} against nprobe for {key} = {ks}" + (
+        f" (chosen nprobe {marked})" if marked else "")
     return Panel(height, body, summary)
 
 
@@ -216,7 +235,12 @@ def svg(panels: Sequence[Panel], width: int = WIDTH) -> str:
 def write_bundle_svg(manifest: Mapping, path: str) -> str:
     """Write the recall panel above the timings panel to the local file ``path`` (a temporary name, then
     renamed: a reader never sees half a picture). Returns a sentence saying what the file shows."""
-    panels = [recall_panel(manifest), timings_panel(manifest)]
+    panels = [recall_panel(manifest)]
+    k, curves, chosen = refine_curves(manifest)
+    if curves:  # a tiered bundle: what re-scoring k x r candidates recovers, per refine factor r
+        panels.append(recall_panel(manifest, curves=curves, chosen=chosen, key="r",
+                                   what=f"recall@{k} after re-scoring the top {k} x r exactly"))
+    panels.append(timings_panel(manifest))
     text = svg(panels)
     tmp = f"{path}.tmp-{os.getpid()}"
     try:
