@@ -322,9 +322,8 @@ class _AddShardFn(beam.DoFn):
 
     For the recall curve, an IVF-Flat index needs no list scans: each exact neighbour's inverted list
     (known from adding) decides at which nprobe it is found (:func:`ivf.recall_curves_from_lists`). Other
-    codecs (SQ8, PQ) score approximately, so their curve is measured by searching this shard at every
-    candidate nprobe, keeping ``plan.candidates`` per query (the refine factors' candidate lists). A
-    refined build also writes the shard's float32 vectors (``vectors/part-i-of-n.npy``) for re-scoring.
+    codecs score approximately: their curves are searched once all shards are in (:func:`_approx_topk`).
+    A refined build also writes the shard's float32 vectors (``vectors/part-i-of-n.npy``) for re-scoring.
     """
 
     def __init__(self, plan: BuildPlan, root: str):
@@ -373,16 +372,8 @@ class _AddShardFn(beam.DoFn):
         heap.finalize()
         found = heap.I >= 0
         exact = (heap.D, heap.I, np.where(found, lists[np.where(found, heap.I - shard.base, 0)], -1))
-        approx = {}
-        if not ivf.recall_follows_lists(index):
-            searcher = ivf.ShardedSearcher([index])
-            width = plan.candidates
-            for nprobe in plan.nprobe_candidates():
-                s, i = searcher.search(qvecs, width + 1, nprobe)
-                own = i == qids[:, None]
-                approx[nprobe] = merge_topk(np.where(own, ivf.MISSING_SCORE, s), np.where(own, -1, i), width)
-        seconds["exact_topk"] += time.monotonic() - t0  # the searched curves of SQ8/PQ included
-        yield beam.pvalue.TaggedOutput("topk", {"exact": exact, "approx": approx})
+        seconds["exact_topk"] += time.monotonic() - t0
+        yield beam.pvalue.TaggedOutput("topk", {"exact": exact})
         for stage, secs in seconds.items():
             yield beam.pvalue.TaggedOutput("timing", (stage, secs))
         yield beam.pvalue.TaggedOutput("timing", (DEVICE_PREFIX + "add",
@@ -391,12 +382,12 @@ class _AddShardFn(beam.DoFn):
 
 
 class _MergeTopK(beam.CombineFn):
-    """The shards' top-k tables (exact, and per nprobe for searched curves) merged into the whole
-    index's: memory is two tables at a time whatever the shard count (ties: smaller id first, so the
-    result does not depend on the order shards arrive in)."""
+    """The shards' exact top-k tables merged into the whole index's: memory is two tables at a time
+    whatever the shard count (ties: smaller id first, so the result does not depend on the order shards
+    arrive in)."""
 
-    def __init__(self, k: int, width: int):
-        self._k, self._width = k, width  # exact top-k; approximate candidates kept per nprobe
+    def __init__(self, k: int):
+        self._k = k
 
     def create_accumulator(self):
         return None
@@ -418,29 +409,45 @@ class _MergeTopK(beam.CombineFn):
             return b if a is None else a
         k = self._k
         scores, ids, lists = (np.hstack(x) for x in zip(a["exact"], b["exact"]))
-        exact = merge_topk(scores, ids, k, payload=lists)
-        approx = {p: merge_topk(np.hstack([a["approx"][p][0], b["approx"][p][0]]),
-                                np.hstack([a["approx"][p][1], b["approx"][p][1]]), self._width) for p in a["approx"]}
-        return {"exact": exact, "approx": approx}
+        return {"exact": merge_topk(scores, ids, k, payload=lists)}
 
 
-def _recall_curves(plan: BuildPlan, trained: bytes, qvecs: np.ndarray, topk: dict) -> dict[int, list[dict]]:
+def _approx_topk(plan: BuildPlan, root: str, queries: dict) -> dict[int, np.ndarray]:
+    """{nprobe: (q, plan.candidates) ids}: the compact index's top candidates of every query at every
+    candidate nprobe (own row dropped), searched over all shard files at once (memory-mapped): the shards
+    share one quantizer, so it is searched once per nprobe for all of them (an HNSW quantizer at a large
+    nprobe costs far more than scanning the lists), and probing every list is a matrix product."""
+    layout = bundle_lib.layout_paths(len(plan.shards))
+    searcher = ivf.ShardedSearcher([ivf.read_index(join(root, s), mmap=True) for s in layout.shards])
+    qids, qvecs, width = queries["ids"], queries["vectors"], plan.candidates
+    out = {}
+    for nprobe in plan.nprobe_candidates():
+        s, i = searcher.search(qvecs, width + 1, nprobe)
+        own = i == qids[:, None]
+        out[nprobe] = merge_topk(np.where(own, ivf.MISSING_SCORE, s), np.where(own, -1, i), width)[1]
+        log.info("compact top %d of %d queries at nprobe %d", width, len(qids), nprobe)
+    return out
+
+
+def _recall_curves(plan: BuildPlan, trained: bytes, qvecs: np.ndarray, topk: dict,
+                   approx: dict) -> dict[int, list[dict]]:
     """{k: [{"nprobe", "recall"}]}: recall@k per candidate nprobe against the exact top-k of the queries,
-    for every measured k."""
+    for every measured k (``approx``: :func:`_approx_topk`, for codecs other than Flat)."""
     nprobes = plan.nprobe_candidates()
     _, exact, lists = topk["exact"]
     index = ivf.index_from_bytes(trained)
     if ivf.recall_follows_lists(index):  # IVF-Flat: from list membership, no search
         recalls = ivf.recall_curves_from_lists(index, qvecs, exact, lists, nprobes, plan.ks)
     else:
-        recalls = {k: [ivf.recall_at_k(topk["approx"][p][1][:, :k], exact, k) for p in nprobes] for k in plan.ks}
+        recalls = {k: [ivf.recall_at_k(approx[p][:, :k], exact, k) for p in nprobes] for k in plan.ks}
     return {k: [{"nprobe": p, "recall": round(r, 4)} for p, r in zip(nprobes, recalls[k])] for k in plan.ks}
 
 
 RESCORE_QUERIES = 64  # queries re-scored at a time: 64 x candidates vectors in memory
 
 
-def _refine_curves(plan: BuildPlan, root: str, qvecs: np.ndarray, topk: dict) -> dict[int, dict[int, list[dict]]]:
+def _refine_curves(plan: BuildPlan, root: str, qvecs: np.ndarray, topk: dict,
+                   approx: dict) -> dict[int, dict[int, list[dict]]]:
     """{k: {r: [{"nprobe", "recall"}]}}: recall@k after re-scoring the compact top ``k * r`` exactly, per
     refine factor r and candidate nprobe, against the exact top-k (what a refined search returns: the
     candidates are the merged compact top lists, re-scored from the vectors files this build wrote).
@@ -453,7 +460,7 @@ def _refine_curves(plan: BuildPlan, root: str, qvecs: np.ndarray, topk: dict) ->
     out: dict[int, dict[int, list[dict]]] = {k: {r: [] for r in factors_for_k(k, plan.refine_factors)}
                                              for k in plan.ks}
     for p in plan.nprobe_candidates():
-        cand = topk["approx"][p][1]
+        cand = approx[p]
         scores = np.full(cand.shape, ivf.MISSING_SCORE, dtype=np.float32)
         for a in range(0, len(cand), RESCORE_QUERIES):
             block = cand[a:a + RESCORE_QUERIES]
@@ -471,7 +478,7 @@ def _refine_curves(plan: BuildPlan, root: str, qvecs: np.ndarray, topk: dict) ->
 def _timings_record(timings) -> dict:
     """``{stage: {"seconds", "parts", "max_part"}}``: worker-seconds summed over a stage's parts (shards,
     groups). Stages: sample, kmeans (flat) or kmeans_coarse/_fine/_refine, add, exact_topk, write_shard,
-    recall_curves, merge. Hashing the files for the manifest comes after and is not in it."""
+    approx_topk (codecs other than Flat), recall_curves, merge. Hashing the files for the manifest comes after and is not in it."""
     out: dict[str, dict] = {}
     for stage, secs in timings:
         if stage.startswith(DEVICE_PREFIX):
@@ -528,15 +535,19 @@ class _PublishFn(beam.DoFn):
         if n != plan.n_vectors:
             raise RuntimeError(f"indexed {n} vectors but the embeddings hold {plan.n_vectors}")
         t0 = time.monotonic()
+        approx = {} if ivf.recall_follows_lists(ivf.index_from_bytes(trained)) else _approx_topk(plan, root, queries)
+        timings = list(timings) + [("approx_topk", time.monotonic() - t0)] if approx else list(timings)
+        t0 = time.monotonic()
         refine = None
         if plan.refine_factors:
-            refine = _refine_record(plan, root, trained, _refine_curves(plan, root, queries["vectors"], topk))
+            refine = _refine_record(plan, root, trained,
+                                    _refine_curves(plan, root, queries["vectors"], topk, approx))
             curves = {k: refine["curves"][str(k)][str(refine["factors_by_k"][str(k)])] for k in plan.ks}
             chosen = {k: dict(refine["chosen"][str(k)]) for k in plan.ks}
         else:
-            curves = _recall_curves(plan, trained, queries["vectors"], topk)
+            curves = _recall_curves(plan, trained, queries["vectors"], topk, approx)
             chosen = nprobe_by_k(curves, plan.target_recall)
-        timings = list(timings) + [("recall_curves", time.monotonic() - t0)]
+        timings = timings + [("recall_curves", time.monotonic() - t0)]
         devices: dict[str, set] = {"kmeans": set(), "add": set()}
         for stage, where in timings:
             if stage.startswith(DEVICE_PREFIX):
@@ -630,7 +641,7 @@ class BuildIndex(beam.PTransform):
             _AddShardFn(plan, self._root), trained=beam.pvalue.AsSingleton(trained),
             queries=beam.pvalue.AsSingleton(queries)).with_outputs("topk", "timing", main="shards")
         timings = (timings + [added.timing]) | "Timings" >> beam.Flatten() | "GatherTimings" >> beam.combiners.ToList()
-        topk = added.topk | "MergeTopK" >> beam.CombineGlobally(_MergeTopK(plan.ks[-1], plan.candidates))
+        topk = added.topk | "MergeTopK" >> beam.CombineGlobally(_MergeTopK(plan.ks[-1]))
         # 4. Measure, merge or keep, manifest last.
         return (pbegin | "PublishTrigger" >> beam.Create([None])
                 | "Publish" >> beam.ParDo(_PublishFn(plan, self._root, self._extra),

@@ -25,7 +25,7 @@ WIDTH = 700
 COLOURS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b")
 # The order the build runs its stages in (transforms/index.py records them); others follow by name.
 STAGE_ORDER = ("sample", "kmeans", "kmeans_coarse", "kmeans_fine", "kmeans_refine", "add", "exact_topk",
-               "write_shard", "recall_curves", "merge")
+               "write_shard", "approx_topk", "recall_curves", "merge")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -59,6 +59,22 @@ def quantizer_params(quantizer: faiss.Index, nprobe: int):
     return params
 
 
+EXHAUSTIVE_CHUNK = 32  # queries per coarse pass when every list is probed: 32 x nlist scores at a time
+
+
+def coarse_search(quantizer: faiss.Index, queries: np.ndarray, nprobe: int) -> tuple[np.ndarray, np.ndarray]:
+    """(coarse scores, lists), each (q, nprobe): the lists ``nprobe`` asks for. Every list (nprobe >=
+    nlist) is one matrix product against the centroids, in list order, whatever the quantizer: an HNSW
+    graph asked for all its 65,536 nodes walks them all with a 65,536-wide beam, ~100x the product."""
+    nlist = quantizer.ntotal
+    if nprobe < nlist:
+        inner = quantizer_params(quantizer, nprobe)
+        return quantizer.search(queries, nprobe, params=inner)
+    centroids = quantizer.reconstruct_n(0, nlist)
+    lists = np.broadcast_to(np.arange(nlist, dtype=np.int64), (len(queries), nlist))
+    return np.ascontiguousarray(queries @ centroids.T, dtype=np.float32), np.ascontiguousarray(lists)
+
+
 def ivf_params(ivf: faiss.IndexIVF, nprobe: int):
     """(SearchParametersIVF for ``nprobe``, the quantizer parameters it points to: keep both alive)."""
     inner = quantizer_params(ivf.quantizer, nprobe)
@@ -123,27 +139,32 @@ class ShardedSearcher:
         if ivf is None:
             return index.search(queries, k)
         nprobe = max(1, min(int(nprobe), ivf.nlist))
+        if nprobe == ivf.nlist and isinstance(faiss.downcast_index(index), faiss.IndexIVF):
+            return self._search_preassigned(queries, k, nprobe, ivf.quantizer, [index])[0]
         if isinstance(index, faiss.IndexIVF):
             params, _inner = ivf_params(ivf, nprobe)
             return index.search(queries, k, params=params)
         ivf.nprobe = nprobe  # wrapped IVF (e.g. IndexPreTransform): not thread-safe
         return index.search(queries, k)
 
-    def _search_preassigned(self, queries: np.ndarray, k: int, nprobe: int):
-        nprobe = max(1, min(int(nprobe), self.nlist))
-        inner = quantizer_params(self._shared, nprobe)
-        coarse_scores, lists = self._shared.search(queries, nprobe, params=inner)
+    def _search_preassigned(self, queries: np.ndarray, k: int, nprobe: int, quantizer=None, indexes=None):
+        """Per index (scores, ids): the quantizer (default: the shared one) searched once for all indexes,
+        every list in chunks of EXHAUSTIVE_CHUNK queries (:func:`coarse_search`)."""
+        quantizer = self._shared if quantizer is None else quantizer
+        indexes = self.indexes if indexes is None else indexes
+        nprobe = max(1, min(int(nprobe), quantizer.ntotal))
         params = faiss.SearchParametersIVF(nprobe=nprobe)
         n = len(queries)
-        out = []
-        for index in self.indexes:
-            index = faiss.downcast_index(index)
-            scores = np.empty((n, k), dtype=np.float32)
-            ids = np.empty((n, k), dtype=np.int64)
-            index.search_preassigned_c(n, faiss.swig_ptr(queries), k, faiss.swig_ptr(lists),
-                                       faiss.swig_ptr(coarse_scores), faiss.swig_ptr(scores), faiss.swig_ptr(ids),
-                                       False, params)
-            out.append((scores, ids))
+        out = [(np.empty((n, k), dtype=np.float32), np.empty((n, k), dtype=np.int64)) for _ in indexes]
+        step = EXHAUSTIVE_CHUNK if nprobe >= quantizer.ntotal else max(n, 1)
+        for a in range(0, n, step):
+            q = np.ascontiguousarray(queries[a:a + step])
+            coarse_scores, lists = coarse_search(quantizer, q, nprobe)
+            for index, (scores, ids) in zip(indexes, out):
+                s, i = scores[a:a + step], ids[a:a + step]
+                faiss.downcast_index(index).search_preassigned_c(
+                    len(q), faiss.swig_ptr(q), k, faiss.swig_ptr(lists), faiss.swig_ptr(coarse_scores),
+                    faiss.swig_ptr(s), faiss.swig_ptr(i), False, params)
         return out
 
     def search(self, queries: np.ndarray, k: int, nprobe: int) -> tuple[np.ndarray, np.ndarray]:
