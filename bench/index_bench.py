@@ -112,18 +112,18 @@ class AnonPeak:
 NPROBES = (4, 8, 16, 32)  # recall@10 of every build is measured at these, on the same queries
 
 
-def queries_and_truth(work: str, n: int, n_queries: int = 2000) -> tuple[np.ndarray, np.ndarray]:
-    """Fresh queries from the same distribution and their exact top-10 over all n vectors (brute force,
+def queries_and_truth(work: str, n: int, n_queries: int = 2000, k: int = 10) -> tuple[np.ndarray, np.ndarray]:
+    """Fresh queries from the same distribution and their exact top-k over all n vectors (brute force,
     once per workdir)."""
     import faiss
 
-    path = os.path.join(work, f"truth-{n}-{n_queries}.npy")
+    path = os.path.join(work, f"truth-{n}-{n_queries}.npy" if k == 10 else f"truth{k}-{n}.npy")
     q = next(clustered_batches(n_queries, DIM, seed=99))
     if not os.path.exists(path):
-        heap = faiss.ResultHeap(n_queries, 10, keep_max=True)
+        heap = faiss.ResultHeap(n_queries, k, keep_max=True)
         at = 0
         for x in clustered_batches(n, DIM):
-            d, i = faiss.knn(q, x, 10, metric=faiss.METRIC_INNER_PRODUCT)
+            d, i = faiss.knn(q, x, k, metric=faiss.METRIC_INNER_PRODUCT)
             heap.add_result(d, i + at)
             at += len(x)
         heap.finalize()

@@ -32,27 +32,14 @@ import numpy as np
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-from index_bench import DIM, clustered_batches, make_embeddings  # noqa: E402
+from index_bench import DIM, make_embeddings, queries_and_truth  # noqa: E402
 
 N_QUERIES, WARM, TIMED = 2000, 1000, 1000
 
 
 def truth(work: str, n: int) -> tuple[np.ndarray, np.ndarray]:
     """2,000 fresh queries of the same distribution and their exact top-100 (brute force, cached)."""
-    import faiss
-
-    path = os.path.join(work, f"truth100-{n}.npy")
-    q = next(clustered_batches(N_QUERIES, DIM, seed=99))
-    if not os.path.exists(path):
-        heap = faiss.ResultHeap(N_QUERIES, 100, keep_max=True)
-        at = 0
-        for x in clustered_batches(n, DIM):
-            d, i = faiss.knn(q, x, 100, metric=faiss.METRIC_INNER_PRODUCT)
-            heap.add_result(d, i + at)
-            at += len(x)
-        heap.finalize()
-        np.save(path, heap.I)
-    return q, np.load(path)
+    return queries_and_truth(work, n, N_QUERIES, k=100)
 
 
 def memory() -> dict:
