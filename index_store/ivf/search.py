@@ -65,7 +65,7 @@ EXHAUSTIVE_CHUNK = 32  # queries per coarse pass when every list is probed: 32 x
 def coarse_search(quantizer: faiss.Index, queries: np.ndarray, nprobe: int) -> tuple[np.ndarray, np.ndarray]:
     """(coarse scores, lists), each (q, nprobe): the lists ``nprobe`` asks for. Every list (nprobe >=
     nlist) is one matrix product against the centroids, in list order, whatever the quantizer: an HNSW
-    graph asked for all its 65,536 nodes walks them all with a 65,536-wide beam, ~100x the product."""
+    graph asked for all its nodes walks every one with a beam as wide as the graph, far slower than the product."""
     nlist = quantizer.ntotal
     if nprobe < nlist:
         inner = quantizer_params(quantizer, nprobe)
