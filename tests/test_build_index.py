@@ -199,6 +199,7 @@ def test_sq8_build_measures_its_curves_by_search(tmp_path):
     (64, "SQ8", [1, 2, 4, 8, 16, 64]),  # searched: up to max(16, nlist/8), then exhaustive
     (4096, "PQ8x8", [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 4096]),
     (65536, "Flat", [2 ** i for i in range(14)] + [65536]),  # HNSW-assigned lists: searched, capped
+    (65536, "PQ48x8", [2 ** i for i in range(14)]),  # compact codes over many lists: no exhaustive scan
 ])
 def test_nprobe_candidates(nlist, codec, want):
     from densebeam.index_store.ivf.plan import BuildPlan

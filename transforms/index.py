@@ -412,13 +412,14 @@ class _MergeTopK(beam.CombineFn):
         return {"exact": merge_topk(scores, ids, k, payload=lists)}
 
 
-def _approx_topk(plan: BuildPlan, root: str, queries: dict) -> dict[int, np.ndarray]:
+def _approx_topk(plan: BuildPlan, root: str, trained: bytes, queries: dict) -> dict[int, np.ndarray]:
     """{nprobe: (q, plan.candidates) ids}: the compact index's top candidates of every query at every
-    candidate nprobe (own row dropped), searched over all shard files at once (memory-mapped): the shards
-    share one quantizer, so it is searched once per nprobe for all of them (an HNSW quantizer at a large
-    nprobe costs far more than scanning the lists), and probing every list is a matrix product."""
+    candidate nprobe (own row dropped), searched over all shard files at once as one index
+    (:func:`ivf.stacked_view`, the shards memory-mapped): the quantizer is searched once per nprobe and
+    each probed list visited once, whatever the shard count."""
     layout = bundle_lib.layout_paths(len(plan.shards))
-    searcher = ivf.ShardedSearcher([ivf.read_index(join(root, s), mmap=True) for s in layout.shards])
+    shards = [ivf.read_index(join(root, s), mmap=True) for s in layout.shards]
+    searcher = ivf.ShardedSearcher([ivf.stacked_view(ivf.index_from_bytes(trained), shards)])  # shards: alive
     qids, qvecs, width = queries["ids"], queries["vectors"], plan.candidates
     out = {}
     for nprobe in plan.nprobe_candidates():
@@ -535,7 +536,7 @@ class _PublishFn(beam.DoFn):
         if n != plan.n_vectors:
             raise RuntimeError(f"indexed {n} vectors but the embeddings hold {plan.n_vectors}")
         t0 = time.monotonic()
-        approx = {} if ivf.recall_follows_lists(ivf.index_from_bytes(trained)) else _approx_topk(plan, root, queries)
+        approx = {} if ivf.recall_follows_lists(ivf.index_from_bytes(trained)) else _approx_topk(plan, root, trained, queries)
         timings = list(timings) + [("approx_topk", time.monotonic() - t0)] if approx else list(timings)
         t0 = time.monotonic()
         refine = None

@@ -16,8 +16,8 @@ DEFAULT_KS = (10, 100, 1000)
 
 
 def smallest_reaching(curve: Sequence[Mapping], target: float) -> dict:
-    """The first point (curves are sorted by nprobe) whose recall reaches ``target``; else the last one,
-    which is exhaustive (nprobe = nlist) in every curve a build writes."""
+    """The first point (curves are sorted by nprobe) whose recall reaches ``target``; else the last one:
+    exhaustive (nprobe = nlist), or for a compact codec over many lists the most lists measured."""
     if not curve:
         raise ValueError("an empty recall curve has no nprobe to choose")
     return dict(next((c for c in curve if c["recall"] >= target), curve[-1]))

@@ -23,6 +23,9 @@ if TYPE_CHECKING:  # the embeddings dirs a plan reads (artifacts sit above ivf: 
     from densebeam.index_store.artifacts.embeddings import EmbeddingsDir
 
 
+EXHAUSTIVE_MAX_NLIST = 4096  # compact codecs over more lists are not measured at nprobe = nlist
+
+
 @dataclasses.dataclass(frozen=True)
 class ShardSpec:
     index: int  # position in the bundle (shard-<index>-of-<n>)
@@ -72,13 +75,18 @@ class BuildPlan:
         quantizer gets the whole series: its curve comes from list membership at the cost of one
         quantizer search per nprobe. Other indexes have their curve measured by IVF scans, which grow
         with nprobe and are not BLAS-fast (the whole series cost more than the build itself), so they
-        stop at ``max(16, nlist // 8)``; a target not reached by then falls back to exhaustive."""
+        stop at ``max(16, nlist // 8)``; a target not reached by then falls back to exhaustive. A
+        compact codec over more than ``EXHAUSTIVE_MAX_NLIST`` lists is not scanned exhaustively at all
+        (FAISS prepares a lookup table per list and query: at 65,536 lists that alone outweighs the
+        build): its curve ends at the cap, and a target not reached takes the best point measured."""
         full = self.codec == "Flat" and "_HNSW" not in self.factory
         cap = self.nlist if full else min(self.nlist, max(16, self.nlist // 8))
         c, out = 1, []
         while c <= cap and c < self.nlist:
             out.append(c)
             c *= 2
+        if self.codec != "Flat" and self.nlist > EXHAUSTIVE_MAX_NLIST:
+            return out
         return out + [self.nlist]
 
     @functools.cached_property

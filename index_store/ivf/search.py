@@ -184,6 +184,22 @@ class ShardedSearcher:
         return merge_topk(scores, ids, k)
 
 
+def stacked_view(trained: faiss.Index, shards: Sequence[faiss.Index]) -> faiss.Index:
+    """One IVF index whose list j is list j of every shard, end to end (FAISS's ``HStackInvertedLists``
+    over the shards' own lists: nothing copied), for shards filled from ``trained``. Searching it visits
+    each probed list once instead of once per shard (for PQ that is one lookup table per list and query).
+    The view points into the shards' lists: keep the shards alive while it is used."""
+    ivf = faiss.extract_index_ivf(trained)
+    lists = faiss.InvertedListsPtrVector()
+    for shard in shards:
+        lists.push_back(faiss.extract_index_ivf(shard).invlists)
+    stacked = faiss.HStackInvertedLists(len(shards), lists.data())
+    stacked.this.disown()  # the index owns the stack from here on
+    ivf.replace_invlists(stacked, True)
+    ivf.ntotal = trained.ntotal = int(sum(shard.ntotal for shard in shards))
+    return trained
+
+
 def search_filled(searcher: ShardedSearcher, queries: np.ndarray, k: int,
                   nprobe: int) -> tuple[np.ndarray, np.ndarray]:
     """:meth:`ShardedSearcher.search` that returns ``min(k, ntotal)`` hits for every query.
