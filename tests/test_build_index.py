@@ -191,6 +191,7 @@ def test_sq8_build_measures_its_curves_by_search(tmp_path):
         assert [c["recall"] for c in curve] == pytest.approx(want, abs=1e-4), k
         assert curve[-1]["nprobe"] == 64 and 0.9 < curve[-1]["recall"] < 1.0  # SQ8 is lossy even exhaustively
     assert m["recall_at_k"] >= 0.9 and m["recall_curve"] == m["recall_curves"]["10"]
+    assert "refine" not in m and not (tmp_path / "i" / "vectors").exists()  # --refine off: compact scores only
 
 
 @pytest.mark.parametrize("nlist,codec,want", [
@@ -454,6 +455,8 @@ def test_a_budget_too_small_to_train_its_codec_fails_at_planning(tmp_path, capsy
     m = build_index.run(["--embeddings", emb_dir, "--output", str(tmp_path / "fits"), "--memory-budget", "32768",
                          *LOCAL])
     assert m["codec"] == "PQ8x8" and m["counts"]["training_vectors"] == 256
+    # tiered: the budget holds the codes; the float32 vectors are on disk, re-scoring the top k x r
+    assert m["refine"]["factors_by_k"] and all(f in {e["path"] for e in m["files"]} for f in m["refine"]["files"])
     bundle = bundle_lib.open_bundle(str(tmp_path / "fits"))
     assert bundle.searcher.ntotal == 1460
     scores, rows = bundle.searcher.search(vecs[:5], 1, 8)
