@@ -151,7 +151,7 @@ def _memory_lines(m: dict) -> list[str]:
     if refine:
         factors = "  ".join(f"{k}:{r}" for k, r in sorted(refine["factors_by_k"].items(), key=lambda x: int(x[0])))
         lines.append(f"  tiered: {m.get('codec')} scores re-scored exactly from {sizes.get('vectors', 0) / 1e6:.1f} MB "
-                     f"of float32 vectors on disk (memory-mapped, k x r rows read per query); refine r by k  "
+                     f"of float32 vectors on disk (k x r rows read per query); refine r by k  "
                      f"{factors}")
     return lines
 

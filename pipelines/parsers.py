@@ -71,7 +71,7 @@ def add_index_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--codec", default=None, help="Flat, SQ8, PQ<m>x8 or RaBitQ (1 bit per dimension) (default: Flat, or what fits "
                    "--memory-budget)")
     g.add_argument("--refine", default="auto", choices=ivf_params.REFINE,
-                   help="auto: an SQ8/PQ index keeps its float32 vectors on disk (vectors/*.npy, memory-mapped) "
+                   help="auto: an SQ8/PQ index keeps its float32 vectors on disk (vectors/*.npy) "
                         "and re-scores its top k x r exactly, r measured per k like nprobe; off: compact "
                         "scores only (default: auto)")
     g.add_argument("--memory-budget", default=None,

@@ -37,7 +37,7 @@ from densebeam.index_store.artifacts.bundle_manifest import (FORMAT, FORMAT_VERS
                                                              Manifest, file_entry, is_inside, layout_paths,
                                                              parse_manifest, read_manifest_bytes, write_manifest)
 from densebeam.index_store.artifacts.docstore import Docstore
-from densebeam.index_store.artifacts.raw_vectors import RawVectors, view as view_vectors
+from densebeam.index_store.artifacts.raw_vectors import RawVectors, open_local
 from densebeam.index_store.artifacts.embeddings import join
 from densebeam.index_store.ivf import ShardedSearcher, open_merged, read_index
 from densebeam.index_store.ivf.refine import RefinedSearcher
@@ -175,7 +175,7 @@ class Bundle:
     searcher: ShardedSearcher
     docstore: Docstore
     record: Manifest  # the same manifest, typed (what readers use)
-    raw_vectors: Optional[RawVectors] = None  # a tiered bundle's float32 vectors (memory-mapped)
+    raw_vectors: Optional[RawVectors] = None  # a tiered bundle's float32 vectors (read per row, not mapped)
 
     @property
     def facts(self) -> ModelFacts:
@@ -265,7 +265,8 @@ def _open_raw_vectors(record: Manifest, checked: validate.CheckedBundle, pinned:
         raise BundleError(f"{where} re-scores from {list(record.refine_files)[:3]} but lists "
                           f"{'none of ' if missing else ''}{missing[:3] or len(parts)} of them with its "
                           f"{len(parts)} docstore part(s); the bundle is incomplete, rebuild it")
-    arrays = [view_vectors(pinned[rel].map(), pinned[rel].name, part.rows, record.model_facts.dim)
+    arrays = [open_local(os.open(pinned[rel].use_path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)),
+                         pinned[rel].name, part.rows, record.model_facts.dim)
               for rel, part in zip(record.refine_files, parts)]
     return RawVectors(arrays, [part.base for part in parts])
 

@@ -1,14 +1,18 @@
 """The full-precision vectors of a tiered bundle: one ``.npy`` file per shard (float32, C order, shape
 (rows, dim)), rows in FAISS id order from the shard's base. No Beam import.
 
-Plain ``.npy`` so that anyone can read them (``np.load(path, mmap_mode="r")``). A reader maps them and
-reads only the rows a re-scoring touches: they cost disk and page cache, not resident memory.
+Plain ``.npy`` so that anyone can read them (``np.load(path, mmap_mode="r")``). densebeam reads the rows
+a re-scoring needs with positional reads (``pread``), not through a memory map: a map's page faults
+bring in the neighbouring pages too (the kernel's fault-around, 16 pages a fault), which made a
+replica's resident memory grow by about 40 KB per row read; a read leaves the file in the page cache,
+shared and reclaimable, and the process's resident memory where it was.
 """
 
 from __future__ import annotations
 
 import io
 import os
+import weakref
 from typing import Sequence
 
 import fsspec
@@ -73,12 +77,51 @@ def _check_size(size: int, offset: int, name: str, rows: int, dim: int) -> None:
                           "float32; the file is truncated or padded, rebuild the bundle")
 
 
-def view(buf, name: str, rows: int, dim: int) -> np.ndarray:
-    """The (rows, dim) float32 array in the mapped ``.npy`` bytes ``buf`` (zero-copy), or BundleError when
-    the file is not exactly that: another dtype or order, another shape, or bytes missing or left over."""
-    offset = _header(bytes(buf[:_MAX_HEADER]), name, rows, dim)
-    _check_size(len(buf), offset, name, rows, dim)
-    return np.frombuffer(buf, dtype="<f4", count=rows * dim, offset=offset).reshape(rows, dim)
+class _FileRows:
+    """Rows of a local ``.npy`` read with ``pread`` (nothing mapped into the process): the (rows, dim)
+    array interface :class:`RawVectors` needs. Owns its descriptor (closed when it is collected)."""
+
+    def __init__(self, fd: int, offset: int, rows: int, dim: int):
+        self._fd, self._offset, self.shape = fd, offset, (rows, dim)
+        self.nbytes = rows * dim * 4
+        weakref.finalize(self, os.close, fd)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, rows) -> np.ndarray:
+        width = self.shape[1] * 4
+        if isinstance(rows, slice):  # a range: one read
+            start, stop, _ = rows.indices(self.shape[0])
+            out = np.empty((max(0, stop - start), self.shape[1]), dtype=np.float32)
+            _read_into(self._fd, out, self._offset + start * width)
+            return out
+        rows = np.asarray(rows, dtype=np.int64)
+        out = np.empty((len(rows), self.shape[1]), dtype=np.float32)
+        for i in np.argsort(rows, kind="stable"):
+            _read_into(self._fd, out[i:i + 1], self._offset + int(rows[i]) * width)
+        return out
+
+
+def _read_into(fd: int, out: np.ndarray, offset: int) -> None:
+    view = memoryview(out).cast("B")
+    while len(view):
+        n = os.preadv(fd, [view], offset)
+        if n <= 0:
+            raise OSError(f"short read at byte {offset} of a vectors file: the file changed under the reader")
+        view, offset = view[n:], offset + n
+
+
+def open_local(fd: int, name: str, rows: int, dim: int) -> _FileRows:
+    """The (rows, dim) vectors of the local ``.npy`` open on ``fd`` (taken over: closed with the result),
+    read with ``pread``; BundleError when the file is not exactly that array."""
+    try:
+        offset = _header(os.pread(fd, _MAX_HEADER, 0), name, rows, dim)
+        _check_size(os.fstat(fd).st_size, offset, name, rows, dim)
+    except BaseException:
+        os.close(fd)
+        raise
+    return _FileRows(fd, offset, rows, dim)
 
 
 class _RemoteRows:
@@ -103,15 +146,11 @@ class _RemoteRows:
 
 
 def open_array(url: str, rows: int, dim: int):
-    """The (rows, dim) vectors of the ``.npy`` at ``url``: memory-mapped when local, read row by row
-    when remote; BundleError when the file is not exactly that array."""
+    """The (rows, dim) vectors of the ``.npy`` at ``url``, read row by row (``pread`` when local, ranged
+    reads when remote); BundleError when the file is not exactly that array."""
     fs, path = fsspec.core.url_to_fs(url)
     if getattr(fs, "protocol", None) in ("file", ("file", "local")):
-        import mmap
-
-        with open(path, "rb") as f:
-            buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if os.fstat(f.fileno()).st_size else b""
-        return view(buf, url, rows, dim)
+        return open_local(os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)), url, rows, dim)
     f = fs.open(path, "rb")
     offset = _header(f.read(_MAX_HEADER), url, rows, dim)
     _check_size(fs.size(path), offset, url, rows, dim)

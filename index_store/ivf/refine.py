@@ -2,7 +2,7 @@
 
 A compressed IVF index scores approximately, so its top k misses true neighbours that its top ``k * r``
 still holds. :class:`RefinedSearcher` asks the compact index for ``k * r`` candidates, fetches their
-float32 vectors (memory-mapped files on disk: only the rows a query touches are read) and returns the
+float32 vectors (files on disk: only the rows a query touches are read) and returns the
 top k by exact inner product, as FAISS's ``IndexRefineFlat`` does with vectors held in RAM. The refine
 factor ``r`` per k is measured at build time (:func:`choose_refine`), like nprobe. No Beam import.
 """
