@@ -21,12 +21,12 @@ def documented_snippet() -> str:
     return re.search(r"```python\n(.*?)```", section, re.S).group(1)
 
 
-@pytest.mark.parametrize("codec", ["Flat", "SQ8"])
+@pytest.mark.parametrize("codec", ["Flat", "SQ8", "RaBitQ"])
 def test_documented_plain_faiss_and_pyarrow_recipe(tmp_path, tiny_cos_model, codec):
-    """Flat, and SQ8 codes re-scored from the full vectors (a tiered bundle): the snippet finds what
+    """Flat, and SQ8 or RaBitQ codes re-scored from the full vectors (tiered bundles): the snippet finds what
     densebeam finds, with the same (exact) scores."""
     bundle = build_tiny_bundle(tmp_path, tiny_cos_model, 150, 3, "--codec", codec)
-    assert ("refine" in __import__("json").load(open(f"{bundle}/manifest.json"))) == (codec == "SQ8")
+    assert ("refine" in __import__("json").load(open(f"{bundle}/manifest.json"))) == (codec != "Flat")
     code = documented_snippet().replace('bundle = "out/sample-index"', f"bundle = {bundle!r}")
     assert bundle in code
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=tmp_path)
