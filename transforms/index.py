@@ -430,13 +430,12 @@ def _approx_topk(plan: BuildPlan, root: str, trained: bytes, queries: dict) -> d
     return out
 
 
-def _recall_curves(plan: BuildPlan, trained: bytes, qvecs: np.ndarray, topk: dict,
+def _recall_curves(plan: BuildPlan, index: faiss.Index, qvecs: np.ndarray, topk: dict,
                    approx: dict) -> dict[int, list[dict]]:
     """{k: [{"nprobe", "recall"}]}: recall@k per candidate nprobe against the exact top-k of the queries,
     for every measured k (``approx``: :func:`_approx_topk`, for codecs other than Flat)."""
     nprobes = plan.nprobe_candidates()
     _, exact, lists = topk["exact"]
-    index = ivf.index_from_bytes(trained)
     if ivf.recall_follows_lists(index):  # IVF-Flat: from list membership, no search
         recalls = ivf.recall_curves_from_lists(index, qvecs, exact, lists, nprobes, plan.ks)
     else:
@@ -479,7 +478,8 @@ def _refine_curves(plan: BuildPlan, root: str, qvecs: np.ndarray, topk: dict,
 def _timings_record(timings) -> dict:
     """``{stage: {"seconds", "parts", "max_part"}}``: worker-seconds summed over a stage's parts (shards,
     groups). Stages: sample, kmeans (flat) or kmeans_coarse/_fine/_refine, add, exact_topk, write_shard,
-    approx_topk (codecs other than Flat), recall_curves, merge. Hashing the files for the manifest comes after and is not in it."""
+    approx_topk (codecs other than Flat), recall_curves, merge. Hashing the files for the manifest comes
+    after and is not in it."""
     out: dict[str, dict] = {}
     for stage, secs in timings:
         if stage.startswith(DEVICE_PREFIX):
@@ -506,12 +506,11 @@ def _measured_on(calibration: dict) -> str:
     return f"{calibration['queries']} queries from {calibration['path']}"
 
 
-def _refine_record(plan: BuildPlan, root: str, trained: bytes, curves: dict) -> dict:
+def _refine_record(plan: BuildPlan, index: faiss.Index, curves: dict) -> dict:
     """The manifest's ``refine`` record: the factor chosen per k (:func:`index_store.ivf.refine.choose_refine`:
     the fewest bytes read per query among the points reaching the target recall), every measured curve,
     and the vectors files."""
-    index = faiss.extract_index_ivf(ivf.index_from_bytes(trained))
-    list_bytes = plan.n_vectors / plan.nlist * (index.code_size + 8)
+    list_bytes = plan.n_vectors / plan.nlist * (faiss.extract_index_ivf(index).code_size + 8)
     factors, chosen = {}, {}
     for k in plan.ks:
         r, point = choose_refine(curves[k], plan.target_recall, list_bytes, 4 * plan.facts.dim, k)
@@ -536,17 +535,17 @@ class _PublishFn(beam.DoFn):
         if n != plan.n_vectors:
             raise RuntimeError(f"indexed {n} vectors but the embeddings hold {plan.n_vectors}")
         t0 = time.monotonic()
-        approx = {} if ivf.recall_follows_lists(ivf.index_from_bytes(trained)) else _approx_topk(plan, root, trained, queries)
+        index = ivf.index_from_bytes(trained)  # the empty trained index: its codec decides how recall is measured
+        approx = {} if ivf.recall_follows_lists(index) else _approx_topk(plan, root, trained, queries)
         timings = list(timings) + [("approx_topk", time.monotonic() - t0)] if approx else list(timings)
         t0 = time.monotonic()
         refine = None
         if plan.refine_factors:
-            refine = _refine_record(plan, root, trained,
-                                    _refine_curves(plan, root, queries["vectors"], topk, approx))
+            refine = _refine_record(plan, index, _refine_curves(plan, root, queries["vectors"], topk, approx))
             curves = {k: refine["curves"][str(k)][str(refine["factors_by_k"][str(k)])] for k in plan.ks}
             chosen = {k: dict(refine["chosen"][str(k)]) for k in plan.ks}
         else:
-            curves = _recall_curves(plan, trained, queries["vectors"], topk, approx)
+            curves = _recall_curves(plan, index, queries["vectors"], topk, approx)
             chosen = nprobe_by_k(curves, plan.target_recall)
         timings = timings + [("recall_curves", time.monotonic() - t0)]
         devices: dict[str, set] = {"kmeans": set(), "add": set()}

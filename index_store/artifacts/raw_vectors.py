@@ -64,7 +64,8 @@ def _header(head: bytes, name: str, rows: int, dim: int) -> int:
             raise ValueError(f"npy format version {version}, densebeam writes 1.0")
         shape, fortran, dtype = np.lib.format.read_array_header_1_0(b, max_header_size=_MAX_HEADER)
     except Exception as err:  # noqa: BLE001 - untrusted header text: numpy's parser raises many kinds
-        raise BundleError(f"{name} is not a valid .npy vectors file ({err}); the bundle is damaged, rebuild it") from err
+        raise BundleError(f"{name} is not a valid .npy vectors file ({err}); the bundle is damaged, "
+                          "rebuild it") from err
     if dtype != np.dtype("<f4") or fortran or shape != (rows, dim):
         raise BundleError(f"{name} holds {dtype} {'Fortran' if fortran else 'C'}-order {shape}, expected float32 "
                           f"C-order ({rows}, {dim}); the bundle is damaged, rebuild it")
