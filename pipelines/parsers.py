@@ -68,10 +68,11 @@ def _ks(text: str) -> tuple[int, ...]:
 def add_index_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("index")
     g.add_argument("--nlist", type=int, default=None, help="IVF lists (default: from the vector count)")
-    g.add_argument("--codec", default=None, help="Flat, SQ8, PQ<m>x8 or RaBitQ (1 bit per dimension) (default: Flat, or what fits "
-                   "--memory-budget)")
+    g.add_argument("--codec", default=None,
+                   help="Flat, SQ8, PQ<m>x8 or RaBitQ (1 bit per dimension) (default: Flat, or what fits "
+                        "--memory-budget)")
     g.add_argument("--refine", default="auto", choices=ivf_params.REFINE,
-                   help="auto: an SQ8/PQ index keeps its float32 vectors on disk (vectors/*.npy) "
+                   help="auto: an SQ8, PQ or RaBitQ index keeps its float32 vectors on disk (vectors/*.npy) "
                         "and re-scores its top k x r exactly, r measured per k like nprobe; off: compact "
                         "scores only (default: auto)")
     g.add_argument("--memory-budget", default=None,
