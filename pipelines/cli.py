@@ -153,6 +153,13 @@ def _memory_lines(m: dict) -> list[str]:
         lines.append(f"  tiered: {m.get('codec')} scores re-scored exactly from {sizes.get('vectors', 0) / 1e6:.1f} MB "
                      f"of float32 vectors on disk (k x r rows read per query); refine r by k  "
                      f"{factors}")
+    choice = m.get("codec_choice")
+    if isinstance(choice, dict) and choice.get("candidates"):
+        lines.append(f"  codec {m.get('codec')} chosen under --memory-budget {choice['budget_bytes']} bytes, measured on "
+                     f"{choice['sample']} sampled vectors ({choice['queries']} held-out queries):")
+        for c in choice["candidates"]:
+            got = "  ".join(f"@{k} {c['recall'][k][str(r)]:.3f} r {r}" for k, r in c["factors"].items())
+            lines.append(f"    {'*' if c.get('chosen') else ' '} {c['codec']:<8} {c['bytes_per_vector']} B/vector  {got}")
     return lines
 
 

@@ -76,7 +76,9 @@ def add_index_args(p: argparse.ArgumentParser) -> None:
                         "and re-scores its top k x r exactly, r measured per k like nprobe; off: compact "
                         "scores only (default: auto)")
     g.add_argument("--memory-budget", default=None,
-                   help="index memory budget, e.g. 8GB: picks the codec and bounds the training sample")
+                   help="resident bytes for codes and ids, e.g. 2GB: Flat if it fits, else the fitting codec "
+                        "measured on a sample to reach --target-recall re-scoring the fewest vectors; also "
+                        "bounds the training sample (default: none)")
     g.add_argument("--layout", default="merged", choices=ivf_params.LAYOUTS,
                    help="merged: one memory-mappable on-disk index; shards: keep one index per shard")
     g.add_argument("--target-recall", type=float, default=0.95,

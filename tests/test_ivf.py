@@ -328,23 +328,3 @@ def test_training_sample_size_refuses_tiny_budget():
     with pytest.raises(ValueError, match="memory budget"):
         ivf.training_sample_size(1024, 10**6, 768, 1000)
 
-
-@pytest.mark.parametrize("n,dim,budget,kind", [(10**6, 768, None, "Flat"), (1000, 32, 10**6, "Flat"),
-                                               (10**6, 768, 10**9, "SQ8"), (10**6, 768, 10**8, "PQ"),
-                                               (10**5, 30, 10**6, "PQ")])
-def test_choose_codec_fits_budget(n, dim, budget, kind):
-    codec = ivf.choose_codec(n, dim, budget)
-    assert codec.startswith(kind)
-    per_vector = {"Flat": 4 * dim, "SQ8": dim}.get(codec)
-    if kind == "PQ":
-        m = int(codec[2:].split("x")[0])
-        assert dim % m == 0 and m < dim
-        per_vector = m
-    if budget is not None:
-        assert n * (per_vector + 8) <= budget
-    faiss.index_factory(dim, ivf.factory_string(16, codec), faiss.METRIC_INNER_PRODUCT)  # valid string
-
-
-def test_choose_codec_refuses_impossible_budget():
-    with pytest.raises(ValueError, match="raise the budget"):
-        ivf.choose_codec(10**6, 768, 10**6)

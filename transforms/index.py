@@ -588,6 +588,7 @@ class _PublishFn(beam.DoFn):
             "shards": [{"rows": r["rows"], "base": plan.shards[r["shard"]].base,
                         "source": plan.shards[r["shard"]].path} for r in results],
             **({"refine": {key: v for key, v in refine.items() if key != "chosen"}} if refine else {}),
+            **({"codec_choice": plan.codec_choice} if plan.codec_choice else {}),
             **self._extra,
         }
         manifest = bundle_lib.write_manifest(root, fields, files)

@@ -226,6 +226,24 @@ def _k_key(key) -> bool:
     return isinstance(key, str) and key.isdigit() and int(key) >= 1
 
 
+def _codec_choice_ok(choice) -> bool:
+    """How --memory-budget chose the codec (index_store.ivf.codec_choice), as inspect prints it."""
+    if choice is None:
+        return True
+    if not (isinstance(choice, dict) and all(_is_int(choice.get(f)) for f in ("budget_bytes", "sample", "queries"))
+            and isinstance(choice.get("candidates"), list)):
+        return False
+    for c in choice["candidates"]:
+        if not (isinstance(c, dict) and isinstance(c.get("codec"), str) and _is_int(c.get("bytes_per_vector"))
+                and isinstance(c.get("factors"), dict) and isinstance(c.get("recall"), dict)):
+            return False
+        for k, r in c["factors"].items():
+            got = c["recall"].get(k)
+            if not (_k_key(k) and _is_int(r) and isinstance(got, dict) and _is_number(got.get(str(r)))):
+                return False
+    return True
+
+
 def _checks(manifest: dict) -> dict:
     """Every field a reader uses (search, ``densebeam inspect``, serve, the plot), with its type, range
     and the rules between fields: name -> ok."""
@@ -263,6 +281,7 @@ def _checks(manifest: dict) -> dict:
         "k": _is_int(manifest.get("k", 10)) and manifest.get("k", 10) >= 1,
         "recall_measured_on": _is_str_or_none(manifest.get("recall_measured_on")),
         "codec": _is_str_or_none(manifest.get("codec")),
+        "codec_choice": _codec_choice_ok(manifest.get("codec_choice")),
         "refine": isinstance(refine, dict) and (not refine or (
             isinstance(refine.get("factors_by_k"), dict) and bool(refine["factors_by_k"])
             and all(_k_key(k) and _is_int(v) and v >= 1 for k, v in refine["factors_by_k"].items())

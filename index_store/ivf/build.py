@@ -1,7 +1,7 @@
 """FAISS IVF planning and operations: pure functions over numpy and faiss. No Beam import.
 
-The build follows the distributed recipe: plan (``choose_nlist``/``choose_codec``), train once on a
-sample (``train_empty_index``), ship the *empty trained* index as bytes, add vectors per shard, write
+The build follows the distributed recipe: plan (``choose_nlist``; the codec under a memory budget is
+measured, :mod:`index_store.ivf.codec_choice`), train once on a sample (``train_empty_index``), ship the *empty trained* index as bytes, add vectors per shard, write
 one file per shard, and either keep the shards (``ShardedSearcher``) or merge their inverted lists on
 disk (``merge_on_disk`` + ``open_merged``, memory-mapped; in ``ivf.files``).
 Every index uses the inner-product metric: ``cos`` vectors are unit-norm, ``dot`` vectors are raw.
@@ -19,7 +19,7 @@ import numpy as np
 
 from densebeam.index_store.ivf import gpu, kmeans
 
-from densebeam.index_store.ivf.files import ID_BYTES, index_to_bytes
+from densebeam.index_store.ivf.files import index_to_bytes
 from densebeam.index_store.ivf.params import KMEANS
 
 log = logging.getLogger(__name__)
@@ -66,29 +66,6 @@ def training_sample_size(nlist: int, n_vectors: int, dim: int, memory_budget_byt
         log.warning("training on %d vectors for %d lists (< %d per list): centroids will be poor; raise "
                     "the memory budget or lower nlist", size, nlist, MIN_POINTS_PER_CENTROID)
     return size
-
-
-def choose_codec(n_vectors: int, dim: int, memory_budget_bytes: Optional[int]) -> str:
-    """Vector codec for the whole index under a memory budget (codes + 8-byte ids per vector).
-
-    ``Flat`` (exact scores, 4*dim bytes) when it fits or no budget is given; else ``SQ8`` (dim bytes,
-    ~1% score error); else ``PQ{m}x8`` with the largest m dividing dim that fits (m bytes, lossy: pair
-    it with re-ranking). The centroid table (nlist*dim*4 bytes) is not counted.
-    """
-    if n_vectors < 1 or dim < 1:
-        raise ValueError(f"n_vectors and dim must be positive, got {n_vectors}, {dim}")
-    if memory_budget_bytes is None or n_vectors * (4 * dim + ID_BYTES) <= memory_budget_bytes:
-        return "Flat"
-    if n_vectors * (dim + ID_BYTES) <= memory_budget_bytes:
-        return "SQ8"
-    per_vector = memory_budget_bytes // n_vectors - ID_BYTES
-    fitting = [m for m in range(1, dim) if dim % m == 0 and m <= per_vector]
-    if not fitting:
-        need = n_vectors * (1 + ID_BYTES)
-        raise ValueError(f"{n_vectors} vectors cannot fit in {memory_budget_bytes} bytes even with 1-byte "
-                         f"codes; raise the budget to at least {need} bytes or build a merged on-disk "
-                         "index")
-    return f"PQ{max(fitting)}x8"
 
 
 def factory_string(nlist: int, codec: str) -> str:

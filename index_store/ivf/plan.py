@@ -54,6 +54,7 @@ class BuildPlan:
     calibration_queries: Optional[str] = None  # file of real queries measured instead of held-out vectors
     max_calibration_queries: int = 1000  # a seeded sample of this many when the file holds more
     refine_factors: tuple[int, ...] = ()  # measured refine factors (index_store.ivf.refine); () = no refinement
+    codec_choice: Optional[dict] = None  # how --memory-budget chose the codec (index_store.ivf.codec_choice)
 
     @property
     def candidates(self) -> int:
@@ -155,9 +156,16 @@ def plan_build(dirs: Sequence["EmbeddingsDir"], *, nlist: Optional[int] = None, 
     nlist = int(nlist or ivf.choose_nlist(max(1, n - n_queries)))
     if nlist > n:
         raise ValueError(f"nlist {nlist} is larger than the {n} vectors to index; pass a smaller --nlist")
-    codec = codec or ivf.choose_codec(n, facts.dim, memory_budget_bytes)
     train = min(ivf.training_sample_size(nlist, n, facts.dim, memory_budget_bytes), n - n_queries) \
         if n > n_queries else n
+    choice = None
+    if codec is None and memory_budget_bytes is not None:
+        from densebeam.index_store.ivf import codec_choice
+
+        codec, choice = codec_choice.choose_codec(paths, rows, facts.dim, memory_budget_bytes,
+                                                  train, recall_ks(k, n),
+                                                  target_recall, REFINE_FACTORS if refine == "auto" else (), seed)
+    codec = codec or "Flat"
     n_queries = min(n_queries, n - train)  # a corpus too small for both samples trains on every row
     need = ivf.codec_min_training_rows(codec)
     if train < need:
@@ -178,4 +186,5 @@ def plan_build(dirs: Sequence["EmbeddingsDir"], *, nlist: Optional[int] = None, 
                      n_queries=n_queries, ks=recall_ks(k, n), target_recall=target_recall, layout=layout,
                      seed=seed, kmeans=ivf.kmeans_method(kmeans, nlist), calibration_queries=calibration_queries,
                      max_calibration_queries=asked_queries,
-                     refine_factors=REFINE_FACTORS if refine == "auto" and ivf.codec_trains(codec) else ())
+                     refine_factors=REFINE_FACTORS if refine == "auto" and ivf.codec_trains(codec) else (),
+                     codec_choice=choice)
