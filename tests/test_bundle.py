@@ -38,13 +38,13 @@ def clustered(n: int, seed: int, dim: int = DIM, clusters: int = 40) -> np.ndarr
 
 
 def train(sample: np.ndarray, factory: str) -> bytes:
-    """ivf.train_empty_index, except for PQ: few k-means iterations and no polysemous training (FAISS's
-    IVFPQ default, 5x the cost), so a test bundle trains in a second; the file format is the same."""
+    """ivf.train_empty_index, except for PQ: few k-means iterations, so a test bundle trains in a second;
+    the file format is the same."""
     if ",PQ" not in factory:
         return ivf.train_empty_index(sample, factory)
-    index = faiss.index_factory(DIM, factory, faiss.METRIC_INNER_PRODUCT)
+    index = ivf.new_index(DIM, factory)
     pq_index = faiss.downcast_index(faiss.extract_index_ivf(index))
-    pq_index.do_polysemous_training, pq_index.pq.cp.niter, pq_index.cp.seed = False, 4, 1234
+    pq_index.pq.cp.niter, pq_index.cp.seed = 4, 1234
     index.train(sample)
     return ivf.index_to_bytes(index)
 

@@ -328,3 +328,17 @@ def test_training_sample_size_refuses_tiny_budget():
     with pytest.raises(ValueError, match="memory budget"):
         ivf.training_sample_size(1024, 10**6, 768, 1000)
 
+
+
+def test_pq_trains_without_polysemous_reordering():
+    """FAISS's factory turns on polysemous training for IVF-PQ (most of its training time, used only by a
+    polysemous search); the build's trained indexes have it off, and still search."""
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(2000, 16)).astype(np.float32)
+    index = ivf.index_from_bytes(ivf.train_empty_index(x, "IVF4,PQ4x4"))
+    pq_index = faiss.downcast_index(faiss.extract_index_ivf(index))
+    assert not pq_index.do_polysemous_training and pq_index.polysemous_ht == 0
+    index.add(x)
+    index.nprobe = 4
+    scores, ids = index.search(x[:20], 5)
+    assert (ids[:, 0] >= 0).all() and np.all(np.diff(scores, axis=1) <= 0)
