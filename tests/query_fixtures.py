@@ -44,14 +44,23 @@ def build_tiny_cross_encoder(path: Path, seed: int = 3, hidden: int = 32, arch: 
     return str(path)
 
 
+_BUILT: dict[tuple, str] = {}  # one build per (model, n_docs, seed, extra) in a test session
+
+
 def build_tiny_bundle(tmp: Path, model: str, n_docs: int = 240, seed: int = 5, *extra: str) -> str:
-    """Corpus of ``n_docs`` synthetic passages -> densebeam build (local runner) -> bundle path."""
+    """Corpus of ``n_docs`` synthetic passages -> densebeam build (local runner) -> bundle path. Built once
+    per arguments in a session (modules that ask for the same bundle share it: treat it as read-only,
+    copy it to change it)."""
     from densebeam.pipelines.build_index import run_build
 
+    key = (model, n_docs, seed, extra)
+    if key in _BUILT and Path(_BUILT[key], "manifest.json").exists():
+        return _BUILT[key]
     corpus = write_jsonl(tmp / "corpus.jsonl", make_passages(n_docs, seed=seed))
     out = tmp / "bundle"
     run_build(["--input", str(corpus), "--output", str(out), "--model", model, "--runner", "local",
                "--precision", "fp32", "--overwrite", *extra])
+    _BUILT[key] = str(out)
     return str(out)
 
 

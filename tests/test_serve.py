@@ -17,7 +17,7 @@ QUERIES = toy_queries(24, seed=21)
 
 @pytest.fixture(scope="module")
 def searcher(tmp_path_factory, tiny_cos_model):
-    return tiny_searcher_with_reranker(tmp_path_factory.mktemp("serve"), tiny_cos_model, 200, 13)
+    return tiny_searcher_with_reranker(tmp_path_factory.mktemp("serve"), tiny_cos_model, 200, 17)
 
 
 @pytest.fixture(scope="module")
