@@ -135,8 +135,8 @@ def new_index(dim: int, factory: str) -> faiss.Index:
     """``faiss.index_factory`` with the inner-product metric, without polysemous training: FAISS's factory
     turns it on for IVF-PQ, where it re-orders each sub-quantizer's centroids so that Hamming distances
     between codes follow vector distances. Only a polysemous search (``polysemous_ht``, never set here)
-    uses that; the scores are the same either way, and it was most of PQ48x8's training time (65 of 85 s
-    on 10,000 vectors)."""
+    uses that; the scores are the same either way, and it was most of PQ's training time
+    (docs/benchmarks.md)."""
     index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
     ivf = faiss.downcast_index(faiss.extract_index_ivf(index))
     if hasattr(ivf, "do_polysemous_training"):

@@ -37,8 +37,8 @@ KMEANS_NITER = 10
 # per list and query (PQ192: 192 KB), so few lists keep the measurement to seconds; the residuals they
 # leave are coarser than a full build's, so the codecs measure no better here than they will do there.
 SAMPLE_NLIST = 128
-# PQ training runs one k-means of 256 centroids per sub-vector, so its cost grows with m: on 384-d vectors
-# PQ192x8 (2-d sub-vectors) trained for over 10 minutes on 50,000 vectors, PQ48x8 for 1.5 (one core).
+# PQ training runs one k-means of 256 centroids per sub-vector, so its cost grows with m, and sub-vectors
+# of 1-3 dimensions train slowest per byte they hold.
 PQ_MIN_SUBDIM = 4
 CODEC_SAMPLE = 10_000  # vectors a candidate's codec trains on here: FAISS's 39 per PQ centroid
 
