@@ -155,11 +155,13 @@ def _memory_lines(m: dict) -> list[str]:
                      f"{factors}")
     choice = m.get("codec_choice")
     if isinstance(choice, dict) and choice.get("candidates"):
-        lines.append(f"  codec {m.get('codec')} chosen under --memory-budget {choice['budget_bytes']} bytes, measured on "
-                     f"{choice['sample']} sampled vectors ({choice['queries']} held-out queries):")
+        lines.append(f"  codec {m.get('codec')} chosen under --memory-budget {choice['budget_bytes']} bytes, "
+                     f"measured on {choice['sample']} sampled vectors, {choice['queries']} queries "
+                     f"({choice.get('queries_from', 'held-out vectors')}):")
         for c in choice["candidates"]:
             got = "  ".join(f"@{k} {c['recall'][k][str(r)]:.3f} r {r}" for k, r in c["factors"].items())
-            lines.append(f"    {'*' if c.get('chosen') else ' '} {c['codec']:<8} {c['bytes_per_vector']} B/vector  {got}")
+            mark = "*" if c.get("chosen") else " "
+            lines.append(f"    {mark} {c['codec']:<8} {c['bytes_per_vector']} B/vector  {got}")
     return lines
 
 

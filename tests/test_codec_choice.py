@@ -102,3 +102,21 @@ def test_flat_fits_without_measuring_and_no_codec_fits_is_refused(tmp_path):
     assert plan.codec == "Flat" and plan.codec_choice is None
     with pytest.raises(ValueError, match=r"1000 vectors do not fit in 8000 bytes with any codec"):
         plan_build([open_embeddings(emb_dir)], memory_budget_bytes=8000)
+
+
+def test_calibration_query_vectors_measure_the_choice(tmp_path):
+    """With ``--calibration-queries`` vectors (.npy), the candidates are measured on those queries, all of
+    the sample indexed; a file of the wrong width is refused naming it."""
+    import numpy as np
+
+    vecs = clustered(1460, seed=5)
+    emb_dir = write_embeddings_dir(tmp_path / "emb", vecs, FACTS, shard_rows=800)
+    queries = tmp_path / "q.npy"
+    np.save(queries, clustered(60, seed=99))
+    plan = plan_build([open_embeddings(emb_dir)], memory_budget_bytes=32768, calibration_queries=str(queries))
+    choice = plan.codec_choice
+    assert choice["queries_from"] == str(queries) and choice["queries"] == 60 and choice["sample"] == 1460
+    assert plan.codec == next(c["codec"] for c in choice["candidates"] if c["chosen"])
+    np.save(queries, np.zeros((5, 7), np.float32))
+    with pytest.raises(ValueError, match=r"q.npy holds a float32 array of shape \(5, 7\)"):
+        plan_build([open_embeddings(emb_dir)], memory_budget_bytes=32768, calibration_queries=str(queries))

@@ -1,9 +1,10 @@
 """FAISS IVF planning and operations: pure functions over numpy and faiss. No Beam import.
 
 The build follows the distributed recipe: plan (``choose_nlist``; the codec under a memory budget is
-measured, :mod:`index_store.ivf.codec_choice`), train once on a sample (``train_empty_index``), ship the *empty trained* index as bytes, add vectors per shard, write
-one file per shard, and either keep the shards (``ShardedSearcher``) or merge their inverted lists on
-disk (``merge_on_disk`` + ``open_merged``, memory-mapped; in ``ivf.files``).
+measured, :mod:`index_store.ivf.codec_choice`), train once on a sample (``train_empty_index``), ship
+the *empty trained* index as bytes, add vectors per shard, write one file per shard, and either keep
+the shards (``ShardedSearcher``) or merge their inverted lists on disk (``merge_on_disk`` +
+``open_merged``, memory-mapped; in ``ivf.files``).
 Every index uses the inner-product metric: ``cos`` vectors are unit-norm, ``dot`` vectors are raw.
 """
 

@@ -101,10 +101,10 @@ def measure(base: np.ndarray, queries: np.ndarray, codecs: Sequence[str], ks: Se
     """Per codec: ``{"codec", "bytes_per_vector", "recall": {k: {r: recall@k}}, "factors": {k: r}}``.
 
     ``base`` is indexed (coarse centroids trained once on it, shared by all codecs; each codec trained on
-    ``CODEC_SAMPLE`` of its vectors), ``queries`` (held out of ``base``) searched at nprobe = nlist and, where ``factors`` is not
-    empty, their compact top ``k * r`` re-scored exactly. ``factors[k]``: the smallest r reaching
-    ``target``, else the largest measured. Without factors (``--refine off``) r is 1 and the compact
-    scores rank."""
+    ``CODEC_SAMPLE`` of its vectors), ``queries`` (not rows of ``base``) searched at nprobe = nlist and,
+    where ``factors`` is not empty, their compact top ``k * r`` re-scored exactly. ``factors[k]``: the
+    smallest r reaching ``target``, else the largest measured. Without factors (``--refine off``) r is 1
+    and the compact scores rank."""
     n, dim = base.shape
     ks = [min(int(k), n) for k in ks]
     truth = _exact_topk(base, queries, max(ks))
@@ -154,13 +154,26 @@ def choose(records: Sequence[dict], target: float) -> str:
     return min(records, key=lambda r: _key(r, target))["codec"]
 
 
+def load_query_vectors(path: str, dim: int, want: int, seed: int) -> np.ndarray:
+    """A seeded choice of at most ``want`` rows of a ``.npy`` (q, dim) array of query vectors."""
+    with fsspec.open(path, "rb") as f:
+        x = np.load(f, allow_pickle=False)
+    if x.ndim != 2 or x.shape[1] != dim or len(x) == 0 or not np.all(np.isfinite(x)):
+        raise ValueError(f"{path} holds a {x.dtype} array of shape {x.shape}; calibration query vectors must be "
+                         f"finite (q, {dim}) with q >= 1")
+    keep = np.sort(np.random.default_rng([seed, 14]).choice(len(x), min(want, len(x)), replace=False))
+    return np.ascontiguousarray(x[keep], dtype=np.float32)
+
+
 def choose_codec(paths: Sequence[str], rows: Sequence[int], dim: int, budget_bytes: int, train_rows: int,
-                 ks: Sequence[int], target: float, factors: Sequence[int], seed: int) -> tuple[str, Optional[dict]]:
+                 ks: Sequence[int], target: float, factors: Sequence[int], seed: int,
+                 calibration_queries: Optional[str] = None) -> tuple[str, Optional[dict]]:
     """(codec, manifest record) for a build of ``sum(rows)`` vectors under ``budget_bytes``.
 
     Flat, when it fits, is chosen without measuring (exact scores, nothing read from disk). Raises when
-    no codec fits, or none that fits can train on ``train_rows`` vectors, naming what would. The record: the sample and queries measured and every
-    candidate's recall per k and factor, the chosen one marked."""
+    no codec fits, or none that fits can train on ``train_rows`` vectors, naming what would. Queries: a
+    ``.npy`` of calibration query vectors when given, else held-out vectors of the data. The record: the
+    sample and queries measured and every candidate's recall per k and factor, the chosen one marked."""
     n = int(sum(rows))
     fit = fitting_codecs(n, dim, budget_bytes)
     if not fit:
@@ -176,10 +189,16 @@ def choose_codec(paths: Sequence[str], rows: Sequence[int], dim: int, budget_byt
                          f"the budget to at least {need * 4 * dim} bytes, or pass --codec SQ8")
     if codecs[0] == "Flat":
         return "Flat", None
-    n_queries = max(1, min(SAMPLE_QUERIES, n // 10))
-    x = read_sample(paths, rows, min(n, SAMPLE_VECTORS + n_queries), seed)
-    order = np.random.default_rng([seed, 12]).permutation(len(x))
-    queries, base = x[np.sort(order[:n_queries])], x[np.sort(order[n_queries:])]
+    if calibration_queries is not None and calibration_queries.endswith(".npy"):
+        queries = load_query_vectors(calibration_queries, dim, SAMPLE_QUERIES, seed)
+        base = read_sample(paths, rows, min(n, SAMPLE_VECTORS), seed)
+        source = calibration_queries
+    else:  # held-out vectors of the data (a queries text file would need the model: not loaded to plan)
+        n_queries = max(1, min(SAMPLE_QUERIES, n // 10))
+        x = read_sample(paths, rows, min(n, SAMPLE_VECTORS + n_queries), seed)
+        order = np.random.default_rng([seed, 12]).permutation(len(x))
+        queries, base = x[np.sort(order[:n_queries])], x[np.sort(order[n_queries:])]
+        source = "held-out vectors"
     measurable = [c for c in codecs if codec_min_training_rows(c) <= len(base)]
     if not measurable:
         return codecs[0], None
@@ -192,4 +211,4 @@ def choose_codec(paths: Sequence[str], rows: Sequence[int], dim: int, budget_byt
     log.info("codec under a budget of %d bytes: %s (measured on %d sampled vectors, %d held-out queries)",
              budget_bytes, chosen, len(base), len(queries))
     return chosen, {"budget_bytes": int(budget_bytes), "sample": int(len(base)), "queries": int(len(queries)),
-                    "seed": int(seed), "candidates": records}
+                    "queries_from": source, "seed": int(seed), "candidates": records}

@@ -164,7 +164,8 @@ def plan_build(dirs: Sequence["EmbeddingsDir"], *, nlist: Optional[int] = None, 
 
         codec, choice = codec_choice.choose_codec(paths, rows, facts.dim, memory_budget_bytes,
                                                   train, recall_ks(k, n),
-                                                  target_recall, REFINE_FACTORS if refine == "auto" else (), seed)
+                                                  target_recall, REFINE_FACTORS if refine == "auto" else (), seed,
+                                                  calibration_queries)
     codec = codec or "Flat"
     n_queries = min(n_queries, n - train)  # a corpus too small for both samples trains on every row
     need = ivf.codec_min_training_rows(codec)
