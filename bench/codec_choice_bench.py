@@ -60,7 +60,7 @@ def main() -> None:
         for c in (record or {}).get("candidates", []):
             got = "  ".join(f"@{k} {c['recall'][k][str(r)]:.4f} (r {r})" for k, r in c["factors"].items())
             print(f"  {'*' if c['chosen'] else ' '} {c['codec']:<8} {c['bytes_per_vector']} B/vector  {got}")
-    x = codec_choice.read_sample(paths, rows, args.train_rows, 1234)
+    x = codec_choice.read_sample(paths, args.train_rows, 1234)
     factory = f"IVF128,{args.pq}"
     print(f"\n{factory} trained on {len(x)} vectors, {args.runs} runs each (median, min-max):")
     for polysemous in (False, True):

@@ -59,11 +59,10 @@ def fitting_codecs(n_vectors: int, dim: int, budget_bytes: int) -> list[str]:
     return [c for c in codecs if n_vectors * (code_bytes(c, dim) + ID_BYTES) <= budget_bytes]
 
 
-def read_sample(paths: Sequence[str], rows: Sequence[int], want: int, seed: int) -> np.ndarray:
-    """``want`` float32 vectors of the embeddings shards (``rows``: each shard's row count), read from a
-    seeded choice of whole Parquet row groups (at least twice ``want`` rows when the data has them, from
-    as many shards as that takes), then a seeded subset of those rows. Reads a few row groups, not the
-    corpus."""
+def read_sample(paths: Sequence[str], want: int, seed: int) -> np.ndarray:
+    """``want`` float32 vectors of the embeddings shards, read from a seeded choice of whole Parquet row
+    groups (at least twice ``want`` rows when the data has them, from as many shards as that takes),
+    then a seeded subset of those rows. Reads a few row groups, not the corpus."""
     rng = np.random.default_rng([seed, 11])
     groups = []
     for path in paths:
@@ -191,11 +190,11 @@ def choose_codec(paths: Sequence[str], rows: Sequence[int], dim: int, budget_byt
         return "Flat", None
     if calibration_queries is not None and calibration_queries.endswith(".npy"):
         queries = load_query_vectors(calibration_queries, dim, SAMPLE_QUERIES, seed)
-        base = read_sample(paths, rows, min(n, SAMPLE_VECTORS), seed)
+        base = read_sample(paths, min(n, SAMPLE_VECTORS), seed)
         source = calibration_queries
     else:  # held-out vectors of the data (a queries text file would need the model: not loaded to plan)
         n_queries = max(1, min(SAMPLE_QUERIES, n // 10))
-        x = read_sample(paths, rows, min(n, SAMPLE_VECTORS + n_queries), seed)
+        x = read_sample(paths, min(n, SAMPLE_VECTORS + n_queries), seed)
         order = np.random.default_rng([seed, 12]).permutation(len(x))
         queries, base = x[np.sort(order[:n_queries])], x[np.sort(order[n_queries:])]
         source = "held-out vectors"
