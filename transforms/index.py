@@ -32,7 +32,7 @@ from densebeam.index_store.artifacts.embeddings import join
 from densebeam.index_store.fsutil import canonical_url, sha256_file
 from densebeam.index_store.ivf.search import merge_topk
 from densebeam.index_store.ivf.nprobe import nprobe_by_k
-from densebeam.index_store.ivf.refine import choose_refine, factors_for_k
+from densebeam.index_store.ivf.refine import candidate_scores, choose_refine, factors_for_k, refined_recall
 from densebeam.transforms.read import NAMESPACE
 
 log = logging.getLogger(__name__)
@@ -461,17 +461,10 @@ def _refine_curves(plan: BuildPlan, root: str, qvecs: np.ndarray, topk: dict,
                                              for k in plan.ks}
     for p in plan.nprobe_candidates():
         cand = approx[p]
-        scores = np.full(cand.shape, ivf.MISSING_SCORE, dtype=np.float32)
-        for a in range(0, len(cand), RESCORE_QUERIES):
-            block = cand[a:a + RESCORE_QUERIES]
-            ok = block >= 0
-            got = vectors.get(block[ok])
-            rows, cols = np.nonzero(ok)
-            scores[a:a + RESCORE_QUERIES][rows, cols] = np.einsum("ij,ij->i", got, qvecs[a + rows])
+        scores = candidate_scores(qvecs, cand, vectors.get, RESCORE_QUERIES)
         for k, by_r in out.items():
             for r, curve in by_r.items():
-                _, ids = merge_topk(scores[:, :k * r], cand[:, :k * r], k)
-                curve.append({"nprobe": p, "recall": round(ivf.recall_at_k(ids, exact, k), 4)})
+                curve.append({"nprobe": p, "recall": round(refined_recall(scores, cand, exact, k, r), 4)})
     return out
 
 

@@ -24,8 +24,7 @@ import pyarrow.parquet as pq
 
 from densebeam.index_store.ivf.build import codec_min_training_rows, trained_from_centroids
 from densebeam.index_store.ivf.files import ID_BYTES
-from densebeam.index_store.ivf.refine import factors_for_k
-from densebeam.index_store.ivf.search import MISSING_SCORE, merge_topk, recall_at_k
+from densebeam.index_store.ivf.refine import candidate_scores, factors_for_k, refined_recall
 
 log = logging.getLogger(__name__)
 
@@ -122,16 +121,12 @@ def measure(base: np.ndarray, queries: np.ndarray, codecs: Sequence[str], ks: Se
         width = min(n, max(k * max(rs) for k, rs in by_k.items()))
         scores, cand = index.search(queries, width)
         if tiered:  # exact scores of every candidate; each (k, r) takes its prefix
-            for a in range(0, len(queries), RESCORE_QUERIES):
-                c = cand[a:a + RESCORE_QUERIES]
-                exact = np.einsum("qcd,qd->qc", base[np.maximum(c, 0)], queries[a:a + RESCORE_QUERIES])
-                scores[a:a + RESCORE_QUERIES] = np.where(c >= 0, exact, MISSING_SCORE)
+            scores = candidate_scores(queries, cand, base.__getitem__, RESCORE_QUERIES)
         recall, chosen = {}, {}
         for k, rs in by_k.items():
             recall[k] = {}
             for r in rs:
-                _, ids = merge_topk(scores[:, :k * r], cand[:, :k * r], k)
-                recall[k][r] = round(recall_at_k(ids, truth, k), 4)
+                recall[k][r] = round(refined_recall(scores, cand, truth, k, r), 4)
             chosen[k] = next((r for r in rs if recall[k][r] >= target), rs[-1])
         out.append({"codec": codec, "bytes_per_vector": code_bytes(codec, dim) + ID_BYTES, "tiered": tiered,
                     "recall": recall, "factors": chosen})

@@ -14,7 +14,7 @@ from typing import Callable, Mapping, Optional, Sequence
 import numpy as np
 
 from densebeam.index_store.ivf.params import REFINE_FACTORS
-from densebeam.index_store.ivf.search import MISSING_SCORE, merge_topk
+from densebeam.index_store.ivf.search import MISSING_SCORE, merge_topk, recall_at_k
 SHORTFALL_SLACK = 0.01  # a target no point reaches: the cheapest point this close to the best recall
 MAX_CANDIDATES = 2048  # per query: a k only measures the factors with k * r <= max(k, this)
 
@@ -41,6 +41,27 @@ def rescore(queries: np.ndarray, cand_ids: np.ndarray, fetch: Callable[[np.ndarr
             ok = valid[i]
             scores[i, ok] = vectors[where[i, ok]] @ queries[i]
     return merge_topk(scores, np.where(valid, cand_ids, -1), k)
+
+
+def candidate_scores(queries: np.ndarray, cand_ids: np.ndarray, fetch: Callable[[np.ndarray], np.ndarray],
+                     block: int = 64) -> np.ndarray:
+    """(q, c) float32 exact inner products of each query with each of its candidates (``cand_ids``, -1:
+    empty, scored ``MISSING_SCORE``); ``fetch(rows)`` returns the rows' float32 vectors, asked for
+    ``block`` queries' candidates at a time (memory: block x c vectors)."""
+    scores = np.full(cand_ids.shape, MISSING_SCORE, dtype=np.float32)
+    for a in range(0, len(cand_ids), block):
+        ids = cand_ids[a:a + block]
+        ok = ids >= 0
+        rows, cols = np.nonzero(ok)
+        scores[a:a + block][rows, cols] = np.einsum("ij,ij->i", fetch(ids[ok]), queries[a + rows])
+    return scores
+
+
+def refined_recall(scores: np.ndarray, cand_ids: np.ndarray, exact_ids: np.ndarray, k: int, r: int) -> float:
+    """recall@k of a refined search that re-scores the first ``k * r`` candidates (scored by
+    :func:`candidate_scores`) against the exact top-k ids."""
+    _, ids = merge_topk(scores[:, :k * r], cand_ids[:, :k * r], k)
+    return recall_at_k(ids, exact_ids, k)
 
 
 def refine_for_k(by_k: Mapping[int, int], k: int) -> int:
