@@ -254,7 +254,8 @@ class _CalibrationQueriesFn(beam.DoFn):
     """Real queries to measure recall with (``--calibration-queries``): a ``.npy`` float32 (q, dim) array
     of query vectors, or a queries file (BEIR JSONL or ``qid<TAB>text``) encoded here with the bundle's
     model the way the query side encodes (model loaded in ``setup``; each query alone). More than
-    ``plan.max_calibration_queries`` queries: a seeded sample of that many. Their ids are -1: no query is a row of the index."""
+    ``plan.max_calibration_queries`` queries: a seeded sample of that many. Their ids are -1: no query is
+    a row of the index."""
 
     def __init__(self, plan: BuildPlan):
         self._plan = plan
