@@ -33,10 +33,11 @@ class _Int8Products:
     """Replaces PackedBert's product with its int8-rounded version while ``active``; ``calibrating``
     records each product input's per-channel maximum instead."""
 
-    def __init__(self, keep, smooth, weights_only):
+    def __init__(self, keep, smooth, weights_only, wbits=8, abits=8):
         import torch
 
         self.torch, self.keep, self.smooth, self.weights_only = torch, set(keep), smooth, weights_only
+        self.wlev, self.alev = 2 ** (wbits - 1) - 1, 2 ** (abits - 1) - 1
         self.active = self.calibrating = False
         self.count, self.stats, self.cache = 0, {}, {}
 
@@ -58,13 +59,13 @@ class _Int8Products:
                     s = (self.stats[k].clamp(min=1e-5) ** self.smooth
                          / w.abs().amax(0).clamp(min=1e-5) ** (1 - self.smooth)).clamp(min=1e-5)
                 ww = w * s
-                scale = ww.abs().amax(1, keepdim=True).clamp(min=1e-12) / 127
-                self.cache[k] = (s, torch.round(ww / scale).clamp(-127, 127) * scale)
+                scale = ww.abs().amax(1, keepdim=True).clamp(min=1e-12) / self.wlev
+                self.cache[k] = (s, torch.round(ww / scale).clamp(-self.wlev, self.wlev) * scale)
             s, wq = self.cache[k]
             x = x / s
             if not self.weights_only:
-                scale = x.abs().amax(1, keepdim=True).clamp(min=1e-12) / 127
-                x = torch.round(x / scale).clamp(-127, 127) * scale
+                scale = x.abs().amax(1, keepdim=True).clamp(min=1e-12) / self.alev
+                x = torch.round(x / scale).clamp(-self.alev, self.alev) * scale
             w = wq
         y = torch.nn.functional.linear(x, w, b)
         return bert._activation(y) if act == "gelu" else y
@@ -77,6 +78,8 @@ def main() -> int:
     p.add_argument("--smooth", type=float, default=0.0, help="SmoothQuant's alpha (0: off)")
     p.add_argument("--weights-only", action="store_true", help="round the weights only")
     p.add_argument("--docs-only", action="store_true", help="queries in fp32")
+    p.add_argument("--wbits", type=int, default=8, help="weight bits (symmetric, per output channel)")
+    p.add_argument("--abits", type=int, default=8, help="activation bits (symmetric, per token)")
     args = p.parse_args()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     sys.path.insert(0, str(REPO / "bench"))
@@ -86,13 +89,13 @@ def main() -> int:
     from densebeam.index_store.encoding import packed_bert as pb
     from densebeam.index_store.query.evaluate import evaluate, read_qrels, read_queries
 
-    q8 = _Int8Products([k for k in args.keep.split(",") if k], args.smooth, args.weights_only)
+    q8 = _Int8Products([k for k in args.keep.split(",") if k], args.smooth, args.weights_only, args.wbits, args.abits)
     pb.PackedBert._linear = lambda self, w, b: q8.linear(self, w, b)
     pb.PackedBert._mm = lambda self, x, wb, act="none": q8.mm(self, x, wb, act)
     pb.PackedBert._native_problem = lambda self: "int8 simulation: PyTorch's products"
     encoder_mod._LOADED.clear()
     enc = encoder_mod.load_encoder("bundled", precision="fp32", device="cpu")
-    print(f"int8 simulation: keep {sorted(q8.keep) or 'none'} in fp32, smooth {args.smooth}, "
+    print(f"W{args.wbits}A{args.abits} simulation: keep {sorted(q8.keep) or 'none'} in fp32, smooth {args.smooth}, "
           f"{'weights only' if args.weights_only else 'weights and activations'}, "
           f"{'queries fp32' if args.docs_only else 'queries int8 too'}")
     for coll in args.collections.split(","):

@@ -136,10 +136,12 @@ def test_explicit_precision_is_not_measured(tiny_cos_model):
     assert enc.calibration is None and enc.precision == "fp32"
 
 
-def test_auto_without_bf16_arithmetic_is_fp32_unmeasured(tiny_cos_model, monkeypatch):
-    """A CPU without bf16 arithmetic (simulated by a cap where this one has it): nothing is timed, fp32 is
-    chosen and gives fp32's very vectors."""
+def test_auto_without_bf16_arithmetic_or_native_kernels_is_fp32_unmeasured(tiny_cos_model, monkeypatch):
+    """A CPU without bf16 arithmetic (simulated by a cap where this one has it) and without the native
+    int16 products (turned off): nothing is timed, fp32 is chosen and gives fp32's very vectors. (With
+    them, tests/test_native_int16.py: int16 is measured against fp32.)"""
     monkeypatch.setenv("DENSEBEAM_MAX_CPU_ISA", "avx2")
+    monkeypatch.setenv("DENSEBEAM_NATIVE", "0")
     enc = load_encoder(tiny_cos_model, precision="auto", device="cpu", token_budget=1001)
     assert enc.candidates() == []
     texts = _texts(200, seed=4)

@@ -3,8 +3,9 @@ process) encodes in the one precision chosen and the manifest records how it was
 cost. On a CPU with bf16 arithmetic it is measured on a deterministic sample of the corpus the first time
 a model runs on the machine, and remembered: a re-run, the same corpus grown, or another corpus adopts
 the choice instead of timing again (timed choices between close precisions would not always agree, and a
-re-run after a crash must encode like the first run). On a CPU without, it is fp32 and nothing is
-timed."""
+re-run after a crash must encode like the first run). On an x86-64 CPU without, int16 is measured against
+fp32 the same way (tests/test_native_int16.py); where the native kernels cannot run either, it is fp32 and
+nothing is timed."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import json
 import pytest
 
 from densebeam.index_store.encoding import encoder as encoder_mod
+from densebeam.index_store.encoding import native
 from densebeam.pipelines import encode
 from conftest import make_passages, write_jsonl
 
@@ -31,9 +33,14 @@ def _encode(corpus, out, model, *extra):
                        "--batch-size", "64", *extra])
 
 
+def _candidates() -> list:
+    """What auto measures here for the tiny models (packed; head size 16: no native bf16 kernels)."""
+    return encoder_mod.candidate_precisions("cpu", int16=native.planned("int16") != "torch")
+
+
 def _needs_candidates():
-    if not encoder_mod.candidate_precisions("cpu"):
-        pytest.skip("this CPU has no bf16 arithmetic: auto measures nothing here "
+    if not _candidates():
+        pytest.skip("this CPU has no bf16 arithmetic and no native int16 products: auto measures nothing here "
                     "(test_without_bf16_arithmetic_auto_is_fp32_and_times_nothing covers it)")
 
 
@@ -42,9 +49,9 @@ def test_auto_is_decided_once_at_launch_for_every_worker_and_recorded(tmp_path, 
     m = _encode(corpus, tmp_path / "out", tiny_cos_model, "--workers", "2")
     rec = m["precision_measurement"]
     assert "reused" not in rec and rec["seconds"] >= 0
-    if encoder_mod.candidate_precisions("cpu"):
+    if _candidates():
         assert rec["measured"] is True and rec["sample_passages"] == encoder_mod.CALIBRATION_PASSAGES
-        assert set(rec["candidates"]) == {"fp32", *encoder_mod.candidate_precisions("cpu")}
+        assert set(rec["candidates"]) == {"fp32", *_candidates()}
         assert rec["candidates"]["fp32"]["min_cosine"] == 1.0 and rec["candidates"][rec["chosen"]]["faithful"]
         assert len(list(memo_dir.glob("*.json"))) == 1
     else:
@@ -65,7 +72,7 @@ def test_a_rerun_a_grown_corpus_and_another_corpus_adopt_the_remembered_choice(t
     (memo,) = memo_dir.glob("*.json")
     # Make the remembered choice one the timing would not make (fp32 is always faithful): later runs
     # must follow the memo, not measure again.
-    other = "fp32" if first["chosen"] != "fp32" else encoder_mod.candidate_precisions("cpu")[0]
+    other = "fp32" if first["chosen"] != "fp32" else _candidates()[0]
     memo.write_text(json.dumps({**json.loads(memo.read_text()), "chosen": other}))
     grown = write_jsonl(tmp_path / "grown.jsonl", make_passages(1, seed=99, prefix="new") + passages)
     another = write_jsonl(tmp_path / "d.jsonl", make_passages(300, seed=13))
@@ -88,10 +95,12 @@ def test_a_rerun_a_grown_corpus_and_another_corpus_adopt_the_remembered_choice(t
 
 
 def test_without_bf16_arithmetic_auto_is_fp32_and_times_nothing(tmp_path, tiny_cos_model, memo_dir, monkeypatch):
-    """An AVX2 CPU (simulated where this one has more): fp32 by rule, no precision timed, nothing to
-    remember; an explicit bf16 is refused before any work, naming the way out."""
+    """An AVX2 CPU (simulated where this one has more) without the native kernels (turned off): fp32 by
+    rule, no precision timed, nothing to remember; an explicit bf16 is refused before any work, naming the
+    way out."""
     monkeypatch.setenv("DENSEBEAM_MAX_CPU_ISA", "avx2")
-    assert encoder_mod.candidate_precisions("cpu") == []
+    monkeypatch.setenv("DENSEBEAM_NATIVE", "0")
+    assert _candidates() == []
     corpus = write_jsonl(tmp_path / "c.jsonl", make_passages(200, seed=15))
     m = _encode(corpus, tmp_path / "out", tiny_cos_model)
     rec = m["precision_measurement"]

@@ -36,7 +36,7 @@ from densebeam.index_store.types import ModelFacts
 
 log = logging.getLogger(__name__)
 
-PRECISIONS = ("auto", "fp32", "bf16", "bf16-mixed", "fp16")
+PRECISIONS = ("auto", "fp32", "int16", "bf16", "bf16-mixed", "fp16")
 DEVICES = ("auto", "cpu", "cuda")
 DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 _BUNDLED_ALIASES = {DEFAULT_MODEL, "all-MiniLM-L6-v2", "bundled"}
@@ -105,6 +105,9 @@ def check_precision(precision: str, device: str) -> str:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     if precision == "fp16" and device == "cpu":
         raise ValueError("fp16 is not supported on CPU; use auto, fp32 or (on CPUs with bf16 arithmetic) bf16")
+    if precision == "int16" and (device != "cpu" or cpu.family() not in ("avx2", "avx512", "avx512-bf16")):
+        raise ValueError(f"--precision int16 runs on x86-64 CPUs with AVX2 or AVX-512 only (this is "
+                         f"{device if device != 'cpu' else 'a CPU of family ' + cpu.family()}); use auto or fp32")
     if precision in ("bf16", "bf16-mixed") and device == "cpu" and not cpu.native_bf16():
         raise ValueError(f"--precision {precision} needs bf16 arithmetic (AVX512_BF16 or AMX on x86-64, the bf16 "
                          f"extension on ARM), which this CPU lacks (family {cpu.family()}): PyTorch would emulate "
@@ -134,19 +137,19 @@ def query_precision(precision: str, device: str) -> str:
     return "fp32" if precision == "auto" and device == "cpu" else pick_precision(precision, device)
 
 
-def candidate_precisions(device: str, native_mixed: bool = False) -> list[str]:
+def candidate_precisions(device: str, native_mixed: bool = False, int16: bool = False) -> list[str]:
     """What ``auto`` measures against fp32, in order of preference: a later faithful candidate displaces
     an earlier one only when timed more than ``TIE_MARGIN`` faster. CUDA: fp16, then bf16. A CPU with
     bf16 arithmetic: bf16-mixed (a float32 residual stream: closer to fp32), then bf16 (faster where
     bf16-mixed's residual connections run as PyTorch operations; with the native kernels,
-    ``native_mixed``, bf16-mixed is as fast, so bf16 is not measured). A CPU without: none (fp32 is
-    chosen without measuring)."""
+    ``native_mixed``, bf16-mixed is as fast, so bf16 is not measured). A CPU without: int16 where its
+    native products can run the model (``int16``), else none (fp32 is chosen without measuring)."""
     if device == "cuda":
         import torch
 
         return ["fp16"] + (["bf16"] if torch.cuda.is_bf16_supported() else [])
     if not cpu.native_bf16():
-        return []
+        return ["int16"] if int16 else []
     return ["bf16-mixed"] if native_mixed else ["bf16-mixed", "bf16"]
 
 
@@ -309,6 +312,9 @@ class Encoder:
     def _make_runner(self, precision: str, build_native: bool = True):
         """The forward pass of ``precision``; ``build_native=False``: native kernels only if this machine
         has built them already (the measurement's fp32 reference does not wait for a compiler)."""
+        if precision == "int16" and not self.packed:
+            raise ValueError(f"--precision int16 runs the packed forward of BERT-family models only; {self.name} "
+                             f"runs padded ({self.packed_unsupported}). Use auto or fp32")
         if self.files is not None:
             return _PackedRunner(PackedBert.from_files(self.files, precision, self.device, build_native=build_native),
                                  precision, self.device)
@@ -425,7 +431,19 @@ class Encoder:
     def candidates(self) -> list[str]:
         """The precisions ``auto`` measures against fp32 here (:func:`candidate_precisions`), decided
         without waiting for a first build of the native kernels."""
-        return candidate_precisions(self.device, native_mixed=self._native_mixed_planned())
+        return candidate_precisions(self.device, native_mixed=self._native_mixed_planned(),
+                                    int16=self._int16_planned())
+
+    def _int16_planned(self) -> bool:
+        """int16's products are set to run in the native int16 library here (a packed model on a CPU
+        that builds it, with widths its tiles take)."""
+        if not self.packed or self.device != "cpu" or self.native_kernels("int16", planned=True) == "torch":
+            return False
+        cfg = self.files.config if self.files is not None else self._st[0].auto_model.config.to_dict()
+        cfg = bert_family.layout(cfg).config
+        hidden = int(cfg["hidden_size"])
+        widths = (hidden, int(cfg.get("intermediate_size", 4 * hidden)))
+        return all(w % (32 if cpu.family().startswith("avx512") else 16) == 0 for w in widths)
 
     def _native_mixed_planned(self) -> bool:
         """bf16-mixed's attention and residual connections are set to run in the native kernels here."""
@@ -498,14 +516,15 @@ class Encoder:
         then :func:`candidate_precisions`), and a faithful one displaces the choice so far only when
         timed more than ``TIE_MARGIN`` faster. Costs one fp32 and one candidate
         encode of the sample (about 1 s on 2 idle CPU cores for 64 passages). Where there are no
-        candidates (a CPU without bf16 arithmetic) fp32 is chosen at once, measuring nothing. Returns the
+        candidates (no bf16 arithmetic and no native int16 products) fp32 is chosen at once, measuring
+        nothing. Returns the
         record, also kept as :attr:`calibration`; the chosen precision becomes :attr:`precision`."""
         if not self.candidates():  # nothing to measure against fp32 here
             self.precision = "fp32"
             self.calibration = {"chosen": "fp32", "measured": False, "device": self.device,
                                 "cpu_family": cpu.family() if self.device == "cpu" else None,
                                 "reason": "no other precision runs natively here (a CPU without bf16 "
-                                          "arithmetic): fp32, the only faithful precision at full speed"}
+                                          "arithmetic, and no native int16 products for this model): fp32"}
             log.info("auto precision: fp32 (%s)", self.calibration["reason"])
             return self.calibration
         if not len(texts):
@@ -739,7 +758,7 @@ def _load_encoder(model, similarity, device, precision, max_seq_length, token_bu
 
         # a first run on a machine builds the native kernels it will use while the model loads
         bf16 = precision in ("bf16", "bf16-mixed") or (precision == "auto" and cpu.native_bf16())
-        native.prepare("bf16" if bf16 else "fp32")
+        native.prepare(*(("bf16",) if bf16 else ("fp32", "int16") if precision in ("auto", "int16") else ("fp32",)))
     path = resolve_model_path(model)
     files, why = read_bert_directory(path) if os.path.isdir(path) else (None, "not a local directory")
     if files is not None:  # the common BERT layout: read directly, sentence-transformers is not imported

@@ -72,7 +72,7 @@ class _Variant:
 
 
 def _variant(kind: str) -> Optional[_Variant]:
-    """The build of library ``kind`` (``bf16`` or ``fp32``) for this CPU's family, or None."""
+    """The build of library ``kind`` (``bf16``, ``fp32`` or ``int16``) for this CPU's family, or None."""
     family = cpu.family()
     here = Path(__file__).parent
     if kind == "bf16":
@@ -85,7 +85,18 @@ def _variant(kind: str) -> Optional[_Variant]:
         if family == "avx2":
             return _Variant("fp32-avx2", here / "kernels_fp32.c", ("-mavx2", "-mfma") + _COMMON)
         return None
-    raise ValueError(f"no native library {kind!r}; choose bf16 or fp32")
+    if kind == "int16":
+        f = cpu.flags()
+        if family in ("avx512", "avx512-bf16"):
+            vnni = "avx512_vnni" in f
+            return _Variant("int16-avx512" + ("-vnni" if vnni else ""), here / "kernels_int16.c",
+                            ("-mavx512f", "-mavx512bw", "-mfma") + (("-mavx512vnni",) if vnni else ()) + _COMMON)
+        if family == "avx2":
+            vnni = "avx_vnni" in f
+            return _Variant("int16-avx2" + ("-vnni" if vnni else ""), here / "kernels_int16.c",
+                            ("-mavx2", "-mfma") + (("-mavxvnni",) if vnni else ()) + _COMMON)
+        return None
+    raise ValueError(f"no native library {kind!r}; choose bf16, fp32 or int16")
 
 
 class NativeKernels:
@@ -205,6 +216,79 @@ class Fp32Kernels:
         return h
 
 
+@dataclasses.dataclass(frozen=True)
+class Int16Weights:
+    """A linear layer's weights as :meth:`Int16Kernels.linear` takes them: ``packed`` (N / cols, K' / 2,
+    cols, 2) int16 (K' = K rounded up to even), ``scales`` and ``bias`` (N,) float32."""
+    packed: object
+    scales: object
+    bias: object
+    n: int
+    k: int
+
+
+class Int16Kernels:
+    """The loaded int16 library: matrix products with activations rounded per row to 14-bit and weights
+    per output channel to 12-bit integers, summed exactly in 32-bit integers (``kernels_int16.c``).
+    Thread-safe: ctypes releases the GIL for each call and the kernels keep no state. ``rows`` and
+    ``cols``: the tile a product is cut into (row counts must be multiples of ``rows``, output widths of
+    ``cols``)."""
+
+    def __init__(self, path: str):
+        self.path = path
+        lib = ctypes.CDLL(path)
+        self.rows, self.cols = int(lib.densebeam_i16_rows()), int(lib.densebeam_i16_cols())
+        self.act_levels, self.weight_levels = int(lib.densebeam_i16_levels(0)), int(lib.densebeam_i16_levels(1))
+        self._quantize = _bind(lib.densebeam_i16_quantize, [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
+                                                            ctypes.c_void_p, ctypes.c_void_p])
+        self._linear = _bind(lib.densebeam_i16_linear, [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 3 + [ctypes.c_int])
+
+    def shape_problem(self, widths) -> Optional[str]:
+        """Why products with these output widths cannot run here (None: they can)."""
+        bad = sorted({int(n) for n in widths if int(n) <= 0 or int(n) % self.cols})
+        return f"output widths {bad} are not multiples of {self.cols}" if bad else None
+
+    def pack(self, w, b) -> Int16Weights:
+        """``w`` (N, K) and ``b`` (N,) float32 tensors as the kernel takes them (done once per model)."""
+        import torch
+
+        w = w.detach().to("cpu", torch.float32)
+        n, k = w.shape
+        if n % self.cols:
+            raise ValueError(f"output width {n} is not a multiple of {self.cols}")
+        top = w.abs().amax(1)
+        scales = torch.where(top > 0, top / self.weight_levels, torch.ones_like(top))
+        q = torch.round(w / scales[:, None]).clamp(-self.weight_levels, self.weight_levels).to(torch.int16)
+        if k % 2:
+            q = torch.nn.functional.pad(q, (0, 1))
+        packed = q.reshape(n // self.cols, self.cols, q.shape[1] // 2, 2).permute(0, 2, 1, 3).contiguous()
+        return Int16Weights(packed, scales.contiguous(), b.detach().to("cpu", torch.float32).contiguous(), n, k)
+
+    def linear(self, x, weights: Int16Weights, gelu: bool = False):
+        """``x`` (rows, K) contiguous float32 CPU tensor, rows a multiple of ``rows``: the (rows, N) float32
+        product plus bias (``gelu``: through GELU with the error function, as ``torch.nn.functional.gelu``)."""
+        import torch
+
+        _check_dtype("float32", x)
+        rows, k = x.shape
+        if k != weights.k or rows % self.rows:
+            raise ValueError(f"x {tuple(x.shape)} against weights of {weights.k} inputs (rows a multiple of "
+                             f"{self.rows})")
+        kp = weights.packed.shape[1] * 2
+        xq = torch.empty((rows, kp), dtype=torch.int16)
+        sx = torch.empty(rows, dtype=torch.float32)
+        if kp != k:
+            xq[:, k:] = 0
+            x = torch.nn.functional.pad(x, (0, kp - k))
+        self._quantize(x.data_ptr(), rows, kp, xq.data_ptr(), sx.data_ptr())
+        y = torch.empty((rows, weights.n), dtype=torch.float32)
+        rc = self._linear(xq.data_ptr(), sx.data_ptr(), weights.packed.data_ptr(), weights.scales.data_ptr(),
+                          weights.bias.data_ptr(), y.data_ptr(), rows, weights.n, kp, int(gelu))
+        if rc:
+            raise RuntimeError(f"native int16 product failed (code {rc})")
+        return y
+
+
 def _groups(groups, qkv, ctx, heads: int, head_dim: int) -> np.ndarray:
     """The groups as a contiguous int64 (n, 3) array, checked against the tensors' shapes."""
     g = np.ascontiguousarray(np.asarray(groups, dtype=np.int64).reshape(-1, 3))
@@ -270,7 +354,7 @@ _SLOTS_LOCK = threading.Lock()
 
 def _slot(kind: str) -> _Slot:
     key = (kind, os.environ.get("DENSEBEAM_NATIVE", ""), os.environ.get("CC", ""), str(cache_dir()),
-           cpu.family())
+           cpu.family(), cpu.cap())
     with _SLOTS_LOCK:
         if key not in _SLOTS:
             _SLOTS[key] = _Slot(kind)
@@ -335,6 +419,9 @@ def _load(kind: str):
     if kind == "bf16":
         kernel = NativeKernels(path)
         _check_bf16_build(kernel)
+    elif kind == "int16":
+        kernel = Int16Kernels(path)
+        _check_int16_build(kernel)
     else:
         kernel = Fp32Kernels(path)
         _check_fp32_build(kernel)
@@ -349,7 +436,7 @@ def _environment_allows(kind: str) -> tuple[_Variant, str]:
         raise _Unavailable("DENSEBEAM_NATIVE=0")
     variant = _variant(kind)
     if variant is None:
-        need = "AVX-512 BF16" if kind == "bf16" else "AVX-512 F or AVX2 and FMA"
+        need = "AVX-512 BF16" if kind == "bf16" else "AVX-512 F and BW, or AVX2 and FMA"
         raise _Unavailable(f"the CPU (family {cpu.family()}) lacks {need}")
     cc = _compiler()
     if cc is None:
@@ -478,3 +565,30 @@ def _check_fp32_build(kernel: Fp32Kernels) -> None:
     err = float(np.max(np.abs(kernel.add_layernorm(a, h, gamma, beta, 1e-12).numpy() - ref)))
     if not err < 1e-4:
         raise RuntimeError(f"the native float32 layer norm failed its self-check (max error {err:.3g})")
+
+
+def _check_int16_build(kernel: Int16Kernels) -> None:
+    """The built int16 products against float64 on small random inputs (an odd input width, rows with an
+    outlier, a row of zeros): within the rounding of both operands, and a row's result the same bits
+    whichever rows share its call."""
+    import torch
+
+    gen = torch.Generator().manual_seed(0)
+    n, k = 2 * kernel.cols, 301  # 301 inputs: more than two exact blocks, padded to even
+    w, b = torch.randn(n, k, generator=gen) * 0.1, torch.randn(n, generator=gen)
+    x = torch.randn(4 * kernel.rows, k, generator=gen)
+    x[1, 7] = 40.0
+    x[2] = 0.0
+    packed = kernel.pack(w, b)
+    y = kernel.linear(x, packed).numpy()
+    ref = x.double().numpy() @ w.double().numpy().T + b.double().numpy()
+    # rounding: half a step of each operand times the other's magnitude, summed over the inputs
+    xd, wd = x.double().numpy(), w.double().numpy()
+    x_step = np.abs(xd).max(1, keepdims=True) / kernel.act_levels
+    w_step = np.abs(wd).max(1) / kernel.weight_levels
+    bound = 0.5 * (x_step * (np.abs(wd).sum(1) + k * w_step) + np.abs(xd).sum(1, keepdims=True) * w_step) * 1.01 + 1e-5
+    if not (np.abs(y - ref) <= bound).all():
+        raise RuntimeError(f"the native int16 product failed its self-check (max error {np.abs(y - ref).max():.3g})")
+    alone = kernel.linear(x[kernel.rows:2 * kernel.rows].contiguous(), packed).numpy()
+    if not np.array_equal(alone, y[kernel.rows:2 * kernel.rows]):
+        raise RuntimeError("the native int16 product failed its self-check (a row depends on its batch)")

@@ -29,7 +29,7 @@ from densebeam.index_store.encoding import bert_family
 
 log = logging.getLogger(__name__)
 
-MODES = ("fp32", "bf16-mixed", "bf16", "fp16")
+MODES = ("fp32", "int16", "bf16-mixed", "bf16", "fp16")
 ATTENTIONS = ("auto", "native", "groups", "padded")
 ROW_MULTIPLE = 256
 SMALL_ROW_MULTIPLE = 16  # for calls of at most ROW_MULTIPLE rows (a query): little padding, few shapes
@@ -106,12 +106,14 @@ class PackedBert:
         self.hidden = int(config["hidden_size"])
         self.eps = float(config.get("layer_norm_eps", 1e-12))
         self.act = config.get("hidden_act", "gelu")
-        self.mm_dtype = {"fp32": torch.float32, "bf16-mixed": torch.bfloat16, "bf16": torch.bfloat16,
-                         "fp16": torch.float16}[mode]
+        self.mm_dtype = {"fp32": torch.float32, "int16": torch.float32, "bf16-mixed": torch.bfloat16,
+                         "bf16": torch.bfloat16, "fp16": torch.float16}[mode]
         # the residual stream and layer norms: float32 except in the all-low-precision modes
-        self.stream_dtype = torch.float32 if mode in ("fp32", "bf16-mixed") else self.mm_dtype
+        self.stream_dtype = torch.float32 if mode in ("fp32", "int16", "bf16-mixed") else self.mm_dtype
         self._native = None
         self._build_native = build_native
+        # int16: the matrix products in the native int16 library, everything else as fp32
+        self._int16 = self._int16_kernels(config) if mode == "int16" else None
         self.attention = self._choose_attention(attention)
         # Each residual add and its layer norm in one native pass (with the native attention only).
         # fp32: PyTorch's float32 arithmetic in one pass instead of two. bf16-mixed: the float32 arithmetic
@@ -121,18 +123,18 @@ class PackedBert:
         # stream): off unless asked: the kernel keeps the sum in float32 where PyTorch rounds it to bf16
         # first, and that moved one collection's NDCG@10 past the 0.005 fidelity bar
         if fused_layernorm is None:
-            fused_layernorm = mode in ("fp32", "bf16-mixed")
+            fused_layernorm = mode in ("fp32", "int16", "bf16-mixed")
         self.fused_layernorm = bool(fused_layernorm) and self.attention == "native"
         self._ln32: list = []
         # oneDNN with weights pre-packed in its blocked layout (no per-call weight reorder): bf16, and fp32,
         # where it runs at the core's peak while the MKL products of F.linear take an AVX2 path on AMD CPUs
         # (same float32 arithmetic in another summation order)
         self._pack = (self.device.type == "cpu" and self.mm_dtype in (torch.bfloat16, torch.float32)
-                      and _onednn_ok(self.mm_dtype))
+                      and self._int16 is None and _onednn_ok(self.mm_dtype))
         # oneDNN builds a kernel per new row count (a batch of a new shape is slower than a repeat); rows are
         # padded to a multiple of this so a run reuses a few dozen shapes at < 3% extra rows; a call of at
         # most that many rows (one query) is padded to a multiple of SMALL_ROW_MULTIPLE only
-        self.row_multiple = ROW_MULTIPLE if self._pack else 1
+        self.row_multiple = ROW_MULTIPLE if self._pack else SMALL_ROW_MULTIPLE if self._int16 else 1
 
         def w(name, dtype=None):
             t = weights[name].detach().to(torch.float32)
@@ -167,6 +169,23 @@ class PackedBert:
             if self.fused_layernorm and mode == "bf16":  # its native add + layer norm takes float32 weights
                 self._ln32.append(((w(p + "attention.output.LayerNorm.weight"), w(p + "attention.output.LayerNorm.bias")),
                                    (w(p + "output.LayerNorm.weight"), w(p + "output.LayerNorm.bias"))))
+
+    def _int16_kernels(self, config: dict):
+        """The native int16 library for this model's products; ValueError when it cannot run them."""
+        from densebeam.index_store.encoding import native
+
+        if self.device.type != "cpu":
+            raise ValueError("int16 runs on a CPU only")
+        kernel = native.kernels("int16", build=self._build_native)
+        if kernel is None:
+            why = native.why_not("int16") or "not built on this machine yet"
+            raise ValueError(f"int16 products unavailable: {why}")
+        widths = (3 * self.hidden, self.hidden, int(config.get("intermediate_size", 4 * self.hidden)))
+        why = kernel.shape_problem(widths) or (None if SMALL_ROW_MULTIPLE % kernel.rows == 0 else
+                                               f"row tiles of {kernel.rows}")
+        if why:
+            raise ValueError(f"int16 products cannot run this model: {why}")
+        return kernel
 
     def _choose_attention(self, asked: str) -> str:
         """native: the C kernels (:mod:`index_store.encoding.native`) on a CPU, float32 or bf16 products; groups:
@@ -226,6 +245,8 @@ class PackedBert:
     def _linear(self, w, b):
         import torch
 
+        if self._int16 is not None:
+            return self._int16.pack(w, b)
         w = w.to(self.mm_dtype).contiguous()
         b = b.to(self.mm_dtype).contiguous()
         if self._pack:
@@ -236,6 +257,10 @@ class PackedBert:
     def _mm(self, x, wb, act: str = "none"):
         import torch
 
+        if self._int16 is not None:
+            fused = act == "gelu" and self.act == "gelu"
+            y = self._int16.linear(x.contiguous(), wb, gelu=fused)
+            return self._activation(y) if act == "gelu" and not fused else y
         w, b = wb
         if self._pack:
             if act == "gelu" and self.act == "gelu":
@@ -315,7 +340,7 @@ class PackedBert:
         if self.fused_layernorm and self.mode == "bf16-mixed":
             self._native.add_layernorm_mixed(x, h, *norm, self.eps, hb)
             return h, hb
-        if self.fused_layernorm and self.mode == "fp32":
+        if self.fused_layernorm and self.mode in ("fp32", "int16"):
             self._native.add_layernorm(x, h, *norm, self.eps)
             return h, h
         if self.fused_layernorm:

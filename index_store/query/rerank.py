@@ -36,6 +36,9 @@ def rerank_precision(precision: str, device: str) -> str:
     """The precision a cross-encoder runs in: ``auto`` is fp16 on CUDA, bf16-mixed on CPUs with bf16
     arithmetic, fp32 elsewhere; others as given (checked as the bi-encoder checks them)."""
     check_precision(precision, device)
+    if precision == "int16":
+        raise ValueError("--precision int16 is for bi-encoders; a cross-encoder runs auto, fp32, bf16 or bf16-mixed "
+                         "(auto: bf16-mixed on CPUs with bf16 arithmetic, else fp32)")
     if precision != "auto":
         return precision
     if device == "cuda":
