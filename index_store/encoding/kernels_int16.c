@@ -27,10 +27,19 @@ typedef __m512i vi;
 typedef __m512 vf;
 static inline vi vbcast(const int16_t *p) { int32_t v; memcpy(&v, p, 4); return _mm512_set1_epi32(v); }
 static inline vi vload_i(const int16_t *p) { return _mm512_loadu_si512((const void *)p); }
+/* acc += the pair sums of a * b, written in place (asm): left to itself GCC accumulates into other
+ * registers and copies (with VNNI, even spills) them back every step */
 #if defined(__AVX512VNNI__)
-static inline vi vdot(vi acc, vi a, vi b) { return _mm512_dpwssd_epi32(acc, a, b); }
+static inline vi vdot(vi acc, vi a, vi b) {
+    __asm__("vpdpwssd %2, %1, %0" : "+v"(acc) : "v"(a), "v"(b));
+    return acc;
+}
 #else
-static inline vi vdot(vi acc, vi a, vi b) { return _mm512_add_epi32(acc, _mm512_madd_epi16(a, b)); }
+static inline vi vdot(vi acc, vi a, vi b) {
+    const vi t = _mm512_madd_epi16(a, b);
+    __asm__("vpaddd %1, %0, %0" : "+v"(acc) : "v"(t));
+    return acc;
+}
 #endif
 #define vzero_i _mm512_setzero_si512
 #define vcvt _mm512_cvtepi32_ps
@@ -74,7 +83,12 @@ static inline vi vload_i(const int16_t *p) { return _mm256_loadu_si256((const __
 #if defined(__AVXVNNI__)
 static inline vi vdot(vi acc, vi a, vi b) { return _mm256_dpwssd_avx_epi32(acc, a, b); }
 #else
-static inline vi vdot(vi acc, vi a, vi b) { return _mm256_add_epi32(acc, _mm256_madd_epi16(a, b)); }
+/* acc += the pair sums of a * b, the add written in place (as above) */
+static inline vi vdot(vi acc, vi a, vi b) {
+    const vi t = _mm256_madd_epi16(a, b);
+    __asm__("vpaddd %1, %0, %0" : "+x"(acc) : "x"(t));
+    return acc;
+}
 #endif
 #define vzero_i _mm256_setzero_si256
 #define vcvt _mm256_cvtepi32_ps
@@ -119,7 +133,7 @@ static inline vf vcopysign_f(vf m, vf s) {
     return _mm256_or_ps(_mm256_andnot_ps(_mm256_set1_ps(-0.0f), m), _mm256_and_ps(_mm256_set1_ps(-0.0f), s));
 }
 #endif
-#define NV 2
+#define NV 2  /* vectors of columns per tile (the accumulators below are written out for MR x 2) */
 #define NR (NV * IW)  /* output columns per tile: NV vectors of 32-bit sums */
 
 /* exp(x) for x <= 0, clamped at -87: 2^n * p(r), |r| <= ln2 / 2, relative error < 2e-7 */
@@ -202,27 +216,29 @@ static inline __attribute__((always_inline)) void tile(const int16_t *a, int64_t
         for (int v = 0; v < NV; v++) f[r][v] = first ? vzero_f() : vload_f(y + r * N + v * IW);
     for (int64_t kb = k0; kb < k1; kb += I16_KB) {
         const int64_t ke = kb + I16_KB < k1 ? kb + I16_KB : k1;
-        vi acc[MR][NV];
-#pragma GCC unroll 8
-        for (int r = 0; r < MR; r++)
-#pragma GCC unroll 4
-            for (int v = 0; v < NV; v++) acc[r][v] = vzero_i();
+        /* named accumulators: with an array GCC copies every sum to another register each step */
+        vi c00 = vzero_i(), c01 = vzero_i(), c10 = vzero_i(), c11 = vzero_i();
+        vi c20 = vzero_i(), c21 = vzero_i(), c30 = vzero_i(), c31 = vzero_i();
+#if MR == 8
+        vi c40 = vzero_i(), c41 = vzero_i(), c50 = vzero_i(), c51 = vzero_i();
+        vi c60 = vzero_i(), c61 = vzero_i(), c70 = vzero_i(), c71 = vzero_i();
+#endif
         for (int64_t k = kb; k < ke; k += 2) {
             const int16_t *b = bp + k * NR;
-            vi bv[NV];
-#pragma GCC unroll 4
-            for (int v = 0; v < NV; v++) bv[v] = vload_i(b + v * 2 * IW);
-#pragma GCC unroll 8
-            for (int r = 0; r < MR; r++) {
-                const vi av = vbcast(a + r * K + k);
-#pragma GCC unroll 4
-                for (int v = 0; v < NV; v++) acc[r][v] = vdot(acc[r][v], av, bv[v]);
-            }
+            const vi b0 = vload_i(b), b1 = vload_i(b + 2 * IW);
+#define STEP(r) { const vi av = vbcast(a + r * K + k); c##r##0 = vdot(c##r##0, av, b0); c##r##1 = vdot(c##r##1, av, b1); }
+            STEP(0) STEP(1) STEP(2) STEP(3)
+#if MR == 8
+            STEP(4) STEP(5) STEP(6) STEP(7)
+#endif
+#undef STEP
         }
-#pragma GCC unroll 8
-        for (int r = 0; r < MR; r++)
-#pragma GCC unroll 4
-            for (int v = 0; v < NV; v++) f[r][v] = vadd_f(f[r][v], vcvt(acc[r][v]));
+#define ADD(r) { f[r][0] = vadd_f(f[r][0], vcvt(c##r##0)); f[r][1] = vadd_f(f[r][1], vcvt(c##r##1)); }
+        ADD(0) ADD(1) ADD(2) ADD(3)
+#if MR == 8
+        ADD(4) ADD(5) ADD(6) ADD(7)
+#endif
+#undef ADD
     }
 #pragma GCC unroll 8
     for (int r = 0; r < MR; r++) {
