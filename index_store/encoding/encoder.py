@@ -40,9 +40,12 @@ PRECISIONS = ("auto", "fp32", "int16", "bf16", "bf16-mixed", "fp16")
 DEVICES = ("auto", "cpu", "cuda")
 DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 _BUNDLED_ALIASES = {DEFAULT_MODEL, "all-MiniLM-L6-v2", "bundled"}
-# Tokens per forward pass. Packed (BERT family): real tokens, 8192 measured best of 4096/8192/16384 on a
-# 2-core CPU. Padded (other models): padded tokens.
-DEFAULT_TOKEN_BUDGET = 8192
+# Tokens per forward pass. Packed (BERT family): real tokens; padded (other models): padded tokens. 2048
+# keeps a layer's largest activations (the feed-forward's: 4 x hidden floats a token, 25 MB for BERT-base)
+# under the C allocator's 32 MB limit for reusing memory: larger blocks are mapped and unmapped every pass,
+# and page-faulting them in again cost more than larger products gain (MiniLM on a 2-core CPU: 2048 and
+# 4096 as fast, 8192 slower, in fp32, int16 and bf16-mixed; docs/benchmarks.md).
+DEFAULT_TOKEN_BUDGET = 2048
 # On CUDA the default budget is raised to this: a GPU needs large matrix products to be busy.
 CUDA_TOKEN_BUDGET = 131072
 # A passage is cut to max_seq_length * CHARS_PER_TOKEN characters before tokenization; when the cut
