@@ -8,6 +8,7 @@ real collections, a profile of one encode run and peak memory.
     .venv/bin/python bench/encode_bench.py --fidelity                    # top-10 overlap, NDCG@10 vs fp32
     .venv/bin/python bench/encode_bench.py --profile                     # where one encode run's time goes
     .venv/bin/python bench/encode_bench.py --attention --n 2000 --rounds 5  # native kernels vs PyTorch ops
+    .venv/bin/python bench/encode_bench.py --products --cpu-family avx2  # float32 vs int16 matrix products
     python3 bench/encode_bench.py --gpu --n 50000 --model DIR            # on a CUDA GPU, no Beam needed
     .venv/bin/python bench/encode_bench.py --memory 5000,50000           # peak RSS, each size in a fresh process
 
@@ -732,6 +733,55 @@ def attention(args) -> None:
         print(f"  {part:9s} native / pytorch speed: {med['pytorch'] / med['native']:.2f}x")
 
 
+def products(args) -> None:
+    """The matrix products of one layer of the model, at the rows of one forward pass (the default token
+    budget), one thread: float32 as the fp32 forward runs them (oneDNN, weights pre-packed) against the
+    int16 precision's native products (rounding the inputs included; the feed-forward's first product
+    with its GELU in both); repeats interleaved, median and range."""
+    import torch
+
+    from densebeam.index_store.encoding import native
+    from densebeam.index_store.encoding.encoder import DEFAULT_TOKEN_BUDGET, load_encoder
+
+    torch.set_num_threads(1)
+    if native.kernels("int16") is None:
+        raise SystemExit(f"the native int16 kernels cannot run here: {native.why_not('int16')}")
+    print(machine_line())
+    enc = load_encoder(MODEL, precision="fp32", device="cpu")
+    fp32, int16 = enc._make_runner("fp32").bert, enc._make_runner("int16").bert
+    rows = DEFAULT_TOKEN_BUDGET
+    gen = torch.Generator().manual_seed(0)
+    names = ("q, k, v", "attention output", "feed-forward 1 + GELU", "feed-forward 2")
+    layer32, layer16 = fp32.layers[0], int16.layers[0]
+    shapes = []
+    for name, i in zip(names, (0, 1, 3, 4)):
+        k = layer16[i].k
+        shapes.append((name, i, torch.randn(rows, k, generator=gen), layer16[i].n))
+    secs = {(name, kind): [] for name, *_ in shapes for kind in ("fp32", "int16")}
+
+    def run(kind, i, x):
+        act = "gelu" if i == 3 else "none"
+        return (fp32._mm(x, layer32[i], act) if kind == "fp32" else int16._mm(x, layer16[i], act))
+
+    with torch.inference_mode():
+        for _ in range(args.rounds + 1):  # the first is a warm-up
+            for name, i, x, _ in shapes:
+                for kind in ("fp32", "int16"):
+                    start = time.perf_counter()
+                    for _ in range(10):
+                        run(kind, i, x)
+                    secs[(name, kind)].append((time.perf_counter() - start) / 10)
+    print(f"{rows} rows, one thread, {args.rounds} rounds of 10 calls; int16: {int16._int16.name}, "
+          f"fp32: {'oneDNN' if fp32._pack else 'torch.nn.functional.linear'}")
+    for name, i, x, n in shapes:
+        flops = 2.0 * rows * x.shape[1] * n
+        med = {kind: statistics.median(secs[(name, kind)][1:]) for kind in ("fp32", "int16")}
+        line = "  ".join(f"{kind} {flops / med[kind] / 1e9:6.1f} GFLOP/s ({min(secs[(name, kind)][1:]) * 1e3:.2f}-"
+                         f"{max(secs[(name, kind)][1:]) * 1e3:.2f} ms)" for kind in ("fp32", "int16"))
+        print(f"  {name:22s} {x.shape[1]:5d} -> {n:5d}  {line}  int16 / fp32 speed: "
+              f"{med['fp32'] / med['int16']:.2f}x")
+
+
 def memory(args) -> None:
     model = args.model
     if model == "tiny":  # the tests' 2-layer model: isolates the pipeline's memory from the model's
@@ -772,6 +822,8 @@ def main() -> None:
     p.add_argument("--gpu", action="store_true", help="encoder vs plain sentence-transformers on a CUDA GPU")
     p.add_argument("--attention", action="store_true",
                    help="the packed bf16 forward: PyTorch's operations vs the native kernels")
+    p.add_argument("--products", action="store_true",
+                   help="one layer's matrix products: float32 (oneDNN) against the int16 native ones")
     p.add_argument("--precision", default="auto", help="--profile: the precision to profile")
     p.add_argument("--memory", help="comma-separated passage counts for the peak-memory comparison")
     p.add_argument("--model", default=MODEL,
@@ -806,6 +858,8 @@ def main() -> None:
         gpu(args)
     elif args.attention:
         attention(args)
+    elif args.products:
+        products(args)
     else:
         speed(args)
 

@@ -21,14 +21,37 @@ def assert_same_bits_whatever_batch_and_thread(kernel, layer, run) -> None:
             alone = run(kernel, qkv[row:row + length].contiguous(), [(0, 1, length)], 12, 32)
             assert torch.equal(alone, whole[row:row + length])
             row += length
-    results = [None] * 4
+    assert_same_from_threads(lambda: run(kernel, qkv, groups, 12, 32), whole)
+
+
+def assert_same_from_threads(call, expected, threads: int = 4) -> None:
+    """``call()`` from ``threads`` threads at once returns ``expected``'s very bits in each."""
+    results = [None] * threads
 
     def work(i):
-        results[i] = run(kernel, qkv, groups, 12, 32)
+        results[i] = call()
 
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
-    for t in threads:
+    running = [threading.Thread(target=work, args=(i,)) for i in range(threads)]
+    for t in running:
         t.start()
-    for t in threads:
+    for t in running:
         t.join()
-    assert all(torch.equal(r, whole) for r in results)
+    assert all(torch.equal(r, expected) for r in results)
+
+
+def packed_batch(st, seed: int, n: int = 120):
+    """``n`` random passages of the tests' words tokenized by ``st``, longest first, as the packed forward
+    takes them: (texts in that order, lengths, the concatenated token ids)."""
+    import random
+
+    import numpy as np
+
+    from conftest import _WORDS
+
+    rng = random.Random(seed)
+    texts = [" ".join(rng.choices(_WORDS, k=rng.randint(1, 60))) for _ in range(n)]
+    ids = [st.tokenizer(t, truncation=True, max_length=64)["input_ids"] for t in texts]
+    order = np.argsort([-len(x) for x in ids], kind="stable")
+    lengths = np.array([len(ids[i]) for i in order])
+    flat = np.array([t for i in order for t in ids[i]], dtype=np.int64)
+    return [texts[i] for i in order], lengths, flat

@@ -6,7 +6,6 @@ batch or thread, safe on bad arguments; and the packed fp32 forward that runs th
 
 from __future__ import annotations
 
-import random
 
 import numpy as np
 import pytest
@@ -15,8 +14,8 @@ import torch
 from densebeam.index_store.encoding import cpu
 from densebeam.index_store.encoding import native
 from densebeam.index_store.encoding.packed_bert import PackedBert, _length_groups
-from conftest import _WORDS, build_tiny_bi_encoder
-from kernel_checks import assert_same_bits_whatever_batch_and_thread
+from conftest import build_tiny_bi_encoder
+from kernel_checks import assert_same_bits_whatever_batch_and_thread, packed_batch
 
 _CAPS = {"avx512": "avx512_core_vnni", "avx2": "avx2"}
 
@@ -142,16 +141,11 @@ def test_packed_fp32_forward_runs_native_and_equals_sentence_transformers(kernel
     from sentence_transformers import SentenceTransformer
 
     st = SentenceTransformer(hd32_model, device="cpu")
-    rng = random.Random(2)
-    texts = [" ".join(rng.choices(_WORDS, k=rng.randint(1, 60))) for _ in range(120)]
-    ids = [st.tokenizer(t, truncation=True, max_length=64)["input_ids"] for t in texts]
-    order = np.argsort([-len(x) for x in ids], kind="stable")
-    lengths = np.array([len(ids[i]) for i in order])
-    flat = np.array([t for i in order for t in ids[i]], dtype=np.int64)
+    texts, lengths, flat = packed_batch(st, seed=2)
     model = PackedBert.from_sentence_transformer(st, "fp32")
     assert model.attention == "native" and model.fused_layernorm and model._native.name == kernel.name
     with torch.inference_mode():
         got = model(flat, lengths).numpy()
-    ref = st.encode([texts[i] for i in order], convert_to_numpy=True, normalize_embeddings=False)
+    ref = st.encode(texts, convert_to_numpy=True, normalize_embeddings=False)
     unit = got / np.linalg.norm(got, axis=1, keepdims=True)
     np.testing.assert_allclose(unit, ref, rtol=0, atol=1e-5)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import random
-import threading
 
 import numpy as np
 import pytest
@@ -19,6 +18,7 @@ from densebeam.index_store.encoding import encoder as encoder_mod
 from densebeam.index_store.encoding import native
 from densebeam.index_store.encoding.packed_bert import PackedBert
 from conftest import SHARED_DATA, _WORDS, build_tiny_bi_encoder
+from kernel_checks import assert_same_from_threads, packed_batch
 
 # build -> (family, the cap that makes this CPU that build, the flag it needs)
 _CAPS = {"avx512-vnni": ("avx512", "avx512_core_vnni", "avx512_vnni"), "avx512": ("avx512", "avx512_core", None),
@@ -103,17 +103,7 @@ def test_a_row_gets_the_same_bits_whatever_its_batch_and_thread(kernel):
         assert torch.equal(part, whole[start:start + kernel.rows])
     shuffled = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(1))
     assert torch.equal(kernel.linear(x[shuffled].contiguous(), packed), whole[shuffled])
-    results = [None] * 4
-
-    def work(i):
-        results[i] = kernel.linear(x, packed)
-
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert all(torch.equal(r, whole) for r in results)
+    assert_same_from_threads(lambda: kernel.linear(x, packed), whole)
 
 
 def test_bad_arguments_raise_instead_of_reading_out_of_bounds(kernel):
@@ -142,19 +132,14 @@ def test_packed_int16_forward_is_faithful_and_batch_invariant(kernel, hd32_model
     from sentence_transformers import SentenceTransformer
 
     st = SentenceTransformer(hd32_model, device="cpu")
-    rng = random.Random(3)
-    texts = [" ".join(rng.choices(_WORDS, k=rng.randint(1, 60))) for _ in range(120)]
-    ids = [st.tokenizer(t, truncation=True, max_length=64)["input_ids"] for t in texts]
-    order = np.argsort([-len(x) for x in ids], kind="stable")
-    lengths = np.array([len(ids[i]) for i in order])
-    flat = np.array([t for i in order for t in ids[i]], dtype=np.int64)
+    texts, lengths, flat = packed_batch(st, seed=3)
     model = PackedBert.from_sentence_transformer(st, "int16")
     assert model._int16.name == kernel.name and model.fused_layernorm and model.attention == "native"
     with torch.inference_mode():
         got = model(flat, lengths).numpy()
         one = model(flat[:lengths[0]], lengths[:1]).numpy()  # the longest passage alone
     np.testing.assert_array_equal(one[0], got[0])
-    ref = st.encode([texts[i] for i in order], convert_to_numpy=True, normalize_embeddings=False)
+    ref = st.encode(texts, convert_to_numpy=True, normalize_embeddings=False)
     unit = got / np.linalg.norm(got, axis=1, keepdims=True)
     assert float(np.min(np.sum(unit * ref, axis=1))) > 0.9999
 

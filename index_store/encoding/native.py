@@ -3,15 +3,19 @@
 PyTorch runs a packed layer's attention as a few small operations per group of equal-length passages
 (score products, a softmax, conversions, copies), and each residual connection as an add and a layer
 norm, two passes over the activations. The C kernels do a layer's attention in one call and each
-residual add with its layer norm in one pass. Two libraries:
+residual add with its layer norm in one pass; for ``int16``, the matrix products too. Three libraries:
 
-* ``fp32`` (``kernels_fp32.c``), for ``--precision fp32``: float32 attention and residual add + layer
+* ``fp32`` (``kernels_fp32.c``), for ``fp32`` and ``int16``: float32 attention and residual add + layer
   norm, compiled for the CPU's family (AVX-512 F, or AVX2 and FMA; :mod:`index_store.encoding.cpu`).
 * ``bf16`` (``kernels_avx512.c``), for ``bf16`` and ``bf16-mixed`` on CPUs with AVX-512 BF16: attention
   with bf16 inputs and float32 scores; the residual add + layer norm of ``bf16-mixed`` (a float32 stream:
   PyTorch's float32 arithmetic, also writing the bf16 copy the next product takes) and of ``bf16`` (a
   bf16 stream; the kernel keeps a sum in float32 that PyTorch rounds to bf16, so it runs only when asked,
   ``PackedBert(..., fused_layernorm=True)``).
+* ``int16`` (``kernels_int16.c``), for ``--precision int16`` on CPUs without bf16 arithmetic: matrix
+  products of inputs rounded per row to 14-bit and weights per output channel to 12-bit integers, summed
+  exactly in 32-bit integers (AVX-512 BW with or without VNNI, or AVX2 with or without AVX-VNNI), with the
+  feed-forward's GELU in the same pass; :class:`Int16Kernels`.
 
 ``bench/encode_bench.py --attention`` measures them against the PyTorch operations they replace.
 
@@ -277,8 +281,7 @@ class Int16Kernels:
         kp = weights.packed.shape[1] * 2
         xq = torch.empty((rows, kp), dtype=torch.int16)
         sx = torch.empty(rows, dtype=torch.float32)
-        if kp != k:
-            xq[:, k:] = 0
+        if kp != k:  # an odd width: a zero input pairs the last one
             x = torch.nn.functional.pad(x, (0, kp - k))
         self._quantize(x.data_ptr(), rows, kp, xq.data_ptr(), sx.data_ptr())
         y = torch.empty((rows, weights.n), dtype=torch.float32)

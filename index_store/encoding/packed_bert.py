@@ -10,7 +10,9 @@ add + layer norm for ``bf16`` exists too, off by default). The result equals the
 ``transformers``' ``BertModel`` followed by sentence-transformers' mean or CLS pooling (padding never
 changes a real token's output), to float rounding: tested against ``SentenceTransformer.encode``.
 
-Modes: ``fp32`` everywhere; ``bf16``: bf16 weights (cast once and, on CPU, pre-packed in oneDNN's
+Modes: ``fp32`` everywhere; ``int16``: as fp32, but the matrix products on integers in the native int16
+kernels (inputs rounded per token to 14 bits, weights per output channel to 12, exact integer sums;
+:mod:`index_store.encoding.native`); ``bf16``: bf16 weights (cast once and, on CPU, pre-packed in oneDNN's
 blocked layout, so no per-call weight reorder) and activations, with attention softmax and pooling in
 float32; ``bf16-mixed``: bf16 matrix products but the residual stream and layer norms in float32 (more
 faithful; ~10% slower on CPU with PyTorch's residual connections, as fast with the native ones); ``fp16``: as ``bf16`` in float16 (GPUs). Which one runs by default is not
