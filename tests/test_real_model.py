@@ -59,7 +59,7 @@ def test_default_precision_keeps_top10_neighbours(tmp_path, dl19):
     docs, queries = dl19
     default_vecs, facts = _pipeline_vectors(tmp_path, docs)
     # auto measured a precision on a sample of the corpus; the manifest names the one used
-    assert facts.precision in ("bf16", "bf16-mixed", "fp32")
+    assert facts.precision in ("bf16", "bf16-mixed", "int16", "fp32")
     fp32 = load_encoder("sentence-transformers/all-MiniLM-L6-v2", precision="fp32", device="cpu")
     ref = fp32.encode([d["text"] for d in docs])
     q = fp32.encode(queries)
@@ -84,7 +84,7 @@ def test_auto_precision_is_measured_on_the_corpus(dl19):
 
 
 def test_a_1_mib_passage_costs_a_bounded_cut(dl19):
-    """issue 14 item 8: a huge passage is cut to max_seq_length * CHARS_PER_TOKEN characters before
+    """A huge passage is cut to max_seq_length * CHARS_PER_TOKEN characters before
     tokenization, keeping exactly the tokens the model sees (its first max_seq_length)."""
     docs, _ = dl19
     enc = load_encoder("sentence-transformers/all-MiniLM-L6-v2", precision="fp32", device="cpu")
