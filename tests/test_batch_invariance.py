@@ -123,9 +123,8 @@ np.save(sys.argv[2], np.concatenate([queries, enc.encode(texts)]))
 
 @pytest.mark.slow
 def test_vectors_do_not_depend_on_the_thread_count(tmp_path):
-    """A lone query encoded in a process with 1 torch thread has the same bits as in one with 2
-    (before: 14 of 40 lone queries differed by up to 1.3e-7, so a service and a library call of other
-    thread counts could rank near-ties differently)."""
+    """A lone query encoded in a process with 1 torch thread has the same bits as in one with 2 (else a
+    service and a library call of other thread counts could rank near-ties differently)."""
     import os
     import subprocess
     import sys

@@ -219,7 +219,7 @@ def test_fsspec_bundle_is_cached_locally(built, tmp_path):
     assert bundle_mod.read_manifest(remote)["layout"] == "shards"
 
 
-# ---------------------------------------------------------------- only what the manifest covers (issue 14)
+# ---------------------------------------------------------------- only what the manifest covers
 
 @pytest.fixture(scope="module")
 def built_merged(tmp_path_factory):
@@ -272,8 +272,8 @@ def test_links_inside_the_bundle_are_resolved_and_opened(merged, tmp_path):
 @pytest.mark.parametrize("unlisted", ["index.faiss", "index.ivfdata", "trained.faiss",
                                       "docstore/part-00000-of-00003.arrow"])
 def test_files_the_manifest_does_not_list_are_never_opened(merged, unlisted):
-    """Present, valid and opened by fixed name before issue 14: now a layout file missing from ``files``
-    refuses the bundle, even a flipped .ivfdata the manifest never covered."""
+    """A layout file missing from ``files`` refuses the bundle, even when present and valid (a reader
+    opening files by fixed name would take it), and even a flipped .ivfdata the manifest never covered."""
     edit_manifest(merged, lambda m: m.update(files=[e for e in m["files"] if e["path"] != unlisted]))
     data = bytearray((merged / unlisted).read_bytes())
     data[len(data) // 2] ^= 0x10

@@ -1,5 +1,5 @@
 """Hostile bundles: hash-consistent bit flips in every file, links out of the bundle, files outside the
-manifest's cover, malformed format versions. No bundle crashes a reader (issue 14, items 1 and 2).
+manifest's cover, malformed format versions. No bundle crashes a reader.
 
 Each flipped bundle is probed in a child process (tests/hostile_probe.py), so a segfault in FAISS or
 Arrow kills the child, not pytest: the child must never die by a signal, and each flip must either be

@@ -1,4 +1,4 @@
-"""Hostile corpora (issue 14): records are never changed silently (BOMs, duplicate JSON keys, invisible or
+"""Hostile corpora: records are never changed silently (BOMs, duplicate JSON keys, invisible or
 bidirectional characters in ids), inputs that change during a run are detected, every input error names
 the file and the position, and input globs have the full syntax. Real files, real gzip, real Beam."""
 

@@ -83,9 +83,8 @@ def real_bundle(tmp_path_factory):
 
 @pytest.mark.slow
 def test_real_model_answers_do_not_depend_on_the_load(real_bundle):
-    """Issue 14: at the default precision, 36 of 811 answers under 32 concurrent clients ranked differently
-    from the library API, because a query's vector depended on the batch it shared. Now every answer
-    equals the library's for the query asked alone, ids and scores exactly."""
+    """At the default precision, under 32 concurrent clients, every answer equals the library's for the
+    query asked alone, ids and scores exactly (a query's vector must not depend on the batch it shares)."""
     queries = [json.loads(line)["text"] for line in open(REPO / "data" / "sample" / "queries.jsonl", encoding="utf-8")]
     check = serve_load.library_checker(real_bundle, queries, "auto")
     port = serve_load.free_port()

@@ -137,7 +137,8 @@ def _corrupt_list_offset(bundle: Path) -> None:
 
 
 def test_a_hash_consistent_corrupt_version_is_refused_and_the_old_one_keeps_serving(location, built):
-    """Issue 14: POST /admin/reload to such a version returned 200 and the next search killed the service."""
+    """POST /admin/reload to such a version is refused (not a 200 followed by a search that kills the
+    service), and the old version keeps serving."""
     bad = _add_version(location, "v-bad", built)
     _corrupt_list_offset(bad)
     with pytest.raises(reload_lib.ReloadError):

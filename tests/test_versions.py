@@ -159,7 +159,7 @@ print(json.dumps({"opens": opens, "failures": failures, "retries": len(retries)}
 def test_readers_never_lose_their_version_while_versions_publish(tmp_path, small_bundle, grace_s):
     """A reader opening a versioned location in a loop while new versions publish with --keep-versions 1:
     no open fails. With the default grace period old versions outlive every open; with none (pruned at
-    once, the race of issue 14), an open that loses its version opens the new current one instead."""
+    once, the race), an open that loses its version opens the new current one instead."""
     import json
     import os
     import subprocess
