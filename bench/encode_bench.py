@@ -621,7 +621,7 @@ def profile(args) -> None:
     rows = [
         ("start-up before Beam runs", total - beam_run),
         ("  of which model load (files or sentence-transformers)", t.get("_load_encoder", 0.0)),
-        ("auto precision measurement (64 passages, 3 precisions)", t.get("calibrate", 0.0)),
+        ("auto precision measurement (64 passages; 0 when remembered)", t.get("calibrate", 0.0)),
         ("tokenization (cut + tokenize once)", t.get("tokenize", 0.0)),
         ("forward pass (lanes) + normalize", t.get("_encode_with", 0.0) - t.get("tokenize", 0.0)),
         *beam_parts.items(),
