@@ -43,7 +43,7 @@ def packed_cross_support(model) -> Optional[str]:
 
 class PackedCrossEncoder:
     """The weights of one cross-encoder laid out for packed inference in one compute mode (``fp32``,
-    ``bf16-mixed``, ``bf16``, ``fp16``). ``__call__(ids, lengths, types)``: the token ids of pairs ordered
+    ``int16``, ``bf16-mixed``, ``bf16``, ``fp16``). ``__call__(ids, lengths, types)``: the token ids of pairs ordered
     by length, concatenated, their lengths and token types; returns their (n,) float32 logits."""
 
     def __init__(self, config: dict, weights: dict, mode: str, device: str = "cpu", attention: str = "auto"):
@@ -71,18 +71,26 @@ class PackedCrossEncoder:
         return cls(model.config.to_dict(), dict(model.state_dict()), mode, device, attention)
 
     def __call__(self, ids: np.ndarray, lengths: Sequence[int], types: np.ndarray):
+        h = self.bert(ids, lengths, types if self.bert.types is not None else None)
+        return _per_row(self._head, h)
+
+    def _head(self, x):
         import torch
 
-        x = _rowwise_linear(self.bert(ids, lengths, types if self.bert.types is not None else None), *self.dense)
+        x = torch.nn.functional.linear(x, *self.dense)
         x = torch.tanh(x) if self.act == "tanh" else torch.relu(x)
-        return _rowwise_linear(x, *self.out)[:, 0]
+        return torch.nn.functional.linear(x, *self.out)[:, 0]
 
 
-def _rowwise_linear(x, w, b):
-    """x @ w.T + b with each row's sums in an order that does not depend on how many rows there are (a
-    matrix product may switch kernels with the row count, and a pair's score must not depend on its
-    batch); the head is small, so the elementwise form costs little."""
-    return (x[:, None, :] * w[None, :, :]).sum(-1) + b
+def _per_row(fn, x):
+    """``fn`` applied to each row of ``x`` alone (a fresh one-row copy), the results concatenated. A pair's
+    score must not depend on its batch, but a matrix product may switch kernels with the row count, and
+    PyTorch's elementwise functions (tanh, sigmoid) compute whole vectors with SIMD code and a tail that
+    is no vector's worth in scalar code, whose last bits differ: one row at a time, every pair takes the
+    same path. The head and the activation are small; the loop costs little beside the encoder."""
+    import torch
+
+    return torch.cat([fn(x[i:i + 1].clone()) for i in range(x.shape[0])])
 
 
 class PairTokenizer:
@@ -128,8 +136,6 @@ class PackedCrossScorer:
         self.token_budget, self.max_batch = int(token_budget), int(max_batch)
 
     def __call__(self, pairs: Sequence[tuple[str, str]]) -> np.ndarray:
-        import torch
-
         out = np.empty(len(pairs), dtype=np.float32)
         if not len(pairs):
             return out
@@ -144,7 +150,7 @@ class PackedCrossScorer:
             seg = np.fromiter((t for j in idx for t in types[j]), dtype=np.int64, count=len(flat))
             logits = self.model(flat, lengths[idx], seg)
             if self.activation is not None:
-                logits = self.activation(logits)
+                logits = _per_row(self.activation, logits)
             out[idx] = logits.float().cpu().numpy()
 
         run_lanes(batches, run, device)
