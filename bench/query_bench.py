@@ -15,6 +15,12 @@ dense search + re-rank at depth 100, and of plain ``CrossEncoder.predict`` scori
 and re-rank throughput (pairs/s) of plain ``CrossEncoder.predict`` fp32 (and bf16 autocast where the CPU
 has bf16 arithmetic) against densebeam's packed cross-encoder in fp32 and in its default precision, on
 the same pairs, interleaved, median of ``--repeats``.
+
+``--rerank-fidelity``: only the re-ranker's default precision against fp32, per collection: the dense top
+100 of every judged query re-ranked by both, nDCG@10 of each, the mean top-10 overlap and the largest
+score difference (the bar a default precision keeps: overlap >= 0.98 and nDCG@10 within 0.005).
+
+    .venv/bin/python bench/query_bench.py --rerank-fidelity --cpu-family avx512   # int16 against fp32
 """
 
 from __future__ import annotations
@@ -128,6 +134,31 @@ def rerank_throughput(searcher, ce_path: str, texts: list[str], n_queries: int =
     return {"pairs": len(pairs), **{name: len(pairs) / statistics.median(v) for name, v in secs.items()}}
 
 
+def rerank_fidelity(searcher, queries, qrels, level) -> dict:
+    """The re-ranker's default precision against fp32 on the dense top 100 of every query."""
+    import numpy as np
+
+    from densebeam.index_store.query import evaluate as ev
+    from densebeam.index_store.query.rerank import CrossEncoderReranker
+
+    qids, texts = list(queries), list(queries.values())
+    first = searcher.retrieve(texts, 100, first_stage="dense")
+    fp32 = CrossEncoderReranker(searcher.reranker.name, device="cpu", precision="fp32")
+    out = {"precision": searcher.reranker.precision, "queries": len(qids), "pairs": sum(map(len, first))}
+    tops = {}
+    for name, scorer in (("default", searcher.reranker), ("fp32", fp32)):
+        start = time.perf_counter()
+        tops[name] = scorer.rerank(texts, first, 100)
+        out[f"{name} pairs/s"] = out["pairs"] / (time.perf_counter() - start)
+        out[f"{name} ndcg@10"] = ev.evaluate(qrels, ev.run_from_hits(qids, tops[name]), qids, level).metrics["ndcg@10"]
+    out["overlap@10"] = float(np.mean([len({h.doc_id for h in a[:10]} & {h.doc_id for h in b[:10]}) / 10
+                                       for a, b in zip(tops["default"], tops["fp32"])]))
+    diffs = [abs(x.score - y.score) for a, b in zip(tops["default"], tops["fp32"])
+             for x, y in zip(sorted(a, key=lambda h: h.doc_id), sorted(b, key=lambda h: h.doc_id))]
+    out["max |score diff|"], out["mean |score diff|"] = max(diffs), float(np.mean(diffs))
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default=str(DATA))
@@ -139,6 +170,8 @@ def main(argv=None) -> int:
     p.add_argument("--throughput-queries", type=int, default=10, help="queries (x100 pairs) for the throughput")
     p.add_argument("--repeats", type=int, default=3, help="throughput runs per scorer (the median is kept)")
     p.add_argument("--skip-quality", action="store_true", help="latency and throughput only")
+    p.add_argument("--rerank-fidelity", action="store_true",
+                   help="only the re-ranker's default precision against fp32 (dense top 100, every judged query)")
     p.add_argument("--cpu-family", choices=("avx512-bf16", "avx512", "avx2"),
                    help="run as this CPU family (index_store.encoding.cpu.limit_env; simulated on a CPU that has more)")
     p.add_argument("--out", default=None, help="also write the markdown tables here")
@@ -167,6 +200,8 @@ def main(argv=None) -> int:
             "|---|---|---:|---:|---:|---:|---:|"]
     lat = ["| collection | docs | dense search p50 / p95 ms | dense + re-rank@100 p50 / p95 ms | plain predict "
            "of the 100 pairs p50 / p95 ms |", "|---|---:|---:|---:|---:|"]
+    fid = ["| collection | queries | default | nDCG@10 default | nDCG@10 fp32 | top-10 overlap | max / mean "
+           "|score diff| | pairs/s default / fp32 |", "|---|---:|---|---:|---:|---:|---:|---:|"]
     thr = None
     names = args.collections.split(",")
     thr_on = next((n for n in names if n.startswith("dl19")), names[-1])  # MS MARCO-length passages
@@ -180,6 +215,14 @@ def main(argv=None) -> int:
         queries, qrels = ev.read_queries(str(coll / "queries.jsonl")), ev.read_qrels(str(coll / "qrels.tsv"))
         queries = {q: t for q, t in queries.items() if q in qrels}  # judged queries
         level = 2 if name.startswith("dl19") else 1
+        if args.rerank_fidelity:
+            f = rerank_fidelity(searcher, queries, qrels, level)
+            fid.append(f"| {name} | {f['queries']} | {f['precision']} | {f['default ndcg@10']:.4f} | "
+                       f"{f['fp32 ndcg@10']:.4f} ({f['default ndcg@10'] - f['fp32 ndcg@10']:+.4f}) | "
+                       f"{f['overlap@10']:.4f} | {f['max |score diff|']:.4f} / {f['mean |score diff|']:.5f} | "
+                       f"{f['default pairs/s']:.0f} / {f['fp32 pairs/s']:.0f} |")
+            print(fid[-1], file=sys.stderr, flush=True)
+            continue
         if not args.skip_quality:
             for method, m, qps, n in quality(searcher, queries, qrels, level, rerank=True):
                 qual.append(f"| {name} | {method} | {m['ndcg@10']:.4f} | {m['mrr@10']:.4f} | {m['recall@100']:.4f} "
@@ -200,6 +243,13 @@ def main(argv=None) -> int:
             thr = (name, rerank_throughput(searcher, args.rerank_model, texts, args.throughput_queries, args.repeats))
     ce = Path(args.rerank_model).name
     lines = [machine, ""]
+    if args.rerank_fidelity:
+        lines += [f"### Re-ranking fidelity ({ce}: the dense top 100 re-ranked in the default precision and "
+                  "in fp32)", "", *fid]
+        print("\n".join(lines))
+        if args.out:
+            Path(args.out).write_text("\n".join(lines) + "\n", encoding="utf-8")
+        return 0
     if not args.skip_quality:
         lines += [f"### Retrieval quality (all-MiniLM-L6-v2; cross-encoder {ce}; dl19-subset: MRR/R at grade >= 2)",
                   "", *qual, ""]

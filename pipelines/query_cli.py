@@ -28,7 +28,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                    help="where the models run; auto = a CUDA GPU when torch sees one, else the CPU")
     p.add_argument("--precision", default="auto", choices=PRECISIONS,
                    help="queries: auto = fp32 on CPU, fp16 on CUDA; the cross-encoder: auto = bf16-mixed on CPUs "
-                        "with bf16 arithmetic, fp16 on CUDA, else fp32")
+                        "with bf16 arithmetic, fp16 on CUDA, int16 on other x86-64 CPUs, else fp32")
     p.add_argument("--verify", default="full", choices=("full", "sizes", "none"),
                    help="bundle check at open: full hashes every file (default: a flipped byte is caught "
                         "before any result is served), sizes only stats them")

@@ -6,7 +6,9 @@ passage) pairs of all queries are scored in one call: BERT-family cross-encoders
 DistilBERT, RoBERTa, XLM-R) on the packed, padding-free forward of the bi-encoder
 (:mod:`index_store.encoding.packed_cross`: no padding, native kernels, CPU lanes), any other through
 sentence-transformers' ``CrossEncoder.predict``. Precision ``auto``: ``bf16-mixed`` on CPUs with bf16
-arithmetic (bf16 products, a float32 residual stream), fp16 on CUDA, else fp32.
+arithmetic (bf16 products, a float32 residual stream), fp16 on CUDA, ``int16`` on other x86-64 CPUs with
+AVX2 or AVX-512 (integer products, a float32 residual stream: the native int16 kernels) where the model
+runs packed, else fp32.
 
 Only the top ``depth`` hits come back: scores from two models do not mix in one ranking (trec_eval
 sorts a run by score), so recall beyond ``depth`` is the first stage's recall at ``depth``.
@@ -34,16 +36,17 @@ DEFAULT_DEPTH = 100
 
 def rerank_precision(precision: str, device: str) -> str:
     """The precision a cross-encoder runs in: ``auto`` is fp16 on CUDA, bf16-mixed on CPUs with bf16
-    arithmetic, fp32 elsewhere; others as given (checked as the bi-encoder checks them)."""
+    arithmetic, int16 on other x86-64 CPUs with AVX2 or AVX-512, else fp32; others as given (checked as
+    the bi-encoder checks them). int16 needs the packed forward and the native kernels: where either is
+    missing, :class:`CrossEncoderReranker` runs ``auto`` in fp32 and refuses an explicit ``int16``."""
     check_precision(precision, device)
-    if precision == "int16":
-        raise ValueError("--precision int16 is for bi-encoders; a cross-encoder runs auto, fp32, bf16 or bf16-mixed "
-                         "(auto: bf16-mixed on CPUs with bf16 arithmetic, else fp32)")
     if precision != "auto":
         return precision
     if device == "cuda":
         return "fp16"
-    return "bf16-mixed" if cpu.native_bf16() else "fp32"
+    if cpu.native_bf16():
+        return "bf16-mixed"
+    return "int16" if cpu.family() in ("avx2", "avx512") else "fp32"
 
 
 class CrossEncoderReranker:
@@ -73,12 +76,13 @@ class CrossEncoderReranker:
                              "relevance model with one output (num_labels=1), e.g. cross-encoder/ms-marco-*")
         self.model.eval()
         self._lock = threading.Lock()  # CrossEncoder.predict: one call at a time, torch already uses every core
-        self._scorer, self.packed = self._packed_scorer()
+        self._scorer, self.packed = self._packed_scorer(asked=precision)
         log.info("loaded cross-encoder %s on %s, precision %s, %s", model, self.device, self.precision,
                  "packed forward" if self._scorer is not None else f"CrossEncoder.predict ({self.packed})")
 
-    def _packed_scorer(self):
-        """(the packed scorer, None), or (None, why it cannot run packed)."""
+    def _packed_scorer(self, asked: str):
+        """(the packed scorer, None), or (None, why it cannot run packed). int16 that cannot run here is
+        fp32 when ``auto`` chose it (logged), a ValueError when asked for."""
         from densebeam.index_store.encoding.packed_cross import (PackedCrossEncoder, PackedCrossScorer, PairTokenizer,
                                                         packed_cross_support)
 
@@ -90,8 +94,20 @@ class CrossEncoderReranker:
         if why is None and getattr(self.model, "default_prompt_name", None):
             why = "a default prompt"
         if why is not None:
+            if self.precision == "int16":
+                if asked == "int16":
+                    raise ValueError(f"--precision int16 needs the packed forward, which cross-encoder {self.name!r} "
+                                     f"cannot run ({why}); use auto or fp32")
+                self.precision = "fp32"
             return None, why
-        engine = PackedCrossEncoder.from_model(hf, self.precision, self.device)
+        try:
+            engine = PackedCrossEncoder.from_model(hf, self.precision, self.device)
+        except ValueError as err:
+            if self.precision != "int16" or asked == "int16":
+                raise
+            log.info("cross-encoder %s: %s; running fp32", self.name, err)
+            self.precision = "fp32"
+            engine = PackedCrossEncoder.from_model(hf, self.precision, self.device)
         return PackedCrossScorer(engine, PairTokenizer(tok, self.model.max_seq_length), self.model.activation_fn), None
 
     def _autocast(self):
