@@ -55,7 +55,7 @@ def test_service_under_load_with_a_version_switch(two_versions):
     port = serve_load.free_port()
     server = serve_load.start_server(root, port, ("--watch-seconds", "0.3"))
     try:
-        res = serve_load.run_load(port, QUERIES, check, seconds=8, clients=16, max_requests=20_000,
+        res = serve_load.run_load(port, QUERIES, check, seconds=5, clients=16, max_requests=20_000,
                                   during=lambda: versions.switch(root, v2))
         health = httpx.get(f"http://127.0.0.1:{port}/health", timeout=5).json()
         final = httpx.post(f"http://127.0.0.1:{port}/search", json={"query": QUERIES[0], "k": 10}).json()
@@ -90,7 +90,7 @@ def test_real_model_answers_do_not_depend_on_the_load(real_bundle):
     port = serve_load.free_port()
     server = serve_load.start_server(real_bundle, port)
     try:
-        res = serve_load.run_load(port, queries, check, seconds=10, clients=32, max_requests=20_000)
+        res = serve_load.run_load(port, queries, check, seconds=4, clients=32, max_requests=20_000)
     finally:
         serve_load.stop_server(server)
     print({k: v for k, v in res.items() if k != "wrong"})

@@ -200,8 +200,9 @@ def _collection(name):
 @pytest.mark.slow
 @pytest.mark.parametrize("collection", ["adi", "cisi"])
 def test_int16_keeps_the_fidelity_bar_on_real_collections(collection):
-    """The real model's int16 documents against fp32's, queries in fp32 (as the query side encodes them):
-    NDCG@10 within 0.005 and the judged queries' top-10 overlap at least 0.98."""
+    """The real model's int16 documents against fp32's (adi; every other cisi abstract), queries in fp32
+    (as the query side encodes them): NDCG@10 within 0.005 and the judged queries' top-10 overlap at
+    least 0.98."""
     from densebeam.index_store.query.evaluate import evaluate, read_qrels
 
     if not (SHARED_DATA / collection).exists():
@@ -209,19 +210,23 @@ def test_int16_keeps_the_fidelity_bar_on_real_collections(collection):
     if native.kernels("int16") is None:
         pytest.skip(f"native int16 kernels unavailable here: {native.why_not('int16')}")
     docs, queries, qrels_path = _collection(collection)
+    docs = docs[::2] if len(docs) > 1000 else docs  # every other cisi abstract: the fp32 reference costs most
     qrels = read_qrels(str(qrels_path))
     qids = [q for q in queries if q in qrels]
     ids = [d["_id"] for d in docs]
     texts = [f"{d['title']} {d['text']}" if d.get("title") else d["text"] for d in docs]  # BEIR title + text
-    fp32 = encoder_mod.load_encoder("bundled", precision="fp32", device="cpu")
+    # Passages cut at 128 tokens (half the model's 256): the products' rounding is per token, so neither the
+    # cut nor the half corpus favours int16 (bench/encode_bench.py --fidelity: whole collections, full length).
+    fp32 = encoder_mod.load_encoder("bundled", precision="fp32", device="cpu", max_seq_length=128)
     q = fp32.encode([queries[x] for x in qids], role="query")
     out = {}
     for precision in ("fp32", "int16"):
-        enc = encoder_mod.load_encoder("bundled", precision=precision, device="cpu")
+        enc = encoder_mod.load_encoder("bundled", precision=precision, device="cpu", max_seq_length=128)
         s = q @ enc.encode(texts).T
         top = np.argsort(-s, axis=1, kind="stable")[:, :10]
         run = {qq: {ids[j]: float(s[i, j]) for j in top[i]} for i, qq in enumerate(qids)}
         out[precision] = (top, evaluate(qrels, run, qids).metrics["ndcg@10"])
     overlap = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(out["fp32"][0], out["int16"][0])])
     ndcg = (out["fp32"][1], out["int16"][1])
+    print(f"\n{collection}: {len(docs)} documents, top-10 overlap {overlap:.4f}, NDCG@10 fp32 / int16 {ndcg}")
     assert overlap >= 0.98 and abs(ndcg[1] - ndcg[0]) <= 0.005, (overlap, ndcg)

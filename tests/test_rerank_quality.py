@@ -1,16 +1,21 @@
 """Retrieve & re-rank with the trained MS MARCO cross-encoder (../shared/models/ms-marco-MiniLM-L-12-v2)
 on dl19-subset: re-ranking the dense and the BM25 top 30 raises nDCG@10 by at least 0.03 over each first
-stage, and the library, the CLI (``densebeam eval --rerank-model``) and the HTTP service give the same
-answers."""
+stage, the library, the CLI (``densebeam eval --rerank-model``) and the HTTP service give the same
+answers, and int16 (the default on x86-64 CPUs without bf16 arithmetic) re-ranks as fp32 does."""
 
 from __future__ import annotations
 
 import json
 
 import httpx
+import numpy as np
 import pytest
 
+from densebeam.index_store.encoding import cpu
+from densebeam.index_store.encoding import native
+
 from densebeam.index_store.query import evaluate as ev
+from densebeam.index_store.query.rerank import CrossEncoderReranker
 from densebeam.index_store.query.search import Searcher
 from densebeam.index_store.query.serve import create_app
 from densebeam.pipelines import cli
@@ -41,33 +46,69 @@ def _ndcg(qrels, queries, results):
     return ev.evaluate(qrels, ev.run_from_hits(list(queries), results), list(queries)).metrics["ndcg@10"]
 
 
+@pytest.fixture(scope="module")
+def ranked(dl19):
+    """stage -> (its top DEPTH, the top 10 after re-ranking that depth), each computed once for the module."""
+    _, searcher, queries, _ = dl19
+    texts, cache = list(queries.values()), {}
+
+    def get(stage):
+        if stage not in cache:
+            cache[stage] = (searcher.retrieve(texts, DEPTH, first_stage=stage),
+                            searcher.retrieve(texts, 10, first_stage=stage, rerank=True, rerank_depth=DEPTH))
+        return cache[stage]
+    return get
+
+
 @pytest.mark.parametrize("stage", ["dense", "bm25"])
-def test_the_cross_encoder_raises_ndcg_over_the_first_stage(dl19, stage):
+def test_the_cross_encoder_raises_ndcg_over_the_first_stage(dl19, ranked, stage):
     _, searcher, queries, qrels = dl19
-    texts = list(queries.values())
     assert searcher.reranker.packed is None  # the packed forward, not CrossEncoder.predict
-    first = _ndcg(qrels, queries, searcher.retrieve(texts, DEPTH, first_stage=stage))
-    reranked = _ndcg(qrels, queries, searcher.retrieve(texts, 10, first_stage=stage, rerank=True, rerank_depth=DEPTH))
+    first, reranked = (_ndcg(qrels, queries, results) for results in ranked(stage))
     assert reranked >= first + 0.03, (stage, first, reranked)
 
 
-def test_library_cli_and_service_agree(dl19, tmp_path, capsys):
+def test_library_cli_and_service_agree(dl19, ranked, tmp_path, capsys):
+    """The same queries' re-ranked top 10 (ids and scores) from the library, ``densebeam eval
+    --rerank-model`` (its TREC run) and the service; eight queries suffice for the two front ends."""
     path, searcher, queries, qrels = dl19
-    texts = list(queries.values())
-    library = searcher.retrieve(texts, 10, rerank=True, rerank_depth=DEPTH)
-    qfile = tmp_path / "queries.jsonl"
-    qfile.write_text("".join(json.dumps({"_id": q, "text": t}) + "\n" for q, t in queries.items()))
+    library = dict(zip(queries, ranked("dense")[1]))
+    some = dict(list(queries.items())[:8])
+    qfile, run_file = tmp_path / "queries.jsonl", tmp_path / "run.trec"
+    qfile.write_text("".join(json.dumps({"_id": q, "text": t}) + "\n" for q, t in some.items()))
     assert cli.main(["eval", "--index", path, "--queries", str(qfile), "--qrels", str(COLLECTION / "qrels.tsv"),
                      "--rerank-model", str(CROSS_ENCODER), "--rerank-depth", str(DEPTH), "--k", "10",
-                     "--json"]) == 0
+                     "--run-out", str(run_file), "--json"]) == 0
     from_cli = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert from_cli["ndcg@10"] == pytest.approx(_ndcg(qrels, queries, library), abs=1e-6)
+    assert from_cli["ndcg@10"] == pytest.approx(_ndcg(qrels, some, [library[q] for q in some]), abs=1e-6)
+    lines = [line.split() for line in run_file.read_text().splitlines()]
+    for q in some:
+        assert [(d, np.float32(s)) for qid, _, d, _, s, _ in lines if qid == q] == \
+            [(h.doc_id, np.float32(h.score)) for h in library[q]], q  # .9g round-trips float32
     server = ServerThread(create_app(searcher, default_rerank_depth=DEPTH)).start()
     try:
         with httpx.Client(base_url=server.url, timeout=120) as client:
-            for query, hits in list(zip(texts, library))[:8]:
-                got = client.post("/search", json={"query": query, "k": 10, "rerank": True}).json()
+            for q, text in some.items():
+                got = client.post("/search", json={"query": text, "k": 10, "rerank": True}).json()
                 answer = got["results"][0]["hits"] if "results" in got else got["hits"]
-                assert [(h["doc_id"], h["score"]) for h in answer] == [(h.doc_id, h.score) for h in hits]
+                assert [(h["doc_id"], h["score"]) for h in answer] == [(h.doc_id, h.score) for h in library[q]]
     finally:
         server.stop()
+
+
+def test_int16_re_ranks_as_fp32_does(dl19):
+    """The trained cross-encoder in int16 against fp32 on eight queries' dense top 30: every score within
+    0.02 (logits spread over about 17; the whole collection: ``bench/query_bench.py --rerank-fidelity``)
+    and each top 10 in fp32's order, but for neighbours fp32 scores within 0.02 of each other."""
+    if cpu.family() not in ("avx2", "avx512", "avx512-bf16") or native.kernels("int16") is None:
+        pytest.skip(f"no native int16 kernels on this CPU (family {cpu.family()})")
+    _, searcher, queries, _ = dl19
+    texts = list(queries.values())[:8]
+    first = searcher.retrieve(texts, DEPTH, first_stage="dense")
+    int16, fp32 = (CrossEncoderReranker(str(CROSS_ENCODER), precision=p, device="cpu") for p in ("int16", "fp32"))
+    got, want = int16.rerank(texts, first, DEPTH), fp32.rerank(texts, first, DEPTH)
+    for a, b in zip(got, want):
+        scores = {h.doc_id: h.score for h in b}
+        assert max(abs(h.score - scores[h.doc_id]) for h in a) < 0.02
+        for x, y in zip(a[:10], a[1:10]):  # int16's order, judged by fp32's scores
+            assert scores[x.doc_id] >= scores[y.doc_id] - 0.02, (x, y)
