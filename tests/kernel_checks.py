@@ -55,3 +55,11 @@ def packed_batch(st, seed: int, n: int = 120):
     lengths = np.array([len(ids[i]) for i in order])
     flat = np.array([t for i in order for t in ids[i]], dtype=np.int64)
     return [texts[i] for i in order], lengths, flat
+
+
+def int16_kernels_here() -> bool:
+    """True when the native int16 kernels build and run on this CPU, under the caps in force (never on a
+    CPU without AVX2 or AVX-512, nor with ``DENSEBEAM_NATIVE=0`` or no compiler)."""
+    from densebeam.index_store.encoding import native
+
+    return native.kernels("int16") is not None

@@ -18,7 +18,7 @@ from densebeam.index_store.encoding import encoder as encoder_mod
 from densebeam.index_store.encoding import native
 from densebeam.index_store.encoding.packed_bert import PackedBert
 from conftest import SHARED_DATA, _WORDS, build_tiny_bi_encoder
-from kernel_checks import assert_same_from_threads, packed_batch
+from kernel_checks import assert_same_from_threads, int16_kernels_here, packed_batch
 
 # build -> (family, the cap that makes this CPU that build, the flag it needs)
 _CAPS = {"avx512-vnni": ("avx512", "avx512_core_vnni", "avx512_vnni"), "avx512": ("avx512", "avx512_core", None),
@@ -207,7 +207,7 @@ def test_int16_keeps_the_fidelity_bar_on_real_collections(collection):
 
     if not (SHARED_DATA / collection).exists():
         pytest.skip(f"../shared/data/{collection} is not here")
-    if native.kernels("int16") is None:
+    if not int16_kernels_here():
         pytest.skip(f"native int16 kernels unavailable here: {native.why_not('int16')}")
     docs, queries, qrels_path = _collection(collection)
     docs = docs[::2] if len(docs) > 1000 else docs  # every other cisi abstract: the fp32 reference costs most

@@ -15,6 +15,7 @@ import pytest
 from densebeam.index_store.encoding import cpu
 from densebeam.index_store.query.rerank import CrossEncoderReranker
 from conftest import _WORDS
+from kernel_checks import int16_kernels_here
 from query_fixtures import build_tiny_cross_encoder
 
 
@@ -73,12 +74,6 @@ def test_a_huge_passage_is_cut_without_changing_its_score(tmp_path):
     np.testing.assert_allclose(rr.score_pairs(pairs), want, rtol=0, atol=1e-4)
 
 
-def _int16_here() -> bool:
-    from densebeam.index_store.encoding import native
-
-    return native.kernels("int16") is not None
-
-
 def test_precision_follows_the_cpu(tmp_path, monkeypatch):
     """auto: bf16-mixed with bf16 arithmetic; int16 on AVX2 and AVX-512 without it (native kernels), fp32
     where those cannot be built; bf16 is refused where the CPU would emulate it."""
@@ -90,7 +85,7 @@ def test_precision_follows_the_cpu(tmp_path, monkeypatch):
             continue
         monkeypatch.setenv("DENSEBEAM_MAX_CPU_ISA", cap)  # a CPU without bf16 arithmetic
         assert cpu.family() == cap
-        assert CrossEncoderReranker(path, device="cpu").precision == ("int16" if _int16_here() else "fp32")
+        assert CrossEncoderReranker(path, device="cpu").precision == ("int16" if int16_kernels_here() else "fp32")
         for precision in ("bf16", "bf16-mixed"):
             with pytest.raises(ValueError, match="needs bf16 arithmetic"):
                 CrossEncoderReranker(path, precision=precision, device="cpu")
@@ -107,7 +102,7 @@ def test_int16_scores_follow_fp32_and_do_not_depend_on_the_batch(cross, cap, mon
     far more than a trained one (test_rerank_quality checks the trained cross-encoder at 0.01 logits)."""
     if cap != "native":
         monkeypatch.setenv("DENSEBEAM_MAX_CPU_ISA", cap)
-    if cpu.family() not in ("avx2", "avx512", "avx512-bf16") or not _int16_here():
+    if not int16_kernels_here():
         pytest.skip(f"no native int16 kernels on this CPU (family {cpu.family()})")
     _, path = cross
     fp32 = CrossEncoderReranker(path, precision="fp32", device="cpu")

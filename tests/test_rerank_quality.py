@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 
 from densebeam.index_store.encoding import cpu
-from densebeam.index_store.encoding import native
 
 from densebeam.index_store.query import evaluate as ev
 from densebeam.index_store.query.rerank import CrossEncoderReranker
@@ -21,6 +20,7 @@ from densebeam.index_store.query.serve import create_app
 from densebeam.pipelines import cli
 from densebeam.pipelines.build_index import run_build
 from conftest import SHARED_DATA
+from kernel_checks import int16_kernels_here
 from query_fixtures import ServerThread
 
 pytestmark = pytest.mark.slow
@@ -100,7 +100,7 @@ def test_int16_re_ranks_as_fp32_does(dl19):
     """The trained cross-encoder in int16 against fp32 on eight queries' dense top 30: every score within
     0.02 (logits spread over about 17; the whole collection: ``bench/query_bench.py --rerank-fidelity``)
     and each top 10 in fp32's order, but for neighbours fp32 scores within 0.02 of each other."""
-    if cpu.family() not in ("avx2", "avx512", "avx512-bf16") or native.kernels("int16") is None:
+    if not int16_kernels_here():
         pytest.skip(f"no native int16 kernels on this CPU (family {cpu.family()})")
     _, searcher, queries, _ = dl19
     texts = list(queries.values())[:8]

@@ -16,6 +16,7 @@ from densebeam.index_store.query.rerank import CrossEncoderReranker
 from densebeam.index_store.query.search import Searcher
 from densebeam.pipelines import cli
 from conftest import build_tiny_bi_encoder
+from kernel_checks import int16_kernels_here
 from query_fixtures import build_tiny_bundle, build_tiny_cross_encoder, toy_queries
 
 QUERIES = toy_queries(12)
@@ -161,10 +162,7 @@ def test_reranker_precision_and_errors(cross_encoder, searcher):
     else:  # emulated bf16 would be slower than fp32 and less faithful: refused, naming the way out
         with pytest.raises(ValueError, match="needs bf16 arithmetic.*fp32"):
             CrossEncoderReranker(cross_encoder, precision="bf16", device="cpu")
-    from densebeam.index_store.encoding import native
-
-    auto = ("bf16-mixed" if cpu.native_bf16() else
-            "int16" if cpu.family() in ("avx2", "avx512") and native.kernels("int16") is not None else "fp32")
+    auto = "bf16-mixed" if cpu.native_bf16() else "int16" if int16_kernels_here() else "fp32"
     assert CrossEncoderReranker(cross_encoder, device="cpu").precision == auto
     with pytest.raises(ValueError, match="fp16 is not supported on CPU"):
         CrossEncoderReranker(cross_encoder, precision="fp16", device="cpu")
