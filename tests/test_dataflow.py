@@ -17,7 +17,6 @@ import pytest
 from densebeam.index_store.ivf.plan import plan_build
 from densebeam.index_store.artifacts.embeddings import open_embeddings
 from densebeam.index_store.encoding.encoder import load_encoder
-from densebeam.pipelines import build_index
 from densebeam.pipelines import encode
 from densebeam.pipelines.options import read_options
 from densebeam.runners import dataflow

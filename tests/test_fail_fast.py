@@ -6,7 +6,6 @@ option's --help says what it does and its default."""
 from __future__ import annotations
 
 import argparse
-import json
 import subprocess
 import sys
 import time

@@ -25,10 +25,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from densebeam.index_store.artifacts import bundle as bundle_lib
-from densebeam.index_store.artifacts.bundle import BundleError, open_bundle
 from densebeam.index_store.types import ModelFacts
-from densebeam.pipelines import build_index, cli
+from densebeam.pipelines import build_index
 from test_build_index import clustered, write_embeddings_dir
 
 log = logging.getLogger(__name__)

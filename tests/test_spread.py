@@ -8,7 +8,6 @@ import bz2
 import collections
 import gzip
 import json
-import os
 
 import pytest
 
