@@ -9,16 +9,13 @@ from pathlib import Path
 
 import pytest
 
+import parallel_runs
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-if "DENSEBEAM_CACHE_DIR" not in os.environ:  # remembered precision choices etc. stay out of ~/.cache
-    import atexit
-    import shutil
-    import tempfile
-
-    os.environ["DENSEBEAM_CACHE_DIR"] = tempfile.mkdtemp(prefix="densebeam-test-cache-")
-    atexit.register(shutil.rmtree, os.environ["DENSEBEAM_CACHE_DIR"], True)
+parallel_runs.own_cache_dir()  # remembered precision choices etc. stay out of ~/.cache, one folder per worker
+parallel_runs.make_turns_dir()
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 REPO = Path(__file__).resolve().parents[1]
@@ -142,3 +139,35 @@ def write_jsonl(path: Path, records, gz: bool = False) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(gzip.compress(data) if gz else data)
     return path
+
+
+def pytest_xdist_auto_num_workers(config) -> int:
+    """``-n auto``: a worker per usable core, at most 4 (each holds torch and its models; the tests are
+    mostly single-threaded Python, and their torch work already uses every core)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(cores, 4))
+
+
+def pytest_collection_modifyitems(config, items):
+    parallel_runs.order(items)
+
+
+_TURNS: parallel_runs.Turns | None = None
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    """Under xdist a ``timing`` test runs alone (set-up, call and tear-down); others share the machine."""
+    global _TURNS
+    if parallel_runs.worker() is None:
+        yield
+        return
+    if _TURNS is None:
+        _TURNS = parallel_runs.Turns(os.environ[parallel_runs.TURNS_ENV])
+    timing = item.get_closest_marker("timing") is not None
+    _TURNS.enter(timing)
+    yield
+    _TURNS.leave(keep_alone=timing and nextitem is not None and nextitem.get_closest_marker("timing") is not None)

@@ -55,6 +55,7 @@ def corpora(tmp_path_factory):
     return tmp, good, pyserini, existing
 
 
+@pytest.mark.timing
 @pytest.mark.parametrize("case", ["missing input", "folder input", "mistyped flag", "existing output",
                                   "missing model", "fields named otherwise", "other formats in a glob",
                                   "a bad value", "missing bundle", "missing qrels", "unknown metric"])

@@ -300,6 +300,7 @@ def test_a_caller_that_can_do_without_the_kernels_never_waits_for_a_compiler(fre
     assert built is not None and native.kernels("fp32", build=False) is built
 
 
+@pytest.mark.timing
 def test_planned_answers_while_a_build_runs_and_follows_its_outcome(fresh_native, monkeypatch, tmp_path, kernel32):
     assert native.planned("fp32") == kernel32.name  # this machine can: no build has run in this setting yet
     slow = tmp_path / "slow-cc"  # a compiler that takes its time, then fails

@@ -17,6 +17,8 @@ from densebeam.index_store.query.search import Searcher
 from densebeam.index_store.query.serve import Limits, create_app, server_config
 from query_fixtures import build_tiny_bundle, build_tiny_cross_encoder, free_port, toy_queries
 
+pytestmark = pytest.mark.timing  # time-outs of 1 s, refusals "at once"
+
 QUERIES = toy_queries(8, seed=5)
 FAST = dict(header_timeout_s=1.0, body_timeout_s=1.0)  # timeouts short enough for a test
 
