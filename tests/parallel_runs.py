@@ -11,7 +11,7 @@ loadfile``: each test module stays on one worker, so module fixtures are built o
 - **Caches**: each worker gets its own ``DENSEBEAM_CACHE_DIR``, as a one-process run has its own: a
   precision remembered by one worker's test does not change what another worker's test measures.
 
-Without xdist (``-n 0``, ``-p no:xdist``) nothing here changes how tests run, except the order."""
+With ``-n 0`` (one process) nothing here changes how tests run, except the order."""
 
 from __future__ import annotations
 
