@@ -4,9 +4,9 @@ A vector is reused when a cache file holds one for the same passage text under t
 identity* (model, revision — the hub commit, or a digest of a local model directory's files —,
 similarity, max_seq_length, stored dtype, title joining) and the same compute precision: a different
 model, weights or precision never reuses vectors. The precision in a cache file is the one its vectors
-were really computed in (each file holds one); it is compared with the precision the worker doing the
-join resolves for this run (``--precision auto`` may mean fp16 on a GPU worker and bf16 on a CPU one). Cache files are Parquet files with ``text_hash``
-and ``embedding`` columns and the identity in their schema metadata:
+were really computed in (each file holds one); it must be one this run may compute in
+(:func:`reusable_precisions`). Cache files are Parquet files with ``text_hash`` and ``embedding`` columns
+and the identity in their schema metadata:
 
 - the shards of the output's previous run (``part-*.parquet``),
 - complete temp shards of a killed run (``_temporary/*.parquet``),
@@ -63,17 +63,24 @@ def file_identity(identity: dict, precision: str) -> dict:
     return {**{k: v for k, v in identity.items() if k != "precision"}, "precision": precision}
 
 
-def effective_precision(requested: str, device: str) -> str:
-    """The precision a worker encodes in for ``--precision requested --device device`` (resolved on
-    the worker: ``auto`` differs between GPU and CPU machines)."""
-    from densebeam.index_store.encoding.encoder import pick_device, pick_precision
+def reusable_precisions(requested: str, device: str) -> frozenset:
+    """The compute precisions whose vectors a worker may reuse for ``--precision requested --device
+    device``: a given precision (``auto`` resolved at launch on the local runner is given by then) is the
+    one the bi-encoder computes in, so only its vectors are reused. ``auto`` left to the workers (other
+    runners: each decides on its own hardware) may choose fp32 or any precision it measures there
+    (:func:`~densebeam.index_store.encoding.encoder.candidate_precisions`; each was faithful to fp32 when
+    chosen), so vectors of any of those are reused, and the shards say which precision each holds."""
+    from densebeam.index_store.encoding.encoder import candidate_precisions, check_precision, pick_device
 
-    return pick_precision(requested, pick_device(device))
+    device = pick_device(device)
+    if requested != "auto":
+        return frozenset([check_precision(requested, device)])
+    return frozenset(["fp32", *candidate_precisions(device, int16=True)])
 
 
 class _ReadCacheFn(beam.DoFn):
     """A cache file -> (text_hash, (vector, precision)) for files written under the same identity and
-    in the precision this worker would encode in now."""
+    in a precision this worker may encode in now."""
 
     def __init__(self, identity: dict, precision: str, device: str):
         self._identity = {k: v for k, v in identity.items() if k != "precision"}
@@ -82,7 +89,7 @@ class _ReadCacheFn(beam.DoFn):
         self._skipped = Metrics.counter(NAMESPACE, "cache_files_skipped")
 
     def setup(self):
-        self._precision = effective_precision(self._requested, self._device)
+        self._precisions = reusable_precisions(self._requested, self._device)
 
     def process(self, path: str):
         try:
@@ -96,9 +103,13 @@ class _ReadCacheFn(beam.DoFn):
             meta = pf.schema_arrow.metadata or {}
             written = json.loads(meta[IDENTITY_KEY]) if IDENTITY_KEY in meta else {}
             precision = written.pop("precision", None)
-            if written != self._identity or precision != self._precision:
-                log.info("cache: not reusing %s: written by another model, weights or settings (%s)", path,
-                         "precision " + str(precision) if written == self._identity else "identity")
+            if written != self._identity:
+                log.info("cache: not reusing %s: written by another model, weights or settings", path)
+                self._skipped.inc()
+                return
+            if precision not in self._precisions:
+                log.info("cache: not reusing %s: its vectors were computed in %s, this run computes in %s",
+                         path, precision, " or ".join(sorted(self._precisions)))
                 self._skipped.inc()
                 return
             dim = pf.schema_arrow.field("embedding").type.list_size

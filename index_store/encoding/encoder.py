@@ -114,8 +114,8 @@ def check_precision(precision: str, device: str) -> str:
     if precision in ("bf16", "bf16-mixed") and device == "cpu" and not cpu.native_bf16():
         raise ValueError(f"--precision {precision} needs bf16 arithmetic (AVX512_BF16 or AMX on x86-64, the bf16 "
                          f"extension on ARM), which this CPU lacks (family {cpu.family()}): PyTorch would emulate "
-                         "it, about 5x slower than fp32 and less faithful. Use --precision auto (fp32 on this "
-                         "CPU) or fp32")
+                         "it, about 5x slower than fp32 and less faithful. Use --precision auto (on this CPU: "
+                         "int16 where its native kernels run and measure faster, else fp32) or fp32")
     return precision
 
 
