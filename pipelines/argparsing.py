@@ -11,7 +11,13 @@ from __future__ import annotations
 import argparse
 import difflib
 import functools
+import re
+import sys
 from typing import Iterable, Optional, Sequence
+
+
+_MISSING = re.compile(r"the following arguments are required: (.+)$")
+_STATES_DEFAULT = re.compile(r"\bdefaults?[: ]", re.IGNORECASE)  # "(default: X)", "default 512 on CPU"
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -21,7 +27,7 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
     def _get_help_string(self, action):
         text = action.help or ""
         default = action.default
-        if (default in (None, False, argparse.SUPPRESS) or "default" in text.lower()
+        if (default is None or default is False or default is argparse.SUPPRESS or _STATES_DEFAULT.search(text)
                 or action.option_strings == [] or isinstance(action, argparse._HelpAction)):
             return text
         if isinstance(default, (list, tuple)):
@@ -41,6 +47,23 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def flags(self) -> list[str]:
         return sorted(o for a in self._actions for o in a.option_strings if o.startswith("--"))
+
+    def parse_known_args(self, args: Optional[Sequence[str]] = None, namespace=None):
+        self._argv = list(sys.argv[1:] if args is None else args)
+        return super().parse_known_args(args, namespace)
+
+    def error(self, message: str):
+        """argparse's errors; a missing required flag also names the unknown flag that looks like it
+        (argparse reports the missing flag before any unknown one: ``--inputs x`` left ``--input`` unset)."""
+        missing = _MISSING.match(message)
+        if missing:
+            required = missing.group(1).split(", ")
+            for flag in dict.fromkeys(t.split("=", 1)[0] for t in getattr(self, "_argv", [])):
+                if flag.startswith("--") and flag not in self.flags():
+                    close = closest_flag(flag, required)
+                    if close:
+                        message += f"; unrecognized argument {flag} (did you mean {close}?)"
+        super().error(message)
 
     def parse_args(self, args: Optional[Sequence[str]] = None, namespace=None):
         ns, rest = self.parse_known_args(args, namespace)

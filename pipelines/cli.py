@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import difflib
 import json
 import logging
 import os
@@ -276,7 +277,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 0
     command, rest = argv[0], argv[1:]
     if command not in COMMANDS:
-        print(f"densebeam: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
+        close = difflib.get_close_matches(command, list(COMMANDS), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        print(f"densebeam: unknown command {command!r}{hint}\n\n{USAGE}", file=sys.stderr)
         return 2
     _setup_logging()
     try:

@@ -30,8 +30,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                    help="queries: auto = fp32 on CPU, fp16 on CUDA; the cross-encoder: auto = bf16-mixed on CPUs "
                         "with bf16 arithmetic, fp16 on CUDA, int16 on other x86-64 CPUs, else fp32")
     p.add_argument("--verify", default="full", choices=("full", "sizes", "none"),
-                   help="bundle check at open: full hashes every file (default: a flipped byte is caught "
-                        "before any result is served), sizes only stats them")
+                   help="bundle check at open: full hashes every file (a flipped byte is caught before any "
+                        "result is served), sizes only stats them")
     p.add_argument("--trust-key", default=None, metavar="FILE",
                    help="open only a bundle signed with the key in FILE (index --sign-key), unchanged in any "
                         "byte and with no unlisted file (docs/reliability.md)")
@@ -139,11 +139,16 @@ def eval_main(argv: Sequence[str]) -> int:
     ev.measures(args.relevance_level, metrics)  # an unknown metric fails before any work
     queries = ev.read_queries(args.queries)
     qrels = ev.read_qrels(args.qrels)
-    searcher = _open(args, lazy_encoder=True)
     qids = list(queries)
     judged = ev.judged_documents(qrels, qids)
     if not judged:
         raise ValueError(f"no query of {args.queries} has a judgment in {args.qrels}: the query ids do not match")
+    grades = sorted({int(g) for q in qids if q in qrels for g in qrels[q].values()})
+    if args.relevance_level > 1 and grades[-1] < args.relevance_level:
+        raise ValueError(f"no judgment in {args.qrels} reaches --relevance-level {args.relevance_level} (its "
+                         f"grades: {', '.join(map(str, grades))}): every binary metric would be 0; use "
+                         f"--relevance-level {max(1, grades[-1])}")
+    searcher = _open(args, lazy_encoder=True)
     if not searcher.bundle.docstore.contains_any(judged):
         raise ValueError(f"none of the {len(judged)} documents judged in {args.qrels} is in {args.index}: the "
                          "qrels belong to another corpus, or its document ids were written otherwise (every "

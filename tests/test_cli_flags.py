@@ -21,6 +21,10 @@ from densebeam.pipelines.argparsing import parse_pipeline_args
     (["build", "--input", "x", "--output", "o", "--flink-mastr=host:8081"], "--flink-mastr", "--flink_master"),
     (["eval", "--index", "i", "--queries", "q", "--qrels", "r", "--frist-stage", "bm25"], "--frist-stage",
      "--first-stage"),
+    # a mistyped required flag: argparse reports the missing one first, the typo is named beside it
+    (["build", "--inputs", "x", "--output", "o"], "--inputs", "--input"),
+    (["search", "--index", "i", "--querry", "q"], "--querry", "--query"),
+    (["eval", "--index", "i", "--queries", "q", "--qrel", "r"], "--qrel", "--qrels"),
 ])
 def test_mistyped_flags_fail_with_the_closest_valid_flag(argv, wrong, right, capsys):
     with pytest.raises(SystemExit) as exc:
@@ -87,3 +91,10 @@ def test_counts_below_one_fail_at_parse_time_naming_the_flag(argv, flag, capsys)
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert flag in err and "expected a positive integer" in err
+
+
+def test_a_mistyped_command_names_the_closest_one(capsys):
+    assert cli.main(["serach", "--index", "i", "--query", "q"]) == 2
+    assert "unknown command 'serach' (did you mean 'search'?)" in capsys.readouterr().err
+    assert cli.main(["frobnicate"]) == 2
+    assert "did you mean" not in capsys.readouterr().err  # nothing close: no guess

@@ -6,6 +6,7 @@ option's --help says what it does and its default."""
 from __future__ import annotations
 
 import argparse
+import re
 import subprocess
 import sys
 import time
@@ -98,7 +99,12 @@ def test_every_option_says_what_it_does_and_its_default():
             if isinstance(action, argparse._HelpAction) or not action.option_strings:
                 continue
             assert action.help and len(action.help) > 8, (name, action.option_strings)
+            if action.default is not None and action.default is not False and action.default != []:
+                shown = p._get_formatter()._get_help_string(action)  # what --help prints after the flag
+                assert re.search(r"\bdefaults?[: ]", shown), (name, action.option_strings, shown)
         text = p.format_help()
         assert "(default: " in text, name
     assert "(default: 10)" in query_cli.parser("search").format_help()
+    assert "(default: 0)" in query_cli.parser("serve").format_help()  # --watch-seconds: 0 is a value, not "off"
+    assert "(default: 100)" in query_cli.parser("search").format_help()  # --rerank-depth
     assert "(default: 1234)" in parsers.build_parser().format_help()
