@@ -245,9 +245,12 @@ def serve_parser() -> ArgumentParser:
 
 
 def serve_main(argv: Sequence[str]) -> int:
-    from densebeam.index_store.query.serve import Limits, Reloading, open_version, read_admin_token, serve
+    from densebeam.index_store.query.http_limits import listen_socket
 
     args = serve_parser().parse_args(argv)
+    sock = listen_socket(args.host, args.port)  # a port in use fails here, before FAISS, torch or a model load
+    from densebeam.index_store.query.serve import Limits, Reloading, open_version, read_admin_token, serve
+
     limits = Limits(max_queries=args.max_queries, max_k=args.max_k, batch_window_ms=args.batch_window_ms,
                     max_hits=args.max_hits, max_rerank_pairs=args.max_rerank_pairs,
                     max_body_bytes=args.max_body_bytes, max_response_bytes=args.max_response_bytes,
@@ -261,10 +264,11 @@ def serve_main(argv: Sequence[str]) -> int:
     # The first version is proven in a child process too: a corrupt bundle is refused with a message,
     # never a crash of the service (nor a crash loop of its restarts).
     searcher, version = open_version(reloading, lambda path: _open(args, index=path))
-    name = version.name or version.manifest_sha256[:16]
-    print(f"densebeam serve: {args.index} (version {name}, {searcher.bundle.searcher.ntotal} vectors) on "
+    # /health's fields: a versioned location's version name, else the bundle's manifest digest
+    name = f"version {version.name}" if version.name else f"manifest_sha256 {version.manifest_sha256[:16]}"
+    print(f"densebeam serve: {args.index} ({name}, {searcher.bundle.searcher.ntotal} vectors) on "
           f"http://{args.host}:{args.port}; /admin {'on' if token else 'off'}", file=sys.stderr)
     serve(searcher, host=args.host, port=args.port, limits=limits, reloading=reloading, admin_token=token,
           expose_paths=args.expose_paths, version=version, default_nprobe=args.nprobe,
-          default_rerank_depth=args.rerank_depth)
+          default_rerank_depth=args.rerank_depth, sock=sock)
     return 0

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import socket
 import subprocess
 import sys
 import time
@@ -59,7 +60,8 @@ def corpora(tmp_path_factory):
 @pytest.mark.timing
 @pytest.mark.parametrize("case", ["missing input", "folder input", "mistyped flag", "existing output",
                                   "missing model", "fields named otherwise", "other formats in a glob",
-                                  "a bad value", "missing bundle", "missing qrels", "unknown metric"])
+                                  "a bad value", "missing bundle", "missing qrels", "unknown metric",
+                                  "port in use"])
 def test_mistakes_fail_before_anything_heavy_loads(corpora, case):
     tmp, good, pyserini, existing = corpora
     out = str(tmp / "out")
@@ -81,11 +83,23 @@ def test_mistakes_fail_before_anything_heavy_loads(corpora, case):
                           None),
         "unknown metric": (["eval", "--index", str(existing), "--queries", str(good), "--qrels", str(good),
                             "--metrics", "nDGC@10"], None),
+        "port in use": (["serve", "--index", str(existing), "--port", "PORT"],
+                        "Address already in use; pick another --port"),
     }[case]
-    if case in ("missing qrels", "unknown metric"):  # a bundle's folder: only its manifest is looked at
-        (existing / "manifest.json").write_text("{}")
-        expect = "does not exist" if case == "missing qrels" else "unknown metric 'nDGC@10'"
-    rc, seconds, heavy, error, wall = _run(*argv)
+    busy = None
+    if case == "port in use":  # another process listens there
+        busy = socket.socket()
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        argv[argv.index("PORT")] = str(busy.getsockname()[1])
+    if case in ("missing qrels", "unknown metric", "port in use"):  # a bundle's folder: only its manifest is
+        (existing / "manifest.json").write_text("{}")  # looked at
+        expect = {"missing qrels": "does not exist", "unknown metric": "unknown metric 'nDGC@10'"}.get(case, expect)
+    try:
+        rc, seconds, heavy, error, wall = _run(*argv)
+    finally:
+        if busy is not None:
+            busy.close()
     assert rc == 2 and expect in error, (rc, error)
     assert heavy == "", f"{heavy} imported before the mistake was reported"
     assert seconds < 2.5, f"{seconds} s to report {case}"  # about 1 s on a quiet 2-core machine

@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import socket
 from typing import Optional
 
 log = logging.getLogger(__name__)
@@ -158,3 +159,20 @@ def h11_protocol(header_timeout_s: float):
             self.transport.close()
 
     return HeaderDeadlineH11Protocol
+
+
+def listen_socket(host: str, port: int) -> socket.socket:
+    """A socket bound to ``host:port`` for :func:`~densebeam.index_store.query.serve.serve`: bound before
+    the models load, so a port in use is reported at once (and cannot be taken meanwhile)."""
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+    except socket.gaierror as err:
+        raise ValueError(f"cannot listen on {host}:{port}: {err.strerror} (--host)") from None
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as err:
+        sock.close()
+        raise ValueError(f"cannot listen on {host}:{port}: {err.strerror}; pick another --port (or --host)") from None
+    return sock
