@@ -711,6 +711,10 @@ def read_queries(path: str) -> dict[str, str]:
                 raise ValueError(f"{path} line {n}: not a BEIR query ({{\"_id\", \"text\"}}) or a "
                                  f"qid<TAB>text line ({err!r})") from err
             if qid in out:
-                raise ValueError(f"{path} line {n}: query id {qid!r} appears twice")
+                cells = line.split("\t")
+                swapped = not jsonl and len(cells) in (3, 4) and cells[-1].strip().lstrip("-").isdigit()
+                raise ValueError(f"{path} line {n}: query id {qid!r} appears twice" + (
+                    " (its lines look like relevance judgments, query-id corpus-id grade: is it the qrels file? "
+                    "give it to --qrels and the queries to --queries)" if swapped else ""))
             out[qid] = text
     return out

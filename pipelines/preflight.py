@@ -132,6 +132,11 @@ def check_records(files: Sequence[tuple[str, int]], opts) -> None:
                      "corpus files, or set --format / --tsv-columns / --id-field / --text-field")
 
 
+# Column names a TSV header line holds (with --tsv-columns' own): such a first line is refused, not indexed.
+_HEADER_WORDS = {"id", "_id", "pid", "docid", "doc_id", "did", "passage", "passage_text", "text", "title", "contents",
+                 "content", "body", "qid", "query", "query-id", "corpus-id"}
+
+
 def _sniff(path: str, size: int, fmt: str, compression: Optional[str], opts) -> tuple[Optional[str], Optional[set]]:
     """(why the first records do not fit, or None; the field names they have, for JSONL/Parquet)."""
     if fmt == "parquet":
@@ -159,6 +164,10 @@ def _sniff(path: str, size: int, fmt: str, compression: Optional[str], opts) -> 
         if want not in counts:
             return (f"its first lines have {'/'.join(map(str, counts))} tab-separated column(s), --tsv-columns "
                     f"{','.join(opts.tsv_columns)} expects {want}"), None
+        first = [c.strip().lower() for c in lines[0].split("\t")]
+        if len(lines) > 1 and all(c in _HEADER_WORDS | {n.lower() for n in opts.tsv_columns} for c in first):
+            return (f"its first line looks like a header ({', '.join(lines[0].split(chr(9)))}): TSV corpora have "
+                    "none, so it would be indexed as a passage; remove it (tail -n +2)"), None
         return None, None
     fields: set = set()
     complete = False

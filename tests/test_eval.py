@@ -170,6 +170,9 @@ def test_eval_refuses_qrels_that_match_nothing_and_unknown_metrics(collection, t
     assert "query ids do not match" in capsys.readouterr().err
     assert cli.main(["eval", "--index", bundle, "--queries", qpath, "--qrels", qrpath, "--metrics", "nDGC@10"]) != 0
     assert "unknown metric 'nDGC@10'" in capsys.readouterr().err
+    # the two files swapped: the qrels read as queries are named as such
+    assert cli.main(["eval", "--index", bundle, "--queries", qrpath, "--qrels", qpath]) != 0
+    assert "is it the qrels file? give it to --qrels" in capsys.readouterr().err
     # a relevance level no judgment reaches (the collection's grades are 1 and 2): every binary metric 0
     assert cli.main(["eval", "--index", bundle, "--queries", qpath, "--qrels", qrpath, "--relevance-level", "3"]) != 0
     assert "no judgment in" in (err := capsys.readouterr().err) and "(its grades: 1, 2)" in err \

@@ -51,6 +51,7 @@ def corpora(tmp_path_factory):
     (tmp / "in" / "README.txt").write_text("what this folder holds\n")
     (tmp / "in" / "qrels.tsv").write_text("query-id\tcorpus-id\tscore\nq1\td00001\t1\n")
     pyserini = write_jsonl(tmp / "pyserini.jsonl", [{"id": f"d{i}", "contents": "some text"} for i in range(5)])
+    (tmp / "headed.tsv").write_text("pid\tpassage\n1\tthe river\n2\tthe city\n")
     existing = tmp / "existing"
     existing.mkdir()
     (existing / "_manifest.json").write_text("{}")
@@ -61,7 +62,7 @@ def corpora(tmp_path_factory):
 @pytest.mark.parametrize("case", ["missing input", "folder input", "mistyped flag", "existing output",
                                   "missing model", "fields named otherwise", "other formats in a glob",
                                   "a bad value", "missing bundle", "missing qrels", "unknown metric",
-                                  "port in use"])
+                                  "port in use", "a TSV header"])
 def test_mistakes_fail_before_anything_heavy_loads(corpora, case):
     tmp, good, pyserini, existing = corpora
     out = str(tmp / "out")
@@ -83,6 +84,8 @@ def test_mistakes_fail_before_anything_heavy_loads(corpora, case):
                           None),
         "unknown metric": (["eval", "--index", str(existing), "--queries", str(good), "--qrels", str(good),
                             "--metrics", "nDGC@10"], None),
+        "a TSV header": (["encode", "--input", str(tmp / "headed.tsv"), "--output", out],
+                         "its first line looks like a header (pid, passage)"),
         "port in use": (["serve", "--index", str(existing), "--port", "PORT"],
                         "Address already in use; pick another --port"),
     }[case]
