@@ -61,7 +61,7 @@ EXTRAS_REQUIRE = {
         "apache-beam[gcp]==2.77.0",
         "pytest>=8",
         "pytest-timeout>=2.3",
-        "pytest-xdist>=3.5",
+        "pytest-xdist>=3.8",  # --no-loadscope-reorder
         "hypothesis>=6.100",
         "psutil>=5.9",
         "httpx>=0.27",

@@ -688,6 +688,17 @@ def _parquet_rows(piece: Piece, opts: ReadOptions) -> Iterator[tuple]:
                           f"{err}. Replace the file or leave it out of --input.") from err
 
 
+_QRELS_HINT = (" (it looks like relevance judgments: is it the qrels file? give it to --qrels and the queries "
+               "to --queries)")
+
+
+def _judgment_like(line: str) -> bool:
+    """A BEIR qrels line (``qid<TAB>docid<TAB>grade``) or a TREC one (``qid 0 docid grade``)."""
+    cells = line.split("\t") if "\t" in line else line.split()
+    grade = cells[-1].strip().lstrip("-").isdigit()
+    return grade and (len(cells) == 3 and "\t" in line or len(cells) == 4 and cells[1] in ("0", "Q0"))
+
+
 def read_queries(path: str) -> dict[str, str]:
     """``{qid: text}`` in file order from BEIR JSONL or ``qid<TAB>text`` TSV (chosen by the first line)."""
     out: dict[str, str] = {}
@@ -699,6 +710,8 @@ def read_queries(path: str) -> dict[str, str]:
                 continue
             if jsonl is None:
                 jsonl = line.lstrip().startswith("{")
+                if not jsonl and [c.strip().lower() for c in line.split("\t")[:2]] == ["query-id", "corpus-id"]:
+                    raise ValueError(f"{path} line {n}: a qrels header, not a query" + _QRELS_HINT)
             try:
                 if jsonl:
                     rec = json.loads(line)
@@ -709,12 +722,9 @@ def read_queries(path: str) -> dict[str, str]:
                     qid, text = line.split("\t", 1)
             except (ValueError, KeyError) as err:
                 raise ValueError(f"{path} line {n}: not a BEIR query ({{\"_id\", \"text\"}}) or a "
-                                 f"qid<TAB>text line ({err!r})") from err
+                                 f"qid<TAB>text line ({err!r})" + (_QRELS_HINT if _judgment_like(line) else "")) from err
             if qid in out:
-                cells = line.split("\t")
-                swapped = not jsonl and len(cells) in (3, 4) and cells[-1].strip().lstrip("-").isdigit()
-                raise ValueError(f"{path} line {n}: query id {qid!r} appears twice" + (
-                    " (its lines look like relevance judgments, query-id corpus-id grade: is it the qrels file? "
-                    "give it to --qrels and the queries to --queries)" if swapped else ""))
+                raise ValueError(f"{path} line {n}: query id {qid!r} appears twice"
+                                 + (_QRELS_HINT if _judgment_like(line) else ""))
             out[qid] = text
     return out

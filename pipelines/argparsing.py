@@ -58,8 +58,9 @@ class ArgumentParser(argparse.ArgumentParser):
         missing = _MISSING.match(message)
         if missing:
             required = missing.group(1).split(", ")
+            passed_on = set(beam_flags()) if getattr(self, "passes_beam_flags", False) else set()
             for flag in dict.fromkeys(t.split("=", 1)[0] for t in getattr(self, "_argv", [])):
-                if flag.startswith("--") and flag not in self.flags():
+                if flag.startswith("--") and flag not in self.flags() and flag not in passed_on:
                     close = closest_flag(flag, required)
                     if close:
                         message += f"; unrecognized argument {flag} (did you mean {close}?)"
@@ -118,6 +119,7 @@ def unknown_to_beam(args: Sequence[str]) -> list[str]:
 
 def parse_pipeline_args(parser: ArgumentParser, argv: Optional[Sequence[str]]):
     """(densebeam options, Beam flags to pass through); exit 2 on a flag that is neither."""
+    parser.passes_beam_flags = True  # its errors do not take a Beam flag for a typo
     args, rest = parser.parse_known_args(argv)
     unknown = unknown_to_beam(rest) if rest else []  # Beam's flags are read only when there are some
     if unknown:

@@ -53,7 +53,7 @@ def check_output(path: str, overwrite: bool) -> None:
 def encode_identity(facts, enc_opts: EncodeOptions) -> dict:
     """What must agree for a cached vector to be reused: a different model, weights or settings never
     are. The compute precision is not part of it here: each cache file records the precision its vectors
-    were computed in, and the worker joining the cache compares it with the one it resolves."""
+    were computed in, which must be one this run computes in (``transforms.cache.reusable_precisions``)."""
     return {"model": facts.model, "revision": facts.revision, "similarity": facts.similarity,
             "max_seq_length": facts.max_seq_length, "dtype": facts.dtype, "join_title": enc_opts.join_title,
             "document_prompt": facts.document_prompt}

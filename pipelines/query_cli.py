@@ -136,7 +136,7 @@ def eval_main(argv: Sequence[str]) -> int:
 
     args = eval_parser().parse_args(argv)
     metrics = metric_names(args.metrics)
-    ev.measures(args.relevance_level, metrics)  # an unknown metric fails before any work
+    named = ev.measures(args.relevance_level, metrics)  # an unknown metric fails before any work
     queries = ev.read_queries(args.queries)
     qrels = ev.read_qrels(args.qrels)
     qids = list(queries)
@@ -144,9 +144,10 @@ def eval_main(argv: Sequence[str]) -> int:
     if not judged:
         raise ValueError(f"no query of {args.queries} has a judgment in {args.qrels}: the query ids do not match")
     grades = sorted({int(g) for q in qids if q in qrels for g in qrels[q].values()})
-    if args.relevance_level > 1 and grades[-1] < args.relevance_level:
+    takes_level = [n for n, m in named.items() if dict(m.params).get("rel") == args.relevance_level]
+    if args.relevance_level > 1 and grades[-1] < args.relevance_level and takes_level:
         raise ValueError(f"no judgment in {args.qrels} reaches --relevance-level {args.relevance_level} (its "
-                         f"grades: {', '.join(map(str, grades))}): every binary metric would be 0; use "
+                         f"grades: {', '.join(map(str, grades))}): {', '.join(takes_level)} would be 0; use "
                          f"--relevance-level {max(1, grades[-1])}")
     searcher = _open(args, lazy_encoder=True)
     if not searcher.bundle.docstore.contains_any(judged):
@@ -245,10 +246,10 @@ def serve_parser() -> ArgumentParser:
 
 
 def serve_main(argv: Sequence[str]) -> int:
-    from densebeam.index_store.query.http_limits import listen_socket
+    from densebeam.index_store.query.http_limits import check_port
 
     args = serve_parser().parse_args(argv)
-    sock = listen_socket(args.host, args.port)  # a port in use fails here, before FAISS, torch or a model load
+    check_port(args.host, args.port)  # a port in use fails here, before FAISS, torch or a model load
     from densebeam.index_store.query.serve import Limits, Reloading, open_version, read_admin_token, serve
 
     limits = Limits(max_queries=args.max_queries, max_k=args.max_k, batch_window_ms=args.batch_window_ms,
@@ -270,5 +271,5 @@ def serve_main(argv: Sequence[str]) -> int:
           f"http://{args.host}:{args.port}; /admin {'on' if token else 'off'}", file=sys.stderr)
     serve(searcher, host=args.host, port=args.port, limits=limits, reloading=reloading, admin_token=token,
           expose_paths=args.expose_paths, version=version, default_nprobe=args.nprobe,
-          default_rerank_depth=args.rerank_depth, sock=sock)
+          default_rerank_depth=args.rerank_depth)
     return 0

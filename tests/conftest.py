@@ -142,8 +142,10 @@ def write_jsonl(path: Path, records, gz: bool = False) -> Path:
 
 
 def pytest_xdist_auto_num_workers(config) -> int:
-    """``-n auto``: a worker per usable core, at most 4 (each holds torch and its models; the tests are
-    mostly single-threaded Python, and their torch work already uses every core)."""
+    """``-n auto``: ``PYTEST_XDIST_AUTO_NUM_WORKERS`` if set, else a worker per usable core, at most 4 (each
+    holds torch and its models; the tests are mostly single-threaded Python, their torch work uses every core)."""
+    if os.environ.get("PYTEST_XDIST_AUTO_NUM_WORKERS"):
+        return int(os.environ["PYTEST_XDIST_AUTO_NUM_WORKERS"])
     try:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux

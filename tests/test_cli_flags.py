@@ -93,6 +93,13 @@ def test_counts_below_one_fail_at_parse_time_naming_the_flag(argv, flag, capsys)
     assert flag in err and "expected a positive integer" in err
 
 
+def test_a_beam_flag_is_not_taken_for_a_mistyped_required_flag(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["index", "--output", "o", "--streaming"])
+    err = capsys.readouterr().err
+    assert "required: --embeddings" in err and "--streaming" not in err
+
+
 def test_a_mistyped_command_names_the_closest_one(capsys):
     assert cli.main(["serach", "--index", "i", "--query", "q"]) == 2
     assert "unknown command 'serach' (did you mean 'search'?)" in capsys.readouterr().err

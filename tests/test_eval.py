@@ -172,8 +172,19 @@ def test_eval_refuses_qrels_that_match_nothing_and_unknown_metrics(collection, t
     assert "unknown metric 'nDGC@10'" in capsys.readouterr().err
     # the two files swapped: the qrels read as queries are named as such
     assert cli.main(["eval", "--index", bundle, "--queries", qrpath, "--qrels", qpath]) != 0
-    assert "is it the qrels file? give it to --qrels" in capsys.readouterr().err
+    assert "a qrels header, not a query (it looks like relevance judgments: is it the qrels file? give it to " \
+        "--qrels" in capsys.readouterr().err
+    trec, headless = tmp_path / "qrels.trec", tmp_path / "qrels-no-header.tsv"
+    trec.write_text("q0 0 d00001 1\nq1 0 d00002 2\n")
+    headless.write_text("q0\td00001\t1\nq0\td00002\t2\n")
+    for wrong in (trec, headless):  # a TREC line is no qid<TAB>text; a qid repeats
+        assert cli.main(["eval", "--index", bundle, "--queries", str(wrong), "--qrels", qrpath]) != 0
+        assert "is it the qrels file?" in capsys.readouterr().err, wrong
     # a relevance level no judgment reaches (the collection's grades are 1 and 2): every binary metric 0
     assert cli.main(["eval", "--index", bundle, "--queries", qpath, "--qrels", qrpath, "--relevance-level", "3"]) != 0
     assert "no judgment in" in (err := capsys.readouterr().err) and "(its grades: 1, 2)" in err \
-        and "use --relevance-level 2" in err
+        and "use --relevance-level 2" in err and "mrr@10, recall@100, recall@1000 would be 0" in err
+    # ... unless no metric asked for takes it (nDCG is graded; R(rel=2) names its own level)
+    assert cli.main(["eval", "--index", bundle, "--queries", qpath, "--qrels", qrpath, "--relevance-level", "3",
+                     "--metrics", "nDCG@10,R(rel=2)@100", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["nDCG@10"] > 0

@@ -95,8 +95,8 @@ def test_mistakes_fail_before_anything_heavy_loads(corpora, case):
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         argv[argv.index("PORT")] = str(busy.getsockname()[1])
-    if case in ("missing qrels", "unknown metric", "port in use"):  # a bundle's folder: only its manifest is
-        (existing / "manifest.json").write_text("{}")  # looked at
+    if case in ("missing qrels", "unknown metric", "port in use"):  # only a bundle's manifest is looked at
+        (existing / "manifest.json").write_text("{}")
         expect = {"missing qrels": "does not exist", "unknown metric": "unknown metric 'nDGC@10'"}.get(case, expect)
     try:
         rc, seconds, heavy, error, wall = _run(*argv)

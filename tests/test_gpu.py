@@ -3,7 +3,7 @@ fp32 on real passages and queries, and their throughput printed next to plain
 ``SentenceTransformer.encode`` on the same GPU. Skipped (with the reason) where torch sees no GPU. Needs
 no Apache Beam: only ``densebeam.index_store``.
 
-    .venv/bin/python -m pytest -s tests/test_gpu.py
+    .venv/bin/python -m pytest -n 0 -s tests/test_gpu.py     # -n 0: one process, so -s shows the figures
 
 ``DENSEBEAM_TEST_MODEL`` (a sentence-transformers directory) and ``DENSEBEAM_TEST_DATA`` (a folder
 holding ``dl19-subset/``) point the test at copies where the bundled model package or ``../shared/data``

@@ -67,15 +67,18 @@ def reusable_precisions(requested: str, device: str) -> frozenset:
     """The compute precisions whose vectors a worker may reuse for ``--precision requested --device
     device``: a given precision (``auto`` resolved at launch on the local runner is given by then) is the
     one the bi-encoder computes in, so only its vectors are reused. ``auto`` left to the workers (other
-    runners: each decides on its own hardware) may choose fp32 or any precision it measures there
-    (:func:`~densebeam.index_store.encoding.encoder.candidate_precisions`; each was faithful to fp32 when
-    chosen), so vectors of any of those are reused, and the shards say which precision each holds."""
+    runners, each deciding on its own hardware, or a corpus too small to measure at launch) may choose fp32
+    or a precision measured on this worker's kind of device
+    (:func:`~densebeam.index_store.encoding.encoder.candidate_precisions`; int16 on x86-64 CPUs without
+    bf16; each faithful to fp32 when chosen), so vectors of any of those are reused; the shards say which
+    precision each holds."""
+    from densebeam.index_store.encoding import cpu
     from densebeam.index_store.encoding.encoder import candidate_precisions, check_precision, pick_device
 
     device = pick_device(device)
     if requested != "auto":
         return frozenset([check_precision(requested, device)])
-    return frozenset(["fp32", *candidate_precisions(device, int16=True)])
+    return frozenset(["fp32", *candidate_precisions(device, int16=cpu.family() in ("avx2", "avx512"))])
 
 
 class _ReadCacheFn(beam.DoFn):

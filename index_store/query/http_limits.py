@@ -161,18 +161,22 @@ def h11_protocol(header_timeout_s: float):
     return HeaderDeadlineH11Protocol
 
 
-def listen_socket(host: str, port: int) -> socket.socket:
-    """A socket bound to ``host:port`` for :func:`~densebeam.index_store.query.serve.serve`: bound before
-    the models load, so a port in use is reported at once (and cannot be taken meanwhile)."""
+def check_port(host: str, port: int) -> None:
+    """Raise ValueError naming --port (or --host) if the service could not listen on ``host:port``: each
+    address is bound and released as asyncio's ``create_server`` (uvicorn's) binds it (``""``: every
+    interface; address reuse on; IPv6 sockets IPv6-only), so a port in use is reported before the models
+    load rather than after."""
     try:
-        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except socket.gaierror as err:
         raise ValueError(f"cannot listen on {host}:{port}: {err.strerror} (--host)") from None
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((host, port))
-    except OSError as err:
-        sock.close()
-        raise ValueError(f"cannot listen on {host}:{port}: {err.strerror}; pick another --port (or --host)") from None
-    return sock
+    for family, kind, proto, _, address in dict.fromkeys(infos):
+        with socket.socket(family, kind, proto) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            try:
+                sock.bind(address)
+            except OSError as err:
+                raise ValueError(f"cannot listen on {host}:{port}: {err.strerror}; pick another --port "
+                                 "(or --host)") from None

@@ -28,7 +28,6 @@ import hmac
 import logging
 import os
 import re
-import socket
 import time
 from typing import Literal, Optional
 
@@ -556,10 +555,8 @@ def server_config(app, limits: Limits = Limits(), host: str = "127.0.0.1", port:
 
 
 def serve(searcher: Searcher, host: str = "127.0.0.1", port: int = 8080, limits: Limits = Limits(),
-          log_level: str = "info", sock: Optional[socket.socket] = None, **app_options) -> None:
-    """Run the app with uvicorn until interrupted (one process: the models are loaded once), on ``sock``
-    (from :func:`~densebeam.index_store.query.http_limits.listen_socket`) when given, else on ``host:port``."""
+          log_level: str = "info", **app_options) -> None:
+    """Run the app with uvicorn until interrupted (one process: the models are loaded once)."""
     import uvicorn
 
-    server = uvicorn.Server(server_config(create_app(searcher, limits, **app_options), limits, host, port, log_level))
-    server.run(sockets=[sock] if sock is not None else None)
+    uvicorn.Server(server_config(create_app(searcher, limits, **app_options), limits, host, port, log_level)).run()
