@@ -412,8 +412,8 @@ def read_head(path: str, compression: Optional[str], size: int, limit: int) -> b
     head = bytearray()
     try:
         with open_compressed(path, compression) as f:
-            while len(head) < limit:
-                chunk = f.read(min(1 << 16, limit - len(head)))
+            while len(head) < limit:  # small reads: a failing read loses what it had decompressed
+                chunk = f.read(min(1 << 10, limit - len(head)))
                 if not chunk:
                     break
                 head += chunk

@@ -19,7 +19,7 @@ import pytest
 
 from densebeam.index_store.types import Rejected
 from densebeam.index_store import corpus_io
-from densebeam.index_store.corpus_io import CorpusError, InputChangedError, ReadOptions
+from densebeam.index_store.corpus_io import CorpusError, InputChangedError, ReadOptions, read_head
 from conftest import make_passages, write_jsonl
 from rewriting_fs import RewritingFileSystem, rewrite_before_open
 
@@ -290,6 +290,23 @@ def test_unreadable_gzip_names_the_file_and_line(tmp_path, make):
     with pytest.raises(CorpusError, match=rf"cannot read {path} at line \d+ \(byte \d+ of the decompressed data\)"
                                           r".*gzip -t"):
         read_all(path)
+
+
+def test_the_first_look_at_a_truncated_gzip_names_where_it_ends(tmp_path):
+    """The launch-time sniff (``read_head``, before any worker starts) names the line near the truncation,
+    not the file's start."""
+    path = tmp_path / "c.jsonl.gz"
+    data = b"".join(json.dumps(r).encode() + b"\n" for r in make_passages(2000))
+    path.write_bytes(gzip.compress(data)[:6000])
+    readable = 0
+    with pytest.raises(EOFError), gzip.open(path, "rb") as f:
+        for _ in f:
+            readable += 1
+    assert readable > 20
+    with pytest.raises(CorpusError, match=r"at line (\d+)") as err:
+        read_head(str(path), "gzip", path.stat().st_size, 1 << 16)
+    line = int(re.search(r"at line (\d+)", str(err.value)).group(1))
+    assert readable - 10 <= line <= readable + 1, (line, readable)
 
 
 def test_truncated_bz2_names_the_file(tmp_path):
