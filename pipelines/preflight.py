@@ -228,10 +228,28 @@ def _require(path: str, message: str) -> None:
         raise FileNotFoundError(message)
 
 
+# What densebeam writes in an output folder (a killed run leaves some of it): a folder that holds files but
+# none of these (dot files aside) is someone else's, and is refused even with --overwrite.
+_BUNDLE_ENTRIES = ("manifest.json", "manifest.sig", "CURRENT", "versions", "_build", "shards", "docstore", "vectors",
+                   "index.faiss", "index.ivfdata", "trained.faiss")
+_EMBEDDINGS_ENTRIES = ("_manifest.json", "_temporary", "_cache", "rejected", "_FAILED.json", "part-")
+
+
+def _not_ours(fs, root: str, output: str, ours: Sequence[str], what: str) -> None:
+    if not fs.isdir(root):
+        return
+    names = sorted(n.rstrip("/").rsplit("/", 1)[-1] for n in fs.ls(root, detail=False))
+    names = [n for n in names if not n.startswith(".")]
+    if names and not any(n.startswith(ours) for n in names):
+        raise FileExistsError(f"--output {output} holds other files ({', '.join(names[:5])}"
+                              f"{' ...' if len(names) > 5 else ''}), not {what}: give a new or empty folder")
+
+
 def _embeddings_output_free(output: str, overwrite: bool) -> None:
     fs, root = fsspec.core.url_to_fs(output)
     if fs.isfile(root):
         raise FileExistsError(f"--output {output} is a file; give a folder for the embeddings dir")
+    _not_ours(fs, root, output, _EMBEDDINGS_ENTRIES, "an embeddings dir")
     if fs.exists(_join(root, "_manifest.json")) and not overwrite:
         raise FileExistsError(f"{output} already holds an embeddings dir; pass --overwrite to replace it")
 
@@ -240,6 +258,7 @@ def _bundle_output_free(output: str, overwrite: bool, versioned: bool) -> None:
     fs, root = fsspec.core.url_to_fs(output)
     if fs.isfile(root):
         raise FileExistsError(f"--output {output} is a file; give a folder for the index bundle")
+    _not_ours(fs, root, output, _BUNDLE_ENTRIES, "an index bundle")
     if fs.exists(_join(root, "manifest.json")) and not (overwrite or versioned):
         raise FileExistsError(f"{output} already holds an index bundle; pass --overwrite to replace it (or "
                               "--versioned to publish a new version beside it)")

@@ -62,7 +62,7 @@ def corpora(tmp_path_factory):
 @pytest.mark.parametrize("case", ["missing input", "folder input", "mistyped flag", "existing output",
                                   "missing model", "fields named otherwise", "other formats in a glob",
                                   "a bad value", "missing bundle", "missing qrels", "unknown metric",
-                                  "port in use", "a TSV header"])
+                                  "port in use", "a TSV header", "someone else's folder"])
 def test_mistakes_fail_before_anything_heavy_loads(corpora, case):
     tmp, good, pyserini, existing = corpora
     out = str(tmp / "out")
@@ -84,6 +84,9 @@ def test_mistakes_fail_before_anything_heavy_loads(corpora, case):
                           None),
         "unknown metric": (["eval", "--index", str(existing), "--queries", str(good), "--qrels", str(good),
                             "--metrics", "nDGC@10"], None),
+        "someone else's folder": (["build", "--input", str(good), "--output", str(tmp / "in"), "--overwrite"],
+                                  "--output " + str(tmp / "in") + " holds other files (README.txt, corpus.jsonl, "
+                                  "qrels.tsv), not an index bundle: give a new or empty folder"),
         "a TSV header": (["encode", "--input", str(tmp / "headed.tsv"), "--output", out],
                          "its first line looks like a header (pid, passage)"),
         "port in use": (["serve", "--index", str(existing), "--port", "PORT"],
