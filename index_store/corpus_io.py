@@ -721,8 +721,9 @@ def read_queries(path: str) -> dict[str, str]:
                 else:
                     qid, text = line.split("\t", 1)
             except (ValueError, KeyError) as err:
+                hint = _QRELS_HINT if _judgment_like(line) else ""
                 raise ValueError(f"{path} line {n}: not a BEIR query ({{\"_id\", \"text\"}}) or a "
-                                 f"qid<TAB>text line ({err!r})" + (_QRELS_HINT if _judgment_like(line) else "")) from err
+                                 f"qid<TAB>text line ({err!r}){hint}") from err
             if qid in out:
                 raise ValueError(f"{path} line {n}: query id {qid!r} appears twice"
                                  + (_QRELS_HINT if _judgment_like(line) else ""))

@@ -58,9 +58,9 @@ class ArgumentParser(argparse.ArgumentParser):
         missing = _MISSING.match(message)
         if missing:
             required = missing.group(1).split(", ")
-            passed_on = set(beam_flags()) if getattr(self, "passes_beam_flags", False) else set()
+            known = set(self.flags()) | (set(beam_flags()) if getattr(self, "passes_beam_flags", False) else set())
             for flag in dict.fromkeys(t.split("=", 1)[0] for t in getattr(self, "_argv", [])):
-                if flag.startswith("--") and flag not in self.flags() and flag not in passed_on:
+                if flag.startswith("--") and flag not in known:
                     close = closest_flag(flag, required)
                     if close:
                         message += f"; unrecognized argument {flag} (did you mean {close}?)"

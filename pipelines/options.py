@@ -57,7 +57,8 @@ def add_encode_args(p: argparse.ArgumentParser) -> None:
                    help="compute precision; auto = the fastest precision faithful to fp32, measured once per "
                         "machine and model: bf16-mixed on CPUs with bf16 arithmetic, int16 (integer products) on "
                         "other x86-64 CPUs, fp32 where neither is faster or faithful (docs/guide.md)")
-    g.add_argument("--max-seq-length", type=positive_int, default=None, help="truncate passages to this many tokens (default: the model's max_seq_length)")
+    g.add_argument("--max-seq-length", type=positive_int, default=None,
+                   help="truncate passages to this many tokens (default: the model's max_seq_length)")
     g.add_argument("--no-join-title", action="store_true", help="encode the text only, not title + text")
     g.add_argument("--document-prompt", default=None, metavar="TEXT",
                    help="prepended to every passage (default: the model's document prompt, as "

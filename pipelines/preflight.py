@@ -164,8 +164,8 @@ def _sniff(path: str, size: int, fmt: str, compression: Optional[str], opts) -> 
         if want not in counts:
             return (f"its first lines have {'/'.join(map(str, counts))} tab-separated column(s), --tsv-columns "
                     f"{','.join(opts.tsv_columns)} expects {want}"), None
-        first = [c.strip().lower() for c in lines[0].split("\t")]
-        if len(lines) > 1 and all(c in _HEADER_WORDS | {n.lower() for n in opts.tsv_columns} for c in first):
+        names = _HEADER_WORDS | {n.lower() for n in opts.tsv_columns}
+        if len(lines) > 1 and all(c.strip().lower() in names for c in lines[0].split("\t")):
             return (f"its first line looks like a header ({', '.join(lines[0].split(chr(9)))}): TSV corpora have "
                     "none, so it would be indexed as a passage; remove it (tail -n +2)"), None
         return None, None

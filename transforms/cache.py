@@ -78,7 +78,7 @@ def reusable_precisions(requested: str, device: str) -> frozenset:
     device = pick_device(device)
     if requested != "auto":
         return frozenset([check_precision(requested, device)])
-    return frozenset(["fp32", *candidate_precisions(device, int16=cpu.family() in ("avx2", "avx512"))])
+    return frozenset(["fp32", *candidate_precisions(device, int16=cpu.int16_without_bf16())])
 
 
 class _ReadCacheFn(beam.DoFn):

@@ -121,6 +121,11 @@ def native_bf16() -> bool:
     return family() in ("avx512-bf16", "arm64-bf16")
 
 
+def int16_without_bf16() -> bool:
+    """An x86-64 family without bf16 arithmetic (AVX2, AVX-512): where ``auto`` measures or picks int16."""
+    return family() in ("avx2", "avx512")
+
+
 def describe() -> dict:
     """The CPU as a record: model name, family, the caps in force and the flags that decide the family."""
     model = None

@@ -46,7 +46,7 @@ def rerank_precision(precision: str, device: str) -> str:
         return "fp16"
     if cpu.native_bf16():
         return "bf16-mixed"
-    return "int16" if cpu.family() in ("avx2", "avx512") else "fp32"
+    return "int16" if cpu.int16_without_bf16() else "fp32"
 
 
 class CrossEncoderReranker:
